@@ -1,0 +1,3 @@
+from metalab.cli import main
+
+raise SystemExit(main())

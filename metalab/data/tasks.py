@@ -1,0 +1,78 @@
+"""Which tasks a run learns from: the ``task`` section of a config, turned into samplers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from metalab.config import require
+from metalab.data import omniglot
+from metalab.data.episodes import EpisodeSampler
+from metalab.data.sinusoid import SinusoidTasks
+from metalab.errors import ConfigError
+
+Part = Literal["train", "val", "trainval", "test"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The task distribution: data set, split and episode shape."""
+
+    dataset: Literal["sinusoid", "omniglot"] = "omniglot"
+    """``sinusoid`` (regression, no download) or ``omniglot`` (read from the data root)."""
+    split: Literal["vinyals", "lake"] = "vinyals"
+    """Omniglot class split: Vinyals (rotations as classes) or Lake (background vs evaluation)."""
+    ways: int = 5
+    """N: classes per episode (1 for regression)."""
+    shots: int = 1
+    """K: support examples per class."""
+    queries: int = 15
+    """Q: query examples per class."""
+    train_ways: int | None = None
+    """Ways during training when different from test (ProtoNets train 60-way); null: same as ``ways``."""
+    image_size: int = 28
+    """Omniglot images are resized to this side once, when decoded."""
+    train_part: Literal["train", "trainval"] = "train"
+    """Omniglot part to train on (``trainval`` for final Vinyals numbers)."""
+    data_root: str | None = None
+    """Data root; null: ``--data-root``, else ``$METALAB_DATA``, else ``~/.cache/metalab``."""
+
+    def __post_init__(self) -> None:
+        require(self.ways >= 1, "ways", "must be >= 1")
+        require(self.shots >= 1, "shots", "must be >= 1")
+        require(self.queries >= 1, "queries", "must be >= 1")
+        require(
+            self.train_ways is None or self.train_ways >= self.ways, "train_ways", "must be >= ways or null"
+        )
+        require(self.image_size >= 16, "image_size", "must be >= 16 (four 2x downsamplings)")
+        if self.dataset == "sinusoid":
+            require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
+        else:
+            require(self.shots + self.queries <= omniglot.DRAWINGS, "queries",
+                    f"shots + queries must be <= {omniglot.DRAWINGS} (drawings per Omniglot character)")  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        """Short task tag for run names, e.g. ``omniglot-5w1s`` or ``sinusoid-10s``."""
+        if self.dataset == "sinusoid":
+            return f"sinusoid-{self.shots}s"
+        return f"omniglot-{self.ways}w{self.shots}s"
+
+
+def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
+    """A sampler over ``part`` ("train", "val" or "test"; "train" means ``cfg.train_part``)."""
+    if cfg.dataset == "sinusoid":  # one infinite task family: parts differ only by seed
+        return SinusoidTasks(cfg.shots, cfg.queries, seed=seed)
+    if part == "train":
+        part = cfg.train_part
+    if cfg.split == "lake" and part in ("val", "trainval"):
+        part = "test" if part == "val" else "train"  # Lake has no val part: validate on evaluation alphabets
+    data = omniglot.load(root, cfg.image_size)
+    classes = omniglot.split_classes(data, root, cfg.split, part)  # type: ignore[arg-type]
+    ways = (cfg.train_ways or cfg.ways) if part in ("train", "trainval") else cfg.ways
+    if ways > classes.images.shape[0]:
+        raise ConfigError(
+            "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
+        )
+    return EpisodeSampler(classes.images, ways, cfg.shots, cfg.queries, seed=seed)

@@ -1,0 +1,49 @@
+"""The standard 4-block convolutional embedding of few-shot learning (Vinyals et al. 2016; Finn et al. 2017)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(in_ch: int, out_ch: int, strided: bool) -> nn.Sequential:
+    # BatchNorm keeps no running statistics: every forward normalises with the batch at hand (transductive,
+    # as in MAML and ProtoNets), so the module has no buffers and works with functional_call + vmap.
+    if strided:  # MAML's Omniglot variant: stride-2 convolutions instead of max-pooling
+        conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
+        return nn.Sequential(conv, nn.BatchNorm2d(out_ch, track_running_stats=False), nn.ReLU())
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_ch, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2))
+
+
+class Conv4(nn.Module):
+    """Four blocks of [3x3 conv (``hidden`` filters), BatchNorm, ReLU, 2x2 max-pool], then flatten.
+
+    With ``n_classes`` a linear ``head`` maps the embedding to logits (MAML-style classifiers); without, the
+    module returns the embedding (metric learners). On 28x28 Omniglot the embedding is 64-d (max-pool) or
+    256-d (``strided=True``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        n_classes: int | None = None,
+        strided: bool = False,
+        image_size: int = 28,
+    ):
+        super().__init__()
+        self.features = nn.Sequential(
+            *(_block(in_channels if i == 0 else hidden, hidden, strided) for i in range(4))
+        )
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2 if strided else side // 2
+        if side < 1:
+            raise ValueError(f"image_size={image_size} is too small for 4 downsampling blocks")
+        self.embedding_dim = hidden * side * side
+        self.head = nn.Linear(self.embedding_dim, n_classes) if n_classes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features(x).flatten(1)  # (B, embedding_dim)
+        return self.head(z) if self.head is not None else z

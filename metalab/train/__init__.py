@@ -1,0 +1,1 @@
+"""Training infrastructure shared by every algorithm: loop, checkpoints, logs, evaluation, plots."""

@@ -1,0 +1,205 @@
+"""The thin trainer: an optimizer loop around an algorithm's ``loss(step)``, with everything a long run needs.
+
+An algorithm hands over a :class:`Learner`; :func:`fit` owns the rest: optimizer and schedule, gradient
+clipping, progress bar, CSV/TensorBoard logs, periodic evaluation, atomic checkpoints, exact resume, a stop
+on NaN/inf loss that keeps the last good checkpoint, and Ctrl-C that checkpoints before exiting.
+
+Resume is exact because a checkpoint holds model, optimizer, schedule and every RNG state, and because
+training batches are pure functions of the step index (see :mod:`metalab.data.episodes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from metalab.config import require
+from metalab.errors import NonFiniteLossError
+from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from metalab.train.logger import MetricLogger
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Outer-loop optimisation and bookkeeping."""
+
+    steps: int = 1000
+    """Optimizer steps (meta-iterations)."""
+    meta_batch: int = 32
+    """Tasks per step."""
+    lr: float = 1e-3
+    """Adam learning rate (the outer / meta learning rate)."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule over ``steps``."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; null for no clipping."""
+    log_every: int = 10
+    """Log training metrics every this many steps."""
+    eval_every: int = 500
+    """Evaluate on the validation part every this many steps (and at the end)."""
+    checkpoint_every: int = 500
+    """Checkpoint every this many steps (and at the end, on Ctrl-C)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; ``auto`` takes a GPU when one is present."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", "must be >= 1")
+        require(self.meta_batch >= 1, "meta_batch", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+
+
+@dataclass
+class Learner:
+    """What an algorithm gives the trainer.
+
+    ``loss(step)`` draws batch ``step`` itself (deterministically) and returns the loss to minimise plus
+    metrics to log; ``evaluate(part)`` returns metrics on a data part: "val" (periodic, during training) or
+    "test" (final), each on its fixed set of episodes.
+    """
+
+    model: nn.Module
+    loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[str], dict[str, float]]
+    parameters: list[nn.Parameter] | None = None
+    """What the optimizer updates; defaults to ``model.parameters()``."""
+    figures: Callable[[Path], list[Path]] | None = None
+    """Draws the algorithm's own figures into a run directory after training (optional)."""
+    state: Callable[[], dict] | None = None
+    """Extra state to checkpoint beyond model/optimizer/RNG (a replay buffer, env state); tensors and plain data."""
+    load_state: Callable[[dict], None] | None = None
+    """Restores what ``state`` returned, on resume."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    interrupted: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _make_optimizer(
+    learner: Learner, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    params = learner.parameters if learner.parameters is not None else list(learner.model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+class _StopFlag:
+    """Turns the first SIGINT into a request to stop after the current step; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
+    """Train ``learner`` for ``cfg.steps`` steps in ``run_dir``, resuming from its checkpoint if ``resume``."""
+    ckpt_path = run_dir / CHECKPOINT
+    opt, sched = _make_optimizer(learner, cfg)
+    step = 0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        learner.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if learner.load_state is not None:
+            learner.load_state(state["learner"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+
+    def checkpoint() -> None:
+        state = {"step": step, "model": learner.model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": rng_state()}  # fmt: skip
+        if learner.state is not None:
+            state["learner"] = learner.state()
+        save_checkpoint(ckpt_path, state)
+
+    logger = MetricLogger(run_dir, resume_step=step if resume else None)
+    metrics: dict[str, float] = {}
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=run_dir.name, unit="step", disable=None, dynamic_ncols=True
+    )
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.steps:
+                learner.model.train()
+                loss, train_metrics = learner.loss(step)
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower train.lr or "
+                        f"set train.grad_clip."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    train_metrics["train/grad_norm"] = float(
+                        nn.utils.clip_grad_norm_(
+                            [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
+                        )
+                    )
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update()
+                if step % cfg.log_every == 0:
+                    logger.log(
+                        step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0], **train_metrics}
+                    )
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    learner.model.eval()
+                    metrics = learner.evaluate("val")
+                    logger.log(step, metrics)
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+                    checkpoint()
+                if stop.requested:
+                    return FitResult(step, True, metrics)
+    finally:
+        bar.close()
+        logger.close()
+    return FitResult(step, False, metrics)

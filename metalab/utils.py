@@ -1,0 +1,26 @@
+"""Seeding and device choice: one place for each."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from metalab.errors import ConfigError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but no CUDA device is available; use auto or cpu")
+    return torch.device(choice)
