@@ -4,13 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # This machine serves a local CPU build of torch for this exact pin; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
-export METALAB_DATA ?= $(abspath ../shared/data)
+# Tests read Omniglot from the shared read-only data folder beside the checkout, and cache decodes locally.
+test: export METALAB_DATA ?= $(abspath ../shared/data)
+test: export METALAB_CACHE ?= $(abspath .cache)
 
 .PHONY: demo test lint format bench-sampler clean
 
 $(BIN)/metalab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@

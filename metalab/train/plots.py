@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from torch import Tensor
 
+from metalab.data.episodes import Episode
 from metalab.errors import CheckpointError
 from metalab.train.logger import CSV_NAME, read_metrics
 
@@ -70,5 +71,31 @@ def plot_curves(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_episode(ep: Episode, path: Path, title: str = "") -> Path:
+    """Grid of one image episode: a row per class, support images first (framed blue), then queries."""
+    sx, sy, qx, qy = ep.support_x, ep.support_y, ep.query_x, ep.query_y  # (N*K, C, H, W), (N*K,), ...
+    cols = ep.k_shot + min(ep.q_query, 8)
+    fig, axes = plt.subplots(ep.n_way, cols, figsize=(0.9 * cols, 0.9 * ep.n_way), squeeze=False)
+    for c in range(ep.n_way):
+        row = [(img, True) for img in sx[sy == c]] + [(img, False) for img in qx[qy == c][: cols - ep.k_shot]]
+        for j, ax in enumerate(axes[c]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(row):
+                ax.axis("off")
+                continue
+            img, support = row[j]
+            ax.imshow(img[0].numpy(), cmap="gray_r", vmin=0, vmax=1)
+            for spine in ax.spines.values():
+                spine.set_color("tab:blue" if support else "0.7")
+                spine.set_linewidth(2.5 if support else 0.5)
+        axes[c, 0].set_ylabel(f"label {c}", fontsize=7)
+    fig.suptitle(title or f"{ep.n_way}-way {ep.k_shot}-shot (blue: support)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,0 +1,72 @@
+"""Shared plumbing of benchmark scripts: result records, merging into the results file, CLI selection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    """The current git commit (with ``+dirty`` when the tree has uncommitted changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def record(
+    benchmark: str, task: str, method: str, metric: str, value: float, *, unit: str, ci95: float | None = None,
+    steps: int | None = None, seconds: float | None = None, device: str | None = None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One result record in the agreed shape (NaN becomes null)."""
+
+    def clean(v: float | None) -> float | None:
+        return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+    rec = {"benchmark": benchmark, "task": task, "method": method, "metric": metric, "value": clean(value),
+           "ci95": clean(ci95), "unit": unit, "steps": steps, "seconds": clean(seconds),
+           "device": device or device_name(), "torch": torch.__version__, "commit": commit()}  # fmt: skip
+    rec.update(extra)
+    return rec
+
+
+def merge_results(name: str, records: list[dict[str, Any]]) -> Path:
+    """Write ``records`` into ``results/<name>.json``, replacing older records of the same task/method/metric."""
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    key = lambda r: (r["task"], r["method"], r["metric"])  # noqa: E731
+    fresh = {key(r) for r in records}
+    merged = [r for r in old if key(r) not in fresh] + records
+    merged.sort(key=key)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def parser(description: str, configs: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--only", nargs="+", choices=configs, metavar="CONFIG",
+                   help=f"run only these configurations (default: all of {', '.join(configs)})")  # fmt: skip
+    return p

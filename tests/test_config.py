@@ -1,0 +1,224 @@
+"""Config loading: strict keys and types, errors that name the dotted key, overrides, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metalab.config import from_dict, parse_overrides, read_yaml, to_dict
+from metalab.data.tasks import TaskConfig
+from metalab.errors import ConfigError
+from metalab.experiment import load_run_config, run_config_from_dict
+from metalab.meta import maml, protonet
+from metalab.train.loop import TrainConfig
+
+from conftest import REPO, TINY_SINUSOID
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def config_error(data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        run_config_from_dict(data)
+    return info.value
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path: Path) -> None:
+    run = load_run_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert run.algo == raw["algo"]
+    assert run.train.steps == raw["train"]["steps"]
+    # The resolved dict (what a run directory saves) reads back to the same config.
+    again = run_config_from_dict(yaml.safe_load(yaml.safe_dump(run.to_yaml_dict())))
+    assert again == run
+
+
+def test_shipped_configs_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"maml_sinusoid.yaml", "maml_omniglot_5w1s.yaml", "protonet_omniglot_5w1s.yaml"} <= names
+
+
+def test_values_are_typed_and_sections_built() -> None:
+    run = run_config_from_dict(TINY_SINUSOID)
+    assert isinstance(run.params, maml.Config)
+    assert run.params.mlp_hidden == (16, 16)  # YAML list -> tuple
+    assert isinstance(run.task, TaskConfig) and run.task.dataset == "sinusoid"
+    assert run.train.steps == 20 and run.train.checkpoint_every == 5
+    assert run.eval.episodes == 8
+
+
+def test_int_is_accepted_for_float_and_becomes_float() -> None:
+    cfg = from_dict(TrainConfig, {"lr": 1})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+def test_unknown_key_names_dotted_key_with_suggestion() -> None:
+    err = config_error({"algo": "maml", "train": {"lrr": 0.1}})
+    assert err.key == "train.lrr"
+    assert "train.lrr" in str(err)
+    assert "did you mean 'lr'" in str(err)
+
+
+def test_unknown_nested_algorithm_key() -> None:
+    err = config_error({"algo": "maml", "maml": {"inner_steps": 1, "inner_lrr": 0.1}})
+    assert err.key == "maml.inner_lrr"
+    assert "did you mean 'inner_lr'" in str(err)
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    err = config_error({"algo": "maml", "eval": {"zzzzzz": 1}})
+    assert err.key == "eval.zzzzzz"
+    assert "episodes" in str(err) and "val_episodes" in str(err)
+
+
+def test_unknown_top_level_section() -> None:
+    err = config_error({"algo": "maml", "trian": {"steps": 3}})
+    assert err.key == "trian"
+    assert "unknown key" in str(err)
+
+
+def test_other_algorithms_section_is_rejected() -> None:
+    err = config_error({"algo": "maml", "protonet": {"hidden": 8}})
+    assert err.key == "protonet"
+    assert "algo: protonet" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"train": {"steps": "many"}}, "train.steps"),
+        ({"train": {"steps": 2.5}}, "train.steps"),
+        ({"train": {"steps": True}}, "train.steps"),  # a bool is not an integer
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"maml": {"first_order": "yes"}}, "maml.first_order"),
+        ({"maml": {"mlp_hidden": 40}}, "maml.mlp_hidden"),
+        ({"maml": {"mlp_hidden": [40, "x"]}}, "maml.mlp_hidden[1]"),
+        ({"task": {"train_ways": "ten"}}, "task.train_ways"),
+        ({"train": 5}, "train"),
+    ],
+)
+def test_wrong_type_names_key(data: dict, key: str) -> None:
+    err = config_error({"algo": "maml", **data})
+    assert err.key == key
+    assert f"'{key}'" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"steps": 0}}, "train.steps"),
+        ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every"),
+        ({"train": {"grad_clip": -1.0}}, "train.grad_clip"),
+        ({"maml": {"inner_lr": 0}}, "maml.inner_lr"),
+        ({"task": {"ways": 0}}, "task.ways"),
+        ({"task": {"shots": 10, "queries": 15}}, "task.queries"),  # 25 > 20 drawings per character
+        ({"task": {"dataset": "sinusoid", "ways": 5}}, "task.ways"),
+        ({"task": {"ways": 20, "train_ways": 5}}, "task.train_ways"),
+        ({"eval": {"episodes": 0}}, "eval.episodes"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_value_names_key(data: dict, key: str) -> None:
+    err = config_error({"algo": "maml", **data})
+    assert err.key == key
+    assert f"'{key}'" in str(err)
+
+
+def test_literal_choice_lists_valid_values() -> None:
+    err = config_error({"algo": "maml", "train": {"lr_schedule": "linear"}})
+    assert err.key == "train.lr_schedule"
+    assert "'constant'" in str(err) and "'cosine'" in str(err)
+
+
+def test_unknown_algorithm() -> None:
+    err = config_error({"algo": "reptile"})
+    assert err.key == "algo"
+    assert "reptile" in str(err) and "maml" in str(err) and "protonet" in str(err)
+
+
+def test_missing_algorithm() -> None:
+    err = config_error({"seed": 0})
+    assert err.key == "algo"
+
+
+def test_protonet_section() -> None:
+    run = run_config_from_dict({"algo": "protonet", "protonet": {"hidden": 8}})
+    assert isinstance(run.params, protonet.Config) and run.params.hidden == 8
+    assert config_error({"algo": "protonet", "protonet": {"hidden": 0}}).key == "protonet.hidden"
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_run_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("algo: maml\ntrain:\n  steps: [1, 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        read_yaml(path)
+    assert "bad.yaml" in str(info.value) and "line" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- algo\n- maml\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_yaml(path)
+
+
+def test_empty_yaml_is_empty_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert read_yaml(path) == {}
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars() -> None:
+    out = parse_overrides(["train.lr=0.01", "task.ways=20", "maml.first_order=true", "maml.mlp_hidden=[8, 8]",
+                           "task.split=lake", "task.data_root=null"])  # fmt: skip
+    assert out == {
+        "train": {"lr": 0.01},
+        "task": {"ways": 20, "split": "lake", "data_root": None},
+        "maml": {"first_order": True, "mlp_hidden": [8, 8]},
+    }
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=3", ".lr=1"])
+def test_malformed_override(item: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_overrides([item])
+
+
+def test_override_both_value_and_section() -> None:
+    with pytest.raises(ConfigError, match="both"):
+        parse_overrides(["train=3", "train.lr=0.1"])
+
+
+def test_overrides_apply_on_top_of_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(TINY_SINUSOID))
+    run = load_run_config(path, ["train.steps=7", "maml.inner_lr=0.5", "eval.batch=2"])
+    assert (run.train.steps, run.params.inner_lr, run.eval.batch) == (7, 0.5, 2)
+    assert run.train.lr == TINY_SINUSOID["train"]["lr"]  # untouched keys keep the file's value
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, ["train.lrr=0.1"])
+    assert info.value.key == "train.lrr"
+
+
+def test_to_dict_is_plain_yaml() -> None:
+    run = run_config_from_dict(TINY_SINUSOID)
+    dumped = yaml.safe_dump(to_dict(run.params))  # safe_dump refuses tuples: they must become lists
+    assert yaml.safe_load(dumped)["mlp_hidden"] == [16, 16]
+
+
+def test_config_is_frozen() -> None:
+    run = run_config_from_dict(TINY_SINUSOID)
+    with pytest.raises(AttributeError):
+        run.train.lr = 1.0  # type: ignore[misc]
