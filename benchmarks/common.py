@@ -19,8 +19,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def commit() -> str:
     """The current git commit (with ``+dirty`` when the tree has uncommitted changes), or ``unknown``."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -33,17 +37,38 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 def record(
-    benchmark: str, task: str, method: str, metric: str, value: float, *, unit: str, ci95: float | None = None,
-    steps: int | None = None, seconds: float | None = None, device: str | None = None, **extra: Any,
-) -> dict[str, Any]:  # fmt: skip
+    benchmark: str,
+    task: str,
+    method: str,
+    metric: str,
+    value: float,
+    *,
+    unit: str,
+    ci95: float | None = None,
+    steps: int | None = None,
+    seconds: float | None = None,
+    device: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One result record in the agreed shape (NaN becomes null)."""
 
     def clean(v: float | None) -> float | None:
         return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
-    rec = {"benchmark": benchmark, "task": task, "method": method, "metric": metric, "value": clean(value),
-           "ci95": clean(ci95), "unit": unit, "steps": steps, "seconds": clean(seconds),
-           "device": device or device_name(), "torch": torch.__version__, "commit": commit()}  # fmt: skip
+    rec = {
+        "benchmark": benchmark,
+        "task": task,
+        "method": method,
+        "metric": metric,
+        "value": clean(value),
+        "ci95": clean(ci95),
+        "unit": unit,
+        "steps": steps,
+        "seconds": clean(seconds),
+        "device": device or device_name(),
+        "torch": torch.__version__,
+        "commit": commit(),
+    }
     rec.update(extra)
     return rec
 
@@ -67,6 +92,11 @@ def merge_results(name: str, records: list[dict[str, Any]]) -> Path:
 
 def parser(description: str, configs: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--only", nargs="+", choices=configs, metavar="CONFIG",
-                   help=f"run only these configurations (default: all of {', '.join(configs)})")  # fmt: skip
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=configs,
+        metavar="CONFIG",
+        help=f"run only these configurations (default: all of {', '.join(configs)})",
+    )
     return p

@@ -35,7 +35,9 @@ class PngEpisodes(Dataset):
         self.files = []
         for line in classes:  # "Alphabet/characterNN/rotDDD"
             alphabet, char, rot = line.split("/")
-            base = next(folder / s / alphabet / char for s in omniglot.SETS if (folder / s / alphabet / char).is_dir())
+            base = next(
+                folder / s / alphabet / char for s in omniglot.SETS if (folder / s / alphabet / char).is_dir()
+            )
             self.files.append((sorted(base.glob("*.png")), int(rot[3:])))
         self.n, self.k, self.q = n, k, q
 
@@ -74,7 +76,11 @@ def main() -> None:
     data = omniglot.load(root)
     load_s = time.perf_counter() - t0
     split = omniglot.split_classes(data, root, "vinyals", "train")
-    records = [record("sampler", "omniglot-vinyals-train", "metalab", "load_seconds", load_s, unit="s", seconds=load_s)]
+    records = [
+        record(
+            "sampler", "omniglot-vinyals-train", "metalab", "load_seconds", load_s, unit="s", seconds=load_s
+        )
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for s in omniglot.SETS:  # the baseline reads extracted PNG files, as torchvision/Torchmeta do
@@ -83,18 +89,43 @@ def main() -> None:
             n, k, q = CONFIGS[name]
             task = f"omniglot-{n}w{k}s{q}q-mb{META_BATCH}"
             sampler = EpisodeSampler(split.images, n, k, q, seed=0)
-            fast, fb, fs = rate(lambda i: sampler.sample(i, META_BATCH), args.seconds)
-            loader = DataLoader(PngEpisodes(folder, split.classes, n, k, q), batch_size=META_BATCH, num_workers=2,
-                                persistent_workers=True, prefetch_factor=2)  # fmt: skip
+            fast, fb, fs = rate(lambda i, s=sampler: s.sample(i, META_BATCH), args.seconds)
+            loader = DataLoader(
+                PngEpisodes(folder, split.classes, n, k, q),
+                batch_size=META_BATCH,
+                num_workers=2,
+                persistent_workers=True,
+                prefetch_factor=2,
+            )
             it = iter(loader)
-            slow, sb, ss = rate(lambda i: next(it), args.seconds)
+            slow, sb, ss = rate(lambda i, it=it: next(it), args.seconds)
             records += [
-                record("sampler", task, "metalab", "episodes_per_s", fast, unit="episodes/s", steps=fb, seconds=fs),
-                record("sampler", task, "dataloader-png", "episodes_per_s", slow, unit="episodes/s", steps=sb,
-                       seconds=ss, note="DataLoader, 2 workers, PIL decode+resize per image"),  # fmt: skip
+                record(
+                    "sampler",
+                    task,
+                    "metalab",
+                    "episodes_per_s",
+                    fast,
+                    unit="episodes/s",
+                    steps=fb,
+                    seconds=fs,
+                ),
+                record(
+                    "sampler",
+                    task,
+                    "dataloader-png",
+                    "episodes_per_s",
+                    slow,
+                    unit="episodes/s",
+                    steps=sb,
+                    seconds=ss,
+                    note="DataLoader, 2 workers, PIL decode+resize per image",
+                ),
                 record("sampler", task, "metalab", "speedup_vs_dataloader-png", fast / slow, unit="x"),
             ]
-            print(f"{task}: metalab {fast:,.0f} episodes/s, PNG DataLoader {slow:,.1f} episodes/s, {fast / slow:,.0f}x")
+            print(
+                f"{task}: metalab {fast:,.0f} episodes/s, PNG DataLoader {slow:,.1f} episodes/s, {fast / slow:,.0f}x"
+            )
     print(merge_results("sampler", records))
 
 

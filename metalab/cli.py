@@ -22,44 +22,86 @@ def _parser() -> argparse.ArgumentParser:
         description="Meta-learning and meta-RL on PyTorch. Each command has its own --help.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--data-root", metavar="PATH",
-                   help="data root (default: $METALAB_DATA, else ~/.cache/metalab)")  # fmt: skip
+    p.add_argument(
+        "--data-root", metavar="PATH", help="data root (default: $METALAB_DATA, else ~/.cache/metalab)"
+    )
+    # --data-root is accepted before or after the command name.
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--data-root", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train from a YAML config (or resume a run)",
-                       description="Train from CONFIG into a new run directory runs/<algo>-<task>-s<seed>-<time>/ "
-                       "(config.yaml, metrics.csv, tb/, checkpoint.pt, result.json, PNG plots). Ctrl-C saves a "
-                       "checkpoint; `metalab train --resume RUN_DIR` continues it exactly.")  # fmt: skip
+    t = sub.add_parser(
+        "train",
+        parents=[root],
+        help="train from a YAML config (or resume a run)",
+        description="Train from CONFIG into a new run directory runs/<algo>-<task>-s<seed>-<time>/ "
+        "(config.yaml, metrics.csv, tb/, checkpoint.pt, result.json, PNG plots). Ctrl-C saves a "
+        "checkpoint; `metalab train --resume RUN_DIR` continues it exactly.",
+    )
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=500 (repeatable)")  # fmt: skip
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=500 (repeatable)",
+    )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--runs-dir", default="runs", help="where new run directories go (default: runs)")
 
-    e = sub.add_parser("eval", help="evaluate a trained run on its test episodes",
-                       description="Load RUN_DIR's config and checkpoint and report mean and 95%% CI over the "
-                       "fixed test episodes (eval.episodes of them).")  # fmt: skip
+    e = sub.add_parser(
+        "eval",
+        parents=[root],
+        help="evaluate a trained run on its test episodes",
+        description="Load RUN_DIR's config and checkpoint and report mean and 95%% CI over the "
+        "fixed test episodes (eval.episodes of them).",
+    )
     e.add_argument("run_dir")
     e.add_argument("--part", choices=("test", "val"), default="test")
     e.add_argument("--episodes", type=int, help="number of episodes (default: eval.episodes of the run)")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for this evaluation, e.g. --set maml.eval_inner_steps=20")  # fmt: skip
+    e.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for this evaluation, e.g. --set maml.eval_inner_steps=20",
+    )
 
     pl = sub.add_parser("plot", help="draw a run's learning curves to RUN_DIR/metrics.png")
     pl.add_argument("run_dir")
 
     d = sub.add_parser("data", help="install data sets and show what is installed")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    di = dsub.add_parser("install", help="install a data set from local files or by download",
-                         description="Install DATASET into the data root from a folder of its official files "
-                         "(--from) or by downloading them with md5 checks (--download). For omniglot, --from "
-                         "takes a folder with images_background.zip / images_evaluation.zip (and optionally "
-                         "splits/vinyals/*.txt) or one of the zips.")  # fmt: skip
+    di = dsub.add_parser(
+        "install",
+        parents=[root],
+        help="install a data set from local files or by download",
+        description="Install DATASET into the data root from a folder of its official files "
+        "(--from) or by downloading them with md5 checks (--download). For omniglot, --from "
+        "takes a folder with images_background.zip / images_evaluation.zip (and optionally "
+        "splits/vinyals/*.txt) or one of the zips.",
+    )
     di.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
     src = di.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="source", metavar="PATH", help="folder or zip with the official files")
     src.add_argument("--download", action="store_true", help="download from the official location")
-    dsub.add_parser("info", help="show the data and cache roots and what each holds")
+    dsub.add_parser("info", parents=[root], help="show the data and cache roots and what each holds")
+    ds = dsub.add_parser(
+        "show",
+        parents=[root],
+        help="draw one episode of a data set to a PNG, to look at it",
+        description="Draw a sampled Omniglot episode (a row per class, support framed) to a PNG.",
+    )
+    ds.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
+    ds.add_argument("--split", choices=("vinyals", "lake"), default="vinyals")
+    ds.add_argument("--part", choices=("train", "val", "trainval", "test"), default="train")
+    ds.add_argument("--ways", type=int, default=5)
+    ds.add_argument("--shots", type=int, default=1)
+    ds.add_argument("--queries", type=int, default=5)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("-o", "--output", default="episode.png", help="PNG to write (default: episode.png)")
     return p
 
 
@@ -104,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     learner.model.eval()
-    test = learner.evaluate("test")
+    test = learner.evaluate("test", run.eval.episodes)
     figures = [str(p) for p in (learner.figures(run_dir) if learner.figures else [])]
     summary = {"run_dir": str(run_dir), "step": result.step, **test}
     (run_dir / "result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
@@ -129,6 +171,7 @@ def _describe(metrics: dict[str, float]) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from metalab.config import merge, parse_overrides
+    from metalab.errors import CheckpointError
     from metalab.experiment import algorithm, load_run_dir_config, run_config_from_dict
     from metalab.train.checkpoint import load_checkpoint
     from metalab.train.loop import CHECKPOINT
@@ -136,17 +179,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     run = load_run_dir_config(run_dir)
-    extra = list(args.overrides)
-    if args.episodes is not None:
-        extra.append(f"eval.{'episodes' if args.part == 'test' else 'val_episodes'}={args.episodes}")
-    if extra:
-        run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(extra)))
+    if args.overrides:
+        run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(args.overrides)))
     device = resolve_device(run.train.device)
     learner = algorithm(run.algo).build(run, _data_root(args, run.task.data_root), device)
     state = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
-    learner.model.load_state_dict(state["model"])
+    try:
+        learner.model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT} does not fit the run's model: {e}") from None
     learner.model.eval()
-    metrics = learner.evaluate(args.part)
+    if args.episodes is not None and args.episodes < 1:
+        raise MetalabError(f"--episodes must be >= 1, got {args.episodes}")
+    metrics = learner.evaluate(args.part, args.episodes or run.eval.episodes)
     print(f"{run_dir} (step {state['step']}): {_describe(metrics)}")
     return 0
 
@@ -178,9 +223,28 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     if args.dataset not in DATASETS:
         raise MetalabError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if args.data_command == "show":
+        return _show(args, root)
     data = omniglot.fetch(root) if args.download else omniglot.install(Path(args.source), root)
-    print(f"omniglot installed in {omniglot.omniglot_dir(root)}: {data.images.shape[0]} characters, "
-          f"{int(data.background.sum())} background / {int((~data.background).sum())} evaluation")  # fmt: skip
+    print(
+        f"omniglot installed in {omniglot.omniglot_dir(root)}: {data.images.shape[0]} characters, "
+        f"{int(data.background.sum())} background / {int((~data.background).sum())} evaluation"
+    )
+    return 0
+
+
+def _show(args: argparse.Namespace, root: Path) -> int:
+    from metalab.data import omniglot
+    from metalab.data.episodes import EpisodeSampler
+    from metalab.train.plots import plot_episode
+
+    classes = omniglot.split_classes(omniglot.load(root), root, args.split, args.part)
+    try:
+        sampler = EpisodeSampler(classes.images, args.ways, args.shots, args.queries, seed=args.seed)
+    except ValueError as e:
+        raise MetalabError(str(e)) from None
+    title = f"omniglot {args.split}/{args.part}: {args.ways}-way {args.shots}-shot (blue: support)"
+    print(plot_episode(sampler.sample(0, 1).task(0), Path(args.output), title))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""A run's whole config (``algo``, ``seed``, ``task``, ``train``, ``eval`` and the algorithm's own section),
-read from YAML with ``--set`` overrides, and the run directory it trains in.
+"""A run's whole config (``algo``, ``seed``, ``task`` or ``env``, ``train``, ``eval`` and the algorithm's own
+section), read from YAML with ``--set`` overrides, and the run directory it trains in.
 
 YAML layout (see ``configs/``)::
 
@@ -9,6 +9,12 @@ YAML layout (see ``configs/``)::
     train: {steps: 20000, meta_batch: 32, lr: 0.001}
     eval: {episodes: 600}
     maml: {inner_lr: 0.4, inner_steps: 1}
+
+RL algorithms (``RL_ALGORITHMS``) learn in an environment: they take an ``env`` section instead of ``task``::
+
+    algo: dqn
+    env: {id: metalab/BitFlip-v0, n: 10}
+    dqn: {her: future, her_k: 4}
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import yaml
 
 from metalab.config import from_dict, merge, parse_overrides, read_yaml, to_dict
 from metalab.data.tasks import TaskConfig
+from metalab.envs.config import EnvConfig
 from metalab.errors import ConfigError
 from metalab.train.evaluate import EvalConfig
 from metalab.train.loop import TrainConfig
@@ -33,8 +40,15 @@ from metalab.train.loop import TrainConfig
 ALGORITHMS = {
     "maml": "metalab.meta.maml",
     "protonet": "metalab.meta.protonet",
+    "matching": "metalab.meta.matching",
+    "relation": "metalab.meta.relation",
+    "siamese": "metalab.meta.siamese",
+    "dqn": "metalab.rl.dqn",
+    "reinforce": "metalab.rl.reinforce",
 }
-SECTIONS = ("algo", "seed", "task", "train", "eval")
+RL_ALGORITHMS = frozenset({"dqn", "reinforce"})
+"""Algorithms configured by an ``env`` section; the others by a ``task`` section."""
+SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"
 
 
@@ -47,12 +61,25 @@ class RunConfig:
     """The algorithm's ``Config`` instance (its YAML section is named after ``algo``)."""
     seed: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def label(self) -> str:
+        """What the run learns, for its directory name: the env for RL (``bitflip10``), else the task."""
+        return self.env.name if self.algo in RL_ALGORITHMS else self.task.name
+
     def to_yaml_dict(self) -> dict[str, Any]:
-        return {"algo": self.algo, "seed": self.seed, "task": to_dict(self.task), "train": to_dict(self.train),
-                "eval": to_dict(self.eval), self.algo: to_dict(self.params)}  # fmt: skip
+        problem = "env" if self.algo in RL_ALGORITHMS else "task"  # only the section the algorithm reads
+        return {
+            "algo": self.algo,
+            "seed": self.seed,
+            problem: to_dict(getattr(self, problem)),
+            "train": to_dict(self.train),
+            "eval": to_dict(self.eval),
+            self.algo: to_dict(self.params),
+        }
 
 
 def algorithm(name: str) -> ModuleType:
@@ -72,10 +99,17 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not isinstance(name, str):
         raise ConfigError("algo", f"expected an algorithm name, got {name!r}")
     module = algorithm(name)
+    unused = "task" if name in RL_ALGORITHMS else "env"
+    valid = (*(s for s in SECTIONS if s != unused), name)
     for key in data:
-        if key not in (*SECTIONS, name):
-            hint = f"; the {key} section only applies with algo: {key}" if key in ALGORITHMS else ""
-            raise ConfigError(str(key), f"unknown key (valid: {', '.join((*SECTIONS, name))}){hint}")
+        if key not in valid:
+            if key in ALGORITHMS:
+                hint = f"; the {key} section only applies with algo: {key}"
+            elif key == unused:
+                hint = f"; {name} takes {'an env' if unused == 'task' else 'a task'} section, not {unused}"
+            else:
+                hint = ""
+            raise ConfigError(str(key), f"unknown key (valid: {', '.join(valid)}){hint}")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", f"expected a non-negative integer, got {seed!r}")
@@ -86,8 +120,15 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         except ConfigError as e:
             raise e.within(key) from None
 
-    return RunConfig(algo=name, params=section(name, module.Config), seed=seed, task=section("task", TaskConfig),
-                     train=section("train", TrainConfig), eval=section("eval", EvalConfig))  # fmt: skip
+    return RunConfig(
+        algo=name,
+        params=section(name, module.Config),
+        seed=seed,
+        task=section("task", TaskConfig),
+        env=section("env", EnvConfig),
+        train=section("train", TrainConfig),
+        eval=section("eval", EvalConfig),
+    )
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -96,13 +137,13 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def new_run_dir(run: RunConfig, base: Path) -> Path:
-    """``<base>/<algo>-<task>-s<seed>-<YYYYmmdd-HHMMSS>``, created, with the resolved config written in it."""
+    """``<base>/<algo>-<task or env>-s<seed>-<YYYYmmdd-HHMMSS>``, created, with the resolved config written in it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = base / f"{run.algo}-{run.task.name}-s{run.seed}-{stamp}"
+    path = base / f"{run.algo}-{run.label}-s{run.seed}-{stamp}"
     suffix = 1
     while path.exists():
         suffix += 1
-        path = base / f"{run.algo}-{run.task.name}-s{run.seed}-{stamp}-{suffix}"
+        path = base / f"{run.algo}-{run.label}-s{run.seed}-{stamp}-{suffix}"
     path.mkdir(parents=True)
     (path / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
     return path

@@ -30,8 +30,12 @@ class Episode(NamedTuple):
 
     def task(self, i: int) -> Episode:
         """Task ``i`` of a batched episode."""
-        return self._replace(support_x=self.support_x[i], support_y=self.support_y[i],
-                             query_x=self.query_x[i], query_y=self.query_y[i])  # fmt: skip
+        return self._replace(
+            support_x=self.support_x[i],
+            support_y=self.support_y[i],
+            query_x=self.query_x[i],
+            query_y=self.query_y[i],
+        )
 
     def to(self, device: torch.device | str) -> Episode:
         return self._replace(

@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,11 +48,15 @@ CACHE_VERSION = 1
 _BASE = "https://raw.githubusercontent.com"
 # Official location of the data (brendenlake/omniglot); md5s as published by torchvision for these files.
 OFFICIAL_ZIPS = {
-    "images_background": (f"{_BASE}/brendenlake/omniglot/master/python/images_background.zip",
-                          "68d2efa1b9178cc56df9314c21c6e718"),
-    "images_evaluation": (f"{_BASE}/brendenlake/omniglot/master/python/images_evaluation.zip",
-                          "6b91aef0f799c5bb55b94e3f2daec811"),
-}  # fmt: skip
+    "images_background": (
+        f"{_BASE}/brendenlake/omniglot/master/python/images_background.zip",
+        "68d2efa1b9178cc56df9314c21c6e718",
+    ),
+    "images_evaluation": (
+        f"{_BASE}/brendenlake/omniglot/master/python/images_evaluation.zip",
+        "6b91aef0f799c5bb55b94e3f2daec811",
+    ),
+}
 # The Vinyals split lists as used by Prototypical Networks (jakesnell/prototypical-networks, MIT license).
 SPLIT_PARTS = ("train", "val", "trainval", "test")
 VINYALS_LISTS = {
@@ -224,11 +229,16 @@ def load(root: Path, image_size: int = 28) -> OmniglotImages:
             blob = torch.load(path, weights_only=True)
             if blob.get("version") == CACHE_VERSION and blob.get("root") == str(root):
                 return OmniglotImages(blob["images"], list(blob["names"]), blob["background"])
-        except (OSError, RuntimeError, EOFError, KeyError) as e:
+        except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
             log.warning("ignoring unreadable Omniglot cache %s (%s); decoding again", path, e)
     data = decode(root, image_size)
-    blob = {"version": CACHE_VERSION, "root": str(root), "images": data.images, "names": data.names,
-            "background": data.background}  # fmt: skip
+    blob = {
+        "version": CACHE_VERSION,
+        "root": str(root),
+        "images": data.images,
+        "names": data.names,
+        "background": data.background,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     os.close(fd)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from metalab.config import require
 from metalab.data import omniglot
 from metalab.data.episodes import EpisodeSampler
@@ -31,6 +33,8 @@ class TaskConfig:
     """Q: query examples per class."""
     train_ways: int | None = None
     """Ways during training when different from test (ProtoNets train 60-way); null: same as ``ways``."""
+    train_queries: int | None = None
+    """Queries per class during training when different from test; null: same as ``queries``."""
     image_size: int = 28
     """Omniglot images are resized to this side once, when decoded."""
     train_part: Literal["train", "trainval"] = "train"
@@ -42,15 +46,22 @@ class TaskConfig:
         require(self.ways >= 1, "ways", "must be >= 1")
         require(self.shots >= 1, "shots", "must be >= 1")
         require(self.queries >= 1, "queries", "must be >= 1")
+        require(self.train_ways is None or self.train_ways >= 1, "train_ways", "must be >= 1 or null")
         require(
-            self.train_ways is None or self.train_ways >= self.ways, "train_ways", "must be >= ways or null"
+            self.train_queries is None or self.train_queries >= 1, "train_queries", "must be >= 1 or null"
         )
         require(self.image_size >= 16, "image_size", "must be >= 16 (four 2x downsamplings)")
         if self.dataset == "sinusoid":
             require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
-        else:
-            require(self.shots + self.queries <= omniglot.DRAWINGS, "queries",
-                    f"shots + queries must be <= {omniglot.DRAWINGS} (drawings per Omniglot character)")  # fmt: skip
+            return
+        for key in ("queries", "train_queries"):
+            queries = getattr(self, key) or self.queries
+            limit = omniglot.DRAWINGS
+            require(
+                self.shots + queries <= limit,
+                key,
+                f"shots + {key} must be <= {limit} (drawings per character)",
+            )
 
     @property
     def name(self) -> str:
@@ -63,6 +74,8 @@ class TaskConfig:
 def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
     """A sampler over ``part`` ("train", "val" or "test"; "train" means ``cfg.train_part``)."""
     if cfg.dataset == "sinusoid":  # one infinite task family: parts differ only by seed
+        if part == "val":  # callers pass one evaluation seed for val and test: val must not be the test tasks
+            seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
         return SinusoidTasks(cfg.shots, cfg.queries, seed=seed)
     if part == "train":
         part = cfg.train_part
@@ -70,9 +83,11 @@ def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidT
         part = "test" if part == "val" else "train"  # Lake has no val part: validate on evaluation alphabets
     data = omniglot.load(root, cfg.image_size)
     classes = omniglot.split_classes(data, root, cfg.split, part)  # type: ignore[arg-type]
-    ways = (cfg.train_ways or cfg.ways) if part in ("train", "trainval") else cfg.ways
+    training = part in ("train", "trainval")
+    ways = (cfg.train_ways or cfg.ways) if training else cfg.ways
+    queries = (cfg.train_queries or cfg.queries) if training else cfg.queries
     if ways > classes.images.shape[0]:
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
         )
-    return EpisodeSampler(classes.images, ways, cfg.shots, cfg.queries, seed=seed)
+    return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed=seed)

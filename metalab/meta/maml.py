@@ -64,9 +64,17 @@ def task_loss(
 
 
 def adapted_query(
-    model: nn.Module, regression: bool, cfg: Config, steps: int, first_order: bool, params: Params,
-    support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    model: nn.Module,
+    regression: bool,
+    cfg: Config,
+    steps: int,
+    first_order: bool,
+    params: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One task: adapt on the support set, return (query loss, query score: accuracy or MSE)."""
     loss_fn = functools.partial(task_loss, model, regression)
     adapted = adapt(params, loss_fn, (support_x, support_y), steps, cfg.inner_lr, first_order)
@@ -77,15 +85,34 @@ def adapted_query(
     return F.cross_entropy(out, query_y), (out.argmax(-1) == query_y).float().mean()
 
 
-def batched_query(model: nn.Module, regression: bool, cfg: Config, steps: int, first_order: bool,
-                  params: Params, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def batched_query(
+    model: nn.Module,
+    regression: bool,
+    cfg: Config,
+    steps: int,
+    first_order: bool,
+    params: Params,
+    ep: Episode,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task (query loss, score) for a batched episode, each ``(T,)``."""
     per_task = functools.partial(adapted_query, model, regression, cfg, steps, first_order)
     use_vmap = cfg.batching == "vmap" or (cfg.batching == "auto" and isinstance(model, MLP))
     if use_vmap:
+        _check_vmap(model, first_order)
         return vmap(per_task, in_dims=(None, 0, 0, 0, 0))(params, *ep[:4])
     outs = [per_task(params, *ep.task(i)[:4]) for i in range(ep.tasks)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+def _check_vmap(model: nn.Module, first_order: bool) -> None:
+    """Refuse second-order MAML through a vmapped BatchNorm: torch's batching rule for batch_norm's backward
+    gives silently wrong meta-gradients there (pytorch/functorch#534; the loop is right)."""
+    if not first_order and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            "maml.batching",
+            "vmap gives wrong second-order gradients through BatchNorm (a PyTorch limitation); "
+            "use batching: loop (or auto), or first_order: true",
+        )
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -99,6 +126,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model.to(device)
     if run.task.train_ways not in (None, run.task.ways):
         raise ConfigError("task.train_ways", "MAML's head has task.ways outputs: train_ways must equal ways")
+    if cfg.batching == "vmap":
+        _check_vmap(model, cfg.first_order)
     train = make_sampler(run.task, "train", run.seed, root)
     evals = {part: make_sampler(run.task, part, run.eval.seed, root) for part in ("val", "test")}
     score = "mse" if regression else "acc"
@@ -111,8 +140,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         losses, scores = batched_query(model, regression, cfg, cfg.inner_steps, cfg.first_order, params(), ep)
         return losses.mean(), {f"train/{score}": scores.mean().item()}
 
-    def evaluate(part: str) -> dict[str, float]:
-        n = run.eval.val_episodes if part == "val" else run.eval.episodes
+    def evaluate(part: str, n: int) -> dict[str, float]:
         detached = {k: v.detach() for k, v in params().items()}
 
         def per_task(ep: Episode) -> torch.Tensor:
@@ -151,5 +179,10 @@ def sinusoid_figure(model: nn.Module, cfg: Config, tasks: SinusoidTasks, path: P
 
             curves[f"after {steps} step{'s' * (steps > 1)}"] = vmap(fit_one)(ep.support_x, ep.support_y, x)
     points = [(ep.support_x[i, :, 0], ep.support_y[i, :, 0]) for i in range(n)]
-    return plot_curves(path, x[0, :, 0], {k: v[..., 0] for k, v in curves.items()}, points,
-                       f"MAML on sinusoid tasks, K={ep.k_shot}")  # fmt: skip
+    return plot_curves(
+        path,
+        x[0, :, 0],
+        {k: v[..., 0] for k, v in curves.items()},
+        points,
+        f"MAML on sinusoid tasks, K={ep.k_shot}",
+    )

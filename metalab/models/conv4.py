@@ -6,14 +6,18 @@ import torch
 from torch import nn
 
 
-def _block(in_ch: int, out_ch: int, strided: bool) -> nn.Sequential:
-    # BatchNorm keeps no running statistics: every forward normalises with the batch at hand (transductive,
-    # as in MAML and ProtoNets), so the module has no buffers and works with functional_call + vmap.
-    if strided:  # MAML's Omniglot variant: stride-2 convolutions instead of max-pooling
-        conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
-        return nn.Sequential(conv, nn.BatchNorm2d(out_ch, track_running_stats=False), nn.ReLU())
-    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_ch, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2))
+def conv_block(in_ch: int, out_ch: int, pool: bool = True, stride: int = 1) -> nn.Sequential:
+    """3x3 conv (padding 1), BatchNorm without running statistics, ReLU, and an optional 2x2 max-pool.
+
+    BatchNorm keeps no running statistics: every forward normalises with the batch at hand (transductive, as
+    in MAML and ProtoNets), so the module has no buffers and works with functional_call + vmap.
+    """
+    layers = [
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(out_ch, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
 class Conv4(nn.Module):
@@ -33,8 +37,12 @@ class Conv4(nn.Module):
         image_size: int = 28,
     ):
         super().__init__()
+        # MAML's Omniglot variant (strided) downsamples with stride-2 convolutions instead of max-pooling.
         self.features = nn.Sequential(
-            *(_block(in_channels if i == 0 else hidden, hidden, strided) for i in range(4))
+            *(
+                conv_block(in_channels if i == 0 else hidden, hidden, not strided, 2 if strided else 1)
+                for i in range(4)
+            )
         )
         side = image_size
         for _ in range(4):

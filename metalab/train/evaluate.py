@@ -19,8 +19,6 @@ class EvalConfig:
 
     episodes: int = 600
     """Test episodes for the final / ``metalab eval`` estimate."""
-    val_episodes: int = 100
-    """Episodes for each periodic evaluation during training."""
     batch: int = 32
     """Episodes evaluated together."""
     seed: int = 1_000_003
@@ -28,7 +26,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, "episodes", "must be >= 1")
-        require(self.val_episodes >= 1, "val_episodes", "must be >= 1")
         require(self.batch >= 1, "batch", "must be >= 1")
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metalab.config import require
-from metalab.errors import NonFiniteLossError
+from metalab.errors import CheckpointError, NonFiniteLossError
 from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from metalab.train.logger import MetricLogger
 
@@ -52,7 +53,14 @@ class TrainConfig:
     log_every: int = 10
     """Log training metrics every this many steps."""
     eval_every: int = 500
-    """Evaluate on the validation part every this many steps (and at the end)."""
+    """Evaluate every this many steps (and at the end)."""
+    eval_part: Literal["val", "test"] = "val"
+    """Part evaluated during training: held-out val classes, or test classes for a learning curve (no model
+    selection is made from it)."""
+    eval_episodes: int = 100
+    """Episodes of each evaluation during training."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much training time, counted across resumes; null for no limit."""
     checkpoint_every: int = 500
     """Checkpoint every this many steps (and at the end, on Ctrl-C)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -64,7 +72,8 @@ class TrainConfig:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
-        for key in ("log_every", "eval_every", "checkpoint_every"):
+        require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
+        for key in ("log_every", "eval_every", "eval_episodes", "checkpoint_every"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
 
 
@@ -73,13 +82,17 @@ class Learner:
     """What an algorithm gives the trainer.
 
     ``loss(step)`` draws batch ``step`` itself (deterministically) and returns the loss to minimise plus
-    metrics to log; ``evaluate(part)`` returns metrics on a data part: "val" (periodic, during training) or
-    "test" (final), each on its fixed set of episodes.
+    metrics to log; ``evaluate(part, episodes)`` returns metrics on a fixed set of ``episodes`` episodes (or
+    evaluation episodes) of a data part, "val" or "test".
+
+    A loss of ``None`` means "no update this step": the step still counts (an RL learner may only collect
+    experience before its learning starts), but the optimizer and the schedule are left untouched, so the
+    schedule counts updates.
     """
 
     model: nn.Module
-    loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
-    evaluate: Callable[[str], dict[str, float]]
+    loss: Callable[[int], tuple[torch.Tensor | None, dict[str, float]]]
+    evaluate: Callable[[str, int], dict[str, float]]
     parameters: list[nn.Parameter] | None = None
     """What the optimizer updates; defaults to ``model.parameters()``."""
     figures: Callable[[Path], list[Path]] | None = None
@@ -88,13 +101,20 @@ class Learner:
     """Extra state to checkpoint beyond model/optimizer/RNG (a replay buffer, env state); tensors and plain data."""
     load_state: Callable[[dict], None] | None = None
     """Restores what ``state`` returned, on resume."""
+    after_update: Callable[[int], None] | None = None
+    """Called with the step index right after each optimizer step (e.g. to move a DQN target network)."""
 
 
 @dataclass
 class FitResult:
     step: int
+    """Steps completed."""
     interrupted: bool
+    """Stopped by Ctrl-C (a checkpoint was saved)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    """The last periodic evaluation."""
+    seconds: float = 0.0
+    """Training time of the run, across resumes."""
 
 
 def _make_optimizer(
@@ -137,25 +157,41 @@ class _StopFlag:
 def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train ``learner`` for ``cfg.steps`` steps in ``run_dir``, resuming from its checkpoint if ``resume``."""
     ckpt_path = run_dir / CHECKPOINT
+    run_dir.mkdir(parents=True, exist_ok=True)
     opt, sched = _make_optimizer(learner, cfg)
-    step = 0
+    step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
     if resume:
         state = load_checkpoint(ckpt_path)
-        learner.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        if learner.load_state is not None:
-            learner.load_state(state["learner"])
+        try:
+            learner.model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            if learner.load_state is not None:
+                learner.load_state(state["learner"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit this run's model/config: {e}") from None
         step = int(state["step"])
+        elapsed = float(state.get("elapsed", 0.0))
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def checkpoint() -> None:
-        state = {"step": step, "model": learner.model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "rng": rng_state()}  # fmt: skip
+        state = {
+            "step": step,
+            "model": learner.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng_state(),
+            "elapsed": seconds(),
+        }
         if learner.state is not None:
             state["learner"] = learner.state()
         save_checkpoint(ckpt_path, state)
+
+    start = time.perf_counter()
+
+    def seconds() -> float:
+        return elapsed + time.perf_counter() - start
 
     logger = MetricLogger(run_dir, resume_step=step if resume else None)
     metrics: dict[str, float] = {}
@@ -167,39 +203,48 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             while step < cfg.steps:
                 learner.model.train()
                 loss, train_metrics = learner.loss(step)
-                if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
-                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower train.lr or "
-                        f"set train.grad_clip."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    train_metrics["train/grad_norm"] = float(
-                        nn.utils.clip_grad_norm_(
-                            [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
+                if loss is not None:
+                    if not torch.isfinite(loss.detach()).all():
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                            f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower "
+                            f"train.lr or set train.grad_clip."
                         )
-                    )
-                opt.step()
-                sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        train_metrics["train/grad_norm"] = float(
+                            nn.utils.clip_grad_norm_(
+                                [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
+                            )
+                        )
+                    opt.step()
+                    sched.step()
+                    if learner.after_update is not None:
+                        learner.after_update(step)
                 step += 1
                 bar.update()
                 if step % cfg.log_every == 0:
-                    logger.log(
-                        step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0], **train_metrics}
-                    )
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    logged = {"train/lr": sched.get_last_lr()[0], **train_metrics}
+                    if loss is not None:
+                        logged = {"train/loss": loss.item(), **logged}
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                    logger.log(step, logged)
+                out_of_time = cfg.max_minutes is not None and seconds() >= 60 * cfg.max_minutes
+                last = step == cfg.steps or out_of_time
+                if step % cfg.eval_every == 0 or last:
                     learner.model.eval()
-                    metrics = learner.evaluate("val")
-                    logger.log(step, metrics)
+                    metrics = learner.evaluate(cfg.eval_part, cfg.eval_episodes)
+                    logger.log(step, {**metrics, "time/train_seconds": seconds()})
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+                if step % cfg.checkpoint_every == 0 or last or stop.requested:
                     checkpoint()
                 if stop.requested:
-                    return FitResult(step, True, metrics)
+                    return FitResult(step, True, metrics, seconds())
+                if out_of_time:
+                    log.info("train.max_minutes=%s reached at step %d", cfg.max_minutes, step)
+                    break
     finally:
         bar.close()
         logger.close()
-    return FitResult(step, False, metrics)
+    return FitResult(step, False, metrics, seconds())

@@ -1,0 +1,212 @@
+"""Metric-based few-shot learners on Omniglot (Vinyals split): accuracy vs published numbers, and ProtoNet speed.
+
+    python -m benchmarks.omniglot_metric --only protonet-5w1s --minutes 60
+    python -m benchmarks.omniglot_metric --only speed
+
+Each configuration trains ``configs/<method>_omniglot_<cell>.yaml`` in ``runs/bench/omniglot_metric/<config>``
+for a wall-clock budget (``--minutes``, counted across resumes) or ``--steps`` episodes, whichever comes first,
+resuming that directory when it already holds a checkpoint, so a budget can be spread over several sittings.
+It then reports test accuracy with a 95% CI over 1000 episodes of 15 queries per class from the test
+characters, and redraws ``results/omniglot_metric.png`` (test accuracy vs training time) from every run so far.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import RESULTS, merge_results, parser, record
+from metalab.data.root import data_root
+from metalab.data.tasks import make_sampler
+from metalab.experiment import algorithm, load_run_config
+from metalab.meta import protonet
+from metalab.train.checkpoint import load_checkpoint
+from metalab.train.logger import read_metrics
+from metalab.train.loop import CHECKPOINT, fit
+from metalab.utils import resolve_device, seed_everything
+
+CELLS = ("5w1s", "5w5s", "20w1s", "20w5s")
+METHODS = ("protonet", "matching", "relation", "siamese")
+# Published Omniglot accuracies (%) and this project's targets, per cell.
+PUBLISHED = {
+    "protonet": (98.8, 99.7, 96.0, 98.9),
+    "matching": (98.1, 98.9, 93.8, 98.5),
+    "relation": (99.6, 99.8, 97.6, 99.1),
+    "siamese": (97.3, 98.4, 88.2, 97.0),
+}
+TARGETS = {
+    "protonet": (98.5, 99.5, 95.5, 98.6),
+    "matching": (97.5, 98.7, 93.0, 98.0),
+    "relation": (99.0, 99.5, 96.5, 98.8),
+    "siamese": (96.5, 98.0, None, None),
+}
+RUNS = Path("runs/bench/omniglot_metric")
+CONFIGS = [f"{m}-{c}" for m in METHODS for c in CELLS] + ["speed"]
+
+
+def train_and_test(name: str, minutes: float, steps: int | None, episodes: int) -> list[dict]:
+    method, cell = name.split("-")
+    overrides = [f"train.max_minutes={minutes}", f"eval.episodes={episodes}"]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    run = load_run_config(f"configs/{method}_omniglot_{cell}.yaml", overrides)
+    device = resolve_device(run.train.device)
+    seed_everything(run.seed)
+    learner = algorithm(method).build(run, data_root(), device)
+    run_dir = RUNS / name
+    resume = (run_dir / CHECKPOINT).is_file()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(learner, run.train, run_dir, resume=resume)
+    if result.interrupted:
+        raise SystemExit(f"{name}: interrupted at step {result.step}; rerun the same command to resume")
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    learner.model.load_state_dict(state["model"])
+    learner.model.eval()
+    test = learner.evaluate("test", episodes)
+    acc, ci = 100 * test["eval/test_acc"], 100 * test["eval/test_acc_ci95"]
+    i = CELLS.index(cell)
+    print(
+        f"{name}: {acc:.2f} ± {ci:.2f}% after {result.step} episodes, {result.seconds / 60:.1f} min "
+        f"(published {PUBLISHED[method][i]}, target {TARGETS[method][i]})"
+    )
+    return [
+        record(
+            "omniglot_metric",
+            f"omniglot-vinyals-{cell}",
+            method,
+            "test_accuracy",
+            acc,
+            ci95=ci,
+            unit="%",
+            steps=result.step,
+            seconds=result.seconds,
+            published=PUBLISHED[method][i],
+            target=TARGETS[method][i],
+            test_episodes=episodes,
+            budget_minutes=minutes,
+        )
+    ]
+
+
+def naive_protonet_loss(
+    model: torch.nn.Module, support: torch.Tensor, query: torch.Tensor, n: int
+) -> torch.Tensor:
+    """ProtoNet loss the straightforward way: Python loops over classes and over query images."""
+    k, q = support.shape[0] // n, query.shape[0] // n
+    prototypes = []
+    for c in range(n):
+        prototypes.append(model(support[c * k : (c + 1) * k]).mean(0))
+    losses = []
+    for c in range(n):
+        for image in query[c * q : (c + 1) * q]:
+            z = model(torch.cat([image[None], support[c * k : c * k + 1]]))[0]  # BatchNorm needs 2+ samples
+            distances = torch.stack([((z - p) ** 2).sum() for p in prototypes])
+            losses.append(F.cross_entropy(-distances[None], torch.tensor([c])))
+    return torch.stack(losses).mean()
+
+
+def speed(seconds: float = 30.0) -> list[dict]:
+    """Training episodes/s of ProtoNet, 20-way 5-shot 15-query, metalab vs the naive loop, same machine and run."""
+    run = load_run_config(
+        "configs/protonet_omniglot_20w5s.yaml", ["task.train_ways=20", "task.train_queries=15"]
+    )
+    seed_everything(0)
+    learner = protonet.build(run, data_root(), torch.device("cpu"))
+    model = learner.model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def metalab_step(i: int) -> None:
+        loss, _ = learner.loss(i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    sampler = make_sampler(run.task, "train", 0, data_root())
+
+    def naive_step(i: int) -> None:
+        ep = sampler.sample(i, 1).task(0)
+        loss = naive_protonet_loss(model, ep.support_x, ep.query_x, ep.n_way)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    rates = {}
+    for method, step in (("metalab", metalab_step), ("naive-loop", naive_step)):
+        step(0)
+        start, n = time.perf_counter(), 0
+        while n < 2 or time.perf_counter() - start < seconds:
+            step(n + 1)
+            n += 1
+        rates[method] = (n / (time.perf_counter() - start), n, time.perf_counter() - start)
+    task = "omniglot-20w5s15q-train"
+    out = [
+        record("omniglot_metric", task, m, "train_episodes_per_s", r, unit="episodes/s", steps=n, seconds=s)
+        for m, (r, n, s) in rates.items()
+    ]
+    ratio = rates["metalab"][0] / rates["naive-loop"][0]
+    out.append(record("omniglot_metric", task, "metalab", "speedup_vs_naive-loop", ratio, unit="x"))
+    print(
+        f"ProtoNet 20w5s15q training: metalab {rates['metalab'][0]:.2f} ep/s, naive {rates['naive-loop'][0]:.3f} "
+        f"ep/s: {ratio:.1f}x"
+    )
+    return out
+
+
+def plot() -> Path | None:
+    """Test accuracy (periodic, 200 episodes) vs training minutes, one panel per cell, from every run so far."""
+    fig, axes = plt.subplots(1, len(CELLS), figsize=(4.2 * len(CELLS), 3.4), squeeze=False)
+    drawn = False
+    for ax, cell in zip(axes.flat, CELLS, strict=True):
+        for method in METHODS:
+            path = RUNS / f"{method}-{cell}" / "metrics.csv"
+            if not path.is_file():
+                continue
+            rows = read_metrics(path)
+            acc = {s: v for s, k, v in rows if k == "eval/test_acc"}
+            minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
+            steps = sorted(set(acc) & set(minutes))
+            ax.plot(
+                [minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=method
+            )
+            drawn = True
+        ax.set_title(f"Omniglot {cell}")
+        ax.set_xlabel("training minutes (2-core CPU)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    out = RESULTS / "omniglot_metric.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], CONFIGS)
+    p.add_argument("--minutes", type=float, default=60.0, help="training budget per configuration (minutes)")
+    p.add_argument("--steps", type=int, help="training episodes per configuration (default: the config's)")
+    p.add_argument("--test-episodes", type=int, default=1000, help="test episodes for the final estimate")
+    p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
+    args = p.parse_args()
+    for name in args.only or CONFIGS:
+        recs = (
+            speed(args.speed_seconds)
+            if name == "speed"
+            else train_and_test(name, args.minutes, args.steps, args.test_episodes)
+        )
+        print(merge_results("omniglot_metric", recs))
+        plot()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016).
+
+A query's label distribution is an attention-weighted sum of the support labels, with attention a softmax over
+cosine similarities between the query embedding ``f(x)`` and support embeddings ``g(x_i)``. With full-context
+embeddings (``fce: true``) the support embeddings are read by a bidirectional LSTM, and the query embedding is
+refined by an attention LSTM over the support set for ``fce_steps`` steps (paper, appendix A.2). In the
+attention LSTM the read-out ``r`` is added to the hidden state rather than concatenated, so the hidden size
+stays the embedding size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
+
+from metalab.config import require
+from metalab.data.episodes import Episode
+from metalab.experiment import RunConfig
+from metalab.meta.episodic import build_episodic, embed_tasks
+from metalab.models import Conv4
+from metalab.train.loop import Learner
+
+
+@dataclass(frozen=True)
+class Config:
+    """Matching network hyperparameters (the ``matching`` section of a config)."""
+
+    hidden: int = 64
+    """Conv-4 filters (the embedding is 64-d on 28x28 Omniglot)."""
+    fce: bool = False
+    """Full-context embeddings: BiLSTM over the support set, attention LSTM for queries."""
+    fce_steps: int = 5
+    """Processing steps of the attention LSTM (only with ``fce``)."""
+
+    def __post_init__(self) -> None:
+        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require(self.fce_steps >= 1, "fce_steps", "must be >= 1")
+
+
+class MatchingNet(nn.Module):
+    """Conv-4 encoder, plus the two LSTMs of full-context embeddings when ``fce``."""
+
+    def __init__(self, hidden: int, fce: bool, fce_steps: int, image_size: int = 28):
+        super().__init__()
+        self.encoder = Conv4(1, hidden, image_size=image_size)
+        d = self.encoder.embedding_dim
+        self.fce_steps = fce_steps
+        self.support_lstm = nn.LSTM(d, d, bidirectional=True, batch_first=True) if fce else None
+        self.query_cell = nn.LSTMCell(d, d) if fce else None
+
+    def context_support(self, g: torch.Tensor) -> torch.Tensor:
+        """``g(x_i) = g'(x_i) + h_fwd_i + h_bwd_i``, the support set read in order: ``(T, S, D) -> (T, S, D)``."""
+        out, _ = self.support_lstm(g)  # (T, S, 2D)
+        fwd, bwd = out.chunk(2, dim=-1)
+        return g + fwd + bwd
+
+    def context_query(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Attention LSTM: ``(T, Q, D)`` query embeddings refined against support ``(T, S, D)``."""
+        t, q, d = f.shape
+        flat = f.reshape(t * q, d)
+        h, c = torch.zeros_like(flat), torch.zeros_like(flat)
+        r = torch.zeros_like(flat)
+        for _ in range(self.fce_steps):
+            h_hat, c = self.query_cell(flat, (h + r, c))
+            h = h_hat + flat  # (T*Q, D)
+            attn = torch.softmax(torch.einsum("tqd,tsd->tqs", h.view(t, q, d), g), dim=-1)
+            r = torch.einsum("tqs,tsd->tqd", attn, g).reshape(t * q, d)
+        return h.view(t, q, d)
+
+
+def attention_log_probs(
+    query: torch.Tensor, support: torch.Tensor, support_y: torch.Tensor, n_way: int
+) -> torch.Tensor:
+    """``log sum_i a(q, s_i) onehot(y_i)`` with ``a`` a softmax of cosine similarities: ``(Q, D), (S, D) -> (Q, N)``."""
+    cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T  # (Q, S)
+    attention = torch.softmax(cosine, dim=-1)
+    probs = attention @ F.one_hot(support_y, n_way).to(attention.dtype)  # (Q, N)
+    return torch.log(probs.clamp_min(1e-8))
+
+
+def episode_log_probs(model: MatchingNet, ep: Episode) -> torch.Tensor:
+    """``(T, N*Q, N)`` log-probabilities of each query's class."""
+    n_support = ep.support_x.shape[1]
+    z = embed_tasks(model.encoder, torch.cat([ep.support_x, ep.query_x], dim=1))  # (T, S+Q, D)
+    g, f = z[:, :n_support], z[:, n_support:]
+    if model.support_lstm is not None:
+        g = model.context_support(g)
+        f = model.context_query(f, g)
+    return vmap(attention_log_probs, in_dims=(0, 0, 0, None))(f, g, ep.support_y, ep.n_way)
+
+
+def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
+    """Model, training loss and evaluation for a Matching network run (loss: NLL of the attention output)."""
+    cfg: Config = run.params
+    model = MatchingNet(cfg.hidden, cfg.fce, cfg.fce_steps, run.task.image_size)
+    # log-probabilities sum to one per query, so cross-entropy of them is exactly their negative log-likelihood
+    return build_episodic(run, root, device, model, lambda ep: episode_log_probs(model, ep))

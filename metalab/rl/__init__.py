@@ -1,0 +1,1 @@
+"""Reinforcement learning: replay buffer, hindsight relabeling, DQN and REINFORCE, each one readable file."""

@@ -1,0 +1,268 @@
+"""DQN (Mnih et al., Nature 2015) with double Q-learning (van Hasselt et al., AAAI 2016) and hindsight
+relabeling for goal envs (Andrychowicz et al., NeurIPS 2017).
+
+Q is an MLP on ``[observation, desired goal]``. One trainer step takes ``train_frequency`` epsilon-greedy env
+steps, stores finished episodes (plus their HER relabels) in the replay buffer, and returns the TD loss of one
+sampled minibatch; before ``learning_starts`` env steps it returns no loss and the trainer skips the update.
+The target network is a parameter dict moved toward the online one by Polyak averaging after updates. The
+trainer's ``train.lr`` and ``train.grad_clip`` are DQN's learning rate and gradient-norm clip
+(``train.meta_batch`` is unused: ``batch_size`` is the minibatch).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from torch import nn
+from torch.func import functional_call
+
+from metalab.config import require
+from metalab.envs.config import make_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.models import MLP
+from metalab.rl.buffer import ReplayBuffer, Transitions
+from metalab.rl.her import Strategy, relabel
+from metalab.rl.rollout import EpisodeResult, Recorder, derive_seed, dims, is_goal_env, run_episodes
+from metalab.train.evaluate import mean_ci95
+from metalab.train.loop import Learner
+
+Params = dict[str, torch.Tensor]
+EVAL_PARTS = {"val": 0, "test": 1}  # each part evaluates on its own fixed episode seeds
+
+
+@dataclass(frozen=True)
+class Config:
+    """DQN hyperparameters (the ``dqn`` section of a config)."""
+
+    gamma: float = 0.98
+    """Discount factor."""
+    buffer_size: int = 100_000
+    """Replay buffer capacity in transitions (relabeled ones included)."""
+    batch_size: int = 128
+    """Transitions per TD update."""
+    learning_starts: int = 1000
+    """Env steps of pure collection before the first update."""
+    train_frequency: int = 1
+    """Env steps per trainer step; each trainer step makes one update. Env steps = ``train.steps`` times this."""
+    tau: float = 1.0
+    """Polyak coefficient of target updates: ``target <- (1 - tau) target + tau online`` (1.0: hard copy)."""
+    target_every: int = 500
+    """Update the target network after every this many trainer steps."""
+    double: bool = True
+    """Double DQN: the online network picks the next action, the target network values it."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    eps_fraction: float = 0.2
+    """Fraction of all env steps over which epsilon decays linearly from ``eps_start`` to ``eps_end``."""
+    loss: Literal["huber", "mse"] = "huber"
+    """TD loss: Huber (smooth L1) or squared error."""
+    clip_target: bool = False
+    """Clip TD targets to the feasible return range ``[-1/(1-gamma), 0]`` of rewards in [-1, 0] (HER paper)."""
+    her: Literal["none", "final", "future", "episode", "random"] = "none"
+    """Hindsight relabeling strategy (goal envs only); ``none`` stores only the real transitions."""
+    her_k: int = 4
+    """Relabeled goals per stored transition."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the Q-network."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
+        require(self.buffer_size >= 1, "buffer_size", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
+        require(self.train_frequency >= 1, "train_frequency", "must be >= 1")
+        require(0 < self.tau <= 1, "tau", "must be in (0, 1]")
+        require(self.target_every >= 1, "target_every", "must be >= 1")
+        for key in ("eps_start", "eps_end", "eps_fraction"):
+            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+        require(self.her_k >= 1, "her_k", "must be >= 1")
+        require(all(h >= 1 for h in self.hidden), "hidden", "widths must be >= 1")
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    """``start`` at ``t = 0``, linearly to ``end`` at ``t = duration``, then ``end``."""
+    if duration <= 0:
+        return end
+    return end + (start - end) * max(0.0, 1.0 - t / duration)
+
+
+def feasible_return_range(gamma: float, r_min: float = -1.0, r_max: float = 0.0) -> tuple[float, float]:
+    """Bounds of any discounted return of rewards in ``[r_min, r_max]``: ``r / (1 - gamma)``."""
+    return r_min / (1 - gamma), r_max / (1 - gamma)
+
+
+def td_target(
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    next_q_target: torch.Tensor,
+    gamma: float,
+    next_q_online: torch.Tensor | None = None,
+    clip: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """``r + gamma (1 - done) Q_target(s', a*)``, ``(B,)``.
+
+    ``a*`` is ``argmax_a Q_target(s', a)`` (plain DQN) or, given ``next_q_online``, ``argmax_a Q_online(s', a)``
+    (double DQN: decoupling selection from evaluation removes the max operator's upward bias). ``clip`` bounds
+    the target to a range the true value cannot leave.
+    """
+    chooser = next_q_target if next_q_online is None else next_q_online  # (B, A)
+    best = chooser.argmax(-1, keepdim=True)  # (B, 1)
+    next_value = next_q_target.gather(-1, best).squeeze(-1)  # (B,)
+    target = reward + gamma * (1.0 - done) * next_value
+    return target if clip is None else target.clamp(*clip)
+
+
+def polyak_update(target: Params, online: Params, tau: float) -> Params:
+    """``(1 - tau) * target + tau * online`` for each parameter (Polyak averaging; ``tau = 1`` copies)."""
+    return {k: torch.lerp(target[k], online[k].detach(), tau) for k in target}
+
+
+def q_values(q_net: nn.Module, params: Params, obs: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """``Q(s, g, .)``, ``(B, A)``, for observations ``(B, obs_dim)`` and goals ``(B, goal_dim)``."""
+    return functional_call(q_net, params, (torch.cat([obs, goal], -1),))
+
+
+def td_loss(
+    q_net: nn.Module, online: Params, target: Params, batch: Transitions, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TD loss on ``batch`` and the mean Q of its actions."""
+    q = q_values(q_net, online, batch.obs, batch.goal).gather(-1, batch.action[:, None]).squeeze(-1)  # (B,)
+    with torch.no_grad():
+        next_target = q_values(q_net, target, batch.next_obs, batch.goal)  # (B, A)
+        next_online = q_values(q_net, online, batch.next_obs, batch.goal) if cfg.double else None
+        clip = feasible_return_range(cfg.gamma) if cfg.clip_target else None
+        y = td_target(batch.reward, batch.done, next_target, cfg.gamma, next_online, clip)
+    loss = F.smooth_l1_loss(q, y) if cfg.loss == "huber" else F.mse_loss(q, y)
+    return loss, q.detach().mean()
+
+
+@dataclass
+class _Progress:
+    """Mutable training state besides networks and buffer: episode count and recent episode outcomes."""
+
+    episode: int = 0
+    returns: deque = field(default_factory=lambda: deque(maxlen=100))
+    successes: deque = field(default_factory=lambda: deque(maxlen=100))
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Q-network, replay buffer, env and the trainer hooks of a DQN run (``data_root`` is unused)."""
+    cfg: Config = run.params
+    env = make_env(run.env)
+    eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
+    if not isinstance(env.action_space, spaces.Discrete):
+        raise ConfigError("env.id", f"DQN needs discrete actions; {run.env.id} has {env.action_space}")
+    if cfg.her != "none" and not (is_goal_env(env) and hasattr(env.unwrapped, "compute_reward")):
+        raise ConfigError(
+            "dqn.her",
+            f"hindsight relabeling needs a goal env (dict observations, compute_reward); {run.env.id} is not",
+        )
+    obs_dim, goal_dim = dims(env)
+    n_actions = int(env.action_space.n)
+    q_net = MLP(obs_dim + goal_dim, cfg.hidden, n_actions).to(device)
+    target: Params = {k: v.detach().clone() for k, v in q_net.named_parameters()}
+    buffer = ReplayBuffer(cfg.buffer_size)
+    rng = np.random.default_rng(derive_seed(run.seed, 1))  # exploration, minibatches, relabeling
+    recorder = Recorder(env)
+    recorder.reset(derive_seed(run.seed, 0, 0))
+    progress = _Progress()
+    env_steps = run.train.steps * cfg.train_frequency
+    strategy = None if cfg.her == "none" else Strategy.parse(cfg.her, "dqn.her")
+    compute_reward = getattr(env.unwrapped, "compute_reward", None)
+    compute_terminated = getattr(env.unwrapped, "compute_terminated", None)  # None: goals never terminate
+
+    def online() -> Params:
+        return dict(q_net.named_parameters())
+
+    def greedy(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
+        with torch.no_grad():
+            q = q_values(q_net, online(), torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device))
+        return q.argmax(-1).cpu().numpy()
+
+    def store(result: EpisodeResult) -> None:
+        buffer.add(result.experience)
+        if strategy is not None:
+            pool = buffer.filled().next_achieved_goal if strategy is Strategy.RANDOM else None
+            buffer.add(relabel(result.experience, strategy, cfg.her_k, compute_reward, rng, compute_terminated,
+                               pool))  # fmt: skip
+        progress.returns.append(result.ret)
+        progress.successes.append(result.success)
+        progress.episode += 1
+        recorder.reset(derive_seed(run.seed, 0, progress.episode))
+
+    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        for i in range(cfg.train_frequency):
+            eps = linear_schedule(
+                cfg.eps_start, cfg.eps_end, cfg.eps_fraction * env_steps, step * cfg.train_frequency + i
+            )
+            if rng.random() < eps:
+                action = rng.integers(n_actions)
+            else:
+                action = greedy(recorder.obs[None], recorder.goal[None])[0]
+            result = recorder.step(np.int64(action))
+            if result is not None:
+                store(result)
+        metrics = {
+            "train/epsilon": eps,
+            "train/episodes": float(progress.episode),
+            "train/buffer": float(len(buffer)),
+        }
+        if progress.returns:
+            metrics["train/return"] = float(np.mean(progress.returns))
+        if progress.successes and not np.isnan(progress.successes[-1]):  # the env reports success
+            metrics["train/success"] = float(np.mean(progress.successes))
+        if (step + 1) * cfg.train_frequency < cfg.learning_starts or len(buffer) < cfg.batch_size:
+            return None, metrics
+        batch = buffer.sample(cfg.batch_size, rng).to(device)
+        td, q_mean = td_loss(q_net, online(), target, batch, cfg)
+        return td, {**metrics, "train/q": q_mean.item()}
+
+    def after_update(step: int) -> None:
+        if (step + 1) % cfg.target_every == 0:
+            target.update(polyak_update(target, online(), cfg.tau))
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        seeds = [derive_seed(run.eval.seed, EVAL_PARTS[part], i) for i in range(episodes)]
+        results = run_episodes(eval_envs, greedy, seeds)
+        metrics: dict[str, float] = {}
+        ret = mean_ci95([r.ret for r in results])
+        metrics["eval/return"], metrics["eval/return_ci95"] = ret.mean, ret.ci95
+        if not any(np.isnan(r.success) for r in results):
+            success = mean_ci95([r.success for r in results])
+            metrics["eval/success"], metrics["eval/success_ci95"] = success.mean, success.ci95
+        return metrics
+
+    def state() -> dict[str, Any]:
+        return {
+            "target": {k: v.detach().clone() for k, v in target.items()},
+            "buffer": buffer.state(),
+            "rng": rng.bit_generator.state,
+            "recorder": recorder.state(),
+            "episode": progress.episode,
+            "returns": torch.tensor(list(progress.returns), dtype=torch.float64),
+            "successes": torch.tensor(list(progress.successes), dtype=torch.float64),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        target.update({k: v.to(device) for k, v in saved["target"].items()})
+        buffer.load_state(saved["buffer"])
+        rng.bit_generator.state = saved["rng"]
+        progress.episode = int(saved["episode"])
+        progress.returns.clear()
+        progress.returns.extend(saved["returns"].tolist())
+        progress.successes.clear()
+        progress.successes.extend(saved["successes"].tolist())
+        recorder.load_state(saved["recorder"])
+
+    return Learner(q_net, loss, evaluate, state=state, load_state=load_state, after_update=after_update)

@@ -1,0 +1,141 @@
+"""Running episodes: observation splitting for goal envs, seeded resets, and episode recording.
+
+Every episode starts from ``env.reset(seed=...)`` with a seed derived from (run seed, episode index), so an
+environment's state mid-episode is a function of that seed and the actions taken since. That pair is what a
+checkpoint stores; loading replays the actions (:meth:`Recorder.load_state`). This works for any env that is
+deterministic given its reset seed, without reaching into its internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from metalab.errors import ConfigError
+from metalab.rl.buffer import Experience
+
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys, e.g. ``(run seed, episode index)``; distinct keys give unrelated seeds."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def is_goal_env(env: gym.Env) -> bool:
+    """Whether observations are goal dicts (``observation`` / ``achieved_goal`` / ``desired_goal``)."""
+    space = env.observation_space
+    return isinstance(space, spaces.Dict) and all(k in space.spaces for k in GOAL_KEYS)
+
+
+def dims(env: gym.Env) -> tuple[int, int]:
+    """``(obs_dim, goal_dim)`` of the flat float vectors :func:`split_obs` makes (goal_dim 0: no goal)."""
+    space = env.observation_space
+    if is_goal_env(env):
+        obs, goal = space["observation"], space["desired_goal"]
+        return int(np.prod(obs.shape)), int(np.prod(goal.shape))
+    if not isinstance(space, spaces.Box | spaces.MultiBinary):
+        raise ConfigError("env.id", f"observations must be a Box, MultiBinary or goal Dict, not {space}")
+    return int(np.prod(space.shape)), 0
+
+
+def split_obs(obs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(observation, achieved_goal, desired_goal)`` as flat float32 vectors; empty goals for plain envs."""
+    if isinstance(obs, dict):
+        return tuple(np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in GOAL_KEYS)  # type: ignore[return-value]
+    empty = np.zeros(0, dtype=np.float32)
+    return np.asarray(obs, dtype=np.float32).reshape(-1), empty, empty
+
+
+def env_action(space: spaces.Space, action: np.ndarray) -> Any:
+    """What the env is given for a recorded action: an int, or a float vector clipped into a Box's bounds."""
+    if isinstance(space, spaces.Discrete):
+        return int(action)
+    assert isinstance(space, spaces.Box), f"unsupported action space {space}"
+    return np.clip(action, space.low, space.high).astype(space.dtype)
+
+
+class EpisodeResult(NamedTuple):
+    """A finished episode: its transitions, undiscounted return and success (NaN if the env doesn't say)."""
+
+    experience: Experience
+    ret: float
+    success: float
+
+
+class Recorder:
+    """Steps one env through one episode at a time, recording its transitions."""
+
+    def __init__(self, env: gym.Env):
+        self.env = env
+        self.seed = 0
+        self.actions: list[np.ndarray] = []
+        self._rows: list[tuple] = []
+        self.obs = self.achieved = self.goal = np.zeros(0, dtype=np.float32)  # set by reset()
+
+    def reset(self, seed: int) -> None:
+        """Start an episode from ``env.reset(seed=seed)``."""
+        self.seed = seed
+        self.obs, self.achieved, self.goal = split_obs(self.env.reset(seed=seed)[0])
+        self.actions, self._rows = [], []
+
+    def step(self, action: np.ndarray) -> EpisodeResult | None:
+        """Take ``action``; returns the episode once it terminates or is truncated (then call :meth:`reset`)."""
+        raw, reward, terminated, truncated, info = self.env.step(env_action(self.env.action_space, action))
+        next_obs, next_achieved, next_goal = split_obs(raw)
+        self._rows.append((self.obs, self.achieved, self.goal, action, np.float32(reward), next_obs,
+                           next_achieved, bool(terminated)))  # fmt: skip
+        self.actions.append(action)
+        self.obs, self.achieved, self.goal = next_obs, next_achieved, next_goal
+        if not (terminated or truncated):
+            return None
+        experience = Experience(*(np.stack(column) for column in zip(*self._rows, strict=True)))
+        success = float(info["is_success"]) if "is_success" in info else float("nan")
+        return EpisodeResult(experience, float(experience.reward.sum()), success)
+
+    def state(self) -> dict[str, Any]:
+        """The episode's reset seed and actions so far: enough to rebuild the env's state by replay."""
+        return {
+            "seed": self.seed,
+            "actions": torch.from_numpy(np.array(self.actions)) if self.actions else None,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Reset with the saved seed and replay the saved actions."""
+        self.reset(int(state["seed"]))
+        if state["actions"] is not None:
+            for action in state["actions"].numpy():
+                if self.step(action) is not None:
+                    raise ValueError("replayed actions ended the episode: the env is not deterministic")
+
+
+def run_episodes(
+    envs: Sequence[gym.Env], act: Callable[[np.ndarray, np.ndarray], np.ndarray], seeds: Sequence[int]
+) -> list[EpisodeResult]:
+    """One episode per seed, ``len(envs)`` at a time in lockstep so ``act`` sees a batch.
+
+    ``act(obs (E, obs_dim), goal (E, goal_dim)) -> actions (E, ...)`` is called once per time step with the
+    observations of the ``E`` episodes still running.
+    """
+    results: list[EpisodeResult] = []
+    recorders = [Recorder(env) for env in envs]
+    for start in range(0, len(seeds), len(envs)):
+        chunk = seeds[start : start + len(envs)]
+        running = recorders[: len(chunk)]
+        for recorder, seed in zip(running, chunk, strict=True):
+            recorder.reset(seed)
+        done: dict[int, EpisodeResult] = {}
+        while len(done) < len(chunk):
+            live = [i for i in range(len(chunk)) if i not in done]
+            actions = act(np.stack([running[i].obs for i in live]), np.stack([running[i].goal for i in live]))
+            for i, action in zip(live, actions, strict=True):
+                result = running[i].step(action)
+                if result is not None:
+                    done[i] = result
+        results += [done[i] for i in range(len(chunk))]
+    return results

@@ -1,0 +1,107 @@
+"""Checkpoints: atomic writes, weights-only loading, every RNG state restored, clear errors on bad files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metalab.errors import CheckpointError
+from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+def draw() -> tuple[float, float, float, float, float]:
+    """One number from each global generator (including NumPy's cached Gaussian)."""
+    return (
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.rand()),
+        float(np.random.normal()),
+        float(torch.rand(1)),
+    )
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    random.gauss(0, 1)  # leave a cached Gaussian in Python's and NumPy's state
+    np.random.normal()
+    state = rng_state()
+    expected = [draw() for _ in range(3)]
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    # Scramble every generator, then restore from the file (read back with weights_only=True).
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    assert draw() != expected[0]
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert [draw() for _ in range(3)] == expected
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(
+        tmp_path / "sub" / "checkpoint.pt",
+        {"step": 7, "model": model.state_dict(), "optimizer": opt.state_dict()},
+    )
+    assert path == tmp_path / "sub" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["step"] == 7
+    for k, v in model.state_dict().items():
+        assert torch.equal(state["model"][k], v)
+    again = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    again.load_state_dict(state["optimizer"])
+    assert torch.equal(again.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_overwrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"half a checkpoint")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", "truncated"])
+def test_corrupt_checkpoint(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "checkpoint.pt"
+    if content == "truncated":
+        save_checkpoint(path, {"step": 3, "w": torch.zeros(1000)})
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+class Payload:
+    """Not a tensor or plain data: a weights-only load must refuse to unpickle it."""
+
+
+def test_pickled_code_is_not_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"step": 1, "evil": Payload()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)

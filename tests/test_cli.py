@@ -1,0 +1,311 @@
+"""The ``metalab`` command: one-line errors without tracebacks, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from metalab.cli import main
+from metalab.train.checkpoint import load_checkpoint
+from metalab.train.logger import read_metrics
+
+SINUSOID = str(REPO / "configs" / "maml_sinusoid.yaml")
+PROTONET = str(REPO / "configs" / "protonet_omniglot_5w1s.yaml")
+MAML_OMNIGLOT = str(REPO / "configs" / "maml_omniglot_5w1s.yaml")
+TINY_SINUSOID_SET = [
+    "train.steps=20",
+    "train.meta_batch=5",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.eval_episodes=10",
+    "train.checkpoint_every=10",
+    "eval.episodes=20",
+    "eval.batch=10",
+    "maml.eval_inner_steps=2",
+    "train.device=cpu",
+]
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("metalab: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def only_run_dir(runs: Path) -> Path:
+    dirs = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_config_file(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(
+        capsys, "train", str(tmp_path / "missing.yaml"), "--runs-dir", str(tmp_path / "runs")
+    )
+    assert_one_line_error(rc, err, "not found", "missing.yaml")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_yaml(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: maml\ntrain: {steps: [1,\n")
+    rc, _, err = run_cli(capsys, "train", str(bad))
+    assert_one_line_error(rc, err, "not valid YAML", "bad.yaml")
+
+
+def test_unknown_key(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "train.lrr=0.1", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "train.lrr", "did you mean 'lr'")
+    assert list(tmp_path.iterdir()) == []  # no run directory for a config that does not load
+
+
+def test_bad_value(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "train.lr=-1", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "'train.lr'")
+
+
+def test_malformed_override(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "train.lr", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "key=value")
+
+
+def test_unknown_algorithm(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "algo=reptile", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "reptile", "maml")
+
+
+def test_train_needs_config_or_resume(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train")
+    assert_one_line_error(rc, err, "CONFIG", "--resume")
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--resume", str(tmp_path))
+    assert_one_line_error(rc, err, "not both")
+
+
+def test_resume_of_a_dir_that_is_not_a_run(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", "--resume", str(tmp_path))
+    assert_one_line_error(rc, err, "not a run directory")
+
+
+def test_eval_of_a_dir_that_is_not_a_run(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "eval", str(tmp_path))
+    assert_one_line_error(rc, err, "not a run directory", str(tmp_path))
+
+
+def test_eval_of_a_run_without_checkpoint(capsys, tmp_path: Path, sinusoid_config) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(sinusoid_config()))
+    rc, _, err = run_cli(capsys, "eval", str(tmp_path))
+    assert_one_line_error(rc, err, "no checkpoint")
+
+
+def test_plot_without_metrics(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert_one_line_error(rc, err, "metrics.csv")
+
+
+def test_unknown_dataset(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(
+        capsys, "--data-root", str(tmp_path / "root"), "data", "install", "mnist", "--from", str(tmp_path)
+    )
+    assert_one_line_error(rc, err, "unknown dataset", "mnist", "omniglot")
+
+
+def test_install_of_a_corrupt_zip(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "images_background.zip"
+    bad.write_bytes(b"PK\x03\x04 this is no zip file")
+    root = tmp_path / "root"
+    rc, _, err = run_cli(capsys, "--data-root", str(root), "data", "install", "omniglot", "--from", str(bad))
+    assert_one_line_error(rc, err, "images_background.zip", "not a readable zip")
+    assert not (root / "omniglot" / "images_background.zip").exists()
+
+
+def test_install_of_an_unsafe_zip(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("images_background/A/character01/0001_01.png", b"x")
+        z.writestr("../evil.png", b"evil")
+    rc, _, err = run_cli(
+        capsys, "--data-root", str(tmp_path / "root"), "data", "install", "omniglot", "--from", str(bad)
+    )
+    assert_one_line_error(rc, err, "unsafe member", "../evil.png")
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_install_from_a_missing_folder(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(
+        capsys,
+        "--data-root",
+        str(tmp_path / "root"),
+        "data",
+        "install",
+        "omniglot",
+        "--from",
+        str(tmp_path / "nowhere"),
+    )
+    assert_one_line_error(rc, err, "does not exist")
+
+
+def test_data_info(capsys) -> None:
+    rc, out, _ = run_cli(capsys, "data", "info")
+    assert rc == 0
+    assert "data root:" in out and "cache root:" in out and "omniglot" in out
+
+
+# ---------------------------------------------------------------------------------------- smoke runs
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny MAML sinusoid run through the CLI, shared by the tests that inspect it."""
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(["train", SINUSOID, *sets(TINY_SINUSOID_SET), "--runs-dir", str(runs)]) == 0
+    return only_run_dir(runs)
+
+
+def test_train_writes_a_complete_run_dir(sinusoid_run: Path) -> None:
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "checkpoint.pt",
+        "metrics.png",
+        "result.json",
+        "sinusoid_fits.png",
+    ):
+        assert (sinusoid_run / name).is_file(), name
+        assert (sinusoid_run / name).stat().st_size > 0, name
+    assert sinusoid_run.name.startswith("maml-sinusoid-10s-s0-")
+    config = yaml.safe_load((sinusoid_run / "config.yaml").read_text())
+    assert (
+        config["train"]["steps"] == 20 and config["maml"]["eval_inner_steps"] == 2
+    )  # resolved, overrides in
+    result = json.loads((sinusoid_run / "result.json").read_text())
+    assert result["step"] == 20
+    assert result["eval/test_mse"] > 0 and result["eval/test_mse_ci95"] > 0
+    assert load_checkpoint(sinusoid_run / "checkpoint.pt")["step"] == 20
+    keys = {k for _, k, _ in read_metrics(sinusoid_run / "metrics.csv")}
+    assert {"train/loss", "train/mse", "train/lr", "eval/val_mse"} <= keys
+
+
+def test_eval_and_plot_a_run(capsys, sinusoid_run: Path) -> None:
+    rc, out, err = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "50")
+    assert rc == 0, err
+    assert "(step 20)" in out and "eval/test_mse" in out
+    rc, again, _ = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "50")
+    assert rc == 0 and again == out  # the test episodes are fixed
+    rc, other, _ = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "20")
+    assert rc == 0 and other != out
+    png = sinusoid_run / "metrics.png"
+    png.unlink()
+    rc, out, _ = run_cli(capsys, "plot", str(sinusoid_run))
+    assert rc == 0 and png.is_file() and str(png) in out
+
+
+def test_resume_a_finished_run_for_more_steps(capsys, sinusoid_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / sinusoid_run.name
+    shutil.copytree(sinusoid_run, run_dir)
+    rc, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "--set", "train.steps=25")
+    assert rc == 0, err
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 25
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 25
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 25
+    assert max(s for s, _, _ in read_metrics(run_dir / "metrics.csv")) == 25
+
+
+def test_protonet_omniglot_smoke(capsys, omniglot_data, tmp_path: Path) -> None:
+    overrides = [
+        "train.steps=3",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_episodes=4",
+        "train.checkpoint_every=3",
+        "eval.episodes=4",
+        "eval.batch=4",
+        "protonet.hidden=8",
+        "task.train_ways=10",
+        "train.device=cpu",
+    ]
+    rc, out, err = run_cli(capsys, "train", PROTONET, *sets(overrides), "--runs-dir", str(tmp_path))
+    assert rc == 0, err
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("protonet-omniglot-5w1s-s0-")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["step"] == 3 and 0.0 <= result["eval/test_acc"] <= 1.0
+    assert "eval/test_acc" in out
+    rc, out, err = run_cli(capsys, "eval", str(run_dir), "--episodes", "4")
+    assert rc == 0, err
+    assert "(step 3)" in out and "eval/test_acc" in out
+
+
+def test_maml_omniglot_smoke(capsys, omniglot_data, tmp_path: Path) -> None:
+    overrides = [
+        "train.steps=2",
+        "train.meta_batch=2",
+        "train.eval_every=2",
+        "train.eval_episodes=2",
+        "eval.episodes=2",
+        "eval.batch=2",
+        "maml.hidden=8",
+        "maml.eval_inner_steps=1",
+        "train.device=cpu",
+    ]
+    rc, _, err = run_cli(capsys, "train", MAML_OMNIGLOT, *sets(overrides), "--runs-dir", str(tmp_path))
+    assert rc == 0, err
+    result = json.loads((only_run_dir(tmp_path) / "result.json").read_text())
+    assert result["step"] == 2 and 0.0 <= result["eval/test_acc"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+
+def _python_m(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "metalab", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_python_m_metalab_help() -> None:
+    proc = _python_m("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "eval", "plot", "data"):
+        assert command in proc.stdout
+
+
+def test_error_in_a_real_process_is_one_line(tmp_path: Path) -> None:
+    proc = _python_m("train", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"metalab: error: config file not found: {tmp_path / 'missing.yaml'}"
+    ]
+    assert proc.stdout == ""

@@ -1,0 +1,208 @@
+"""The trainer: exact resume, a stop on NaN that keeps the last good checkpoint, and Ctrl-C that checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalab.errors import CheckpointError, NonFiniteLossError
+from metalab.experiment import RunConfig, run_config_from_dict
+from metalab.meta import maml
+from metalab.train.checkpoint import load_checkpoint
+from metalab.train.logger import read_metrics
+from metalab.train.loop import CHECKPOINT, Learner, fit
+from metalab.utils import seed_everything
+
+Hook = Callable[[int, Learner], None]
+
+
+def make_learner(
+    run: RunConfig, hook: Hook | None = None, bad_at: int | None = None, bad: float = math.nan
+) -> Learner:
+    """A fresh MAML learner (seeded like the CLI does) whose loss calls ``hook(step)`` and is ``bad`` at a step."""
+    seed_everything(run.seed)
+    learner = maml.build(run, Path("unused-data-root"), torch.device("cpu"))
+    inner = learner.loss
+
+    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if hook is not None:
+            hook(step, learner)
+        value, metrics = inner(step)
+        if step == bad_at:
+            value = value + bad  # still part of the graph, like a real divergence
+        return value, metrics
+
+    learner.loss = loss
+    return learner
+
+
+def new_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def params_of(learner: Learner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in learner.model.named_parameters()}
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"parameter {k} differs"
+
+
+def logged(run_dir: Path) -> list[tuple[int, str, float]]:
+    """The metrics CSV rows, without wall-clock timings (the only values a resume may change)."""
+    return [r for r in read_metrics(run_dir / "metrics.csv") if not r[1].startswith("time/")]
+
+
+def interrupt_at(step_to_stop: int, times: int = 1) -> Hook:
+    def hook(step: int, learner: Learner) -> None:
+        if step == step_to_stop:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.fixture
+def run(sinusoid_config) -> RunConfig:
+    # A cosine schedule and clipping make resume depend on the scheduler and the optimizer state too.
+    return run_config_from_dict(sinusoid_config(train={"lr_schedule": "cosine", "grad_clip": 5.0}))
+
+
+@pytest.fixture
+def reference(
+    run: RunConfig, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """Parameters and run directory of an uninterrupted 20-step run."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    learner = make_learner(run)
+    result = fit(learner, run.train, run_dir)
+    assert (result.step, result.interrupted) == (20, False)
+    assert set(result.metrics) == {"eval/val_mse", "eval/val_mse_ci95"}
+    return params_of(learner), run_dir
+
+
+def test_training_changes_parameters_and_writes_files(run: RunConfig, reference, tmp_path: Path) -> None:
+    final, run_dir = reference
+    initial = params_of(make_learner(run))
+    assert any(not torch.equal(initial[k], final[k]) for k in final)
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    assert state["step"] == 20
+    assert_same_params({k: v for k, v in state["model"].items()}, final)
+    rows = read_metrics(run_dir / "metrics.csv")
+    steps = sorted({s for s, k, _ in rows if k == "train/loss"})
+    assert steps == list(range(1, 21))  # log_every = 1
+    assert sorted(s for s, k, _ in rows if k == "eval/val_mse") == [10, 20]
+    # The same seed gives the same run.
+    again = make_learner(run)
+    fit(again, run.train, tmp_path)
+    assert_same_params(params_of(again), final)
+
+
+def test_resume_after_ctrl_c_is_exact(run: RunConfig, reference, tmp_path: Path) -> None:
+    final, ref_dir = reference
+    previous_handler = signal.getsignal(signal.SIGINT)
+    learner = make_learner(run, hook=interrupt_at(7))
+    result = fit(learner, run.train, tmp_path)
+    assert result.interrupted and result.step == 8  # the step in progress finishes, then it stops
+    assert signal.getsignal(signal.SIGINT) is previous_handler  # the trainer's handler is removed again
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert state["step"] == result.step
+    assert_same_params(dict(state["model"]), params_of(learner))
+    assert any(not torch.equal(final[k], state["model"][k]) for k in final)  # not already the end state
+
+    resumed = make_learner(run)
+    seed_everything(123)  # whatever the fresh process did to the global RNGs, the checkpoint restores them
+    out = fit(resumed, run.train, tmp_path, resume=True)
+    assert (out.step, out.interrupted) == (20, False)
+    assert_same_params(params_of(resumed), final)
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 20
+    # The metrics log reads as if the run had never stopped.
+    assert logged(tmp_path) == logged(ref_dir)
+
+
+def test_resume_from_periodic_checkpoint_after_a_crash(run: RunConfig, reference, tmp_path: Path) -> None:
+    """Copy the run directory at step 12 (last checkpoint: step 10), as if the process had died then."""
+    final, ref_dir = reference
+    crashed = tmp_path / "crashed"
+
+    def snapshot(step: int, learner: Learner) -> None:
+        if step == 12:
+            shutil.copytree(tmp_path / "live", crashed, ignore=shutil.ignore_patterns("tb"))
+
+    fit(make_learner(run, hook=snapshot), run.train, new_dir(tmp_path / "live"))
+    assert load_checkpoint(crashed / CHECKPOINT)["step"] == 10
+    assert max(s for s, _, _ in read_metrics(crashed / "metrics.csv")) == 12  # rows the crash left behind
+
+    resumed = make_learner(run)
+    fit(resumed, run.train, crashed, resume=True)
+    assert_same_params(params_of(resumed), final)
+    rows = read_metrics(crashed / "metrics.csv")
+    assert len(rows) == len({(s, k) for s, k, _ in rows})  # steps 11 and 12 are not logged twice
+    assert [r for r in rows if not r[1].startswith("time/")] == logged(ref_dir)
+
+
+def test_resume_without_checkpoint_is_an_error(run: RunConfig, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fit(make_learner(run), run.train, tmp_path, resume=True)
+
+
+def test_resume_of_a_finished_run_does_nothing(run: RunConfig, reference) -> None:
+    final, ref_dir = reference
+    learner = make_learner(run)
+    result = fit(learner, run.train, ref_dir, resume=True)
+    assert result.step == 20 and not result.interrupted
+    assert_same_params(params_of(learner), final)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    run: RunConfig, tmp_path: Path, bad: float
+) -> None:
+    k = 12
+    learner = make_learner(run, bad_at=k, bad=bad)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(learner, run.train, new_dir(tmp_path / "run"))
+    message = str(info.value)
+    assert f"step {k}" in message and str(tmp_path / "run" / CHECKPOINT) in message
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert state["step"] < k and state["step"] == 10
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+    # The checkpoint is the genuine step-10 state of this run (as saved by a run stopped by Ctrl-C at step 10).
+    stopped = make_learner(run, hook=interrupt_at(9))
+    assert fit(stopped, run.train, new_dir(tmp_path / "stopped10")).step == 10
+    assert_same_params(dict(state["model"]), params_of(stopped))
+    # The model itself was not stepped with the bad loss: it holds the finite state after steps 0..11.
+    assert all(bool(torch.isfinite(p).all()) for p in learner.model.parameters())
+    stopped = make_learner(run, hook=interrupt_at(k - 1))
+    assert fit(stopped, run.train, new_dir(tmp_path / "stopped12")).step == k
+    assert_same_params(params_of(learner), params_of(stopped))
+
+
+def test_non_finite_loss_before_any_checkpoint(run: RunConfig, tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match="none yet"):
+        fit(make_learner(run, bad_at=0), run.train, tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_second_ctrl_c_aborts_at_once(run: RunConfig, tmp_path: Path) -> None:
+    previous_handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_learner(run, hook=interrupt_at(3, times=2)), run.train, tmp_path)
+    assert signal.getsignal(signal.SIGINT) is previous_handler
+    assert not (tmp_path / CHECKPOINT).exists()  # aborted before the step-5 checkpoint
+
+
+def test_interrupt_on_a_checkpoint_step(run: RunConfig, tmp_path: Path) -> None:
+    result = fit(make_learner(run, hook=interrupt_at(4)), run.train, tmp_path)
+    assert result.interrupted and result.step == 5
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 5
