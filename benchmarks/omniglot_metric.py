@@ -48,51 +48,62 @@ TARGETS = {
     "siamese": (96.5, 98.0, None, None),
 }
 RUNS = Path("runs/bench/omniglot_metric")
-CONFIGS = [f"{m}-{c}" for m in METHODS for c in CELLS] + ["speed"]
+# ProtoNets train 60-way whatever the test ways, so one model per shot serves the 5-way and 20-way cells.
+TRAININGS = {"protonet-1shot": ("5w1s", "20w1s"), "protonet-5shot": ("5w5s", "20w5s")} | {
+    f"{m}-{c}": (c,) for m in METHODS if m != "protonet" for c in CELLS
+}
+CONFIGS = [*TRAININGS, "speed"]
 
 
 def train_and_test(name: str, minutes: float, steps: int | None, episodes: int) -> list[dict]:
-    method, cell = name.split("-")
+    """Train configuration ``name`` (resuming its run directory) and test it on each cell it serves."""
+    method, cells = name.split("-")[0], TRAININGS[name]
     overrides = [f"train.max_minutes={minutes}", f"eval.episodes={episodes}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
-    run = load_run_config(f"configs/{method}_omniglot_{cell}.yaml", overrides)
+    run = load_run_config(f"configs/{method}_omniglot_{cells[0]}.yaml", overrides)
     device = resolve_device(run.train.device)
     seed_everything(run.seed)
     learner = algorithm(method).build(run, data_root(), device)
     run_dir = RUNS / name
-    resume = (run_dir / CHECKPOINT).is_file()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(learner, run.train, run_dir, resume=resume)
+    result = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
     if result.interrupted:
         raise SystemExit(f"{name}: interrupted at step {result.step}; rerun the same command to resume")
     state = load_checkpoint(run_dir / CHECKPOINT)
-    learner.model.load_state_dict(state["model"])
-    learner.model.eval()
-    test = learner.evaluate("test", episodes)
-    acc, ci = 100 * test["eval/test_acc"], 100 * test["eval/test_acc_ci95"]
-    i = CELLS.index(cell)
-    print(
-        f"{name}: {acc:.2f} ± {ci:.2f}% after {result.step} episodes, {result.seconds / 60:.1f} min "
-        f"(published {PUBLISHED[method][i]}, target {TARGETS[method][i]})"
-    )
-    return [
-        record(
-            "omniglot_metric",
-            f"omniglot-vinyals-{cell}",
-            method,
-            "test_accuracy",
-            acc,
-            ci95=ci,
-            unit="%",
-            steps=result.step,
-            seconds=result.seconds,
-            published=PUBLISHED[method][i],
-            target=TARGETS[method][i],
-            test_episodes=episodes,
-            budget_minutes=minutes,
+    out = []
+    for cell in cells:
+        tester = algorithm(method).build(
+            load_run_config(f"configs/{method}_omniglot_{cell}.yaml", overrides), data_root(), device
         )
-    ]
+        tester.model.load_state_dict(state["model"])
+        tester.model.eval()
+        test = tester.evaluate("test", episodes)
+        acc, ci = 100 * test["eval/test_acc"], 100 * test["eval/test_acc_ci95"]
+        i = CELLS.index(cell)
+        print(
+            f"{name} on {cell}: {acc:.2f} ± {ci:.2f}% after {result.step} episodes, {result.seconds / 60:.1f} "
+            f"min (published {PUBLISHED[method][i]}, target {TARGETS[method][i]})"
+        )
+        out.append(
+            record(
+                "omniglot_metric",
+                f"omniglot-vinyals-{cell}",
+                method,
+                "test_accuracy",
+                acc,
+                ci95=ci,
+                unit="%",
+                steps=result.step,
+                seconds=result.seconds,
+                published=PUBLISHED[method][i],
+                target=TARGETS[method][i],
+                test_episodes=episodes,
+                budget_minutes=minutes,
+                training=name,
+                threads=torch.get_num_threads(),
+            )
+        )
+    return out
 
 
 def naive_protonet_loss(
@@ -164,8 +175,10 @@ def plot() -> Path | None:
     fig, axes = plt.subplots(1, len(CELLS), figsize=(4.2 * len(CELLS), 3.4), squeeze=False)
     drawn = False
     for ax, cell in zip(axes.flat, CELLS, strict=True):
-        for method in METHODS:
-            path = RUNS / f"{method}-{cell}" / "metrics.csv"
+        for name, served in TRAININGS.items():
+            path = RUNS / name / "metrics.csv"
+            if cell != served[0]:  # periodic evaluations use the first cell's ways
+                continue
             if not path.is_file():
                 continue
             rows = read_metrics(path)
@@ -173,7 +186,7 @@ def plot() -> Path | None:
             minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
             steps = sorted(set(acc) & set(minutes))
             ax.plot(
-                [minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=method
+                [minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=name
             )
             drawn = True
         ax.set_title(f"Omniglot {cell}")
@@ -197,7 +210,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training episodes per configuration (default: the config's)")
     p.add_argument("--test-episodes", type=int, default=1000, help="test episodes for the final estimate")
     p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
+    p.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's; 1 to run two configs side by side)"
+    )
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in args.only or CONFIGS:
         recs = (
             speed(args.speed_seconds)

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
 from metalab.data.episodes import Episode
 from metalab.data.tasks import make_sampler
@@ -32,8 +31,12 @@ def cross_entropy(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
 
 
 def embed_tasks(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``(T, B, C, H, W) -> (T, B, ...)``: each task is one forward batch, so BatchNorm uses per-task statistics."""
-    return vmap(encoder)(images)
+    """``(T, B, C, H, W) -> (T, B, ...)``: each task is one forward batch, so BatchNorm uses per-task statistics.
+
+    A loop over tasks, in channels-last layout: on CPU this measured 1.6x (one task of 360 images) to 3x (four
+    tasks of 80) faster for Conv-4 forward+backward than ``vmap`` over the task dimension (torch 2.13).
+    """
+    return torch.stack([encoder(x.contiguous(memory_format=torch.channels_last)) for x in images])
 
 
 def accuracy(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
@@ -50,7 +53,7 @@ def build_episodic(
     loss: EpisodeLoss | None = None,
 ) -> Learner:
     """Learner for a metric method: ``loss`` (default: cross-entropy of ``scores``) to train, accuracy to evaluate."""
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # see embed_tasks
     train = make_sampler(run.task, "train", run.seed, root)
     evals = {part: make_sampler(run.task, part, run.eval.seed, root) for part in ("val", "test")}
 
