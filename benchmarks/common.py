@@ -7,11 +7,12 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from metalab.utils import atomic_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,11 +83,8 @@ def merge_results(name: str, records: list[dict[str, Any]]) -> Path:
     merged = [r for r in old if key(r) not in fresh] + records
     merged.sort(key=key)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
     return path
 
 

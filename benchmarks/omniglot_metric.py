@@ -185,9 +185,7 @@ def plot() -> Path | None:
             acc = {s: v for s, k, v in rows if k == "eval/test_acc"}
             minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
             steps = sorted(set(acc) & set(minutes))
-            ax.plot(
-                [minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=name
-            )
+            ax.plot([minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=name)
             drawn = True
         ax.set_title(f"Omniglot {cell}")
         ax.set_xlabel("training minutes (2-core CPU)")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,3 +29,20 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device", "cuda requested but no CUDA device is available; use auto or cpu")
     return torch.device(choice)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write to; it takes ``dest``'s name only if the block succeeds.
+
+    A crash or an exception mid-write leaves ``dest`` as it was (the rename is atomic on one file system).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

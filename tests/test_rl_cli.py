@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from metalab.cli import main
@@ -17,15 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TINY_DQN = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20", "train.eval_episodes=5",
             "eval.episodes=5", "dqn.learning_starts=10", "dqn.batch_size=8", "dqn.hidden=[8]", "train.device=cpu"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small MLPs gain nothing from intra-op threads and lose much to them on a busy machine (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def only_run_dir(runs: Path) -> Path:

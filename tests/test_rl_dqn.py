@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ TINY: dict[str, Any] = {
     "dqn": {"buffer_size": 50, "batch_size": 16, "learning_starts": 20, "target_every": 5, "tau": 0.5,
             "eps_fraction": 0.5, "her": "future", "her_k": 2, "hidden": [16], "clip_target": True},
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small MLPs gain nothing from intra-op threads and lose much to them on a busy machine (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**sections: Any) -> RunConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,6 @@ TINY: dict[str, Any] = {
     "eval": {"episodes": 4, "batch": 4},
     "reinforce": {"episodes": 3, "hidden": [16]},
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small MLPs gain nothing from intra-op threads and lose much to them on a busy machine (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**sections: Any) -> RunConfig:

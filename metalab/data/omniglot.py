@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from metalab.data.root import (
     safe_member_names,
 )
 from metalab.errors import DataError
+from metalab.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +238,8 @@ def load(root: Path, image_size: int = 28) -> OmniglotImages:
         "names": data.names,
         "background": data.background,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return data
 
 

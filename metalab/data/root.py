@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -21,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from metalab.errors import ChecksumError, DataError, UnsafeArchiveError
+from metalab.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,19 @@ def check_md5(path: Path, expected: str) -> None:
 
 def download(url: str, dest: Path, md5: str | None) -> Path:
     """Fetch ``url`` to ``dest`` (atomically: a partial download never takes the final name), checking ``md5``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=None
-            ) as bar:
-                while block := response.read(1 << 16):
-                    out.write(block)
-                    bar.update(len(block))
-        if md5 is not None:
-            check_md5(tmp, md5)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                desc = f"download {dest.name}"
+                with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+                    while block := response.read(1 << 16):
+                        out.write(block)
+                        bar.update(len(block))
+            if md5 is not None:
+                check_md5(tmp, md5)
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"could not download {url}: {getattr(e, 'reason', e)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -111,12 +105,6 @@ def safe_extract(path: Path, dest: Path) -> Path:
 
 def copy_atomic(src: Path, dest: Path) -> Path:
     """Copy ``src`` to ``dest`` through a temporary name in the same folder, then rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp_name)
-        os.replace(tmp_name, dest)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
     return dest
