@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         parents=[root],
         help="train from a YAML config (or resume a run)",
-        description="Train from CONFIG into a new run directory runs/<algo>-<task>-s<seed>-<time>/ "
+        description="Train from CONFIG into a new run directory runs/<algo>-<task or env>-s<seed>-<time>/ "
         "(config.yaml, metrics.csv, tb/, checkpoint.pt, result.json, PNG plots). Ctrl-C saves a "
         "checkpoint; `metalab train --resume RUN_DIR` continues it exactly.",
     )
@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key for this evaluation, e.g. --set maml.eval_inner_steps=20",
+    )
+    e.add_argument(
+        "--inner-steps",
+        type=int,
+        metavar="N",
+        help="adapt with N inner gradient steps (gradient-based algorithms; short for --set <algo>.eval_inner_steps=N)",
     )
 
     pl = sub.add_parser("plot", help="draw a run's learning curves to RUN_DIR/metrics.png")
@@ -179,8 +185,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     run = load_run_dir_config(run_dir)
-    if args.overrides:
-        run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(args.overrides)))
+    overrides = list(args.overrides)
+    if args.inner_steps is not None:
+        if not hasattr(run.params, "eval_inner_steps"):
+            raise MetalabError(f"--inner-steps: {run.algo} has no inner loop to set the steps of")
+        overrides.append(f"{run.algo}.eval_inner_steps={args.inner_steps}")
+    if overrides:
+        run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(overrides)))
     device = resolve_device(run.train.device)
     learner = algorithm(run.algo).build(run, _data_root(args, run.task.data_root), device)
     state = load_checkpoint(run_dir / CHECKPOINT, map_location=device)

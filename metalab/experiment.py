@@ -39,10 +39,19 @@ from metalab.train.loop import TrainConfig
 # `build(run, data_root, device) -> Learner`. Python users import the modules directly.
 ALGORITHMS = {
     "maml": "metalab.meta.maml",
+    "metasgd": "metalab.meta.metasgd",
+    "anil": "metalab.meta.anil",
+    "mamlpp": "metalab.meta.mamlpp",
+    "reptile": "metalab.meta.reptile",
+    "cavia": "metalab.meta.cavia",
+    "imaml": "metalab.meta.imaml",
+    "pretrain": "metalab.meta.pretrain",
     "protonet": "metalab.meta.protonet",
     "matching": "metalab.meta.matching",
     "relation": "metalab.meta.relation",
     "siamese": "metalab.meta.siamese",
+    "mann": "metalab.meta.mann",
+    "snail": "metalab.meta.snail",
     "dqn": "metalab.rl.dqn",
     "reinforce": "metalab.rl.reinforce",
 }

@@ -97,3 +97,27 @@ class EpisodeSampler:
         support_y = labels.repeat_interleave(k).expand(tasks, -1).contiguous()
         query_y = labels.repeat_interleave(q).expand(tasks, -1).contiguous()
         return Episode(support_x, support_y, query_x, query_y, n, k, q)
+
+
+def shuffle_order(ep: Episode, g: torch.Generator) -> Episode:
+    """The same batched episode with support and query each in a random order per task (for sequence models)."""
+    t, s, q = ep.support_y.shape[0], ep.support_y.shape[1], ep.query_y.shape[1]
+    sp = torch.rand(t, s, generator=g).argsort(-1)  # (T, S)
+    qp = torch.rand(t, q, generator=g).argsort(-1)
+    rows = torch.arange(t)[:, None]
+    return ep._replace(
+        support_x=ep.support_x[rows, sp],
+        support_y=ep.support_y[rows, sp],
+        query_x=ep.query_x[rows, qp],
+        query_y=ep.query_y[rows, qp],
+    )
+
+
+class ShuffledSampler:
+    """Wraps a sampler so that batch ``index`` comes with a fixed random order of its examples."""
+
+    def __init__(self, base: EpisodeSampler, seed: int):
+        self.base, self.seed = base, seed
+
+    def sample(self, index: int, tasks: int) -> Episode:
+        return shuffle_order(self.base.sample(index, tasks), generator_for(self.seed, index))

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 
-def conv_block(in_ch: int, out_ch: int, pool: bool = True, stride: int = 1) -> nn.Sequential:
-    """3x3 conv (padding 1), BatchNorm without running statistics, ReLU, and an optional 2x2 max-pool.
+def conv_block(
+    in_ch: int, out_ch: int, pool: bool = True, stride: int = 1, norm: Literal["batch", "layer"] = "batch"
+) -> nn.Sequential:
+    """3x3 conv (padding 1), normalisation, ReLU, and an optional 2x2 max-pool.
 
     BatchNorm keeps no running statistics: every forward normalises with the batch at hand (transductive, as
-    in MAML and ProtoNets), so the module has no buffers and works with functional_call + vmap.
+    in MAML and ProtoNets), so the module has no buffers and works with functional_call + vmap. ``layer``
+    normalises each image on its own (GroupNorm with one group), for sequence models whose outputs must not
+    depend on later inputs through batch statistics.
     """
-    layers = [
-        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1),
-        nn.BatchNorm2d(out_ch, track_running_stats=False),
-        nn.ReLU(),
-    ]
+    normalise = (
+        nn.BatchNorm2d(out_ch, track_running_stats=False) if norm == "batch" else nn.GroupNorm(1, out_ch)
+    )
+    layers = [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1), normalise, nn.ReLU()]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
@@ -35,12 +40,13 @@ class Conv4(nn.Module):
         n_classes: int | None = None,
         strided: bool = False,
         image_size: int = 28,
+        norm: Literal["batch", "layer"] = "batch",
     ):
         super().__init__()
         # MAML's Omniglot variant (strided) downsamples with stride-2 convolutions instead of max-pooling.
         self.features = nn.Sequential(
             *(
-                conv_block(in_channels if i == 0 else hidden, hidden, not strided, 2 if strided else 1)
+                conv_block(in_channels if i == 0 else hidden, hidden, not strided, 2 if strided else 1, norm)
                 for i in range(4)
             )
         )
@@ -52,6 +58,10 @@ class Conv4(nn.Module):
         self.embedding_dim = hidden * side * side
         self.head = nn.Linear(self.embedding_dim, n_classes) if n_classes else None
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``head``: the ``(B, embedding_dim)`` embedding."""
+        return self.features(x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.features(x).flatten(1)  # (B, embedding_dim)
+        z = self.embed(x)  # (B, embedding_dim)
         return self.head(z) if self.head is not None else z

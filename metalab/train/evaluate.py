@@ -63,8 +63,27 @@ def evaluate_episodes(
     device: torch.device | str = "cpu",
 ) -> Estimate:
     """Apply ``per_task`` (batched episode -> one value per task) to ``episodes`` fixed episodes."""
+    return evaluate_episode_columns(lambda ep: per_task(ep)[:, None], sampler, episodes, batch, device)[0]
+
+
+def evaluate_episode_columns(
+    per_task: Callable[[Episode], torch.Tensor],
+    sampler: TaskSampler,
+    episodes: int,
+    batch: int,
+    device: torch.device | str = "cpu",
+) -> list[Estimate]:
+    """Like :func:`evaluate_episodes` for ``per_task`` giving several values per task ``(T, M)``: M estimates.
+
+    A NaN entry (a metric undefined for that task) is left out of its column.
+    """
     values = []
     for index in range(math.ceil(episodes / batch)):
         tasks = min(batch, episodes - index * batch)
-        values.append(per_task(sampler.sample(index, tasks).to(device)).detach().cpu().flatten())
-    return mean_ci95(torch.cat(values))
+        with torch.no_grad():
+            values.append(per_task(sampler.sample(index, tasks).to(device)).detach().cpu().double())
+    table = torch.cat(values)  # (episodes, M)
+    return [
+        mean_ci95(kept) if (kept := col[~col.isnan()]).numel() else Estimate(math.nan, math.nan, 0)
+        for col in table.T
+    ]

@@ -1,0 +1,205 @@
+"""Memory-augmented recurrent few-shot learner (after Santoro, Bartunov, Botvinick, Wierstra & Lillicrap, 2016).
+
+An LSTM reads a sequence of (image, label) pairs and predicts labels with no gradient steps at test time;
+class-to-label assignments change every episode, so it must bind them in context. Two sequence formats:
+
+- ``offset`` (the paper's): every example of the episode, in random order, each shown with the label of the
+  *previous* step; the model predicts every label, and accuracy is reported by instance number (1st, 2nd,
+  ... sighting of a class). ``task.shots + task.queries`` is the number of instances per class.
+- ``support_query`` (course-homework form): the support pairs (x, y) in random order, then each query as
+  (x, 0); the loss and accuracy are on the queries only.
+
+``memory: true`` adds the paper's external memory with least-recently-used access: read keys from the
+controller, cosine-softmax read weights, writes interpolated (learned gate) between the last read location
+and the least-used slot, which is cleared before writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalab.config import require
+from metalab.data.episodes import Episode, ShuffledSampler
+from metalab.data.tasks import make_sampler
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.models import Conv4
+from metalab.train.evaluate import evaluate_episode_columns
+from metalab.train.loop import Learner
+
+REPORTED_INSTANCES = (1, 2, 3, 5, 10)
+
+
+@dataclass(frozen=True)
+class Config:
+    """MANN-style learner hyperparameters (the ``mann`` section of a config)."""
+
+    mode: Literal["offset", "support_query"] = "offset"
+    """Sequence format (see the module docstring)."""
+    encoder: Literal["pixels", "conv4"] = "conv4"
+    """Image features: raw flattened pixels (the paper) or a Conv-4 embedding trained end to end (with
+    per-image normalisation, so no step's output depends on later images through batch statistics)."""
+    hidden: int = 200
+    """LSTM hidden size."""
+    memory: bool = False
+    """Add the external memory with least-recently-used access."""
+    memory_slots: int = 128
+    """Rows of the external memory."""
+    memory_width: int = 40
+    """Width of a memory row (and of each read key)."""
+    read_heads: int = 4
+    """Read heads of the external memory."""
+    usage_decay: float = 0.95
+    """Decay gamma of slot usage."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "memory_slots", "memory_width", "read_heads"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(0 < self.usage_decay < 1, "usage_decay", "must be in (0, 1)")
+
+
+class LRUMemory(nn.Module):
+    """External memory written to the least-used or the last-read slot; one step per call of :meth:`step`."""
+
+    def __init__(self, controller: int, slots: int, width: int, heads: int, decay: float):
+        super().__init__()
+        self.slots, self.width, self.heads, self.decay = slots, width, heads, decay
+        self.keys = nn.Linear(controller, heads * width)
+        self.gate = nn.Linear(controller, heads)
+
+    def initial(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        memory = torch.full((batch, self.slots, self.width), 1e-6, device=device)
+        usage = torch.zeros(batch, self.slots, device=device)
+        last_read = torch.zeros(batch, self.heads, self.slots, device=device)
+        return memory, usage, last_read
+
+    def step(
+        self, h: torch.Tensor, state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        memory, usage, last_read = state  # (B, S, W), (B, S), (B, H, S)
+        b = h.shape[0]
+        keys = self.keys(h).view(b, self.heads, self.width)  # (B, H, W)
+        alpha = torch.sigmoid(self.gate(h))[..., None]  # (B, H, 1)
+        # the least-used slot (one per batch element) is cleared, then written by every head's gate share
+        least = F.one_hot(usage.argmin(-1), self.slots).to(h.dtype)  # (B, S)
+        write = alpha * last_read + (1 - alpha) * least[:, None]  # (B, H, S)
+        memory = memory * (1 - least)[..., None] + write.transpose(1, 2) @ keys  # (B, S, W)
+        read = torch.softmax(
+            F.cosine_similarity(keys[:, :, None], memory[:, None], dim=-1), dim=-1
+        )  # (B, H, S)
+        usage = self.decay * usage + read.sum(1) + write.sum(1)
+        return (read @ memory).flatten(1), (memory, usage, read)  # (B, H*W)
+
+
+class MANN(nn.Module):
+    def __init__(self, cfg: Config, n_way: int, image_size: int = 28):
+        super().__init__()
+        if cfg.encoder == "conv4":
+            self.encoder: nn.Module = Conv4(1, 64, image_size=image_size, norm="layer")  # no batch-stat leaks
+            features = self.encoder.embedding_dim
+        else:
+            self.encoder = nn.Flatten()
+            features = image_size * image_size
+        self.n_way = n_way
+        self.lstm = nn.LSTMCell(features + n_way, cfg.hidden)
+        self.memory = (
+            LRUMemory(cfg.hidden, cfg.memory_slots, cfg.memory_width, cfg.read_heads, cfg.usage_decay)
+            if cfg.memory
+            else None
+        )
+        read = cfg.read_heads * cfg.memory_width if cfg.memory else 0
+        self.head = nn.Linear(cfg.hidden + read, n_way)
+
+    def forward(self, x: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, L, N)`` for images ``x`` ``(B, L, C, H, W)`` shown with label one-hots ``(B, L, N)``."""
+        b, length = x.shape[:2]
+        z = self.encoder(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)).view(b, length, -1)
+        inputs = torch.cat([z, shown], dim=-1)  # (B, L, D + N)
+        h = c = inputs.new_zeros(b, self.lstm.hidden_size)
+        state = self.memory.initial(b, x.device) if self.memory is not None else None
+        outputs = []
+        for t in range(length):  # causal by construction: step t sees inputs 0..t only
+            h, c = self.lstm(inputs[:, t], (h, c))
+            if self.memory is not None:
+                read, state = self.memory.step(h, state)
+                outputs.append(torch.cat([h, read], dim=-1))
+            else:
+                outputs.append(h)
+        return self.head(torch.stack(outputs, dim=1))
+
+
+def sequence(ep: Episode, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, shown labels one-hot, target labels, mask of scored steps) for an order-shuffled episode."""
+    n = ep.n_way
+    if mode == "offset":
+        x = torch.cat([ep.support_x, ep.query_x], dim=1)  # (T, L, C, H, W): all instances, in shuffled order
+        y = torch.cat([ep.support_y, ep.query_y], dim=1)
+        shown = F.pad(F.one_hot(y, n).float(), (0, 0, 1, 0))[
+            :, :-1
+        ]  # label of the previous step; zeros first
+        return x, shown, y, torch.ones_like(y, dtype=torch.bool)
+    x = torch.cat([ep.support_x, ep.query_x], dim=1)
+    y = torch.cat([ep.support_y, ep.query_y], dim=1)
+    shown = torch.cat(
+        [F.one_hot(ep.support_y, n).float(), ep.support_x.new_zeros(*ep.query_y.shape, n)], dim=1
+    )
+    mask = torch.zeros_like(y, dtype=torch.bool)
+    mask[:, ep.support_y.shape[1] :] = True
+    return x, shown, y, mask
+
+
+def instance_numbers(y: torch.Tensor, n_way: int) -> torch.Tensor:
+    """``(T, L)``: 1 for a class's first appearance in the sequence, 2 for its second, ..."""
+    onehot = F.one_hot(y, n_way)
+    return (onehot.cumsum(1) * onehot).sum(-1)
+
+
+def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
+    """Model, training loss and evaluation for a MANN-style run."""
+    cfg: Config = run.params
+    n = run.task.ways
+    if run.task.train_ways not in (None, n):
+        raise ConfigError(
+            "task.train_ways", "the label input has task.ways entries: train_ways must equal ways"
+        )
+    model = MANN(cfg, n, run.task.image_size).to(device, memory_format=torch.channels_last)
+    train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
+    evals = {
+        p: ShuffledSampler(make_sampler(run.task, p, run.eval.seed, root), run.eval.seed + 1)
+        for p in ("val", "test")
+    }
+
+    def scored(ep: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, shown, y, mask = sequence(ep, cfg.mode)
+        return model(x, shown), y, mask, instance_numbers(y, n)
+
+    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, y, mask, _ = scored(train.sample(step, run.train.meta_batch).to(device))
+        correct = (logits.argmax(-1) == y).float()
+        return F.cross_entropy(logits[mask], y[mask]), {"train/acc": correct[mask].mean().item()}
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        def per_task(ep: Episode) -> torch.Tensor:  # (T, 1 + instances): accuracy, then by instance number
+            logits, y, mask, inst = scored(ep)
+            correct = torch.where(mask, (logits.argmax(-1) == y).float(), torch.nan)
+            cols = [correct.nanmean(1)]
+            for i in REPORTED_INSTANCES:
+                sel = inst == i
+                cols.append(torch.where(sel, correct, 0.0).nansum(1) / (sel & mask).sum(1))  # NaN if absent
+            return torch.stack(cols, dim=1)
+
+        model.eval()
+        ests = evaluate_episode_columns(per_task, evals[part], episodes, run.eval.batch, device)
+        out = {f"eval/{part}_acc": ests[0].mean, f"eval/{part}_acc_ci95": ests[0].ci95}
+        for i, est in zip(REPORTED_INSTANCES, ests[1:], strict=True):
+            if est.n:
+                out[f"eval/{part}_acc_inst{i}"] = est.mean
+        return out
+
+    return Learner(model, loss, evaluate)

@@ -1,0 +1,154 @@
+"""SNAIL: a simple neural attentive meta-learner (Mishra, Rohaninejad, Chen & Abbeel, ICLR 2018).
+
+Each query is classified from one sequence: the N*K support pairs (embedding, one-hot label) in random order,
+then the query with an all-zero label. Temporal-convolution blocks (dense blocks of causal dilated 1-D
+convolutions with gated activations) interleave with causal key-value attention blocks; the output at the
+last position gives the query's logits. Omniglot architecture of the paper: Conv-4 embedding (here with
+per-image normalisation, so one query's prediction never depends on other queries), then
+Attention(64, 32), TC(128), Attention(256, 128), TC(128), Attention(512, 256), a 1x1 projection to N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalab.config import require
+from metalab.data.episodes import Episode, ShuffledSampler
+from metalab.data.tasks import make_sampler
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.models import Conv4
+from metalab.train.evaluate import evaluate_episodes
+from metalab.train.loop import Learner
+
+
+@dataclass(frozen=True)
+class Config:
+    """SNAIL hyperparameters (the ``snail`` section of a config)."""
+
+    hidden: int = 64
+    """Conv-4 filters of the embedding."""
+    tc_filters: int = 128
+    """Filters of each dense block in the temporal-convolution blocks."""
+
+    def __post_init__(self) -> None:
+        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require(self.tc_filters >= 1, "tc_filters", "must be >= 1")
+
+
+class DenseBlock(nn.Module):
+    """Causal dilated convolution (kernel 2) with a gated activation, concatenated to its input."""
+
+    def __init__(self, channels: int, filters: int, dilation: int):
+        super().__init__()
+        self.dilation = dilation
+        self.conv = nn.Conv1d(channels, 2 * filters, kernel_size=2, dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C + F, L)
+        y = self.conv(F.pad(x, (self.dilation, 0)))  # left padding only: output t sees inputs <= t
+        f, g = y.chunk(2, dim=1)
+        return torch.cat([x, torch.tanh(f) * torch.sigmoid(g)], dim=1)
+
+
+def tc_block(channels: int, length: int, filters: int) -> tuple[nn.Sequential, int]:
+    """Dense blocks with dilations 1, 2, 4, ... up to the sequence length; returns it and its output width."""
+    blocks = []
+    for i in range(max(1, math.ceil(math.log2(length)))):
+        blocks.append(DenseBlock(channels, filters, 2**i))
+        channels += filters
+    return nn.Sequential(*blocks), channels
+
+
+class AttentionBlock(nn.Module):
+    """Causal single-head key-value attention; the read is concatenated to the input."""
+
+    def __init__(self, channels: int, key: int, value: int):
+        super().__init__()
+        self.query, self.key, self.value = (
+            nn.Linear(channels, key),
+            nn.Linear(channels, key),
+            nn.Linear(channels, value),
+        )
+        self.scale = 1 / math.sqrt(key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C + V, L)
+        h = x.transpose(1, 2)  # (B, L, C)
+        logits = self.query(h) @ self.key(h).transpose(1, 2) * self.scale  # (B, L, L)
+        length = h.shape[1]
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        read = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1) @ self.value(h)  # (B, L, V)
+        return torch.cat([x, read.transpose(1, 2)], dim=1)
+
+
+class SNAIL(nn.Module):
+    def __init__(self, n_way: int, length: int, hidden: int = 64, filters: int = 128, image_size: int = 28):
+        super().__init__()
+        self.encoder = Conv4(1, hidden, image_size=image_size, norm="layer")  # per-image: no leaks
+        c = self.encoder.embedding_dim + n_way
+        layers: list[nn.Module] = [AttentionBlock(c, 64, 32)]
+        c += 32
+        tc1, c = tc_block(c, length, filters)
+        layers += [tc1, AttentionBlock(c, 256, 128)]
+        c += 128
+        tc2, c = tc_block(c, length, filters)
+        layers += [tc2, AttentionBlock(c, 512, 256)]
+        c += 256
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv1d(c, n_way, 1)
+        self.n_way = n_way
+
+    def forward(self, z: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, L, N)`` at every position of embedded sequences ``z`` ``(B, L, D)`` with labels shown."""
+        x = torch.cat([z, shown], dim=-1).transpose(1, 2)  # (B, D + N, L)
+        return self.head(self.body(x)).transpose(1, 2)
+
+
+def query_logits(model: SNAIL, ep: Episode) -> torch.Tensor:
+    """``(T, N*Q, N)``: one sequence per query (support, then that query); embeddings computed once per task."""
+    t, s = ep.support_y.shape
+    q = ep.query_y.shape[1]
+    images = torch.cat([ep.support_x, ep.query_x], dim=1).flatten(0, 1)
+    z = model.encoder(images.contiguous(memory_format=torch.channels_last)).view(t, s + q, -1)  # (T, S+Q, D)
+    support = z[:, None, :s].expand(-1, q, -1, -1)  # (T, Q, S, D)
+    seq = torch.cat([support, z[:, s:, None]], dim=2).flatten(0, 1)  # (T*Q, S+1, D)
+    shown = F.pad(F.one_hot(ep.support_y, ep.n_way).float(), (0, 0, 0, 1))  # (T, S+1, N), last row zero
+    shown = shown[:, None].expand(-1, q, -1, -1).flatten(0, 1)
+    return model(seq, shown)[:, -1].view(t, q, ep.n_way)
+
+
+def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
+    """Model, training loss and evaluation for a SNAIL run."""
+    cfg: Config = run.params
+    n, k = run.task.ways, run.task.shots
+    if run.task.train_ways not in (None, n):
+        raise ConfigError(
+            "task.train_ways", "the label input has task.ways entries: train_ways must equal ways"
+        )
+    model = SNAIL(n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size).to(device)
+    model.encoder.to(memory_format=torch.channels_last)
+    train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
+    evals = {
+        p: ShuffledSampler(make_sampler(run.task, p, run.eval.seed, root), run.eval.seed + 1)
+        for p in ("val", "test")
+    }
+
+    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ep = train.sample(step, run.train.meta_batch).to(device)
+        logits = query_logits(model, ep)
+        acc = (logits.argmax(-1) == ep.query_y).float().mean().item()
+        return F.cross_entropy(logits.flatten(0, 1), ep.query_y.flatten()), {"train/acc": acc}
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        def per_task(ep: Episode) -> torch.Tensor:
+            return (query_logits(model, ep).argmax(-1) == ep.query_y).float().mean(-1)
+
+        est = evaluate_episodes(per_task, evals[part], episodes, run.eval.batch, device)
+        return {f"eval/{part}_acc": est.mean, f"eval/{part}_acc_ci95": est.ci95}
+
+    return Learner(model, loss, evaluate)
