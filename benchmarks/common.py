@@ -74,15 +74,15 @@ def record(
     return rec
 
 
-def merge_results(name: str, records: list[dict[str, Any]]) -> Path:
-    """Write ``records`` into ``results/<name>.json``, replacing older records of the same task/method/metric."""
-    path = RESULTS / f"{name}.json"
+def merge_results(name: str, records: list[dict[str, Any]], results: Path = RESULTS) -> Path:
+    """Write ``records`` into ``<results>/<name>.json``, replacing older records of the same task/method/metric."""
+    path = results / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else []
     key = lambda r: (r["task"], r["method"], r["metric"])  # noqa: E731
     fresh = {key(r) for r in records}
     merged = [r for r in old if key(r) not in fresh] + records
     merged.sort(key=key)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(merged, indent=2) + "\n")
     return path

@@ -95,8 +95,8 @@ def test_malformed_override(capsys, tmp_path: Path) -> None:
 
 
 def test_unknown_algorithm(capsys, tmp_path: Path) -> None:
-    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "algo=reptile", "--runs-dir", str(tmp_path))
-    assert_one_line_error(rc, err, "reptile", "maml")
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--set", "algo=leo", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "leo", "maml")
 
 
 def test_train_needs_config_or_resume(capsys, tmp_path: Path) -> None:

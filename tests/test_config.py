@@ -136,9 +136,9 @@ def test_literal_choice_lists_valid_values() -> None:
 
 
 def test_unknown_algorithm() -> None:
-    err = config_error({"algo": "reptile"})
+    err = config_error({"algo": "leo"})
     assert err.key == "algo"
-    assert "reptile" in str(err) and "maml" in str(err) and "protonet" in str(err)
+    assert "'leo'" in str(err) and "maml" in str(err) and "protonet" in str(err)
 
 
 def test_missing_algorithm() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import grad
+from torch.func import grad, vjp
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[..., torch.Tensor]  # (params, *data) -> scalar loss
@@ -36,3 +36,16 @@ def adapt(
             for name, p in params.items()
         }
     return params
+
+
+def hvp(loss_fn: LossFn, params: Params, vector: Params, *data: torch.Tensor) -> Params:
+    """The Hessian-vector product ``H v`` of ``loss_fn(params, *data)`` with respect to ``params``.
+
+    Reverse-over-reverse (``vjp`` of ``grad``; the Hessian is symmetric, so ``v^T H = (H v)^T``): the cost of
+    about two gradients, and the ``P x P`` Hessian is never formed. ``vector`` has the structure of ``params``;
+    so has the result. Forward-over-reverse (``jvp`` of ``grad``) would be the textbook choice, but in torch
+    2.13 it fails inside ``F.mse_loss``'s backward ("ZeroTensors are immutable") and measured slower for a
+    vmapped 40-40 MLP. Used by iMAML's conjugate gradient; composes with ``vmap``.
+    """
+    _, vjp_fn = vjp(lambda p: grad(loss_fn)(p, *data), params)
+    return vjp_fn(vector)[0]

@@ -19,5 +19,9 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``head`` (ANIL adapts the head on this embedding)."""
+        return self.body(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.embed(x))

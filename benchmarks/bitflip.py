@@ -1,0 +1,227 @@
+"""BitFlip with DQN: hindsight relabeling (none / final / future) vs Stable-Baselines3's DQN + HerReplayBuffer.
+
+    python -m benchmarks.bitflip                                  # the whole grid: ~5 h of one CPU core
+    python -m benchmarks.bitflip --only future-n15                # one method at one n, all three seeds
+    python -m benchmarks.bitflip --only sb3-n25-s1 none-n25-s1    # single configurations
+    python -m benchmarks.bitflip --only n7 --steps-scale 0.5      # every method at n = 7, half the budget
+
+Published behaviour (Andrychowicz et al., "Hindsight Experience Replay", NeurIPS 2017, sec. 4.1, fig. 1): DQN
+without relabeling fails beyond about n = 13 bits; with HER ("future", k = 4) it solves n = 50. This project's
+targets for ``metalab-dqn-future``: greedy success >= 0.99 at n = 15, >= 0.95 at n = 25, >= 0.9 at n = 50.
+
+Grid: n in {7, 15, 25, 50} x method x seeds {0, 1, 2}. metalab's methods train ``configs/dqn_her_bitflip.yaml``
+with ``dqn.her`` set to none / final / future (one update per env step, so trainer steps are env steps); the
+peer ``sb3`` trains SB3's DQN with HerReplayBuffer (future, n_sampled_goal 4) with the same hyperparameters
+(mapping in :mod:`benchmarks.bitflip_sb3`). Every method at a given n gets the same env-step budget
+(``BUDGETS`` times ``--steps-scale``, or ``--budget N=STEPS``), evaluates greedy success on 100 fixed
+validation episodes every ``budget / 40`` env steps (the learning curve and the env steps at which greedy
+success first reaches 90%, null if never), and after training on 100 fixed test episodes (the same episodes
+for every method). ``seconds`` is training wall-clock time, periodic evaluations included, across resumes.
+
+Each configuration trains in ``<runs-dir>/<config>`` and resumes it when rerun; its records (``success_s<seed>``,
+``steps_to_90_s<seed>``) are merged into ``<results-dir>/bitflip.json`` together with the aggregate over the
+seeds recorded so far (``success``, ``steps_to_90``: mean with a 95% CI), and ``bitflip.png`` is redrawn from
+every run directory (mean greedy success over seeds vs env steps, band: min to max over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from benchmarks.bitflip_sb3 import MISSING, sb3_kwargs, train_sb3
+from benchmarks.common import RESULTS, merge_results, record
+from benchmarks.rl_common import aggregate, expand, seed_metric, train
+from metalab.experiment import RunConfig, load_run_config
+from metalab.train.logger import read_metrics
+
+BENCH = "bitflip"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dqn_her_bitflip.yaml"
+RUNS = Path("runs/bench/bitflip")
+NS = (7, 15, 25, 50)
+SEEDS = (0, 1, 2)
+METHODS = {
+    "none": "metalab-dqn-none",
+    "final": "metalab-dqn-final",
+    "future": "metalab-dqn-future",
+    "sb3": "sb3-dqn-her-future",
+}
+# Env steps per configuration at each n, the same for every method. Calibration (metalab future, seed 0, on
+# this 2-core CPU): 90% greedy success after ~700 env steps at n = 7 and ~5400 at n = 15 (0.99 at ~9000);
+# ~36% after 16k at n = 25. Steps to learn grow roughly like n^3, hence ~25k expected at n = 25 and ~200k at
+# n = 50; the budgets leave a 2-4x margin at n <= 25 and ~1.5x at n = 50. One update per env step costs
+# ~3-4 ms of one CPU core (metalab and SB3 alike), so one n = 50 configuration takes ~18 minutes.
+BUDGETS = {7: 10_000, 15: 30_000, 25: 100_000, 50: 300_000}
+TARGETS = {15: 0.99, 25: 0.95, 50: 0.9}  # metalab-dqn-future
+PUBLISHED = (
+    "Andrychowicz et al. 2017 (HER, sec. 4.1, fig. 1): DQN without relabeling fails beyond about n = 13; "
+    "DQN + HER (future, k = 4) solves n = 50"
+)
+THRESHOLD = 0.9
+EVAL_EPISODES = 100
+CONFIGS = [f"{m}-n{n}-s{s}" for n in NS for m in METHODS for s in SEEDS]
+GROUPS = {f"{m}-n{n}": [f"{m}-n{n}-s{s}" for s in SEEDS] for n in NS for m in METHODS} | {
+    f"n{n}": [f"{m}-n{n}-s{s}" for m in METHODS for s in SEEDS] for n in NS
+}
+
+
+def parse(name: str) -> tuple[str, int, int]:
+    """``future-n15-s0`` -> ``("future", 15, 0)``."""
+    method, n, seed = re.fullmatch(r"(\w+)-n(\d+)-s(\d+)", name).groups()  # type: ignore[union-attr]
+    return method, int(n), int(seed)
+
+
+def run_config(method: str, n: int, seed: int, budget: int) -> RunConfig:
+    """metalab's DQN config of one configuration (the SB3 peer reads its settings from the ``future`` one)."""
+    eval_every = max(budget // 40, 100)
+    overrides = [f"seed={seed}", f"env.n={n}", f"dqn.her={'future' if method == 'sb3' else method}",
+                 f"train.steps={budget}", f"train.eval_every={eval_every}", f"train.eval_episodes={EVAL_EPISODES}",
+                 f"train.checkpoint_every={max(budget // 10, 100)}", f"train.log_every={max(budget // 200, 10)}",
+                 f"eval.episodes={EVAL_EPISODES}", f"eval.batch={EVAL_EPISODES}", "train.device=cpu"]  # fmt: skip
+    return load_run_config(CONFIG, overrides)
+
+
+def first_reaching(curve: list[tuple[int, float]], threshold: float = THRESHOLD) -> int | None:
+    """The env steps of the first evaluation with success >= ``threshold`` (None if none)."""
+    return next((step for step, success in sorted(curve) if success >= threshold), None)
+
+
+def metalab_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.csv"
+    return [(s, v) for s, k, v in read_metrics(path) if k == "eval/success"] if path.is_file() else []
+
+
+def sb3_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "state.json"
+    return [tuple(p) for p in json.loads(path.read_text())["curve"]] if path.is_file() else []
+
+
+def benchmark(name: str, budget: int, runs: Path) -> list[dict]:
+    """Train (or resume) configuration ``name`` and return its per-seed records."""
+    method, n, seed = parse(name)
+    run, run_dir = run_config(method, n, seed, budget), runs / name
+    if method == "sb3":
+        result = train_sb3(run, run_dir, run.train.eval_every, run.train.checkpoint_every)
+        test_mean, test_ci = result.test_success.mean, result.test_success.ci95
+        curve, steps, seconds = result.curve, result.steps, result.seconds
+        settings = {"sb3_hyperparameters": sb3_kwargs(run)}
+    else:
+        learner, fitted = train(run, run_dir)
+        metrics = learner.evaluate("test", EVAL_EPISODES)
+        test_mean, test_ci = metrics["eval/success"], metrics["eval/success_ci95"]
+        curve, steps, seconds = metalab_curve(run_dir), fitted.step, fitted.seconds
+        settings = {"config": f"configs/{CONFIG.name}", "her": method}
+    reached = first_reaching(curve)
+    common = {"n": n, "seed": seed, "budget_env_steps": budget, "eval_every": run.train.eval_every,
+              "eval_episodes": EVAL_EPISODES, "test_episodes": EVAL_EPISODES, "threads": torch.get_num_threads(),
+              "published": PUBLISHED, **settings}  # fmt: skip
+    target = TARGETS.get(n) if method == "future" else None
+    print(f"{name}: greedy success {test_mean:.3f} ± {test_ci:.3f} after {steps} env steps, {seconds:.0f} s; "
+          f"90% first reached at {reached if reached is not None else 'never'}"
+          + (f" (target {target})" if target is not None else ""))  # fmt: skip
+    task, label = f"bitflip-n{n}", METHODS[method]
+    return [
+        record(BENCH, task, label, seed_metric("success", seed), test_mean, ci95=test_ci, unit="fraction",
+               steps=steps, seconds=seconds, target=target, **common),
+        record(BENCH, task, label, seed_metric("steps_to_90", seed), reached, unit="env steps", steps=steps,
+               seconds=seconds, threshold=THRESHOLD, **common),
+    ]  # fmt: skip
+
+
+def aggregates(path: Path, name: str) -> list[dict]:
+    """Records over the seeds of ``name``'s method and n found in the results file at ``path``."""
+    method, n, _ = parse(name)
+    records = json.loads(path.read_text())
+    extra = {"n": n, "published": PUBLISHED}
+    success = aggregate(records, BENCH, f"bitflip-n{n}", METHODS[method], "success", "fraction",
+                        target=TARGETS.get(n) if method == "future" else None, **extra)  # fmt: skip
+    reach = aggregate(records, BENCH, f"bitflip-n{n}", METHODS[method], "steps_to_90", "env steps",
+                      threshold=THRESHOLD, **extra)  # fmt: skip
+    return [r for r in (success, reach) if r is not None]
+
+
+def plot(runs: Path, results: Path) -> Path | None:
+    """Greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds."""
+    fig, axes = plt.subplots(1, len(NS), figsize=(4.2 * len(NS), 3.4), squeeze=False)
+    drawn = False
+    for ax, n in zip(axes.flat, NS, strict=True):
+        for method, label in METHODS.items():
+            read = sb3_curve if method == "sb3" else metalab_curve
+            curves = [dict(read(runs / f"{method}-n{n}-s{s}")) for s in SEEDS]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated by every seed so far
+            y = np.array([[c[s] for s in steps] for c in curves])  # (seeds, evals)
+            (line,) = ax.plot(
+                steps, y.mean(0), label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+            )
+            ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+            drawn = True
+        ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
+        ax.set_title(f"BitFlip n = {n}")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("greedy success (100 episodes)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{BENCH}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def budget_arg(text: str) -> tuple[int, int]:
+    n, _, steps = text.partition("=")
+    if not (n.isdigit() and steps.isdigit()) or int(n) not in NS or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected N=STEPS with N in {NS}, e.g. 50=300000; got {text!r}")
+    return int(n), int(steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=[*GROUPS, *CONFIGS], metavar="CONFIG",
+                   help="configurations (none|final|future|sb3-n{7,15,25,50}-s{0,1,2}) or groups of seeds "
+                   "(future-n15) or of a whole n (n15); default: all")  # fmt: skip
+    p.add_argument("--steps-scale", type=float, default=1.0, help=f"multiply the env-step budgets {BUDGETS}")
+    p.add_argument("--budget", type=budget_arg, action="append", default=[], metavar="N=STEPS",
+                   help="env-step budget for one n (repeatable; overrides --steps-scale for it)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny networks: 1 is fastest)")
+    p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where bitflip.json/.png go")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = expand(args.only, GROUPS, CONFIGS)
+    if (
+        any(parse(name)[0] == "sb3" for name in names)
+        and importlib.util.find_spec("stable_baselines3") is None
+    ):
+        raise SystemExit(MISSING)
+    budgets = {n: max(round(steps * args.steps_scale), 1) for n, steps in BUDGETS.items()}
+    budgets.update(dict(args.budget))
+    for name in names:
+        records = benchmark(name, budgets[parse(name)[1]], args.runs_dir)
+        path = merge_results(BENCH, records, args.results_dir)
+        merge_results(BENCH, aggregates(path, name), args.results_dir)
+        print(path)
+        plot(args.runs_dir, args.results_dir)
+
+
+if __name__ == "__main__":
+    main()

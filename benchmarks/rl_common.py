@@ -1,0 +1,134 @@
+"""Shared plumbing of the RL benchmarks: seed grids, resumable run directories, aggregation over seeds.
+
+A benchmark configuration is one method on one task with one seed (``future-n15-s0``); a group name
+(``future-n15``) stands for all its seeds. Each configuration trains in its own run directory, which remembers
+the settings it was started with, so rerunning the same command resumes it and a changed budget is refused
+instead of silently mixing two runs. Per-seed records carry the seed in the metric name (``success_s0``) so
+they survive merging; :func:`aggregate` turns the per-seed records found in the results file into one record
+(mean and 95% CI over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from benchmarks.common import record
+from metalab.experiment import CONFIG_NAME, RunConfig, algorithm
+from metalab.train.evaluate import mean_ci95
+from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
+from metalab.utils import atomic_path, seed_everything
+
+SETTINGS = "bench.json"
+
+
+def expand(selected: list[str] | None, groups: dict[str, list[str]], default: list[str]) -> list[str]:
+    """Configuration names for ``--only`` selections (names or group names), in order, without repeats."""
+    names: list[str] = []
+    for choice in selected or default:
+        for name in groups.get(choice, [choice]):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def start_run_dir(run_dir: Path, settings: dict[str, Any]) -> bool:
+    """Create ``run_dir`` for ``settings``, or check that it was started with the same ones.
+
+    Returns whether the directory already held a run (to resume). Settings are compared after a JSON round
+    trip, so tuples and lists compare equal.
+    """
+    path = run_dir / SETTINGS
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+            raise SystemExit(
+                f"{run_dir} was started with different settings ({', '.join(changed)}); rerun with the same "
+                f"flags to resume it, or delete the directory to start over"
+            )
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    return False
+
+
+def train(run: RunConfig, run_dir: Path) -> tuple[Learner, FitResult]:
+    """Build ``run``'s learner and fit it in ``run_dir``, resuming its checkpoint when there is one.
+
+    A finished run is not trained again: the learner comes back with the final weights and the recorded
+    training time, ready to be evaluated.
+    """
+    if not start_run_dir(run_dir, run.to_yaml_dict()):  # config.yaml too, for `metalab eval <run_dir>`
+        (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+    seed_everything(run.seed)
+    learner = algorithm(run.algo).build(run, Path("unused"), torch.device(run.train.device))
+    result = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
+    if result.interrupted:
+        raise SystemExit(f"{run_dir}: interrupted at step {result.step}; rerun the same command to resume")
+    learner.model.eval()
+    return learner, result
+
+
+def seed_metric(metric: str, seed: int) -> str:
+    """Metric name of one seed's record: ``success`` -> ``success_s0``."""
+    return f"{metric}_s{seed}"
+
+
+def aggregate(
+    records: list[dict[str, Any]],
+    benchmark: str,
+    task: str,
+    method: str,
+    metric: str,
+    unit: str,
+    **extra: Any,
+) -> dict[str, Any] | None:
+    """One record for ``metric`` over the seeds of ``task``/``method`` found in ``records`` (None if none).
+
+    Only per-seed records with the same ``steps`` budget as the newest one count. The value is the mean over
+    seeds with a 95% CI (null for one seed); if some seed has a null value (e.g. never reached a threshold),
+    the value is null and ``reached`` says how many seeds have one, with ``mean_of_reached`` their mean.
+    """
+    pattern = re.compile(rf"{re.escape(metric)}_s(\d+)")
+    mine = [
+        r for r in records if r["task"] == task and r["method"] == method and pattern.fullmatch(r["metric"])
+    ]
+    if not mine:
+        return None
+    steps = mine[-1]["steps"]
+    mine = sorted(
+        (r for r in mine if r["steps"] == steps), key=lambda r: int(pattern.fullmatch(r["metric"])[1])
+    )
+    seeds = [int(pattern.fullmatch(r["metric"])[1]) for r in mine]
+    values = [r["value"] for r in mine]
+    known = [v for v in values if v is not None]
+    seconds = [r["seconds"] for r in mine if r["seconds"] is not None]
+    info: dict[str, Any] = {"seeds": seeds, "per_seed": values}
+    if len(known) == len(values):
+        est = mean_ci95(known)
+        value, ci95 = est.mean, est.ci95
+    else:
+        value, ci95 = None, None
+        info["reached"] = f"{len(known)}/{len(values)}"
+        info["mean_of_reached"] = sum(known) / len(known) if known else None
+    return record(
+        benchmark,
+        task,
+        method,
+        metric,
+        value,
+        ci95=ci95,
+        unit=unit,
+        steps=steps,
+        seconds=sum(seconds) / len(seconds) if seconds else None,
+        **info,
+        **extra,
+    )

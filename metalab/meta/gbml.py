@@ -1,0 +1,224 @@
+"""The shared shape of gradient-based meta-learners (the MAML family): config fields, networks, per-task losses,
+task batching, and evaluation after adaptation.
+
+A variant supplies two pure functions of its meta-parameters: a training loss over a batched episode, and
+``predict(meta, support_x, support_y, x, steps)``, which adapts to one task's support set with ``steps`` inner
+steps and returns the adapted model's outputs at ``x``. Evaluation and the sinusoid figure are built on
+``predict``, so training and testing go through the variant's one inner loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from metalab.config import require
+from metalab.data.episodes import Episode
+from metalab.data.sinusoid import sinusoid
+from metalab.data.tasks import make_sampler
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.meta.adapt import Params
+from metalab.models import MLP, Conv4
+from metalab.train.evaluate import evaluate_episodes
+from metalab.train.loop import Learner
+from metalab.train.plots import plot_curves
+
+Meta = Any
+"""A variant's meta-parameters: a ``Params`` dict, or a dict of them (e.g. weights and learned inner rates)."""
+Predict = Callable[[Meta, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``(meta, support_x, support_y, x, steps) -> outputs at x`` of the model adapted to one task."""
+
+
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """Fields every gradient-based variant shares; each variant's ``Config`` adds its own."""
+
+    inner_lr: float = 0.01
+    """Inner-loop (adaptation) step size alpha (the initial value where the rates are learned)."""
+    inner_steps: int = 1
+    """Inner gradient steps during meta-training."""
+    eval_inner_steps: int = 10
+    """Inner gradient steps at evaluation (may exceed ``inner_steps``; ``metalab eval --inner-steps``)."""
+    batching: Literal["auto", "vmap", "loop"] = "auto"
+    """How tasks of a meta-batch are batched: one ``vmap`` (fast for MLPs) or a loop (faster for convs on CPU)."""
+    hidden: int = 64
+    """Conv-4 filters (Omniglot) ..."""
+    mlp_hidden: tuple[int, ...] = (40, 40)
+    """... or MLP hidden sizes (sinusoid)."""
+
+    def __post_init__(self) -> None:
+        require(self.inner_lr > 0, "inner_lr", "must be > 0")
+        require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
+        require(self.eval_inner_steps >= 1, "eval_inner_steps", "must be >= 1")
+        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require(all(h >= 1 for h in self.mlp_hidden), "mlp_hidden", "sizes must be >= 1")
+
+
+def network(run: RunConfig, cfg: InnerLoopConfig) -> nn.Module:
+    """MAML's architectures: a 1-in 1-out MLP for sinusoid, a strided Conv-4 with ``task.ways`` logits otherwise."""
+    if run.task.dataset == "sinusoid":
+        return MLP(1, cfg.mlp_hidden, 1)
+    check_ways(run)
+    return Conv4(1, cfg.hidden, n_classes=run.task.ways, strided=True, image_size=run.task.image_size)
+
+
+def check_ways(run: RunConfig) -> None:
+    """A classifier head has ``task.ways`` outputs, so training must use as many ways as testing."""
+    if run.task.train_ways not in (None, run.task.ways):
+        raise ConfigError(
+            "task.train_ways", f"{run.algo}'s head has task.ways outputs: train_ways must equal ways"
+        )
+
+
+def task_loss(
+    model: nn.Module, regression: bool, params: Params, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Loss of ``model`` with ``params`` on one task's ``(x, y)``: MSE for regression, cross-entropy otherwise."""
+    return output_loss(functional_call(model, params, (x,)), y, regression)
+
+
+def output_loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
+    return F.mse_loss(out, y) if regression else F.cross_entropy(out, y)
+
+
+def output_score(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
+    """What evaluation reports per task: MSE for regression, accuracy for classification."""
+    return F.mse_loss(out, y) if regression else (out.argmax(-1) == y).float().mean()
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def use_vmap(algo: str, batching: str, model: nn.Module, second_order: bool) -> bool:
+    """Whether to ``vmap`` over tasks: ``auto`` means unless the model has convolutions (a loop is faster for them
+    on CPU).
+
+    Second-order gradients through a vmapped BatchNorm are silently wrong in torch (pytorch/functorch#534; the
+    loop is right), so that combination is refused.
+    """
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    vmapped = batching == "vmap" or (batching == "auto" and not convolutional)
+    if vmapped and second_order and has_batchnorm(model):
+        raise ConfigError(
+            f"{algo}.batching",
+            "vmap gives wrong second-order gradients through BatchNorm (a PyTorch limitation); "
+            "use batching: loop (or auto), or first-order gradients",
+        )
+    return vmapped
+
+
+def map_tasks(fn: Callable[..., Any], ep: Episode, vmapped: bool, *shared: Any) -> Any:
+    """``fn(*shared, support_x, support_y, query_x, query_y)`` for every task of ``ep``, stacked on dim 0.
+
+    ``shared`` (meta-parameters) is the same for every task; the result is a tensor, tuple or dict of
+    ``(T, ...)`` tensors, computed by one ``vmap`` or by a loop over tasks.
+    """
+    if vmapped:
+        return vmap(fn, in_dims=(None,) * len(shared) + (0, 0, 0, 0))(*shared, *ep[:4])
+    return _stack([fn(*shared, *ep.task(i)[:4]) for i in range(ep.tasks)])
+
+
+def _stack(outs: list[Any]) -> Any:
+    first = outs[0]
+    if isinstance(first, dict):
+        return {k: _stack([o[k] for o in outs]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(_stack(list(items)) for items in zip(*outs, strict=True))
+    return torch.stack(outs)
+
+
+def detached(meta: Meta) -> Meta:
+    """A copy of ``meta`` cut from the autograd graph (the tensors are shared, not cloned)."""
+    if isinstance(meta, dict):
+        return {k: detached(v) for k, v in meta.items()}
+    return meta.detach()
+
+
+class ParamTable(nn.Module):
+    """Learned tensors keyed by a network's parameter names: Meta-SGD's rates, MAML++'s per-step rates and
+    BatchNorm weights. Being parameters of the learner's model, they are checkpointed and loaded by
+    ``metalab eval`` with it. Attribute names cannot hold dots, so ``.`` is stored as ``:``.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, value in values.items():
+            self.register_parameter(name.replace(".", ":"), nn.Parameter(value.detach().clone()))
+
+    def as_dict(self) -> Params:
+        return {name.replace(":", "."): p for name, p in self._parameters.items() if p is not None}
+
+
+def build_learner(
+    run: RunConfig,
+    root: Path,
+    device: torch.device,
+    model: nn.Module,
+    meta: Callable[[], Meta],
+    train_loss: Callable[[int, Episode], tuple[torch.Tensor, dict[str, float]]],
+    predict: Predict,
+    vmapped: bool,
+    parameters: list[nn.Parameter] | None = None,
+) -> Learner:
+    """The trainer's view of a variant: ``train_loss(step, episode)`` to minimise, and evaluation of ``predict``
+    after ``eval_inner_steps`` inner steps on each test task (mean and 95% CI)."""
+    cfg: InnerLoopConfig = run.params
+    regression = run.task.dataset == "sinusoid"
+    train = make_sampler(run.task, "train", run.seed, root)
+    evals = {part: make_sampler(run.task, part, run.eval.seed, root) for part in ("val", "test")}
+    score = "mse" if regression else "acc"
+
+    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return train_loss(step, train.sample(step, run.train.meta_batch).to(device))
+
+    def evaluate(part: str, n: int) -> dict[str, float]:
+        def one_task(m: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+            return output_score(predict(m, sx, sy, qx, cfg.eval_inner_steps), qy, regression)
+
+        def per_task(ep: Episode) -> torch.Tensor:
+            with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
+                return map_tasks(one_task, ep, vmapped, detached(meta()))
+
+        est = evaluate_episodes(per_task, evals[part], n, run.eval.batch, device)
+        return {f"eval/{part}_{score}": est.mean, f"eval/{part}_{score}_ci95": est.ci95}
+
+    def figures(run_dir: Path) -> list[Path]:
+        if not regression:
+            return []
+        path = run_dir / "sinusoid_fits.png"
+        steps = sorted({1, cfg.eval_inner_steps})
+        return [sinusoid_figure(predict, detached(meta()), evals["test"], path, steps, run.algo, device)]
+
+    return Learner(model, loss, evaluate, parameters=parameters, figures=figures)
+
+
+def sinusoid_figure(
+    predict: Predict, meta: Meta, tasks: Any, path: Path, steps: list[int], name: str, device: torch.device
+) -> Path:
+    """Predictions on 4 test tasks before adaptation and after each of ``steps`` inner steps on K points."""
+    n = 4
+    ep = tasks.sample(0, n).to(device)
+    amplitude, phase = tasks.functions(0, n)
+    x = torch.linspace(-5, 5, 200, device=device).reshape(1, -1, 1).expand(n, -1, -1)  # (n, 200, 1)
+    curves = {"true": sinusoid(x.cpu(), amplitude[:, None, None], phase[:, None, None])}
+    with torch.no_grad():
+        for s in [0, *steps]:
+
+            def fit(sx: torch.Tensor, sy: torch.Tensor, xs: torch.Tensor, s: int = s) -> torch.Tensor:
+                return predict(meta, sx, sy, xs, s)
+
+            label = "before adaptation" if s == 0 else f"after {s} step{'s' * (s > 1)}"
+            curves[label] = vmap(fit)(ep.support_x, ep.support_y, x).cpu()
+    points = [(ep.support_x[i, :, 0].cpu(), ep.support_y[i, :, 0].cpu()) for i in range(n)]
+    return plot_curves(
+        path, x[0, :, 0].cpu(), {k: v[..., 0] for k, v in curves.items()}, points, f"{name}, K={ep.k_shot}"
+    )

@@ -1,0 +1,93 @@
+"""The BitFlip benchmark script on a tiny budget: records in the agreed shape, per seed and over seeds, a
+figure, resume of a finished run, and nothing written into the repository."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"benchmark", "task", "method", "metric", "value", "ci95", "unit", "steps", "seconds", "device", "torch",
+        "commit"}  # fmt: skip
+
+
+@pytest.fixture
+def bitflip(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(
+        str(REPO)
+    )  # benchmarks/ is a top-level package beside metalab/, not installed
+    return importlib.import_module("benchmarks.bitflip")
+
+
+def run(bitflip: ModuleType, tmp_path: Path, *only: str) -> list[dict]:
+    args = ["--only", *only, "--budget", "7=300", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results")]  # fmt: skip
+    bitflip.main(args)
+    return json.loads((tmp_path / "results" / "bitflip.json").read_text())
+
+
+def repo_snapshot() -> tuple[int | None, bool]:
+    """What a run writing into the repository would change: the results file and a run directory."""
+    results = REPO / "benchmarks" / "results" / "bitflip.json"
+    return results.stat().st_mtime_ns if results.is_file() else None, (
+        REPO / "runs/bench/bitflip/future-n7-s0"
+    ).exists()
+
+
+def test_tiny_grid_records_and_resume(bitflip: ModuleType, tmp_path: Path) -> None:
+    before = repo_snapshot()
+    records = run(bitflip, tmp_path, "future-n7-s0", "none-n7-s1")
+    by_key = {(r["method"], r["metric"]): r for r in records}
+    assert set(by_key) == {
+        ("metalab-dqn-future", "success_s0"), ("metalab-dqn-future", "steps_to_90_s0"),
+        ("metalab-dqn-future", "success"), ("metalab-dqn-future", "steps_to_90"),
+        ("metalab-dqn-none", "success_s1"), ("metalab-dqn-none", "steps_to_90_s1"),
+        ("metalab-dqn-none", "success"), ("metalab-dqn-none", "steps_to_90"),
+    }  # fmt: skip
+    for r in records:
+        assert KEYS <= set(r) and r["benchmark"] == "bitflip" and r["task"] == "bitflip-n7"
+        assert r["steps"] == 300 and r["seconds"] > 0
+    seed = by_key[("metalab-dqn-future", "success_s0")]
+    assert 0 <= seed["value"] <= 1 and seed["unit"] == "fraction" and seed["budget_env_steps"] == 300
+    assert seed["eval_every"] == 100 and seed["test_episodes"] == 100 and "n = 50" in seed["published"]
+    assert by_key[("metalab-dqn-future", "success")]["seeds"] == [0]
+    reach = by_key[("metalab-dqn-none", "steps_to_90_s1")]
+    assert reach["unit"] == "env steps" and (reach["value"] is None or reach["value"] % 100 == 0)
+    assert (tmp_path / "results" / "bitflip.png").is_file()
+
+    # Rerunning a finished configuration resumes it (no training) and records the same result.
+    again = {(r["method"], r["metric"]): r for r in run(bitflip, tmp_path, "future-n7-s0")}
+    assert again[("metalab-dqn-future", "success_s0")]["value"] == seed["value"]
+    with pytest.raises(SystemExit, match="different settings"):  # a changed budget is refused, not mixed in
+        bitflip.main(["--only", "future-n7-s0", "--budget", "7=400", "--runs-dir", str(tmp_path / "runs"),
+                      "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    assert repo_snapshot() == before
+
+
+def test_groups_expand_to_seeds(bitflip: ModuleType) -> None:
+    assert bitflip.GROUPS["future-n15"] == ["future-n15-s0", "future-n15-s1", "future-n15-s2"]
+    assert len(bitflip.GROUPS["n50"]) == 12 and len(bitflip.CONFIGS) == 48
+
+
+def test_missing_sb3_is_one_clear_line(bitflip: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "stable_baselines3" else real(n))
+    with pytest.raises(SystemExit, match=r"stable-baselines3 is not installed") as info:
+        bitflip.main(["--only", "sb3-n7-s0"])
+    assert "\n" not in str(info.value)
+
+
+def test_sb3_peer_tiny_run(bitflip: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("stable_baselines3")
+    records = {r["metric"]: r for r in run(bitflip, tmp_path, "sb3-n7-s0")}
+    seed = records["success_s0"]
+    assert seed["method"] == "sb3-dqn-her-future" and 0 <= seed["value"] <= 1 and seed["steps"] == 300
+    hp = seed["sb3_hyperparameters"]
+    assert hp["buffer_size"] == 20_000 and hp["batch_size"] == 128 and hp["target_update_interval"] == 500
+    assert hp["replay_buffer_kwargs"] == {"n_sampled_goal": 4, "goal_selection_strategy": "future"}
+    assert {"success", "steps_to_90", "steps_to_90_s0"} <= set(records)
