@@ -97,4 +97,15 @@ def parser(description: str, configs: list[str]) -> argparse.ArgumentParser:
         metavar="CONFIG",
         help=f"run only these configurations (default: all of {', '.join(configs)})",
     )
+    p.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's; 1 to run two configs side by side)"
+    )
     return p
+
+
+def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a benchmark's arguments and apply ``--threads``."""
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, merge_results, parser, record
+from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
 from metalab.data.root import data_root
 from metalab.data.tasks import make_sampler
 from metalab.experiment import algorithm, load_run_config
@@ -208,12 +208,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training episodes per configuration (default: the config's)")
     p.add_argument("--test-episodes", type=int, default=1000, help="test episodes for the final estimate")
     p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
-    p.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's; 1 to run two configs side by side)"
-    )
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p)
     for name in args.only or CONFIGS:
         recs = (
             speed(args.speed_seconds)

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from benchmarks.common import RESULTS, merge_results, parser, record
+from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
 from metalab.errors import NonFiniteLossError
 from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
 from metalab.train.loop import CHECKPOINT, fit
@@ -138,12 +138,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per configuration (minutes)")
     p.add_argument("--steps", type=int, default=70000, help="meta-steps per configuration (MAML: 70000)")
     p.add_argument("--test-tasks", type=int, default=600, help="held-out test tasks for each estimate")
-    p.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's; 1 to run two configs side by side)"
-    )
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p)
     for name in args.only or CONFIGS:
         records = train_and_test(name, args.minutes, args.steps, args.test_tasks)
         if records:
