@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from metalab.models import MLP, Conv4
+from metalab.models.mlp import mlp_forward
 
 
 @pytest.mark.parametrize(
@@ -96,3 +97,13 @@ def test_mlp_vmap_functional_call() -> None:
     x = torch.rand(4, 6, 1)
     out = vmap(lambda xb: functional_call(model, params, (xb,)))(x)
     torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("hidden", [(), (5,), (7, 3)])
+def test_mlp_forward_equals_module_with_given_params(hidden: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = MLP(4, hidden, 2)
+    other = {k: torch.randn_like(v) for k, v in model.named_parameters()}
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(mlp_forward(other, x), functional_call(model, other, (x,)))
+    torch.testing.assert_close(mlp_forward(dict(model.named_parameters()), x), model(x))

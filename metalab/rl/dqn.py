@@ -28,6 +28,7 @@ from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
+from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import ReplayBuffer, Transitions
 from metalab.rl.her import Strategy, relabel
 from metalab.rl.rollout import EpisodeResult, Recorder, derive_seed, dims, is_goal_env, run_episodes
@@ -129,7 +130,8 @@ def polyak_update(target: Params, online: Params, tau: float) -> Params:
 
 def q_values(q_net: nn.Module, params: Params, obs: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     """``Q(s, g, .)``, ``(B, A)``, for observations ``(B, obs_dim)`` and goals ``(B, goal_dim)``."""
-    return functional_call(q_net, params, (torch.cat([obs, goal], -1),))
+    x = torch.cat([obs, goal], -1)
+    return mlp_forward(params, x) if isinstance(q_net, MLP) else functional_call(q_net, params, (x,))
 
 
 def td_loss(
