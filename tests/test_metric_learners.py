@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,19 @@ def test_matching_attention_with_one_hot_embeddings_picks_matching_support_label
     torch.testing.assert_close(
         log_probs[1].exp(), torch.tensor([p_twin, (1 - p_twin) / 3, 2 * (1 - p_twin) / 3])
     )
+    # a scale s sharpens the same attention: e^s / (e^s + 3) on the twin
+    scaled = matching.attention_log_probs(query, support, labels, 3, scale=5.0)
+    torch.testing.assert_close(scaled[1, 0].exp(), torch.tensor(math.exp(5) / (math.exp(5) + 3)))
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_matching_scale_is_learned_only_when_asked(learn: bool) -> None:
+    model = matching.MatchingNet(hidden=8, fce=False, fce_steps=1, scale=10.0, learn_scale=learn)
+    torch.testing.assert_close(model.log_scale.exp(), torch.tensor(10.0))
+    assert ("log_scale" in dict(model.named_parameters())) == learn
+    loss = cross_entropy(matching.episode_log_probs(model, toy_episode()), toy_episode())
+    loss.backward()
+    assert not learn or model.log_scale.grad.abs() > 0
 
 
 def test_cross_entropy_of_matching_log_probs_is_their_nll() -> None:

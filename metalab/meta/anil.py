@@ -16,12 +16,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_loss, output_score
+from metalab.meta.gbml import output_loss
 from metalab.train.loop import Learner
 
 HEAD = "head."
@@ -107,28 +106,11 @@ def predict(
 
 
 def query_loss(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    model: nn.Module, regression: bool, cfg: Config, params: Params, *task: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adapting the head, query score)."""
-    out = predict(
-        model,
-        regression,
-        cfg.inner_lr,
-        cfg.first_order,
-        params,
-        support_x,
-        support_y,
-        query_x,
-        cfg.inner_steps,
-    )
-    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+    fit = functools.partial(predict, model, regression, cfg.inner_lr, cfg.first_order)
+    return gbml.query_loss(fit, regression, cfg.inner_steps, params, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -139,15 +121,9 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     split_head(dict(model.named_parameters()))  # refuse a headless model before any data is read
     # The inner loop never differentiates through BatchNorm (it is in the body), so vmap would be exact here.
     vmapped = gbml.use_vmap(run.algo, cfg.batching, model, second_order=False)
-    per_task = functools.partial(query_loss, model, regression, cfg)
-    score = "mse" if regression else "acc"
-
-    def params() -> Params:
-        return dict(model.named_parameters())
-
-    def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, scores = gbml.map_tasks(per_task, ep, vmapped, params())
-        return losses.mean(), {f"train/{score}": scores.mean().item()}
-
+    params = gbml.params_of(model)
+    train_loss = gbml.mean_query_loss(
+        functools.partial(query_loss, model, regression, cfg), vmapped, params, regression
+    )
     fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
     return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)

@@ -27,11 +27,10 @@ from torch import nn
 from torch.func import functional_call
 
 from metalab.config import require
-from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_loss, output_score
+from metalab.meta.gbml import output_loss
 from metalab.models import MLP, Conv4
 from metalab.train.loop import Learner
 
@@ -138,20 +137,11 @@ def predict(
 
 
 def query_loss(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    model: nn.Module, regression: bool, cfg: Config, params: Params, *task: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss with the adapted context, query score)."""
-    out = predict(
-        model, regression, cfg, cfg.first_order, params, support_x, support_y, query_x, cfg.inner_steps
-    )
-    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+    fit = functools.partial(predict, model, regression, cfg, cfg.first_order)
+    return gbml.query_loss(fit, regression, cfg.inner_steps, params, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -160,15 +150,9 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = context_model(run, cfg).to(device)
     vmapped = gbml.use_vmap(run.algo, cfg.batching, model, not cfg.first_order)
-    per_task = functools.partial(query_loss, model, regression, cfg)
-    score = "mse" if regression else "acc"
-
-    def params() -> Params:
-        return dict(model.named_parameters())
-
-    def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, scores = gbml.map_tasks(per_task, ep, vmapped, params())
-        return losses.mean(), {f"train/{score}": scores.mean().item()}
-
+    params = gbml.params_of(model)
+    train_loss = gbml.mean_query_loss(
+        functools.partial(query_loss, model, regression, cfg), vmapped, params, regression
+    )
     fit = functools.partial(predict, model, regression, cfg, True)
     return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)

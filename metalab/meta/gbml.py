@@ -94,6 +94,45 @@ def output_score(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.
     return F.mse_loss(out, y) if regression else (out.argmax(-1) == y).float().mean()
 
 
+def query_loss(
+    predict: Predict,
+    regression: bool,
+    steps: int,
+    meta: Meta,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task: adapt with ``steps`` inner steps of ``predict``, then (query loss, query score: accuracy or MSE).
+
+    The loss is differentiable in ``meta``; the score is detached.
+    """
+    out = predict(meta, support_x, support_y, query_x, steps)
+    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+
+
+def mean_query_loss(
+    per_task: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    vmapped: bool,
+    meta: Callable[[], Meta],
+    regression: bool,
+) -> Callable[[int, Episode], tuple[torch.Tensor, dict[str, float]]]:
+    """The usual training loss: ``per_task(meta, *task)`` query losses averaged over the meta-batch."""
+    score = "mse" if regression else "acc"
+
+    def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
+        losses, scores = map_tasks(per_task, ep, vmapped, meta())
+        return losses.mean(), {f"train/{score}": scores.mean().item()}
+
+    return train_loss
+
+
+def params_of(model: nn.Module) -> Callable[[], Params]:
+    """The meta-parameters of variants that meta-learn only the network's weights: its current parameter dict."""
+    return lambda: dict(model.named_parameters())
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

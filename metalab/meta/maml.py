@@ -19,7 +19,7 @@ from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_loss, output_score, task_loss
+from metalab.meta.gbml import task_loss
 from metalab.train.loop import Learner
 
 
@@ -56,14 +56,12 @@ def adapted_query(
     steps: int,
     first_order: bool,
     params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    *task: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task: adapt on the support set, return (query loss, query score: accuracy or MSE)."""
-    out = predict(model, regression, cfg.inner_lr, first_order, params, support_x, support_y, query_x, steps)
-    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+    """One task ``(support_x, support_y, query_x, query_y)``: adapt on the support set, return (query loss, query
+    score: accuracy or MSE)."""
+    fit = functools.partial(predict, model, regression, cfg.inner_lr, first_order)
+    return gbml.query_loss(fit, regression, steps, params, *task)
 
 
 def batched_query(
@@ -87,14 +85,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
     vmapped = gbml.use_vmap(run.algo, cfg.batching, model, not cfg.first_order)  # refused before data is read
-    score = "mse" if regression else "acc"
-
-    def params() -> Params:
-        return dict(model.named_parameters())
-
-    def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, scores = batched_query(model, regression, cfg, cfg.inner_steps, cfg.first_order, params(), ep)
-        return losses.mean(), {f"train/{score}": scores.mean().item()}
-
+    per_task = functools.partial(adapted_query, model, regression, cfg, cfg.inner_steps, cfg.first_order)
+    params = gbml.params_of(model)
+    train_loss = gbml.mean_query_loss(per_task, vmapped, params, regression)
     fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
     return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)

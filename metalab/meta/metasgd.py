@@ -20,7 +20,7 @@ from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import ParamTable, output_loss, output_score, task_loss
+from metalab.meta.gbml import ParamTable, task_loss
 from metalab.train.loop import Learner
 
 
@@ -66,14 +66,11 @@ def query_loss(
     steps: int,
     first_order: bool,
     meta: dict[str, Params],
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    *task: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adaptation, query score), differentiable in ``theta`` and ``alpha``."""
-    out = predict(net, regression, first_order, meta, support_x, support_y, query_x, steps)
-    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+    fit = functools.partial(predict, net, regression, first_order)
+    return gbml.query_loss(fit, regression, steps, meta, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
