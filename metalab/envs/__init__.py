@@ -1,14 +1,38 @@
-"""Environments: importing this package registers metalab's gymnasium ids (``metalab/BitFlip-v0``)."""
+"""Environments: importing this package registers metalab's gymnasium ids.
+
+``metalab/BitFlip-v0`` (HER), ``metalab/CityGrid-v0`` and ``metalab/CityGrid5x5-v0`` (DREAM's distracting bus,
+9x9 and 5x5) and ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot).
+"""
 
 from __future__ import annotations
 
 import gymnasium as gym
 
 from metalab.envs.bitflip import BitFlip
+from metalab.envs.citygrid import CITYGRID5X5_ID, CITYGRID_ID, CityGrid
 from metalab.envs.config import BITFLIP_ID, EnvConfig, make_env
+from metalab.envs.point_robot import POINT_ROBOT_SPARSE_ID, PointRobotSparse
 
-if BITFLIP_ID not in gym.registry:  # importing twice (or reloading) must not re-register
-    # No registry step limit: BitFlip truncates itself after n steps, whatever n is.
-    gym.register(id=BITFLIP_ID, entry_point="metalab.envs.bitflip:BitFlip", kwargs={"n": 10})
+# No registry step limits: every env truncates itself (BitFlip after n steps, CityGrid after 20 or 10,
+# the point robot after 20), and importing twice (or reloading) must not re-register.
+_IDS = {
+    BITFLIP_ID: ("metalab.envs.bitflip:BitFlip", {"n": 10}),
+    CITYGRID_ID: ("metalab.envs.citygrid:CityGrid", {"size": 9}),
+    CITYGRID5X5_ID: ("metalab.envs.citygrid:CityGrid", {"size": 5}),
+    POINT_ROBOT_SPARSE_ID: ("metalab.envs.point_robot:PointRobotSparse", {}),
+}
+for _id, (_entry_point, _kwargs) in _IDS.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry_point, kwargs=_kwargs)
 
-__all__ = ["BITFLIP_ID", "BitFlip", "EnvConfig", "make_env"]
+__all__ = [
+    "BITFLIP_ID",
+    "CITYGRID5X5_ID",
+    "CITYGRID_ID",
+    "POINT_ROBOT_SPARSE_ID",
+    "BitFlip",
+    "CityGrid",
+    "EnvConfig",
+    "PointRobotSparse",
+    "make_env",
+]

@@ -1,0 +1,174 @@
+"""Sparse point robot: the 2-D navigation task of PEARL (Rakelly, Zhou, Quillen, Finn, Levine, "Efficient
+Off-Policy Meta-Reinforcement Learning via Probabilistic Context Variables", ICML 2019), without MuJoCo.
+
+A point starts at (0, 0) and moves by its action each step; the task is a goal on the upper half of the unit
+circle, and the reward is non-zero only within 0.2 of the goal, so a policy must search the arc to find it.
+
+Choices and their sources (PEARL's code = github.com/katerakelly/oyster, ``rlkit/envs/point_robot.py``
+(``SparsePointEnv``) and ``configs/sparse-point-robot.json``):
+
+- Goals: 100 angles evenly spaced on [0, pi] (``np.linspace(0, pi, 100)``, both ends included) at radius 1,
+  then shuffled by ``np.random.RandomState(1337)`` as PEARL does (``np.random.seed(1337)``, then
+  ``np.random.shuffle``), so task ``i`` here is PEARL's task ``i``. Tasks 0-79 are the training tasks and
+  80-99 the held-out ones (PEARL: ``tasks[:n_train_tasks]`` and ``tasks[-n_eval_tasks:]`` with 80 and 20).
+- Reward (our issue #8, which is PEARL's ``sparse_reward``): ``1 - d`` when the distance ``d`` to the goal is at
+  most 0.2, else 0, after the move. PEARL's ``step`` returns the dense ``-d`` and puts the sparse reward in
+  ``info``, its algorithm choosing between them (``sparse_rewards: 1`` in that config); here the reward is
+  the sparse one and ``info["dense_reward"]`` holds ``-d``.
+- Actions: a Box [-0.1, 0.1]^2 (PEARL's ``action_space``); actions outside it are clipped (PEARL's
+  ``NormalizedBoxEnv`` wrapper clips, its ``PointEnv.step`` does not).
+- Episodes: start at (0, 0), never terminate (PEARL's ``done`` is always False), truncated after 20 steps
+  (``max_path_length: 20``). Observations are the position, float32 (PEARL), in a Box of the reachable
+  positions, ``max_steps * 0.1 + 0.01`` either way (PEARL: unbounded).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, ClassVar, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+POINT_ROBOT_SPARSE_ID = "metalab/PointRobotSparse-v0"
+
+Split = Literal["train", "test"]
+
+N_TASKS = 100
+N_TRAIN_TASKS = 80
+GOAL_RADIUS = 0.2
+"""Reward is non-zero within this distance of the goal."""
+MAX_ACTION = 0.1
+"""Each action coordinate is clipped to [-MAX_ACTION, MAX_ACTION]."""
+
+
+def _goals() -> np.ndarray:
+    angles = np.linspace(0.0, np.pi, num=N_TASKS)
+    goals = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (100, 2)
+    # The legacy RandomState, seeded 1337, shuffles exactly like PEARL's np.random.seed(1337); np.random.shuffle.
+    np.random.RandomState(1337).shuffle(goals)
+    goals.setflags(write=False)
+    return goals
+
+
+GOALS = _goals()
+"""``(100, 2)`` goal of each task, in PEARL's task order."""
+
+
+def tasks(split: Split) -> list[int]:
+    """Task ids of ``split``: ``"train"`` (0-79) or ``"test"`` (80-99, PEARL's eval tasks)."""
+    if split == "train":
+        return list(range(N_TRAIN_TASKS))
+    if split == "test":
+        return list(range(N_TRAIN_TASKS, N_TASKS))
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def sparse_reward(distance: np.ndarray | float) -> np.ndarray:
+    """``1 - d`` where the distance ``d`` to the goal is <= 0.2, else 0; elementwise over any shape."""
+    d = np.asarray(distance, dtype=np.float64)
+    return np.where(d <= GOAL_RADIUS, 1.0 - d, 0.0)
+
+
+_RENDER_PX = 50  # pixels per unit
+_RENDER_X, _RENDER_Y = (-1.5, 1.5), (-0.5, 1.5)  # world window
+
+
+class PointRobotSparse(gym.Env):
+    """PEARL's sparse point robot (ICML 2019): find a hidden goal on the unit half circle from (0, 0).
+
+    ``reset(options=...)`` keys: ``task`` (int in [0, 100); default: drawn from ``split``) and ``split``
+    (``"train"`` or ``"test"``; default ``"train"``).
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
+    _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task", "split"})
+
+    def __init__(self, max_steps: int = 20, render_mode: str | None = None):
+        if max_steps < 1:
+            raise ValueError(f"PointRobotSparse needs max_steps >= 1, got {max_steps}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"PointRobotSparse renders only as 'rgb_array', got render_mode={render_mode!r}")
+        self.max_steps = max_steps
+        self.render_mode = render_mode
+        # Reachable positions plus a rounding margin (PEARL: unbounded; the gymnasium checker warns on infinite bounds).
+        bound = max_steps * MAX_ACTION + 0.01
+        self.observation_space = spaces.Box(-bound, bound, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Box(-MAX_ACTION, MAX_ACTION, shape=(2,), dtype=np.float32)
+        self.task = 0
+        """The hidden task of the current episode (privileged: not in the observation)."""
+        self._pos = np.zeros(2)
+        self._steps = 0
+
+    @staticmethod
+    def tasks(split: Split) -> list[int]:
+        """Task ids of ``split`` (``"train"``: 80, ``"test"``: 20); see :func:`tasks`."""
+        return tasks(split)
+
+    @property
+    def goal(self) -> np.ndarray:
+        """The current task's goal ``(2,)``."""
+        return GOALS[self.task]
+
+    @property
+    def position(self) -> np.ndarray:
+        """The point's position ``(2,)`` (a copy)."""
+        return self._pos.copy()
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - self._OPTIONS
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self._OPTIONS)}")
+        if "task" in options:
+            task = operator.index(options["task"])
+            if not 0 <= task < N_TASKS:
+                raise ValueError(f"task must be an int in [0, {N_TASKS}), got {options['task']!r}")
+            self.task = task
+        else:
+            pool = tasks(options.get("split", "train"))
+            self.task = pool[int(self.np_random.integers(len(pool)))]
+        self._pos = np.zeros(2)
+        self._steps = 0
+        return self._pos.astype(np.float32), {"task": self.task}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (2,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"action must be 2 finite numbers, got {action!r}")
+        self._pos = self._pos + np.clip(a, -MAX_ACTION, MAX_ACTION)
+        self._steps += 1
+        distance = float(np.linalg.norm(self._pos - self.goal))
+        reward = float(sparse_reward(distance))
+        info = {
+            "task": self.task,
+            "distance": distance,
+            "dense_reward": -distance,
+            "is_success": distance <= GOAL_RADIUS,
+        }
+        return self._pos.astype(np.float32), reward, False, self._steps >= self.max_steps, info
+
+    def render(self) -> np.ndarray | None:
+        """``(100, 150, 3)`` uint8 of the window [-1.5, 1.5] x [-0.5, 1.5]: goals, goal disk, point."""
+        if self.render_mode != "rgb_array":
+            return None
+        width = round((_RENDER_X[1] - _RENDER_X[0]) * _RENDER_PX)
+        height = round((_RENDER_Y[1] - _RENDER_Y[0]) * _RENDER_PX)
+        img = np.full((height, width, 3), 255, dtype=np.uint8)  # (H, W, 3)
+        cols = _RENDER_X[0] + (np.arange(width) + 0.5) / _RENDER_PX  # (W,) world x of each pixel column
+        rows = _RENDER_Y[1] - (np.arange(height) + 0.5) / _RENDER_PX  # (H,) world y, upwards on screen
+        xx, yy = np.meshgrid(cols, rows)  # (H, W)
+
+        def disk(center: np.ndarray, radius: float, color: tuple[int, int, int]) -> None:
+            img[(xx - center[0]) ** 2 + (yy - center[1]) ** 2 <= radius**2] = color
+
+        disk(self.goal, GOAL_RADIUS, (190, 240, 190))
+        for i, g in enumerate(GOALS):
+            disk(g, 0.02, (150, 150, 150) if i < N_TRAIN_TASKS else (120, 120, 230))
+        disk(self.goal, 0.03, (0, 150, 0))
+        disk(self._pos, 0.04, (220, 0, 0))
+        return img
