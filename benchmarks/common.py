@@ -88,14 +88,20 @@ def merge_results(name: str, records: list[dict[str, Any]], results: Path = RESU
     return path
 
 
-def parser(description: str, configs: list[str]) -> argparse.ArgumentParser:
+def parser(description: str, configs: list[str], default: list[str] | None = None) -> argparse.ArgumentParser:
+    """``--only`` (any of ``configs``; without it, ``default`` or else all) and ``--threads``."""
     p = argparse.ArgumentParser(description=description)
+    chosen = (
+        f"all of {', '.join(configs)}"
+        if default is None
+        else f"{', '.join(default)}; also {', '.join(c for c in configs if c not in default)}"
+    )
     p.add_argument(
         "--only",
         nargs="+",
         choices=configs,
         metavar="CONFIG",
-        help=f"run only these configurations (default: all of {', '.join(configs)})",
+        help=f"run only these configurations (default: {chosen})",
     )
     p.add_argument(
         "--threads", type=int, help="torch threads (default: torch's; 1 to run two configs side by side)"
@@ -103,9 +109,9 @@ def parser(description: str, configs: list[str]) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse a benchmark's arguments and apply ``--threads``."""
-    args = p.parse_args()
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a benchmark's arguments (``argv``, default the command line) and apply ``--threads``."""
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args

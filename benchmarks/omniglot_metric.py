@@ -1,6 +1,6 @@
 """Metric-based few-shot learners on Omniglot (Vinyals split): accuracy vs published numbers, and ProtoNet speed.
 
-    python -m benchmarks.omniglot_metric --only protonet-5w1s --minutes 60
+    python -m benchmarks.omniglot_metric --only protonet-1shot --minutes 60
     python -m benchmarks.omniglot_metric --only speed
 
 Each configuration trains ``configs/<method>_omniglot_<cell>.yaml`` in ``runs/bench/omniglot_metric/<config>``
@@ -15,22 +15,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.fewshot import (
+    Curve,
+    accuracy_record,
+    add_budget_args,
+    budget_overrides,
+    build,
+    config_path,
+    plot_accuracy,
+    train,
+)
 from metalab.data.root import data_root
 from metalab.data.tasks import make_sampler
-from metalab.experiment import algorithm, load_run_config
+from metalab.experiment import load_run_config
 from metalab.meta import protonet
-from metalab.train.checkpoint import load_checkpoint
-from metalab.train.logger import read_metrics
-from metalab.train.loop import CHECKPOINT, fit
-from metalab.utils import resolve_device, seed_everything
+from metalab.utils import seed_everything
 
 CELLS = ("5w1s", "5w5s", "20w1s", "20w5s")
 METHODS = ("protonet", "matching", "relation", "siamese")
@@ -58,49 +61,25 @@ CONFIGS = [*TRAININGS, "speed"]
 def train_and_test(name: str, minutes: float, steps: int | None, episodes: int) -> list[dict]:
     """Train configuration ``name`` (resuming its run directory) and test it on each cell it serves."""
     method, cells = name.split("-")[0], TRAININGS[name]
-    overrides = [f"train.max_minutes={minutes}", f"eval.episodes={episodes}"]
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    run = load_run_config(f"configs/{method}_omniglot_{cells[0]}.yaml", overrides)
-    device = resolve_device(run.train.device)
-    seed_everything(run.seed)
-    learner = algorithm(method).build(run, data_root(), device)
-    run_dir = RUNS / name
-    result = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
-    if result.interrupted:
-        raise SystemExit(f"{name}: interrupted at step {result.step}; rerun the same command to resume")
-    state = load_checkpoint(run_dir / CHECKPOINT)
+    overrides = budget_overrides(minutes, steps, episodes)
+    trained = train(config_path(f"{method}_omniglot_{cells[0]}"), overrides, RUNS / name)
     out = []
     for cell in cells:
-        tester = algorithm(method).build(
-            load_run_config(f"configs/{method}_omniglot_{cell}.yaml", overrides), data_root(), device
-        )
-        tester.model.load_state_dict(state["model"])
+        tester, _, _ = build(config_path(f"{method}_omniglot_{cell}"), overrides)
+        tester.model.load_state_dict(trained.learner.model.state_dict())
         tester.model.eval()
-        test = tester.evaluate("test", episodes)
-        acc, ci = 100 * test["eval/test_acc"], 100 * test["eval/test_acc_ci95"]
         i = CELLS.index(cell)
-        print(
-            f"{name} on {cell}: {acc:.2f} ± {ci:.2f}% after {result.step} episodes, {result.seconds / 60:.1f} "
-            f"min (published {PUBLISHED[method][i]}, target {TARGETS[method][i]})"
-        )
         out.append(
-            record(
+            accuracy_record(
                 "omniglot_metric",
                 f"omniglot-vinyals-{cell}",
                 method,
-                "test_accuracy",
-                acc,
-                ci95=ci,
-                unit="%",
-                steps=result.step,
-                seconds=result.seconds,
+                trained,
+                tester.evaluate("test", episodes),
                 published=PUBLISHED[method][i],
                 target=TARGETS[method][i],
-                test_episodes=episodes,
-                budget_minutes=minutes,
+                label=f"{name} on {cell}",
                 training=name,
-                threads=torch.get_num_threads(),
             )
         )
     return out
@@ -172,43 +151,20 @@ def speed(seconds: float = 30.0) -> list[dict]:
 
 def plot() -> Path | None:
     """Test accuracy (periodic, 200 episodes) vs training minutes, one panel per cell, from every run so far."""
-    fig, axes = plt.subplots(1, len(CELLS), figsize=(4.2 * len(CELLS), 3.4), squeeze=False)
-    drawn = False
-    for ax, cell in zip(axes.flat, CELLS, strict=True):
-        for name, served in TRAININGS.items():
-            path = RUNS / name / "metrics.csv"
-            if cell != served[0]:  # periodic evaluations use the first cell's ways
-                continue
-            if not path.is_file():
-                continue
-            rows = read_metrics(path)
-            acc = {s: v for s, k, v in rows if k == "eval/test_acc"}
-            minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
-            steps = sorted(set(acc) & set(minutes))
-            ax.plot([minutes[s] for s in steps], [100 * acc[s] for s in steps], marker="o", ms=3, label=name)
-            drawn = True
-        ax.set_title(f"Omniglot {cell}")
-        ax.set_xlabel("training minutes (2-core CPU)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if not drawn:
-        plt.close(fig)
-        return None
-    fig.tight_layout()
-    out = RESULTS / "omniglot_metric.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    panels = {  # periodic evaluations use the first cell's ways
+        f"Omniglot {cell}": [
+            Curve(name, RUNS / name) for name, served in TRAININGS.items() if served[0] == cell
+        ]
+        for cell in CELLS
+    }
+    return plot_accuracy(panels, RESULTS / "omniglot_metric.png", "training minutes (2-core CPU)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], CONFIGS)
-    p.add_argument("--minutes", type=float, default=60.0, help="training budget per configuration (minutes)")
-    p.add_argument("--steps", type=int, help="training episodes per configuration (default: the config's)")
-    p.add_argument("--test-episodes", type=int, default=1000, help="test episodes for the final estimate")
+    add_budget_args(p, test_episodes=1000)
     p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
-    args = parse_args(p)
+    args = parse_args(p, argv)
     for name in args.only or CONFIGS:
         recs = (
             speed(args.speed_seconds)

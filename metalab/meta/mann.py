@@ -200,6 +200,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         for i, est in zip(REPORTED_INSTANCES, ests[1:], strict=True):
             if est.n:
                 out[f"eval/{part}_acc_inst{i}"] = est.mean
+                out[f"eval/{part}_acc_inst{i}_ci95"] = est.ci95
         return out
 
     return Learner(model, loss, evaluate)

@@ -1,0 +1,212 @@
+"""Shared steps of the few-shot (Omniglot) benchmark scripts: train a configuration for a time budget in a
+resumable run directory, turn a test evaluation into an accuracy record, and draw test accuracy against
+training time from the run directories.
+
+A configuration trains ``configs/<name>.yaml`` (plus overrides) in ``<runs>/<config>`` for ``--minutes`` of
+training time (counted across resumes: ``train.max_minutes``) or ``--steps``, whichever comes first, and
+resumes that directory when it already holds a checkpoint, so a budget can be spread over several sittings.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import yaml
+
+from benchmarks.common import RESULTS, device_name, record
+from metalab.data.root import data_root
+from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
+from metalab.train.logger import read_metrics
+from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
+from metalab.utils import atomic_path, resolve_device, seed_everything
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+RUNS_ROOT = Path("runs/bench")
+
+
+def config_path(stem: str) -> Path:
+    """``configs/<stem>.yaml`` of this repository, wherever the script is run from."""
+    return CONFIGS_DIR / f"{stem}.yaml"
+
+
+class Trained(NamedTuple):
+    """A configuration after :func:`train`: its learner (final weights, eval mode), fit result, config, device."""
+
+    learner: Learner
+    fitted: FitResult
+    run: RunConfig
+    device: torch.device
+
+
+def budget_overrides(minutes: float, steps: int | None, episodes: int) -> list[str]:
+    """Config overrides for a benchmark budget: training minutes, optional steps, test episodes."""
+    overrides = [f"train.max_minutes={minutes}", f"eval.episodes={episodes}"]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    return overrides
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The budget overrides of :func:`add_budget_args`' flags, then the ``--set`` ones of :func:`add_run_args`."""
+    return [*budget_overrides(args.minutes, args.steps, args.test_episodes), *getattr(args, "overrides", [])]
+
+
+def build(config: str | Path, overrides: list[str]) -> tuple[Learner, RunConfig, torch.device]:
+    """Load ``config`` with ``overrides``, seed, and build its learner on the data root."""
+    run = load_run_config(config, overrides)
+    device = resolve_device(run.train.device)
+    seed_everything(run.seed)
+    return algorithm(run.algo).build(run, data_root(), device), run, device
+
+
+def train(config: str | Path, overrides: list[str], run_dir: Path) -> Trained:
+    """Train ``config`` in ``run_dir``, resuming its checkpoint when there is one.
+
+    The resolved config goes to ``run_dir/config.yaml`` (so ``metalab eval <run_dir>`` works). A finished run
+    is not trained again: its final weights and recorded training time come back, ready to be tested.
+    """
+    learner, run, device = build(config, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / CONFIG_NAME) as tmp:
+        tmp.write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+    fitted = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
+    if fitted.interrupted:
+        raise SystemExit(
+            f"{run_dir.name}: interrupted at step {fitted.step}; rerun the same command to resume"
+        )
+    learner.model.eval()
+    return Trained(learner, fitted, run, device)
+
+
+def accuracy_record(
+    benchmark: str,
+    task: str,
+    method: str,
+    trained: Trained,
+    test: dict[str, float],
+    *,
+    key: str = "eval/test_acc",
+    metric: str = "test_accuracy",
+    published: float | None = None,
+    target: float | None = None,
+    label: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record of test accuracy ``test[key]`` (a fraction, with ``<key>_ci95`` when known) in percent.
+
+    Steps, training seconds, budget and test episodes come from ``trained``; a line is printed as well.
+    """
+    acc = 100 * test[key]
+    ci = test.get(f"{key}_ci95")
+    ci = None if ci is None else 100 * ci
+    fitted, run = trained.fitted, trained.run
+    shown = f"{acc:.2f} ± {ci:.2f}%" if ci is not None else f"{acc:.2f}%"
+    print(
+        f"{label or method} {metric}: {shown} after {fitted.step} steps, {fitted.seconds / 60:.1f} min "
+        f"(published {published if published is not None else '-'}, target {target if target is not None else '-'})"
+    )
+    return record(
+        benchmark,
+        task,
+        method,
+        metric,
+        acc,
+        ci95=ci,
+        unit="%",
+        steps=fitted.step,
+        seconds=fitted.seconds,
+        device=device_name(trained.device),
+        published=published,
+        target=target,
+        test_episodes=run.eval.episodes,
+        budget_minutes=run.train.max_minutes,
+        **extra,
+        threads=torch.get_num_threads(),
+    )
+
+
+class Curve(NamedTuple):
+    """One line of an accuracy-vs-time panel: the periodic evaluations ``key`` logged in ``run_dir``."""
+
+    label: str
+    run_dir: Path
+    key: str = "eval/test_acc"
+
+
+def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "training minutes") -> Path | None:
+    """Accuracy (%) of each curve's periodic evaluations vs training minutes, one panel per title, to ``out``.
+
+    Runs without a ``metrics.csv`` yet are skipped; nothing is written (None) when no run has one.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    drawn = False
+    for ax, (title, curves) in zip(axes.flat, panels.items(), strict=True):
+        for curve in curves:
+            path = curve.run_dir / "metrics.csv"
+            if not path.is_file():
+                continue
+            rows = read_metrics(path)
+            acc = {s: v for s, k, v in rows if k == curve.key}
+            minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
+            steps = sorted(set(acc) & set(minutes))
+            ax.plot(
+                [minutes[s] for s in steps],
+                [100 * acc[s] for s in steps],
+                marker="o",
+                ms=3,
+                label=curve.label,
+            )
+            drawn = True
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_budget_args(p: argparse.ArgumentParser, test_episodes: int, minutes: float = 60.0) -> None:
+    """``--minutes``, ``--steps`` and ``--test-episodes``."""
+    p.add_argument(
+        "--minutes", type=float, default=minutes, help="training budget per configuration (minutes)"
+    )
+    p.add_argument("--steps", type=int, help="training steps per configuration (default: the config's)")
+    p.add_argument(
+        "--test-episodes", type=int, default=test_episodes, help="test episodes for the final estimate"
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser, benchmark: str) -> None:
+    """``--set KEY=VALUE`` (every configuration), ``--runs-dir`` and ``--results-dir``."""
+    runs = RUNS_ROOT / benchmark
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every selected configuration, e.g. --set train.eval_episodes=50 "
+        "(repeatable)",
+    )
+    p.add_argument("--runs-dir", type=Path, default=runs, help=f"where run directories go (default {runs})")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help=f"where {benchmark}.json/.png go (default {RESULTS})",
+    )
