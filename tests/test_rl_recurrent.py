@@ -12,7 +12,7 @@ from metalab.rl.dqn import td_target
 
 def test_recurrent_q_is_causal_and_carries_state() -> None:
     torch.manual_seed(0)
-    net = recurrent.RecurrentQ(3, 2, hidden=8)
+    net = recurrent.RecurrentNet(3, 2, hidden=8)
     x = torch.randn(2, 6, 3)
     q, _ = net(x)
     changed = x.clone()
@@ -28,7 +28,7 @@ def test_recurrent_q_is_causal_and_carries_state() -> None:
 
 def test_sequence_td_loss_equals_step_by_step_double_dqn_and_ignores_padding() -> None:
     torch.manual_seed(0)
-    net = recurrent.RecurrentQ(4, 3, hidden=8)
+    net = recurrent.RecurrentNet(4, 3, hidden=8)
     online = dict(net.named_parameters())
     target = {k: v.detach() + 0.1 * torch.randn_like(v) for k, v in online.items()}
     b, t = 2, 5

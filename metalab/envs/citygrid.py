@@ -221,6 +221,11 @@ class CityGrid(gym.Env):
         return bus_routes(self.layout, problem)
 
     @property
+    def max_steps(self) -> int:
+        """Steps per episode (20 on 9x9, 10 on 5x5)."""
+        return self.layout.max_steps
+
+    @property
     def position(self) -> Cell:
         """The agent's cell ``(x, y)``."""
         return self._pos

@@ -1,6 +1,6 @@
 """Recurrent Q-learning over whole sequences, the memory of meta-RL agents (RL², DREAM's exploration policy).
 
-A :class:`RecurrentQ` reads a sequence of per-step inputs (an observation and whatever history the agent must
+A :class:`RecurrentNet` (as a Q-network) reads a sequence of per-step inputs (an observation and whatever history the agent must
 remember: previous action, reward, episode boundary) and outputs ``Q(h_t, .)`` at each step. Training replays
 whole sequences from the start with a zero hidden state (the sequences of these problems are tens of steps,
 so there is no need for stored states or burn-in as in R2D2, Kapturowski et al. ICLR 2019), and regresses
@@ -36,17 +36,17 @@ class Sequences(NamedTuple):
     task: np.ndarray  # (R,) int64: the problem the sequence was collected on (-1: not recorded)
 
 
-class RecurrentQ(nn.Module):
-    """``(B, T, D)`` inputs -> ``(B, T, A)`` Q-values: a ReLU layer, a GRU, and a linear head."""
+class RecurrentNet(nn.Module):
+    """``(B, T, D)`` inputs -> ``(B, T, out)``: a ReLU layer, a GRU, and a linear head (Q-values, or any per-step output)."""
 
-    def __init__(self, input_dim: int, n_actions: int, hidden: int = 128):
+    def __init__(self, input_dim: int, out_features: int, hidden: int = 128):
         super().__init__()
         self.encoder = nn.Linear(input_dim, hidden)
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, n_actions)
+        self.head = nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q-values ``(B, T, A)`` and the final hidden state ``(1, B, H)``, from state ``h`` (zero if None)."""
+        """Outputs ``(B, T, out)`` and the final hidden state ``(1, B, H)``, from state ``h`` (zero if None)."""
         out, h = self.gru(F.relu(self.encoder(x)), h)  # (B, T, H)
         return self.head(out), h
 

@@ -1,0 +1,303 @@
+"""DREAM: decoupled reward-free exploration and execution in meta-RL (Liu, Raghunathan, Liang & Finn, ICML 2021).
+
+End-to-end meta-RL (:mod:`metalab.rl.rl2`) learns to explore only from the exploitation return, which needs a
+good exploiter, which needs good exploration: a chicken-and-egg problem that leaves it near the walking return.
+DREAM breaks the loop with the problem id ``mu``, known during meta-training:
+
+- **Execution** (exploitation): a Q-network ``Q_exec(s, z, a)`` on a task encoding ``z ~ N(F(mu), rho^2 I)``,
+  ``F`` a learned embedding of the training problem's id. An information bottleneck
+  ``ib_weight * 0.5 * ||F(mu)||^2`` (the KL of that Gaussian to ``N(0, I)`` up to constants) keeps in ``z`` only
+  what execution needs: here which bus goes where, not the distracting buses.
+- **Decoder**: a GRU ``g`` reads the exploration episode and predicts ``F(mu)`` after every step (squared error
+  to the detached ``F(mu)``; a Gaussian ``q(z | tau)`` with fixed variance).
+- **Exploration**: a recurrent Q-network rewarded, at each step, by how much that step improved the decoder's
+  prediction, ``||g(tau_{:t}) - F(mu)||^2 - ||g(tau_{:t+1}) - F(mu)||^2``, minus a step cost ``c``: the
+  information gain about ``z`` (paper, eq. 5-6). Rewards are recomputed with the current decoder at every update.
+
+At meta-test time (held-out problems, no id) the explorer runs greedily, the decoder turns its episode into
+``z = g(tau)``, and the executor acts greedily on it. All four parts train together: one Adam step on the sum
+of the execution TD loss, the bottleneck, the decoder loss and the exploration TD loss (the parts share no
+parameters except ``F``, which only the execution loss and the bottleneck move). Both Q-networks use double-DQN
+targets with hard target copies. One trainer step plays one meta-episode on a training problem (exploration
+with the explorer, execution with ``z`` from ``F(mu)`` plus noise, both epsilon-greedy) and makes one update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from torch import nn
+
+from metalab.config import require
+from metalab.envs.config import make_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.models import MLP
+from metalab.models.mlp import mlp_forward
+from metalab.rl.buffer import ReplayBuffer
+from metalab.rl.dqn import linear_schedule, td_target
+from metalab.rl.meta import (
+    Policy,
+    Progress,
+    Step,
+    episode_steps,
+    evaluate_meta,
+    history_dim,
+    play_meta_episode,
+    problem_env,
+    recurrent_policy,
+    steps_to_sequence,
+)
+from metalab.rl.recurrent import Params, RecurrentNet, Sequences, sequence_td_loss, to_tensors
+from metalab.rl.rollout import derive_seed
+from metalab.train.loop import Learner
+
+
+@dataclass(frozen=True)
+class Config:
+    """DREAM hyperparameters (the ``dream`` section of a config)."""
+
+    gamma: float = 0.99
+    """Discount factor of both Q-learners."""
+    z_dim: int = 16
+    """Size of the task encoding ``z``."""
+    noise: float = 0.1
+    """``rho``: standard deviation of the Gaussian noise added to ``F(mu)`` during meta-training."""
+    ib_weight: float = 0.1
+    """Weight of the information bottleneck ``0.5 ||F(mu)||^2``."""
+    step_cost: float = 0.01
+    """``c``: subtracted from every exploration reward (prefer short, informative exploration)."""
+    buffer_size: int = 20_000
+    """Replay capacity in meta-episodes (exploration sequences; execution transitions: this times the horizon)."""
+    batch_size: int = 32
+    """Exploration sequences per update (also the decoder's batch)."""
+    exec_batch_size: int = 128
+    """Execution transitions per update."""
+    learning_starts: int = 100
+    """Meta-episodes of collection before the first update."""
+    target_every: int = 250
+    """Copy both online Q-networks to their targets every this many trainer steps."""
+    double: bool = True
+    """Double DQN targets."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration (both policies)."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    eps_fraction: float = 0.5
+    """Fraction of the trainer steps over which epsilon decays linearly."""
+    hidden: int = 128
+    """Width of the recurrent networks and of the execution MLP's two hidden layers."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
+        for key in ("z_dim", "buffer_size", "batch_size", "exec_batch_size", "target_every", "hidden"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.noise >= 0, "noise", "must be >= 0")
+        require(self.ib_weight >= 0, "ib_weight", "must be >= 0")
+        require(self.step_cost >= 0, "step_cost", "must be >= 0")
+        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
+        for key in ("eps_start", "eps_end", "eps_fraction"):
+            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+
+
+class ExecRows(NamedTuple):
+    """Execution transitions (NumPy rows) with the training problem they came from."""
+
+    obs: np.ndarray  # (R, obs_dim) float32
+    action: np.ndarray  # (R,) int64
+    reward: np.ndarray  # (R,) float32
+    next_obs: np.ndarray  # (R, obs_dim)
+    terminated: np.ndarray  # (R,) bool
+    task: np.ndarray  # (R,) int64: index of the training problem
+
+
+class DREAM(nn.Module):
+    """The four learned parts: problem embedding ``F``, executor, decoder and explorer."""
+
+    def __init__(self, n_problems: int, obs_dim: int, n_actions: int, cfg: Config):
+        super().__init__()
+        self.embedding = nn.Embedding(n_problems, cfg.z_dim)  # F(mu)
+        self.executor = MLP(obs_dim + cfg.z_dim, (cfg.hidden, cfg.hidden), n_actions)
+        self.decoder = RecurrentNet(history_dim(obs_dim, n_actions), cfg.z_dim, cfg.hidden)
+        self.explorer = RecurrentNet(history_dim(obs_dim, n_actions), n_actions, cfg.hidden)
+
+
+def information_gain_rewards(predictions: torch.Tensor, z: torch.Tensor, step_cost: float) -> torch.Tensor:
+    """Exploration rewards ``(B, T)`` from the decoder's predictions ``(B, T+1, Z)`` before and after each step
+    and the target encodings ``z (B, Z)``: the drop in squared error the step brought, minus ``step_cost``."""
+    error = (predictions - z[:, None]).pow(2).sum(-1)  # (B, T+1)
+    return error[:, :-1] - error[:, 1:] - step_cost
+
+
+def bottleneck(encoding: torch.Tensor) -> torch.Tensor:
+    """``0.5 ||F(mu)||^2`` averaged over the batch: the KL of ``N(F, rho^2 I)`` to ``N(0, I)`` up to constants."""
+    return 0.5 * encoding.pow(2).sum(-1).mean()
+
+
+def exec_td_loss(
+    executor: Params, target: Params, z: torch.Tensor, batch: tuple[torch.Tensor, ...], cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TD loss of ``Q_exec(s, z)`` on a batch ``(obs, action, reward, next_obs, terminated)`` and the mean Q."""
+    obs, action, reward, next_obs, terminated = batch
+    q = mlp_forward(executor, torch.cat([obs, z], -1)).gather(-1, action[:, None]).squeeze(-1)  # (B,)
+    with torch.no_grad():
+        nxt = torch.cat([next_obs, z.detach()], -1)
+        online_next = mlp_forward(executor, nxt) if cfg.double else None
+        y = td_target(reward, terminated.to(reward.dtype), mlp_forward(target, nxt), cfg.gamma, online_next)
+    return F.smooth_l1_loss(q, y), q.detach().mean()
+
+
+def decode(model: DREAM, sequence: Sequences, device: torch.device) -> torch.Tensor:
+    """The decoder's ``z`` after a whole exploration episode (one row): ``(Z,)``."""
+    inputs = torch.from_numpy(sequence.inputs).to(device)  # (1, T+1, D)
+    last = int(sequence.mask[0].sum())
+    with torch.no_grad():
+        return model.decoder(inputs[:, : last + 1])[0][0, -1]
+
+
+def exec_policy(
+    model: DREAM, z: torch.Tensor, n_actions: int, eps: float, rng: np.random.Generator, device: torch.device
+) -> Policy:
+    """Epsilon-greedy execution on the fixed encoding ``z``."""
+
+    def act(obs: np.ndarray, prev_action: int, prev_reward: float, first: bool) -> int:
+        x = torch.cat([torch.from_numpy(np.asarray(obs, np.float32)).to(device), z])
+        with torch.no_grad():
+            q = model.executor(x[None])[0]
+        explore = eps > 0 and rng.random() < eps
+        return int(rng.integers(n_actions)) if explore else int(q.argmax())
+
+    return act
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """DREAM's networks, replay buffers and trainer hooks (``data_root`` unused)."""
+    cfg: Config = run.params
+    env, eval_env = problem_env(make_env(run.env)), problem_env(make_env(run.env))
+    if not isinstance(env.action_space, spaces.Discrete):
+        raise ConfigError(
+            "env.id", f"DREAM (Q-learning) needs discrete actions; {run.env.id} has {env.action_space}"
+        )
+    n_actions = int(env.action_space.n)
+    obs_dim = int(np.prod(env.observation_space.shape))
+    horizon = episode_steps(env)
+    train_problems = env.unwrapped.problems("train")
+    model = DREAM(len(train_problems), obs_dim, n_actions, cfg).to(device)
+
+    def params(part: nn.Module) -> Params:
+        return dict(part.named_parameters())
+
+    targets = {name: {k: v.detach().clone() for k, v in params(getattr(model, name)).items()}
+               for name in ("executor", "explorer")}  # fmt: skip
+    explore_buffer: ReplayBuffer[Sequences] = ReplayBuffer(cfg.buffer_size, Sequences)
+    exec_buffer: ReplayBuffer[ExecRows] = ReplayBuffer(cfg.buffer_size * horizon, ExecRows)
+    rng = np.random.default_rng(derive_seed(run.seed, 1))
+    progress = Progress()
+
+    def encoding(index: int) -> torch.Tensor:
+        with torch.no_grad():
+            f = model.embedding.weight[index]
+            return f + cfg.noise * torch.from_numpy(rng.standard_normal(cfg.z_dim).astype(np.float32)).to(
+                device
+            )
+
+    def collect(step: int) -> dict[str, float]:
+        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
+        index = int(rng.integers(len(train_problems)))
+        z = encoding(index)
+        explore = recurrent_policy(model.explorer, n_actions, eps, rng, device)
+        episode = play_meta_episode(
+            env, train_problems[index], derive_seed(run.seed, 0, progress.episodes), explore,
+            lambda _: exec_policy(model, z, n_actions, eps, rng, device),
+        )  # fmt: skip
+        explore_buffer.add(steps_to_sequence([episode.explore], n_actions, index, horizon))
+        steps = episode.exploit
+        exec_buffer.add(ExecRows(
+            obs=np.stack([s.obs for s in steps]).astype(np.float32),
+            action=np.array([s.action for s in steps], np.int64),
+            reward=np.array([s.reward for s in steps], np.float32),
+            next_obs=np.stack([s.next_obs for s in steps]).astype(np.float32),
+            terminated=np.array([s.terminated for s in steps], bool),
+            task=np.full(len(steps), index, np.int64),
+        ))  # fmt: skip
+        return {
+            "train/epsilon": eps,
+            **progress.record(episode),
+        }
+
+    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        metrics = collect(step)
+        if progress.episodes < max(cfg.learning_starts, 1):
+            return None, metrics
+        # execution on z ~ N(F(mu), rho^2 I), and the bottleneck on F(mu)
+        rows = exec_buffer.sample_rows(cfg.exec_batch_size, rng)
+        batch = tuple(torch.from_numpy(a).to(device) for a in rows[:5])
+        f = model.embedding(torch.from_numpy(rows.task).to(device))  # (B, Z)
+        noise = torch.from_numpy(rng.standard_normal(f.shape).astype(np.float32)).to(device)
+        exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], f + cfg.noise * noise,
+                                         batch, cfg)  # fmt: skip
+        ib = bottleneck(f)
+        # decoder and explorer on the same exploration sequences
+        seq = explore_buffer.sample_rows(cfg.batch_size, rng)
+        inputs, action, _, terminal, mask = to_tensors(seq, device)
+        z = model.embedding(torch.from_numpy(seq.task).to(device)).detach()  # (B, Z)
+        predictions = model.decoder(inputs)[0]  # (B, T+1, Z)
+        weight = torch.cat([torch.ones_like(mask[:, :1]), mask], 1).to(predictions.dtype)  # prefixes 0..T
+        errors = (predictions - z[:, None]).pow(2).sum(-1)  # (B, T+1)
+        decoder_loss = (errors * weight).sum() / weight.sum()
+        reward = information_gain_rewards(predictions.detach(), z, cfg.step_cost) * mask
+        explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), targets["explorer"],
+                                                   inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
+        total = exec_loss + cfg.ib_weight * ib + decoder_loss + explore_loss
+        return total, {
+            **metrics,
+            "loss/exec": exec_loss.item(),
+            "loss/bottleneck": ib.item(),
+            "loss/decoder": decoder_loss.item(),
+            "loss/explore": explore_loss.item(),
+            "train/q_exec": q_exec.item(),
+            "train/q_explore": q_explore.item(),
+            "train/decoder_error_final": errors[:, -1].mean().item(),
+            "train/explore_reward": (reward.sum(1)).mean().item(),
+        }
+
+    def after_update(step: int) -> None:
+        if (step + 1) % cfg.target_every == 0:
+            for name, target in targets.items():
+                target.update({k: v.detach().clone() for k, v in params(getattr(model, name)).items()})
+
+    def agent() -> tuple[Policy, Callable[[list[Step]], Policy]]:
+        def exploit(steps: list[Step]) -> Policy:
+            z = decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device)
+            return exec_policy(model, z, n_actions, 0.0, rng, device)
+
+        return recurrent_policy(model.explorer, n_actions, 0.0, rng, device), exploit
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        return evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
+
+    def state() -> dict[str, Any]:
+        return {
+            "targets": {n: {k: v.detach().clone() for k, v in t.items()} for n, t in targets.items()},
+            "explore_buffer": explore_buffer.state(),
+            "exec_buffer": exec_buffer.state(),
+            "rng": rng.bit_generator.state,
+            "progress": progress.state(),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        for name, target in targets.items():
+            target.update({k: v.to(device) for k, v in saved["targets"][name].items()})
+        explore_buffer.load_state(saved["explore_buffer"])
+        exec_buffer.load_state(saved["exec_buffer"])
+        rng.bit_generator.state = saved["rng"]
+        progress.load_state(saved["progress"])
+
+    return Learner(model, loss, evaluate, state=state, load_state=load_state, after_update=after_update)

@@ -1,0 +1,221 @@
+"""Meta-episodes: one exploration episode (no task reward) followed by one scored exploitation episode on the same
+hidden problem, the protocol of DREAM (Liu et al., ICML 2021) on :mod:`metalab.envs.citygrid`.
+
+An agent plays a meta-episode through two policies, each a stateful callable
+``policy(obs, prev_action, prev_reward, first) -> action`` (``first``: the first step of an episode, when
+``prev_action`` is -1 and ``prev_reward`` 0). RL² passes one recurrent policy for both phases, so its memory
+runs across the boundary; DREAM builds its exploitation policy from the exploration episode
+(``exploit(explore_steps)``). Everything here is NumPy and the env; the networks stay in the algorithms.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from metalab.errors import ConfigError
+from metalab.rl.recurrent import RecurrentNet, Sequences, one_hot
+from metalab.rl.rollout import derive_seed
+from metalab.train.evaluate import mean_ci95
+
+EVAL_PARTS = {"val": 0, "test": 1}
+"""Both parts evaluate on the held-out (test) problems, each with its own fixed episode seeds."""
+
+
+class Policy(Protocol):
+    def __call__(self, obs: np.ndarray, prev_action: int, prev_reward: float, first: bool) -> int: ...
+
+
+class Step(NamedTuple):
+    """One transition of an episode."""
+
+    obs: np.ndarray  # (obs_dim,) float32
+    action: int
+    reward: float
+    next_obs: np.ndarray
+    terminated: bool
+
+
+class MetaEpisode(NamedTuple):
+    problem: int
+    explore: list[Step]
+    exploit: list[Step]
+    success: bool
+    """The exploitation episode reached its goal."""
+
+    @property
+    def exploit_return(self) -> float:
+        return float(sum(s.reward for s in self.exploit))
+
+
+class Progress:
+    """Meta-episodes played so far and the last 100 training exploitation returns and successes (checkpointed)."""
+
+    def __init__(self) -> None:
+        self.episodes = 0
+        self.returns: deque[float] = deque(maxlen=100)
+        self.successes: deque[float] = deque(maxlen=100)
+
+    def record(self, episode: MetaEpisode) -> dict[str, float]:
+        """Count ``episode`` and return the running training metrics."""
+        self.episodes += 1
+        self.returns.append(episode.exploit_return)
+        self.successes.append(float(episode.success))
+        return {"train/return": float(np.mean(self.returns)), "train/success": float(np.mean(self.successes))}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "episodes": self.episodes,
+            "returns": torch.tensor(list(self.returns), dtype=torch.float64),
+            "successes": torch.tensor(list(self.successes), dtype=torch.float64),
+        }
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        self.episodes = int(saved["episodes"])
+        self.returns.clear()
+        self.returns.extend(saved["returns"].tolist())
+        self.successes.clear()
+        self.successes.extend(saved["successes"].tolist())
+
+
+def problem_env(env: gym.Env) -> gym.Env:
+    """``env`` checked to be a meta-RL problem family (``problems(split)`` and ``reset(options={"problem"})``)."""
+    if not hasattr(env.unwrapped, "problems"):
+        raise ConfigError("env.id", f"{env.spec.id if env.spec else env} has no hidden problems (meta-RL needs "
+                          "an env such as metalab/CityGrid-v0)")  # fmt: skip
+    return env
+
+
+def play_episode(env: gym.Env, seed: int, options: dict, policy: Policy) -> tuple[list[Step], bool]:
+    """One episode from ``env.reset(seed, options)`` driven by ``policy``; its steps and whether it succeeded."""
+    obs, _ = env.reset(seed=seed, options=options)
+    steps: list[Step] = []
+    prev_action, prev_reward, success = -1, 0.0, False
+    while True:
+        action = int(policy(obs, prev_action, prev_reward, not steps))
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        steps.append(Step(obs, action, float(reward), next_obs, bool(terminated)))
+        success = bool(info.get("is_success", terminated))
+        if terminated or truncated:
+            return steps, success
+        obs, prev_action, prev_reward = next_obs, action, float(reward)
+
+
+def play_meta_episode(
+    env: gym.Env,
+    problem: int,
+    seed: int,
+    explore: Policy,
+    exploit: Callable[[list[Step]], Policy],
+) -> MetaEpisode:
+    """Explore ``problem`` with ``explore``, then exploit it with ``exploit(exploration steps)``."""
+    explore_steps, _ = play_episode(env, derive_seed(seed, 0), {"problem": problem, "explore": True}, explore)
+    policy = exploit(explore_steps)
+    exploit_steps, success = play_episode(env, derive_seed(seed, 1), {"problem": problem}, policy)
+    return MetaEpisode(problem, explore_steps, exploit_steps, success)
+
+
+def history_input(
+    obs: np.ndarray, prev_action: int, prev_reward: float, first: bool, n_actions: int
+) -> np.ndarray:
+    """What a recurrent agent reads at a step: ``[obs, one_hot(prev action), prev reward, first]``."""
+    extra = np.array([prev_reward, float(first)], dtype=np.float32)
+    return np.concatenate([np.asarray(obs, np.float32), one_hot(prev_action, n_actions), extra])
+
+
+def history_dim(obs_dim: int, n_actions: int) -> int:
+    return obs_dim + n_actions + 2
+
+
+def episode_steps(env: gym.Env) -> int:
+    """The step limit of one episode of ``env`` (its ``max_steps``)."""
+    limit = getattr(env.unwrapped, "max_steps", None)
+    if limit is None:
+        raise ConfigError(
+            "env.id", "meta-RL needs an env with a fixed episode length (a max_steps attribute)"
+        )
+    return int(limit)
+
+
+def recurrent_policy(
+    net: RecurrentNet, n_actions: int, eps: float, rng: np.random.Generator, device: torch.device
+) -> Policy:
+    """An epsilon-greedy policy over ``net``'s Q-values whose hidden state lives as long as the policy."""
+    h: torch.Tensor | None = None
+
+    def act(obs: np.ndarray, prev_action: int, prev_reward: float, first: bool) -> int:
+        nonlocal h
+        x = torch.from_numpy(history_input(obs, prev_action, prev_reward, first, n_actions)).to(device)
+        with torch.no_grad():
+            q, h = net(x[None, None], h)  # (1, 1, A)
+        explore = eps > 0 and rng.random() < eps  # greedy evaluation draws nothing
+        return int(rng.integers(n_actions)) if explore else int(q[0, -1].argmax())
+
+    return act
+
+
+def steps_to_sequence(episodes: Sequence[list[Step]], n_actions: int, task: int, length: int) -> Sequences:
+    """One :class:`Sequences` row of consecutive episodes read as one history (RL²: exploration then
+    exploitation; DREAM's explorer: the exploration episode alone), zero-padded to ``length`` steps.
+
+    The last step of the last episode is terminal (the history ends there); episode boundaries inside are not,
+    so value flows from later episodes back into earlier ones.
+    """
+    inputs, actions, rewards = [], [], []
+    prev_action, prev_reward = -1, 0.0
+    for episode in episodes:
+        for i, step in enumerate(episode):
+            first = i == 0
+            if first:
+                prev_action, prev_reward = -1, 0.0
+            inputs.append(history_input(step.obs, prev_action, prev_reward, first, n_actions))
+            actions.append(step.action)
+            rewards.append(step.reward)
+            prev_action, prev_reward = step.action, step.reward
+    last = episodes[-1][-1]
+    inputs.append(history_input(last.next_obs, last.action, last.reward, False, n_actions))
+    t = len(actions)
+    if t > length:
+        raise ValueError(f"{t} steps do not fit a sequence of {length}")
+    row = Sequences(
+        inputs=np.zeros((1, length + 1, inputs[0].shape[0]), np.float32),
+        action=np.zeros((1, length), np.int64),
+        reward=np.zeros((1, length), np.float32),
+        terminal=np.zeros((1, length), bool),
+        mask=np.zeros((1, length), bool),
+        task=np.array([task], dtype=np.int64),
+    )
+    row.inputs[0, : t + 1] = np.stack(inputs)
+    row.action[0, :t] = actions
+    row.reward[0, :t] = rewards
+    row.terminal[0, t - 1] = True
+    row.mask[0, :t] = True
+    return row
+
+
+Agent = Callable[[], tuple[Policy, Callable[[list[Step]], Policy]]]
+"""Makes the two policies of one meta-episode: ``(explore, exploit)`` with ``exploit(explore steps) -> policy``."""
+
+
+def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent) -> dict[str, float]:
+    """Meta-episodes on the held-out problems, cycling through them: mean exploitation return and success with
+    95% CIs. ``agent()`` is called once per meta-episode (fresh memory)."""
+    problems = env.unwrapped.problems("test")
+    results = []
+    for i in range(episodes):
+        explore, exploit = agent()
+        seed = derive_seed(eval_seed, EVAL_PARTS[part], i)
+        results.append(play_meta_episode(env, problems[i % len(problems)], seed, explore, exploit))
+    ret = mean_ci95([r.exploit_return for r in results])
+    success = mean_ci95([float(r.success) for r in results])
+    return {
+        f"eval/{part}_return": ret.mean,
+        f"eval/{part}_return_ci95": ret.ci95,
+        f"eval/{part}_success": success.mean,
+        f"eval/{part}_success_ci95": success.ci95,
+    }

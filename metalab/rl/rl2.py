@@ -1,0 +1,145 @@
+"""RL²: fast reinforcement learning via slow reinforcement learning (Duan et al. 2016; Wang et al. 2016), as a
+recurrent Q-network trained end to end on meta-episodes.
+
+One GRU Q-network reads ``[obs, previous action, previous reward, first step of an episode]`` through a whole
+meta-episode (an exploration episode, then an exploitation episode on the same hidden problem; see
+:mod:`metalab.rl.meta`), its hidden state carried across the episode boundary and reset between meta-episodes.
+Exploration earns no reward, so the only signal for how to explore is the exploitation return bootstrapped back
+across the boundary: the chicken-and-egg problem DREAM (Liu et al., ICML 2021) removes. The Q-learning is
+:func:`metalab.rl.recurrent.sequence_td_loss` (double DQN, hard target copies) on whole stored meta-episodes.
+
+One trainer step plays one epsilon-greedy meta-episode on a training problem, stores it, and (after
+``learning_starts`` meta-episodes) returns the TD loss of ``batch_size`` stored meta-episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from metalab.config import require
+from metalab.envs.config import make_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.rl.buffer import ReplayBuffer
+from metalab.rl.dqn import linear_schedule
+from metalab.rl.meta import (
+    Policy,
+    Progress,
+    Step,
+    episode_steps,
+    evaluate_meta,
+    history_dim,
+    play_meta_episode,
+    problem_env,
+    recurrent_policy,
+    steps_to_sequence,
+)
+from metalab.rl.recurrent import Params, RecurrentNet, Sequences, sequence_td_loss, to_tensors
+from metalab.rl.rollout import derive_seed
+from metalab.train.loop import Learner
+
+
+@dataclass(frozen=True)
+class Config:
+    """RL² hyperparameters (the ``rl2`` section of a config)."""
+
+    gamma: float = 0.99
+    """Discount factor (across the whole meta-episode)."""
+    buffer_size: int = 20_000
+    """Replay capacity in meta-episodes."""
+    batch_size: int = 32
+    """Meta-episodes per TD update."""
+    learning_starts: int = 100
+    """Meta-episodes of collection before the first update."""
+    target_every: int = 250
+    """Copy the online network to the target network every this many trainer steps."""
+    double: bool = True
+    """Double DQN targets."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    eps_fraction: float = 0.5
+    """Fraction of the trainer steps over which epsilon decays linearly."""
+    hidden: int = 128
+    """Width of the input layer and of the GRU."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
+        for key in ("buffer_size", "batch_size", "target_every", "hidden"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
+        for key in ("eps_start", "eps_end", "eps_fraction"):
+            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Recurrent Q-network, meta-episode replay and the trainer hooks of an RL² run (``data_root`` unused)."""
+    cfg: Config = run.params
+    env, eval_env = problem_env(make_env(run.env)), problem_env(make_env(run.env))
+    if not isinstance(env.action_space, spaces.Discrete):
+        raise ConfigError(
+            "env.id", f"RL² (Q-learning) needs discrete actions; {run.env.id} has {env.action_space}"
+        )
+    n_actions = int(env.action_space.n)
+    obs_dim = int(np.prod(env.observation_space.shape))
+    net = RecurrentNet(history_dim(obs_dim, n_actions), n_actions, cfg.hidden).to(device)
+    target: Params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    buffer: ReplayBuffer[Sequences] = ReplayBuffer(cfg.buffer_size, Sequences)
+    rng = np.random.default_rng(derive_seed(run.seed, 1))
+    train_problems = env.unwrapped.problems("train")
+    horizon = episode_steps(env)
+    progress = Progress()
+
+    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
+        problem = train_problems[int(rng.integers(len(train_problems)))]
+        policy = recurrent_policy(net, n_actions, eps, rng, device)
+        episode = play_meta_episode(env, problem, derive_seed(run.seed, 0, progress.episodes), policy,
+                                    lambda _: policy)  # fmt: skip
+        buffer.add(steps_to_sequence([episode.explore, episode.exploit], n_actions, problem, 2 * horizon))
+        metrics = {
+            "train/epsilon": eps,
+            **progress.record(episode),
+        }
+        if progress.episodes < max(cfg.learning_starts, 1):
+            return None, metrics
+        batch = to_tensors(buffer.sample_rows(cfg.batch_size, rng), device)
+        td, q_mean = sequence_td_loss(
+            net, dict(net.named_parameters()), target, *batch, cfg.gamma, cfg.double
+        )
+        return td, {**metrics, "train/q": q_mean.item()}
+
+    def after_update(step: int) -> None:
+        if (step + 1) % cfg.target_every == 0:
+            target.update({k: v.detach().clone() for k, v in net.named_parameters()})
+
+    def agent() -> tuple[Policy, Callable[[list[Step]], Policy]]:
+        policy = recurrent_policy(net, n_actions, 0.0, rng, device)
+        return policy, lambda _: policy
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        return evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
+
+    def state() -> dict[str, Any]:
+        return {
+            "target": {k: v.detach().clone() for k, v in target.items()},
+            "buffer": buffer.state(),
+            "rng": rng.bit_generator.state,
+            "progress": progress.state(),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        target.update({k: v.to(device) for k, v in saved["target"].items()})
+        buffer.load_state(saved["buffer"])
+        rng.bit_generator.state = saved["rng"]
+        progress.load_state(saved["progress"])
+
+    return Learner(net, loss, evaluate, state=state, load_state=load_state, after_update=after_update)

@@ -1,0 +1,201 @@
+"""Meta-RL on CityGrid: meta-episode bookkeeping, RL² memory across the episode boundary, DREAM's information
+bottleneck and exploration reward on hand-made numbers, gradient routing, exact resume and CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from metalab.cli import main
+from metalab.experiment import RunConfig, load_run_config
+from metalab.rl import dream, meta, rl2
+from metalab.rl.recurrent import RecurrentNet
+from metalab.train.checkpoint import load_checkpoint
+from metalab.train.logger import read_metrics
+from metalab.train.loop import CHECKPOINT, Learner, fit
+from metalab.utils import seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["train.steps=30", "train.eval_every=15", "train.checkpoint_every=10", "train.eval_episodes=4",
+        "train.log_every=5", "eval.episodes=4", "train.device=cpu"]  # fmt: skip
+
+
+def tiny(algo: str, *extra: str) -> RunConfig:
+    sets = [*TINY, f"{algo}.learning_starts=5", f"{algo}.batch_size=4", f"{algo}.hidden=16",
+            f"{algo}.buffer_size=12", f"{algo}.target_every=7", *extra]  # fmt: skip
+    if algo == "dream":
+        sets += ["dream.exec_batch_size=8", "dream.z_dim=4"]
+    return load_run_config(REPO / "configs" / f"{algo}_citygrid5x5.yaml", sets)
+
+
+def make(run: RunConfig) -> Learner:
+    seed_everything(run.seed)
+    module = rl2 if run.algo == "rl2" else dream
+    return module.build(run, Path("unused"), torch.device("cpu"))
+
+
+def step(obs: float, action: int, reward: float, terminated: bool = False) -> meta.Step:
+    return meta.Step(np.full(7, obs, np.float32), action, reward, np.full(7, obs + 1, np.float32), terminated)
+
+
+def test_sequence_of_two_episodes_is_one_history_with_one_terminal() -> None:
+    explore = [step(0, 1, 0.0), step(1, 5, 0.0)]
+    exploit = [step(10, 2, -0.3), step(11, 3, 1.0, terminated=True)]
+    row = meta.steps_to_sequence([explore, exploit], 6, task=7, length=6)
+    assert row.inputs.shape == (1, 7, 7 + 6 + 2) and row.task.tolist() == [7]
+    assert row.action[0].tolist() == [1, 5, 2, 3, 0, 0]
+    np.testing.assert_allclose(row.reward[0], [0, 0, -0.3, 1, 0, 0])
+    assert row.terminal[0].tolist() == [False, False, False, True, False, False]  # not at the boundary
+    assert row.mask[0].tolist() == [True] * 4 + [False] * 2
+    x = row.inputs[0]
+    # [obs(7), one-hot previous action(6), previous reward, first step of an episode]
+    assert x[0, 7:].tolist() == [0] * 6 + [0, 1]  # nothing before the first step
+    assert x[1, 7:].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]  # action 1 came before, reward 0
+    assert x[2, :7].tolist() == [10] * 7 and x[2, 7:].tolist() == [0] * 6 + [0, 1]  # a new episode
+    np.testing.assert_allclose(x[3, 7:], [0, 0, 1, 0, 0, 0, -0.3, 0])
+    assert x[4, :7].tolist() == [12] * 7  # the state after the last action, for bootstrapping
+    assert np.all(x[5:] == 0)
+
+
+def test_rl2_memory_carries_over_the_boundary_and_resets_between_meta_episodes() -> None:
+    torch.manual_seed(0)
+    net = RecurrentNet(meta.history_dim(7, 6), 6, hidden=16)
+    rng = np.random.default_rng(0)
+    obs = np.zeros(7, np.float32)
+
+    def q_after(history: list[int], fresh: bool) -> torch.Tensor:
+        policy = meta.recurrent_policy(net, 6, 0.0, rng, torch.device("cpu"))
+        for i, a in enumerate(history):
+            policy(obs + a, -1 if i == 0 else history[i - 1], 0.0, i == 0)
+        if fresh:  # what a new meta-episode's first call sees
+            policy = meta.recurrent_policy(net, 6, 0.0, rng, torch.device("cpu"))
+        x = torch.from_numpy(meta.history_input(obs, 2, 0.0, True, 6))[None, None]
+        h = None
+        if not fresh:  # rebuild the carried state to read Q after the boundary
+            seq = [meta.history_input(obs + a, -1 if i == 0 else history[i - 1], 0.0, i == 0, 6)
+                   for i, a in enumerate(history)]  # fmt: skip
+            _, h = net(torch.from_numpy(np.stack(seq))[None])
+        return net(x, h)[0][0, -1].detach()
+
+    carried_a, carried_b = q_after([0, 1, 2], False), q_after([3, 3, 3], False)
+    assert not torch.allclose(carried_a, carried_b)  # what was explored changes the first exploitation step
+    torch.testing.assert_close(q_after([0, 1, 2], True), q_after([3, 3, 3], True))  # a new one starts blank
+
+    # the policy object carries its state through both episodes: only its very first call starts blank
+    class Spy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blank: list[bool] = []
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            self.blank.append(h is None)
+            return net(x, h)
+
+    spy, env = Spy(), gym.make("metalab/CityGrid5x5-v0")
+    for _ in range(2):  # two meta-episodes, a fresh policy each
+        policy = meta.recurrent_policy(spy, 6, 0.0, rng, torch.device("cpu"))
+        episode = meta.play_meta_episode(env, 0, 1, policy, lambda _, p=policy: p)
+    steps = len(episode.explore) + len(episode.exploit)
+    assert spy.blank == ([True] + [False] * (steps - 1)) * 2
+
+
+def test_information_gain_rewards_and_bottleneck_by_hand() -> None:
+    z = torch.tensor([[1.0, 0.0]])
+    predictions = torch.tensor([[[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [1.0, 2.0]]])  # errors 1, 0.25, 0, 4
+    rewards = dream.information_gain_rewards(predictions, z, step_cost=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[0.75 - 0.1, 0.25 - 0.1, -4.0 - 0.1]]))
+    # the sum telescopes: first error minus last, minus the step costs
+    torch.testing.assert_close(rewards.sum(), torch.tensor(1.0 - 4.0 - 0.3))
+    f = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(dream.bottleneck(f), torch.tensor(0.5 * 25 / 2))
+
+
+def test_dream_losses_route_gradients_to_their_own_parts() -> None:
+    run = tiny("dream", "train.steps=8")
+    learner = make(run)
+    model: dream.DREAM = learner.model  # type: ignore[assignment]
+    loss = None
+    for s in range(8):
+        loss, metrics = learner.loss(s)
+    assert loss is not None and {"loss/exec", "loss/decoder", "loss/explore", "loss/bottleneck"} <= set(
+        metrics
+    )
+    loss.backward()
+    for part in ("embedding", "executor", "decoder", "explorer"):
+        grads = [p.grad for p in getattr(model, part).parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), part
+
+
+def test_dream_decoder_loss_does_not_move_the_embedding() -> None:
+    torch.manual_seed(0)
+    cfg = dream.Config(z_dim=3, hidden=8)
+    model = dream.DREAM(5, 7, 6, cfg)
+    inputs = torch.randn(2, 4, meta.history_dim(7, 6))
+    z = model.embedding(torch.tensor([0, 3])).detach()
+    errors = (model.decoder(inputs)[0] - z[:, None]).pow(2).sum(-1).mean()
+    errors.backward()
+    assert model.embedding.weight.grad is None and model.decoder.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("algo", ["rl2", "dream"])
+def test_resume_is_exact(algo: str, tmp_path: Path) -> None:
+    """Ctrl-C after the buffer wrapped, resume in a fresh learner: same weights, buffers, RNG and logs."""
+    run = tiny(algo)
+    reference = make(run)
+    fit(reference, run.train, tmp_path / "ref")
+
+    interrupted = make(run)
+    inner = interrupted.loss
+
+    def loss(s: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        if s == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(s)
+
+    interrupted.loss = loss
+    result = fit(interrupted, run.train, tmp_path / "run")
+    assert result.interrupted and result.step == 18
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["learner"]["progress"]["episodes"] == 18
+
+    resumed = make(run)
+    seed_everything(123)
+    out = fit(resumed, run.train, tmp_path / "run", resume=True)
+    assert (out.step, out.interrupted) == (30, False)
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    ref, res = reference.state(), resumed.state()
+    assert ref["rng"] == res["rng"] and ref["progress"]["episodes"] == res["progress"]["episodes"] == 30
+
+    def logged(run_dir: Path) -> list[tuple[int, str, float]]:
+        return [r for r in read_metrics(run_dir / "metrics.csv") if not r[1].startswith("time/")]
+
+    assert logged(tmp_path / "run") == logged(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("algo", ["rl2", "dream"])
+def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = REPO / "configs" / f"{algo}_citygrid5x5.yaml"
+    sets = [f"--set={s}" for s in [*TINY, f"{algo}.learning_starts=5", f"{algo}.hidden=16"]]
+    assert main(["train", str(config), "--runs-dir", str(tmp_path), *sets]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith(f"{algo}-citygrid5x5-s0-")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["step"] == 30 and -3.0 <= result["eval/test_return"] <= 0.7
+    assert 0 <= result["eval/test_success"] <= 1
+    assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
+    assert "eval/test_return" in capsys.readouterr().out
+
+
+def test_meta_rl_refuses_an_env_without_problems() -> None:
+    from metalab.errors import ConfigError
+
+    run = load_run_config(REPO / "configs" / "rl2_citygrid5x5.yaml", ["env.id=CartPole-v1"])
+    with pytest.raises(ConfigError, match=r"env\.id"):
+        make(run)
