@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from metalab.cli import main
 from metalab.experiment import RunConfig, load_run_config
@@ -189,6 +190,8 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["step"] == 30 and -3.0 <= result["eval/test_return"] <= 0.7
     assert 0 <= result["eval/test_success"] <= 1
+    strip = Image.open(run_dir / "meta_episode.png")  # exploration row over exploitation row
+    assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
     assert "eval/test_return" in capsys.readouterr().out
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import gymnasium as gym
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from metalab.errors import ConfigError
 from metalab.rl.recurrent import RecurrentNet, Sequences, one_hot
@@ -219,3 +221,43 @@ def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent:
         f"eval/{part}_success": success.mean,
         f"eval/{part}_success_ci95": success.ci95,
     }
+
+
+def render_meta_episode(
+    env: gym.Env,
+    problem: int,
+    seed: int,
+    explore: Policy,
+    exploit: Callable[[list[Step]], Policy],
+    path: Path,
+) -> Path:
+    """Play one meta-episode on ``env`` (made with ``render_mode="rgb_array"``) and save a PNG strip: the
+    exploration episode on the top row, the exploitation episode below, one frame per state."""
+    rows: list[list[np.ndarray]] = [[], []]
+
+    def filmed(policy: Policy, row: list[np.ndarray]) -> Policy:
+        def act(obs: np.ndarray, prev_action: int, prev_reward: float, first: bool) -> int:
+            row.append(env.render())
+            return policy(obs, prev_action, prev_reward, first)
+
+        return act
+
+    def exploit_filmed(steps: list[Step]) -> Policy:
+        rows[0].append(env.render())  # the env still shows the last exploration state
+        return filmed(exploit(steps), rows[1])
+
+    episode = play_meta_episode(env, problem, seed, filmed(explore, rows[0]), exploit_filmed)
+    rows[1].append(env.render())
+    h, w, _ = rows[0][0].shape
+    pad = 4
+    width = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (width * (w + pad) + pad, 2 * (h + pad) + pad + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, frames in enumerate(rows):
+        for c, frame in enumerate(frames):
+            canvas.paste(Image.fromarray(frame), (pad + c * (w + pad), 16 + pad + r * (h + pad)))
+    draw.text((pad, 2), f"problem {problem}: exploration (top), exploitation (bottom), "
+                        f"return {episode.exploit_return:.2f}", fill="black")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -39,6 +40,7 @@ from metalab.rl.meta import (
     play_meta_episode,
     problem_env,
     recurrent_policy,
+    render_meta_episode,
     steps_to_sequence,
 )
 from metalab.rl.recurrent import Params, RecurrentNet, Sequences, sequence_td_loss, to_tensors
@@ -128,6 +130,11 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def evaluate(part: str, episodes: int) -> dict[str, float]:
         return evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
 
+    def figures(run_dir: Path) -> list[Path]:
+        problem = env.unwrapped.problems("test")[0]
+        filmed = gym.make(run.env.id, render_mode="rgb_array")
+        return [render_meta_episode(filmed, problem, run.eval.seed, *agent(), run_dir / "meta_episode.png")]
+
     def state() -> dict[str, Any]:
         return {
             "target": {k: v.detach().clone() for k, v in target.items()},
@@ -142,4 +149,6 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         rng.bit_generator.state = saved["rng"]
         progress.load_state(saved["progress"])
 
-    return Learner(net, loss, evaluate, state=state, load_state=load_state, after_update=after_update)
+    return Learner(
+        net, loss, evaluate, state=state, load_state=load_state, after_update=after_update, figures=figures
+    )
