@@ -188,12 +188,12 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith(f"{algo}-citygrid5x5-s0-")
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 30 and -3.0 <= result["eval/test_return"] <= 0.7
-    assert 0 <= result["eval/test_success"] <= 1
+    assert result["step"] == 30 and -3.0 <= result["eval/return"] <= 0.7
+    assert 0 <= result["eval/success"] <= 1
     strip = Image.open(run_dir / "meta_episode.png")  # exploration row over exploitation row
     assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
-    assert "eval/test_return" in capsys.readouterr().out
+    assert "eval/return" in capsys.readouterr().out
 
 
 def test_meta_rl_refuses_an_env_without_problems() -> None:

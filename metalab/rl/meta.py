@@ -56,29 +56,38 @@ class MetaEpisode(NamedTuple):
 
 
 class Progress:
-    """Meta-episodes played so far and the last 100 training exploitation returns and successes (checkpointed)."""
+    """Meta-episodes and env steps played so far, and the last 100 training exploitation returns and successes
+    (checkpointed)."""
 
     def __init__(self) -> None:
         self.episodes = 0
+        self.env_steps = 0
         self.returns: deque[float] = deque(maxlen=100)
         self.successes: deque[float] = deque(maxlen=100)
 
     def record(self, episode: MetaEpisode) -> dict[str, float]:
         """Count ``episode`` and return the running training metrics."""
         self.episodes += 1
+        self.env_steps += len(episode.explore) + len(episode.exploit)
         self.returns.append(episode.exploit_return)
         self.successes.append(float(episode.success))
-        return {"train/return": float(np.mean(self.returns)), "train/success": float(np.mean(self.successes))}
+        return {
+            "train/return": float(np.mean(self.returns)),
+            "train/success": float(np.mean(self.successes)),
+            "train/env_steps": float(self.env_steps),
+        }
 
     def state(self) -> dict[str, Any]:
         return {
             "episodes": self.episodes,
+            "env_steps": self.env_steps,
             "returns": torch.tensor(list(self.returns), dtype=torch.float64),
             "successes": torch.tensor(list(self.successes), dtype=torch.float64),
         }
 
     def load_state(self, saved: dict[str, Any]) -> None:
         self.episodes = int(saved["episodes"])
+        self.env_steps = int(saved["env_steps"])
         self.returns.clear()
         self.returns.extend(saved["returns"].tolist())
         self.successes.clear()
@@ -216,10 +225,10 @@ def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent:
     ret = mean_ci95([r.exploit_return for r in results])
     success = mean_ci95([float(r.success) for r in results])
     return {
-        f"eval/{part}_return": ret.mean,
-        f"eval/{part}_return_ci95": ret.ci95,
-        f"eval/{part}_success": success.mean,
-        f"eval/{part}_success_ci95": success.ci95,
+        "eval/return": ret.mean,
+        "eval/return_ci95": ret.ci95,
+        "eval/success": success.mean,
+        "eval/success_ci95": success.ci95,
     }
 
 
