@@ -1,0 +1,209 @@
+"""Meta-RL: DREAM and RL² on CityGrid (5x5 and 9x9), PEARL on the sparse point robot.
+
+    python -m benchmarks.meta_rl                                  # every configuration (many CPU hours)
+    python -m benchmarks.meta_rl --only dream-5x5                 # DREAM on 5x5, seeds 0-2
+    python -m benchmarks.meta_rl --only rl2-9x9-s0 --minutes 60   # one configuration, capped at 60 minutes
+
+A configuration ``<method>-<task>-s<seed>`` trains ``configs/<method>_<env>.yaml`` with ``seed`` for ``BUDGETS``
+trainer steps (``--steps-scale`` scales them; for DREAM and RL² a trainer step is one meta-episode, for PEARL one
+gradient step), capped by ``--minutes`` of training, in ``<runs-dir>/<config>``, resuming it when rerun. Then:
+
+- DREAM / RL²: one meta-episode (exploration, then the scored exploitation episode) on each of the 523 held-out
+  test problems; ``return`` is the mean exploitation return, ``success`` the fraction reaching the goal.
+- PEARL: 100 trials on the 20 held-out goals; ``return_after{1,2}`` and ``success_after{1,2}`` are those of the
+  episode after 1 and 2 earlier episodes of the trial (posterior from their transitions).
+
+Per-seed records (``return_s0``) and the aggregate over the seeds recorded so far (mean with a 95% CI) go to
+``<results-dir>/meta_rl.json``; ``meta_rl.png`` is redrawn from every run directory: the periodic held-out
+evaluation vs environment steps (mean over seeds, band from min to max).
+
+Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus
+information 0.1 / 0.3); RL² with the same budget reported; PEARL success >= 0.8 on the eval tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, merge_results, record
+from benchmarks.rl_common import aggregate, expand, seed_metric, train
+from metalab.experiment import RunConfig, load_run_config
+from metalab.train.logger import read_metrics
+
+BENCH = "meta_rl"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+RUNS = Path("runs/bench/meta_rl")
+SEEDS = (0, 1, 2)
+TASKS = {  # task -> (config suffix, optimal return, walking return)
+    "5x5": ("citygrid5x5", 0.7, 0.1),
+    "9x9": ("citygrid", 0.8, 0.3),
+    "point": ("point_robot", None, None),
+}
+METHODS = {"dream": ("5x5", "9x9"), "rl2": ("5x5", "9x9"), "pearl": ("point",)}
+BUDGETS = {("dream", "5x5"): 20_000, ("rl2", "5x5"): 20_000, ("dream", "9x9"): 40_000, ("rl2", "9x9"): 40_000,
+           ("pearl", "point"): 30_000}  # fmt: skip
+TARGETS = {("dream", "5x5"): 0.65, ("dream", "9x9"): 0.75}
+PEARL_TARGET = 0.8
+PUBLISHED = {
+    "dream": "Liu et al. 2021 (DREAM, fig. 3): DREAM reaches the optimal return on the distracting bus; RL² "
+    "and other end-to-end methods stay near the walking return",
+    "pearl": "Rakelly et al. 2019 (PEARL): sparse point robot solved after a few exploration episodes",
+}
+CONFIGS = [f"{m}-{t}-s{s}" for m, tasks in METHODS.items() for t in tasks for s in SEEDS]
+GROUPS = {f"{m}-{t}": [f"{m}-{t}-s{s}" for s in SEEDS] for m, tasks in METHODS.items() for t in tasks}
+
+
+def parse(name: str) -> tuple[str, str, int]:
+    """``dream-5x5-s0`` -> ``("dream", "5x5", 0)``."""
+    method, task, seed = re.fullmatch(r"(\w+)-(\w+)-s(\d+)", name).groups()  # type: ignore[union-attr]
+    return method, task, int(seed)
+
+
+def run_config(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
+    log_every = max(steps // 200, 1)  # every evaluation step is also a logging step (env steps on the x axis)
+    overrides = [f"seed={seed}", f"train.steps={steps}", "train.device=cpu", f"train.log_every={log_every}",
+                 f"train.eval_every={10 * log_every}", f"train.checkpoint_every={10 * log_every}"]  # fmt: skip
+    if minutes is not None:
+        overrides.append(f"train.max_minutes={minutes}")
+    return load_run_config(CONFIGS_DIR / f"{method}_{TASKS[task][0]}.yaml", overrides)
+
+
+def curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
+    """``(env steps, value of key)`` at every periodic evaluation logged in ``run_dir``."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows = read_metrics(path)
+    env_steps = {s: v for s, k, v in rows if k == "train/env_steps"}
+    return [(env_steps[s], v) for s, k, v in rows if k == key and s in env_steps]
+
+
+def last_env_steps(run_dir: Path) -> float | None:
+    """Env steps of training so far (the last ``train/env_steps`` logged)."""
+    path = run_dir / "metrics.csv"
+    steps = [v for _, k, v in read_metrics(path) if k == "train/env_steps"] if path.is_file() else []
+    return steps[-1] if steps else None
+
+
+def curve_key(method: str) -> str:
+    return "eval/success_after1" if method == "pearl" else "eval/return"
+
+
+def benchmark(name: str, steps: int, minutes: float | None, runs: Path) -> list[dict]:
+    """Train (or resume) configuration ``name``, test it, and return its per-seed records."""
+    method, task, seed = parse(name)
+    run = run_config(method, task, seed, steps, minutes)
+    learner, fitted = train(run, runs / name)
+    test = learner.evaluate("test", run.eval.episodes)
+    _, optimal, walking = TASKS[task]
+    common = {"seed": seed, "budget_steps": steps, "test_episodes": run.eval.episodes, "optimal": optimal,
+              "walking": walking, "threads": torch.get_num_threads(), "published": PUBLISHED.get(method),
+              "config": f"configs/{method}_{TASKS[task][0]}.yaml", "env_steps": last_env_steps(runs / name)}  # fmt: skip
+    label, bench_task = method, f"{TASKS[task][0]}"
+    if method == "pearl":
+        metrics = [(f"{m}_after{k}", f"eval/{m}_after{k}", "fraction" if m == "success" else "return")
+                   for k in (1, 2) for m in ("success", "return")]  # fmt: skip
+    else:
+        metrics = [("return", "eval/return", "return"), ("success", "eval/success", "fraction")]
+    out = []
+    for metric, key, unit in metrics:
+        target = PEARL_TARGET if metric.startswith("success") and method == "pearl" else None
+        target = TARGETS.get((method, task)) if metric == "return" else target
+        out.append(record(BENCH, bench_task, label, seed_metric(metric, seed), test.get(key),
+                          ci95=test.get(f"{key}_ci95"), unit=unit, steps=fitted.step, seconds=fitted.seconds,
+                          target=target, **common))  # fmt: skip
+    summary = ", ".join(f"{m} {test.get(k, float('nan')):.3f}" for m, k, _ in metrics)
+    print(f"{name}: {summary} after {fitted.step} steps, {fitted.seconds:.0f} s")
+    return out
+
+
+def aggregates(path: Path, name: str) -> list[dict]:
+    method, task, _ = parse(name)
+    records = json.loads(path.read_text())
+    names = ("success_after1", "return_after1", "success_after2", "return_after2") if method == "pearl" else (
+        "return", "success")  # fmt: skip
+    out = []
+    for metric in names:
+        unit = "fraction" if metric.startswith("success") else "return"
+        target = PEARL_TARGET if method == "pearl" and metric.startswith("success") else None
+        target = TARGETS.get((method, task)) if metric == "return" else target
+        rec = aggregate(records, BENCH, TASKS[task][0], method, metric, unit, target=target)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def plot(runs: Path, results: Path) -> Path | None:
+    """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max."""
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
+    drawn = False
+    for ax, (task, (env_name, optimal, walking)) in zip(axes.flat, TASKS.items(), strict=True):
+        for method, tasks in METHODS.items():
+            if task not in tasks:
+                continue
+            curves = [curve(runs / f"{method}-{task}-s{s}", curve_key(method)) for s in SEEDS]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)  # evaluated by every seed so far
+            x = np.array([p[0] for p in curves[0][:n]])
+            y = np.array([[p[1] for p in c[:n]] for c in curves])  # (seeds, evals)
+            (line,) = ax.plot(x, y.mean(0), label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+            ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+            drawn = True
+        for level, what in ((optimal, "optimal"), (walking, "walking")):
+            if level is not None:
+                ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=what)
+        ax.set_title(env_name)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("success after 1 episode" if task == "point" else "exploitation return (held-out)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{BENCH}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=[*GROUPS, *CONFIGS], metavar="CONFIG",
+                   help="configurations (dream|rl2-{5x5,9x9}-s{0,1,2}, pearl-point-s{0,1,2}) or groups of "
+                   "seeds (dream-5x5); default: all")  # fmt: skip
+    p.add_argument(
+        "--steps-scale", type=float, default=1.0, help=f"multiply the trainer-step budgets {BUDGETS}"
+    )
+    p.add_argument("--minutes", type=float, default=None, help="cap each configuration's training time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (small networks: 1 is fastest)")
+    p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where meta_rl.json/.png go")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in expand(args.only, GROUPS, CONFIGS):
+        method, task, _ = parse(name)
+        steps = max(round(BUDGETS[method, task] * args.steps_scale), 1)
+        records = benchmark(name, steps, args.minutes, args.runs_dir)
+        path = merge_results(BENCH, records, args.results_dir)
+        merge_results(BENCH, aggregates(path, name), args.results_dir)
+        print(path)
+        plot(args.runs_dir, args.results_dir)
+
+
+if __name__ == "__main__":
+    main()

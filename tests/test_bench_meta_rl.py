@@ -1,0 +1,51 @@
+"""The meta-RL benchmark script end to end on a tiny budget: records, aggregates, resume and the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import meta_rl
+from metalab.experiment import RunConfig, load_run_config
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = meta_rl.run_config
+
+    def small(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
+        run = original(method, task, seed, steps, minutes)
+        sets = ["eval.episodes=3", "train.eval_episodes=2", f"{method}.hidden=8", f"{method}.learning_starts=4",
+                f"{method}.batch_size=4"]  # fmt: skip
+        return load_run_config(
+            meta_rl.CONFIGS_DIR / f"{method}_{meta_rl.TASKS[task][0]}.yaml",
+            [*(f"{k}={v}" for k, v in flat(run)), *sets],
+        )
+
+    monkeypatch.setattr(meta_rl, "run_config", small)
+
+
+def flat(run: RunConfig) -> list[tuple[str, object]]:
+    return [("seed", run.seed), ("train.steps", run.train.steps), ("train.log_every", run.train.log_every),
+            ("train.eval_every", run.train.eval_every), ("train.device", "cpu")]  # fmt: skip
+
+
+def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> None:
+    args = ["--only", "dream-5x5-s0", "dream-5x5-s1", "--steps-scale", "0.002", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "res")]  # fmt: skip
+    meta_rl.main(args)
+    records = json.loads((tmp_path / "res" / "meta_rl.json").read_text())
+    fields = {"benchmark", "task", "method", "metric", "value", "ci95", "unit", "steps", "seconds", "device",
+              "torch", "commit"}  # fmt: skip
+    assert all(fields <= set(r) for r in records)
+    by_metric = {r["metric"]: r for r in records}
+    assert {"return_s0", "return_s1", "success_s0", "success_s1", "return", "success"} <= set(by_metric)
+    assert by_metric["return"]["seeds"] == [0, 1] and by_metric["return"]["target"] == 0.65
+    assert -3.0 <= by_metric["return_s0"]["value"] <= 0.7 and by_metric["return_s0"]["steps"] == 40
+    assert (tmp_path / "res" / "meta_rl.png").is_file()
+    first = by_metric["return_s0"]["value"]
+    meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
+    again = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
+    assert again["return_s0"]["value"] == first and again["return_s0"]["steps"] == 40
