@@ -36,12 +36,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from benchmarks.bitflip_sb3 import MISSING, sb3_kwargs, train_sb3
 from benchmarks.common import RESULTS, merge_results, record
-from benchmarks.rl_common import aggregate, expand, seed_metric, train
+from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -158,16 +157,7 @@ def plot(runs: Path, results: Path) -> Path | None:
         for method, label in METHODS.items():
             read = sb3_curve if method == "sb3" else metalab_curve
             curves = [dict(read(runs / f"{method}-n{n}-s{s}")) for s in SEEDS]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated by every seed so far
-            y = np.array([[c[s] for s in steps] for c in curves])  # (seeds, evals)
-            (line,) = ax.plot(
-                steps, y.mean(0), label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
-            )
-            ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-            drawn = True
+            drawn = plot_seeds(ax, curves, label) or drawn
         ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
         ax.set_title(f"BitFlip n = {n}")
         ax.set_xlabel("environment steps")
@@ -176,15 +166,7 @@ def plot(runs: Path, results: Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    if not drawn:
-        plt.close(fig)
-        return None
-    fig.tight_layout()
-    results.mkdir(parents=True, exist_ok=True)
-    out = results / f"{BENCH}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, drawn, results, BENCH)
 
 
 def budget_arg(text: str) -> tuple[int, int]:

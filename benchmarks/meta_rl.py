@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, merge_results, record
-from benchmarks.rl_common import aggregate, expand, seed_metric, train
+from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -78,14 +78,15 @@ def run_config(method: str, task: str, seed: int, steps: int, minutes: float | N
     return load_run_config(CONFIGS_DIR / f"{method}_{TASKS[task][0]}.yaml", overrides)
 
 
-def curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
-    """``(env steps, value of key)`` at every periodic evaluation logged in ``run_dir``."""
+def curve(run_dir: Path, key: str) -> tuple[dict[float, float], dict[float, float]]:
+    """``{trainer step: value of key}`` at every periodic evaluation logged in ``run_dir``, and
+    ``{trainer step: env steps}``."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
-        return []
+        return {}, {}
     rows = read_metrics(path)
     env_steps = {s: v for s, k, v in rows if k == "train/env_steps"}
-    return [(env_steps[s], v) for s, k, v in rows if k == key and s in env_steps]
+    return {s: v for s, k, v in rows if k == key and s in env_steps}, env_steps
 
 
 def last_env_steps(run_dir: Path) -> float | None:
@@ -151,16 +152,14 @@ def plot(runs: Path, results: Path) -> Path | None:
         for method, tasks in METHODS.items():
             if task not in tasks:
                 continue
-            curves = [curve(runs / f"{method}-{task}-s{s}", curve_key(method)) for s in SEEDS]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)  # evaluated by every seed so far
-            x = np.array([p[0] for p in curves[0][:n]])
-            y = np.array([[p[1] for p in c[:n]] for c in curves])  # (seeds, evals)
-            (line,) = ax.plot(x, y.mean(0), label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-            ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-            drawn = True
+            read = [curve(runs / f"{method}-{task}-s{s}", curve_key(method)) for s in SEEDS]
+            read = [r for r in read if r[0]]
+            # seeds play meta-episodes of different lengths: x is the mean env steps at each trainer step
+            x_of = {
+                s: float(np.mean([r[1][s] for r in read if s in r[1]]))
+                for s in set().union(*(r[1] for r in read))
+            }
+            drawn = plot_seeds(ax, [r[0] for r in read], method, x_of) or drawn
         for level, what in ((optimal, "optimal"), (walking, "walking")):
             if level is not None:
                 ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=what)
@@ -170,15 +169,7 @@ def plot(runs: Path, results: Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    if not drawn:
-        plt.close(fig)
-        return None
-    fig.tight_layout()
-    results.mkdir(parents=True, exist_ok=True)
-    out = results / f"{BENCH}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, drawn, results, BENCH)
 
 
 def main(argv: list[str] | None = None) -> None:

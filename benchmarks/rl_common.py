@@ -15,6 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import yaml
 
@@ -132,3 +137,32 @@ def aggregate(
         **info,
         **extra,
     )
+
+
+def plot_seeds(
+    ax: Any, curves: list[dict[float, float]], label: str, x_of: dict[float, float] | None = None
+) -> bool:
+    """Draw the mean over seeds of ``{x: y}`` curves, with a band from min to max, at the x values every seed has
+    reached so far (drawn at ``x_of[x]`` when given); returns whether anything was drawn."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return False
+    xs = sorted(set.intersection(*(set(c) for c in curves)))
+    y = np.array([[c[x] for x in xs] for c in curves])  # (seeds, points)
+    xs = [x_of[x] for x in xs] if x_of is not None else xs
+    (line,) = ax.plot(xs, y.mean(0), label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+    ax.fill_between(xs, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    return True
+
+
+def save_figure(fig: Any, drawn: bool, results: Path, name: str) -> Path | None:
+    """Save ``fig`` as ``<results>/<name>.png`` if anything was ``drawn``; the figure is closed either way."""
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -47,6 +47,7 @@ from metalab.rl.dqn import linear_schedule, td_target
 from metalab.rl.meta import (
     Policy,
     Progress,
+    QLearningConfig,
     Step,
     episode_steps,
     evaluate_meta,
@@ -63,11 +64,11 @@ from metalab.train.loop import Learner
 
 
 @dataclass(frozen=True)
-class Config:
-    """DREAM hyperparameters (the ``dream`` section of a config)."""
+class Config(QLearningConfig):
+    """DREAM hyperparameters (the ``dream`` section of a config); the Q-learning fields are documented in
+    :class:`~metalab.rl.meta.QLearningConfig` (``batch_size``: exploration sequences per update, also the
+    decoder's batch)."""
 
-    gamma: float = 0.99
-    """Discount factor of both Q-learners."""
     z_dim: int = 16
     """Size of the task encoding ``z``."""
     noise: float = 0.1
@@ -76,37 +77,15 @@ class Config:
     """Weight of the information bottleneck ``0.5 ||F(mu)||^2``."""
     step_cost: float = 0.01
     """``c``: subtracted from every exploration reward (prefer short, informative exploration)."""
-    buffer_size: int = 20_000
-    """Replay capacity in meta-episodes (exploration sequences; execution transitions: this times the horizon)."""
-    batch_size: int = 32
-    """Exploration sequences per update (also the decoder's batch)."""
     exec_batch_size: int = 128
-    """Execution transitions per update."""
-    learning_starts: int = 100
-    """Meta-episodes of collection before the first update."""
-    target_every: int = 250
-    """Copy both online Q-networks to their targets every this many trainer steps."""
-    double: bool = True
-    """Double DQN targets."""
-    eps_start: float = 1.0
-    """Initial epsilon of epsilon-greedy exploration (both policies)."""
-    eps_end: float = 0.05
-    """Final epsilon."""
-    eps_fraction: float = 0.5
-    """Fraction of the trainer steps over which epsilon decays linearly."""
-    hidden: int = 128
-    """Width of the recurrent networks and of the execution MLP's two hidden layers."""
+    """Execution transitions per update (their buffer holds ``buffer_size`` times the horizon)."""
 
     def __post_init__(self) -> None:
-        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
-        for key in ("z_dim", "buffer_size", "batch_size", "exec_batch_size", "target_every", "hidden"):
+        super().__post_init__()
+        for key in ("z_dim", "exec_batch_size"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
-        require(self.noise >= 0, "noise", "must be >= 0")
-        require(self.ib_weight >= 0, "ib_weight", "must be >= 0")
-        require(self.step_cost >= 0, "step_cost", "must be >= 0")
-        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
-        for key in ("eps_start", "eps_end", "eps_fraction"):
-            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+        for key in ("noise", "ib_weight", "step_cost"):
+            require(getattr(self, key) >= 0, key, "must be >= 0")
 
 
 class ExecRows(NamedTuple):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from metalab.config import require
 from metalab.errors import ConfigError
 from metalab.rl.recurrent import RecurrentNet, Sequences, one_hot
 from metalab.rl.rollout import derive_seed
@@ -27,6 +29,40 @@ from metalab.train.evaluate import mean_ci95
 
 EVAL_PARTS = {"val": 0, "test": 1}
 """Both parts evaluate on the held-out (test) problems, each with its own fixed episode seeds."""
+
+
+@dataclass(frozen=True)
+class QLearningConfig:
+    """What the recurrent Q-learners of meta-RL share (RL²'s whole config; DREAM adds its own fields)."""
+
+    gamma: float = 0.99
+    """Discount factor (RL²: across the whole meta-episode)."""
+    buffer_size: int = 20_000
+    """Replay capacity in meta-episodes."""
+    batch_size: int = 32
+    """Stored sequences per TD update."""
+    learning_starts: int = 100
+    """Meta-episodes of collection before the first update."""
+    target_every: int = 250
+    """Copy the online Q-network(s) to the target(s) every this many trainer steps."""
+    double: bool = True
+    """Double DQN targets."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    eps_fraction: float = 0.5
+    """Fraction of the trainer steps over which epsilon decays linearly."""
+    hidden: int = 128
+    """Width of the recurrent networks' input layer and GRU (DREAM: also the executor MLP's hidden layers)."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
+        for key in ("buffer_size", "batch_size", "target_every", "hidden"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
+        for key in ("eps_start", "eps_end", "eps_fraction"):
+            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
 
 
 class Policy(Protocol):

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from metalab.config import require
 from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
@@ -33,6 +32,7 @@ from metalab.rl.dqn import linear_schedule
 from metalab.rl.meta import (
     Policy,
     Progress,
+    QLearningConfig,
     Step,
     episode_steps,
     evaluate_meta,
@@ -49,37 +49,9 @@ from metalab.train.loop import Learner
 
 
 @dataclass(frozen=True)
-class Config:
-    """RL² hyperparameters (the ``rl2`` section of a config)."""
-
-    gamma: float = 0.99
-    """Discount factor (across the whole meta-episode)."""
-    buffer_size: int = 20_000
-    """Replay capacity in meta-episodes."""
-    batch_size: int = 32
-    """Meta-episodes per TD update."""
-    learning_starts: int = 100
-    """Meta-episodes of collection before the first update."""
-    target_every: int = 250
-    """Copy the online network to the target network every this many trainer steps."""
-    double: bool = True
-    """Double DQN targets."""
-    eps_start: float = 1.0
-    """Initial epsilon of epsilon-greedy exploration."""
-    eps_end: float = 0.05
-    """Final epsilon."""
-    eps_fraction: float = 0.5
-    """Fraction of the trainer steps over which epsilon decays linearly."""
-    hidden: int = 128
-    """Width of the input layer and of the GRU."""
-
-    def __post_init__(self) -> None:
-        require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
-        for key in ("buffer_size", "batch_size", "target_every", "hidden"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
-        require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
-        for key in ("eps_start", "eps_end", "eps_fraction"):
-            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+class Config(QLearningConfig):
+    """RL² hyperparameters (the ``rl2`` section of a config); all shared with DREAM's, see
+    :class:`~metalab.rl.meta.QLearningConfig`."""
 
 
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
