@@ -54,8 +54,11 @@ ALGORITHMS = {
     "snail": "metalab.meta.snail",
     "dqn": "metalab.rl.dqn",
     "reinforce": "metalab.rl.reinforce",
+    "pearl": "metalab.rl.pearl",
+    "rl2": "metalab.rl.rl2",
+    "dream": "metalab.rl.dream",
 }
-RL_ALGORITHMS = frozenset({"dqn", "reinforce"})
+RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"

@@ -1,0 +1,487 @@
+"""PEARL (Rakelly, Zhou, Quillen, Finn, Levine, "Efficient Off-Policy Meta-Reinforcement Learning via
+Probabilistic Context Variables", ICML 2019): soft actor-critic conditioned on a latent task variable ``z``
+inferred from a task's transitions.
+
+Task inference. A context encoder maps each transition ``c_n = (s, a, r[, s'])`` of a task to a Gaussian factor
+``N(mu_n, sigma_n^2)`` over ``z``; the posterior ``q(z | c)`` is their product, in closed form the
+precision-weighted mean ``sigma^2 = 1 / sum_n sigma_n^-2``, ``mu = sigma^2 sum_n mu_n / sigma_n^2``
+(:func:`product_of_gaussians`). It is permutation-invariant, so context can be any set of the task's
+transitions. ``z`` is drawn by reparameterisation; ``kl_lambda KL(q(z | c) || N(0, I))`` is the information
+bottleneck.
+
+Training (one trainer step = one gradient step on ``train.meta_batch`` training tasks): for each task, a context
+batch of ``context_batch`` transitions from the task's *encoder buffer* (its recent data, see below) gives
+``q(z | c)`` and one ``z``; an RL batch of ``batch_size`` transitions from the task's whole replay buffer is fed,
+with that ``z`` appended to observations, to SAC (:mod:`metalab.rl.sac`). The critic loss backpropagates into
+the encoder (the paper's Fig. 2: the encoder learns what the Bellman error needs), the actor sees ``z`` detached.
+
+Data collection (the paper's Algorithm 1, the official code's ``MetaRLAlgorithm.train``): before the first
+step, ``initial_steps`` transitions per training task with ``z ~ prior``; then every ``collect_every`` steps,
+for ``tasks_per_collect`` training tasks: clear the task's encoder buffer, collect ``prior_steps`` transitions
+with ``z ~ prior`` and ``posterior_steps`` with ``z ~ q(z | c)`` (re-inferred before every episode from a
+context batch of the encoder buffer), both into the encoder and replay buffers, then ``extra_posterior_steps``
+with ``z ~ q(z | c)`` into the replay buffer only. Collection samples actions, evaluation takes the mean action.
+
+Evaluation (on ``env.unwrapped.tasks("test")``; the ``val`` part uses the training tasks): a trial is
+``eval_adapt_episodes + 1`` episodes on one task, each with one ``z``: from the prior for the first
+``eval_prior_episodes`` episodes, afterwards from the posterior of all transitions of the trial so far. Metrics
+``eval/return_after{k}`` and ``eval/success_after{k}`` are of the episode after ``k`` earlier episodes
+(``after0``: no context at all); ``eval/return`` and ``eval/success`` are those of the last episode. Success is
+the env's ``info["is_success"]`` at the episode's last step (the point robot: the final position is within 0.2
+of the goal); envs that do not report it get no success metrics.
+
+Choices and their sources (official code = github.com/katerakelly/oyster; ``configs/default.py`` are this
+module's defaults, ``configs/sparse-point-robot.json`` the point robot's ``configs/pearl_point_robot.yaml``):
+
+- Networks: encoder MLP 200-200-200 whose output splits into ``mu`` and ``softplus -> sigma^2``, factor
+  variances clamped at 1e-7, no prior factor in the product (``launch_experiment.py``, ``agent.py``); policy and
+  critics 300-300-300 (``net_size``), latent dimension 5.
+- KL: summed over latent dimensions and over the meta-batch's tasks (``compute_kl_div`` sums over tasks).
+- Critic: SAC's twin Q-functions with Polyak-averaged target Q-functions (Haarnoja et al. 2018b) in place of
+  the official V-function with a target V (SAC v1); fixed ``alpha = 1`` with a reward scale, as the official
+  code; its mean/log-std regulariser of 1e-3 is ``sac.policy_reg``. One Adam with ``train.lr`` over all
+  parameters (the official four Adams all use 3e-4); see :func:`metalab.rl.sac.sac_losses` for why that is the
+  same update.
+- Rewards: the context always holds the env's reward. ``rl_reward`` can name an ``info`` key whose value the
+  critic regresses on instead: PEARL meta-trains the sparse point robot's actor-critic on the dense reward
+  (``-distance``) while its encoder sees only the sparse one (``sparse_rewards: 1``; ``sample_sac`` versus
+  ``sample_context`` in ``sac.py``), and so does our YAML config. Success and returns are of the env reward.
+- Actions: the policy acts in ``[-1, 1]^A``, mapped linearly onto the env's box (official ``NormalizedBoxEnv``);
+  buffers and context hold the ``[-1, 1]`` actions.
+- Deviations: the tasks of one collection round are distinct (official: drawn with replacement) so that they
+  can run in lockstep; a posterior phase starts from the posterior of the encoder buffer rather than from one
+  prior episode (``collect_data`` calls ``clear_z`` first); the encoder buffer keeps the newest
+  ``max(initial_steps, prior_steps + posterior_steps)`` transitions of its task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from torch import nn
+
+import metalab.rl.sac as sac
+from metalab.config import require
+from metalab.envs.config import make_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.models import MLP
+from metalab.models.mlp import mlp_forward
+from metalab.rl.buffer import Experience, ReplayBuffer, Transitions
+from metalab.rl.rollout import derive_seed, dims, env_action, is_goal_env, split_obs
+from metalab.train.evaluate import mean_ci95
+from metalab.train.loop import Learner
+
+Params = dict[str, torch.Tensor]
+MIN_VARIANCE = 1e-7  # floor of each factor's variance before the product (official code)
+EVAL_PARTS = {"val": 0, "test": 1}  # each part evaluates with its own fixed seeds
+SPLITS = {"val": "train", "test": "test"}  # the env's task split each part evaluates on
+
+
+@dataclass(frozen=True)
+class Config:
+    """PEARL hyperparameters (the ``pearl`` section of a config).
+
+    Defaults are the official code's (``configs/default.py``), except in ``sac``, whose defaults are SAC's own;
+    ``configs/pearl_point_robot.yaml`` lists PEARL's values for every key.
+    """
+
+    latent_dim: int = 5
+    """Dimension of the task variable ``z``."""
+    encoder_hidden: tuple[int, ...] = (200, 200, 200)
+    """Hidden layer widths of the context encoder."""
+    kl_lambda: float = 0.1
+    """Weight of ``KL(q(z | c) || N(0, I))`` (summed over the meta-batch's tasks) in the loss."""
+    context_batch: int = 64
+    """Transitions per task in a context batch (drawn with replacement from the task's encoder buffer)."""
+    batch_size: int = 256
+    """Transitions per task in an RL batch (drawn from the task's replay buffer)."""
+    next_obs_in_context: bool = True
+    """Context transitions include ``s'`` (the paper's ``(s, a, r, s')``); the official code leaves it out by
+    default, as ``s'`` tells nothing more where the dynamics are the same in every task."""
+    rl_reward: str | None = None
+    """Info key whose value the critic regresses on instead of the env reward (``dense_reward`` for the sparse
+    point robot, as PEARL); null: the env reward. The context always sees the env reward."""
+    buffer_size: int = 100_000
+    """Replay buffer capacity per training task, in transitions."""
+    initial_steps: int = 2000
+    """Transitions collected on every training task with ``z ~ prior`` before the first update."""
+    collect_every: int = 2000
+    """Trainer steps (gradient steps) between collection rounds."""
+    tasks_per_collect: int = 5
+    """Training tasks (distinct) a collection round collects on."""
+    prior_steps: int = 400
+    """Per task and round: transitions collected with ``z ~ prior``, into both buffers."""
+    posterior_steps: int = 0
+    """Per task and round: transitions collected with ``z ~ q(z | c)``, into both buffers."""
+    extra_posterior_steps: int = 400
+    """Per task and round: transitions with ``z ~ q(z | c)`` into the replay buffer only (the policy must learn
+    to act on posterior samples; the encoder is trained on context from the other two phases)."""
+    eval_prior_episodes: int = 1
+    """Evaluation: episodes of a trial with ``z`` from the prior before the posterior is used."""
+    eval_adapt_episodes: int = 2
+    """Evaluation: episodes of a trial after the first one (metrics ``eval/*_after1`` ... ``_after{this}``)."""
+    sac: sac.Config = field(default_factory=sac.Config)
+    """The soft actor-critic (``sac.hidden`` are the widths of the policy and of each critic)."""
+
+    def __post_init__(self) -> None:
+        require(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        require(all(h >= 1 for h in self.encoder_hidden), "encoder_hidden", "widths must be >= 1")
+        require(self.kl_lambda >= 0, "kl_lambda", "must be >= 0")
+        for key in ("context_batch", "batch_size", "buffer_size", "initial_steps", "collect_every"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.tasks_per_collect >= 0, "tasks_per_collect", "must be >= 0")
+        for key in ("prior_steps", "posterior_steps", "extra_posterior_steps"):
+            require(getattr(self, key) >= 0, key, "must be >= 0")
+        require(self.prior_steps + self.posterior_steps >= 1, "posterior_steps",
+                "prior_steps + posterior_steps must be >= 1: a collected task needs encoder data")  # fmt: skip
+        require(self.eval_prior_episodes >= 1, "eval_prior_episodes", "must be >= 1")
+        require(self.eval_adapt_episodes >= 0, "eval_adapt_episodes", "must be >= 0")
+
+    @property
+    def encoder_capacity(self) -> int:
+        """Transitions an encoder buffer keeps: the most one collection writes into it."""
+        return max(self.initial_steps, self.prior_steps + self.posterior_steps)
+
+
+class PEARLNets(nn.Module):
+    """Context encoder (transition -> ``mu, sigma^2`` pre-activation, ``2 * latent_dim``) and the actor-critic on
+    ``[obs, z]``."""
+
+    def __init__(self, obs_dim: int, act_dim: int, context_dim: int, cfg: Config):
+        super().__init__()
+        self.encoder = MLP(context_dim, cfg.encoder_hidden, 2 * cfg.latent_dim)
+        self.agent = sac.ActorCritic(obs_dim + cfg.latent_dim, act_dim, cfg.sac.hidden, cfg.sac.alpha)
+
+
+class TaskBatch(NamedTuple):
+    """RL transitions of ``T`` tasks, ``B`` each."""
+
+    obs: torch.Tensor  # (T, B, obs_dim)
+    action: torch.Tensor  # (T, B, A) in [-1, 1]
+    reward: torch.Tensor  # (T, B) the critic's reward
+    next_obs: torch.Tensor  # (T, B, obs_dim)
+    done: torch.Tensor  # (T, B) 1.0 where next_obs is terminal
+
+
+def context_features(
+    obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor | None
+) -> torch.Tensor:
+    """Encoder input ``[s, a, r(, s')]``, ``(..., context_dim)``, from ``(..., obs_dim)``, ``(..., A)``, ``(...)``."""
+    parts = [obs, action, reward[..., None]] + ([] if next_obs is None else [next_obs])
+    return torch.cat(parts, -1)
+
+
+def gaussian_factors(
+    encoder: Params, context: torch.Tensor, latent_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each transition's factor ``(mu_n, sigma_n^2)``, each ``(..., N, L)``, for context ``(..., N, context_dim)``."""
+    out = mlp_forward(encoder, context)  # (..., N, 2L)
+    return out[..., :latent_dim], F.softplus(out[..., latent_dim:])
+
+
+def product_of_gaussians(mu: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prod_n N(mu_n, var_n)`` over dim -2, normalised: mean and variance ``(..., L)``.
+
+    Precisions add, ``1 / var = sum_n 1 / var_n``, and the mean is precision-weighted,
+    ``mu = var * sum_n mu_n / var_n``. Factor variances are floored at 1e-7 (a factor cannot be certain).
+    """
+    precision = var.clamp_min(MIN_VARIANCE).reciprocal()  # (..., N, L)
+    post_var = precision.sum(-2).reciprocal()  # (..., L)
+    return post_var * (mu * precision).sum(-2), post_var
+
+
+def posterior(encoder: Params, context: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q(z | c)``: mean and variance ``(..., L)`` for context ``(..., N, context_dim)``."""
+    return product_of_gaussians(*gaussian_factors(encoder, context, latent_dim))
+
+
+def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, diag var) || N(0, I))``, ``(...)``: ``0.5 sum(var + mu^2 - 1 - log var)`` over dim -1."""
+    return 0.5 * (var + mu**2 - 1.0 - var.log()).sum(-1)
+
+
+def pearl_losses(
+    params: Params, target: Params, context: torch.Tensor, batch: TaskBatch, cfg: Config, act_dim: int
+) -> tuple[sac.Losses, torch.Tensor, dict[str, float]]:
+    """SAC losses of ``T`` tasks with ``z ~ q(z | context)``, and ``KL(q(z | c) || N(0, I))`` summed over tasks.
+
+    Context is ``(T, C, context_dim)``; ``params`` are :class:`PEARLNets`' named parameters, ``target`` the
+    target critics (``q1.*``, ``q2.*``). The loss to minimise is ``losses.total() + kl_lambda * kl``.
+    """
+    mu, var = posterior(sac.sub_params(params, "encoder"), context, cfg.latent_dim)  # (T, L) each
+    z = mu + var.sqrt() * torch.randn_like(mu)  # (T, L) one sample per task, reparameterised
+    kl = kl_to_standard_normal(mu, var).sum()
+    tasks, rows = batch.reward.shape
+    z_rows = z[:, None, :].expand(tasks, rows, cfg.latent_dim)  # (T, B, L)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(tasks * rows, *x.shape[2:])
+
+    rl = sac.Batch(obs=flat(torch.cat([batch.obs, z_rows], -1)), action=flat(batch.action),
+                   reward=flat(batch.reward), next_obs=flat(torch.cat([batch.next_obs, z_rows], -1)),
+                   done=flat(batch.done))  # fmt: skip
+    losses, metrics = sac.sac_losses(sac.sub_params(params, "agent"), target, rl, cfg.sac, act_dim)
+    metrics.update({"loss/kl": kl.item(), "train/z_var": var.detach().mean().item()})
+    return losses, kl, metrics
+
+
+class Rollout(NamedTuple):
+    """A finished episode on one task."""
+
+    experience: Experience  # env rewards (what the context holds); actions in [-1, 1]
+    rl_reward: np.ndarray  # (T,) float32 the critic's reward (info[rl_reward] or the env reward)
+    ret: float
+    """Undiscounted env return."""
+    success: float
+    """``info["is_success"]`` at the last step; NaN if the env does not report it."""
+
+
+def to_box(space: spaces.Box, action: np.ndarray) -> np.ndarray:
+    """An action in ``[-1, 1]^A`` mapped linearly onto the box (and clipped into it)."""
+    return env_action(space, space.low + (action + 1.0) * 0.5 * (space.high - space.low))
+
+
+def run_tasks(
+    envs: Sequence[gym.Env],
+    tasks: Sequence[int],
+    seeds: Sequence[int],
+    act: Callable[[np.ndarray, list[int]], np.ndarray],
+    rl_reward: str | None = None,
+) -> list[Rollout]:
+    """One episode on each task, ``envs[i]`` reset with ``options={"task": tasks[i]}``, all in lockstep.
+
+    ``act(obs (E, obs_dim), live) -> actions (E, A)`` in ``[-1, 1]`` is called once per time step with the
+    observations of the episodes still running and their indices ``live``.
+    """
+    n = len(tasks)
+    obs = [split_obs(envs[i].reset(seed=seeds[i], options={"task": tasks[i]})[0])[0] for i in range(n)]
+    rows: list[list[tuple]] = [[] for _ in range(n)]
+    done: list[Rollout | None] = [None] * n
+    while live := [i for i in range(n) if done[i] is None]:
+        actions = act(np.stack([obs[i] for i in live]), live)
+        for i, action in zip(live, actions, strict=True):
+            action = np.asarray(action, dtype=np.float32)
+            raw, reward, terminated, truncated, info = envs[i].step(to_box(envs[i].action_space, action))
+            if rl_reward is not None and rl_reward not in info:
+                raise ConfigError(
+                    "pearl.rl_reward", f"the env's info has no {rl_reward!r}; keys: {sorted(info)}"
+                )
+            critic_reward = info[rl_reward] if rl_reward is not None else reward
+            next_obs = split_obs(raw)[0]
+            rows[i].append((obs[i], action, np.float32(reward), next_obs, bool(terminated),
+                            np.float32(critic_reward)))  # fmt: skip
+            obs[i] = next_obs
+            if terminated or truncated:
+                o, a, r, o2, term, r_rl = (np.stack(column) for column in zip(*rows[i], strict=True))
+                empty = np.zeros((len(r), 0), dtype=np.float32)
+                success = float(info["is_success"]) if "is_success" in info else math.nan
+                done[i] = Rollout(
+                    Experience(o, empty, empty, a, r, o2, empty, term), r_rl, float(r.sum()), success
+                )
+    return [r for r in done if r is not None]
+
+
+def _summary(results: Sequence[Rollout], key: str) -> dict[str, float]:
+    """Mean return (and success, if reported) of ``results`` under ``train/{return,success}_{key}``."""
+    out = {f"train/return_{key}": float(np.mean([r.ret for r in results]))}
+    if not any(math.isnan(r.success) for r in results):
+        out[f"train/success_{key}"] = float(np.mean([r.success for r in results]))
+    return out
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Networks, per-task buffers, envs and the trainer hooks of a PEARL run (``data_root`` is unused)."""
+    cfg: Config = run.params
+    probe = make_env(run.env)
+    if not isinstance(probe.action_space, spaces.Box):
+        raise ConfigError(
+            "env.id", f"PEARL needs continuous (Box) actions; {run.env.id} has {probe.action_space}"
+        )
+    if is_goal_env(probe) or not callable(getattr(probe.unwrapped, "tasks", None)):
+        raise ConfigError("env.id", f"PEARL needs a multi-task env with tasks(split) and reset(options={{'task': "
+                          f"i}}), observations a plain Box; {run.env.id} is not one")  # fmt: skip
+    train_tasks = list(probe.unwrapped.tasks("train"))
+    obs_dim, _ = dims(probe)
+    act_dim = int(np.prod(probe.action_space.shape))
+    context_dim = 2 * obs_dim + act_dim + 1 if cfg.next_obs_in_context else obs_dim + act_dim + 1
+    nets = PEARLNets(obs_dim, act_dim, context_dim, cfg).to(device)
+    nets.agent.log_alpha.requires_grad_(cfg.sac.auto_alpha)
+    target: Params = {k: v.detach().clone() for k, v in nets.agent.critic_params().items()}
+    replay = [ReplayBuffer(cfg.buffer_size) for _ in train_tasks]
+    encoder_data = [ReplayBuffer(cfg.encoder_capacity) for _ in train_tasks]
+    rng = np.random.default_rng(derive_seed(run.seed, 1))  # task choice, context and RL batches
+    envs: list[gym.Env] = [probe]
+    eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
+    # Episodes and env steps so far, and the returns of the last collection round (logged until the next one).
+    progress: dict[str, Any] = {"episodes": 0, "env_steps": 0, "collected": {}}
+
+    def params() -> Params:
+        return dict(nets.named_parameters())
+
+    def context_of(rows: Transitions | Experience) -> torch.Tensor:
+        """Encoder input ``(N, context_dim)`` of sampled or recorded transitions."""
+        obs, action, reward, next_obs = (torch.as_tensor(x) for x in (rows.obs, rows.action, rows.reward,
+                                                                       rows.next_obs))  # fmt: skip
+        return context_features(obs, action, reward, next_obs if cfg.next_obs_in_context else None).to(device)
+
+    def sample_context(indices: Sequence[int]) -> torch.Tensor:
+        """``(len(indices), C, context_dim)`` context of training tasks (indices into ``train_tasks``)."""
+        return torch.stack([context_of(encoder_data[k].sample(cfg.context_batch, rng)) for k in indices])
+
+    def draw_z(mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(mu.shape, generator=generator).to(device) if generator else torch.randn_like(mu)
+        return mu + var.sqrt() * noise
+
+    def policy(z: torch.Tensor, deterministic: bool) -> Callable[[np.ndarray, list[int]], np.ndarray]:
+        """Acts with task variable ``z[i]`` in episode ``i``: a sample (collection) or the mean action (evaluation)."""
+
+        def act(obs: np.ndarray, live: list[int]) -> np.ndarray:
+            x = torch.cat([torch.from_numpy(obs).to(device), z[live]], -1)  # (E, obs_dim + L)
+            mean, log_std = sac.policy_head(sac.sub_params(params(), "agent"), x)
+            if deterministic:
+                return torch.tanh(mean).cpu().numpy()
+            return sac.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0].cpu().numpy()
+
+        return act
+
+    @torch.no_grad()
+    def collect(indices: list[int], steps: int, use_posterior: bool, to_encoder: bool) -> list[Rollout]:
+        """At least ``steps`` transitions (whole episodes) on each task, one episode per task at a time."""
+        remaining = dict.fromkeys(indices, steps)
+        results: list[Rollout] = []
+        while active := [k for k in indices if remaining[k] > 0]:
+            z = torch.randn(len(active), cfg.latent_dim, device=device)  # the prior
+            informed = [j for j, k in enumerate(active) if use_posterior and len(encoder_data[k]) > 0]
+            if informed:
+                mu, var = posterior(sac.sub_params(params(), "encoder"),
+                                    sample_context([active[j] for j in informed]), cfg.latent_dim)  # fmt: skip
+                z[informed] = draw_z(mu, var)
+            while len(envs) < len(active):
+                envs.append(make_env(run.env))
+            seeds = [derive_seed(run.seed, 0, progress["episodes"] + j) for j in range(len(active))]
+            progress["episodes"] += len(active)
+            rollouts = run_tasks(
+                envs, [train_tasks[k] for k in active], seeds, policy(z, False), cfg.rl_reward
+            )
+            for k, r in zip(active, rollouts, strict=True):
+                replay[k].add(r.experience._replace(reward=r.rl_reward))
+                if to_encoder:
+                    encoder_data[k].add(r.experience)
+                remaining[k] -= r.experience.rows
+                progress["env_steps"] += r.experience.rows
+            results += rollouts
+        return results
+
+    def collection_round(step: int) -> None:
+        stats: dict[str, float] = {}
+        if step == 0:
+            everything = collect(list(range(len(train_tasks))), cfg.initial_steps, False, True)
+            stats.update(_summary(everything, "initial"))
+        n_picks = min(cfg.tasks_per_collect, len(train_tasks))
+        picks = [int(k) for k in rng.choice(len(train_tasks), n_picks, replace=False)]
+        for k in picks:
+            encoder_data[k] = ReplayBuffer(cfg.encoder_capacity)  # the encoder trains on recent data only
+        phases = (  # (metric key, steps, z from the posterior, into the encoder buffer too)
+            ("prior", cfg.prior_steps, False, True),
+            ("posterior", cfg.posterior_steps, True, True),
+            ("extra", cfg.extra_posterior_steps, True, False),
+        )
+        for key, steps, use_posterior, to_encoder in phases:
+            if picks and steps > 0:
+                stats.update(_summary(collect(picks, steps, use_posterior, to_encoder), key))
+        progress["collected"] = stats
+
+    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if step % cfg.collect_every == 0:
+            collection_round(step)
+        indices = rng.integers(0, len(train_tasks), size=run.train.meta_batch)  # with replacement, as PEARL
+        context = sample_context(indices)  # (T, C, context_dim)
+        rows = [replay[k].sample(cfg.batch_size, rng) for k in indices]
+        batch = TaskBatch(*(torch.stack([getattr(r, name) for r in rows]).to(device)
+                            for name in ("obs", "action", "reward", "next_obs", "done")))  # fmt: skip
+        losses, kl, metrics = pearl_losses(params(), target, context, batch, cfg, act_dim)
+        metrics.update(progress["collected"])
+        metrics.update(
+            {"train/episodes": float(progress["episodes"]), "train/env_steps": float(progress["env_steps"])}
+        )
+        return losses.total() + cfg.kl_lambda * kl, metrics
+
+    def after_update(step: int) -> None:
+        target.update(sac.polyak_update(target, nets.agent.critic_params(), cfg.sac.tau))
+
+    @torch.no_grad()
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        tasks = list(probe.unwrapped.tasks(SPLITS[part]))
+        generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, EVAL_PARTS[part]))
+        encoder = sac.sub_params(params(), "encoder")
+        n_episodes = cfg.eval_adapt_episodes + 1
+        returns = np.zeros((episodes, n_episodes))
+        successes = np.zeros((episodes, n_episodes))
+        for start in range(0, episodes, len(eval_envs)):
+            trials = list(range(start, min(start + len(eval_envs), episodes)))
+            trial_tasks = [tasks[i % len(tasks)] for i in trials]
+            contexts: list[list[torch.Tensor]] = [[] for _ in trials]
+            for e in range(n_episodes):
+                z = torch.empty(len(trials), cfg.latent_dim, device=device)
+                for j in range(len(trials)):
+                    if e < cfg.eval_prior_episodes:
+                        mu, var = (
+                            torch.zeros(cfg.latent_dim, device=device),
+                            torch.ones(cfg.latent_dim, device=device),
+                        )
+                    else:
+                        mu, var = posterior(encoder, torch.cat(contexts[j]), cfg.latent_dim)
+                    z[j] = draw_z(mu, var, generator)
+                seeds = [derive_seed(run.eval.seed, EVAL_PARTS[part], i, e) for i in trials]
+                results = run_tasks(eval_envs, trial_tasks, seeds, policy(z, True))
+                for j, (i, r) in enumerate(zip(trials, results, strict=True)):
+                    returns[i, e], successes[i, e] = r.ret, r.success
+                    contexts[j].append(context_of(r.experience))
+        metrics: dict[str, float] = {}
+        reports_success = not np.isnan(successes).any()
+        for e in range(n_episodes):
+            metrics[f"eval/return_after{e}"] = float(returns[:, e].mean())
+            if reports_success:
+                metrics[f"eval/success_after{e}"] = float(successes[:, e].mean())
+        ret = mean_ci95(returns[:, -1].tolist())
+        metrics["eval/return"], metrics["eval/return_ci95"] = ret.mean, ret.ci95
+        if reports_success:
+            success = mean_ci95(successes[:, -1].tolist())
+            metrics["eval/success"], metrics["eval/success_ci95"] = success.mean, success.ci95
+        return metrics
+
+    def state() -> dict[str, Any]:
+        return {
+            "target": {k: v.detach().clone() for k, v in target.items()},
+            "replay": [b.state() for b in replay],
+            "encoder_data": [b.state() for b in encoder_data],
+            "rng": rng.bit_generator.state,
+            "episodes": progress["episodes"],
+            "env_steps": progress["env_steps"],
+            "collected": dict(progress["collected"]),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        target.update({k: v.to(device) for k, v in saved["target"].items()})
+        for buffers, key in ((replay, "replay"), (encoder_data, "encoder_data")):
+            if len(saved[key]) != len(buffers):
+                raise ValueError(f"checkpoint has {len(saved[key])} task buffers, this run {len(buffers)}")
+            for b, s in zip(buffers, saved[key], strict=True):
+                b.load_state(s)
+        rng.bit_generator.state = saved["rng"]
+        progress.update(episodes=int(saved["episodes"]), env_steps=int(saved["env_steps"]),
+                        collected=dict(saved["collected"]))  # fmt: skip
+
+    trainable = [p for p in nets.parameters() if p.requires_grad]
+    return Learner(nets, loss, evaluate, parameters=trainable, state=state, load_state=load_state,
+                   after_update=after_update)  # fmt: skip
