@@ -189,8 +189,8 @@ def test_anil_vmap_equals_loop_through_batchnorm() -> None:
     params = requiring_grad(dict(model.named_parameters()))
     per_task = functools.partial(anil.query_loss, model, False, anil.Config(inner_lr=0.4, inner_steps=2))
     results = []
-    for vmapped in (True, False):
-        losses, _ = gbml.map_tasks(per_task, ep, vmapped, params)
+    for mode in ("vmap", "loop"):
+        losses, _ = gbml.map_tasks(per_task, ep, gbml.TaskBatching(mode), params)
         results.append((losses, torch.autograd.grad(losses.mean(), list(params.values()))))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -200,11 +200,13 @@ def test_anil_vmap_equals_loop_through_batchnorm() -> None:
 def test_vmap_through_batchnorm_is_refused_for_second_order_variants() -> None:
     model, _ = conv4_problem()
     with pytest.raises(ConfigError) as info:
-        gbml.use_vmap("imaml", "vmap", model, second_order=True)
+        gbml.task_batching("imaml", imaml.Config(batching="vmap"), model, second_order=True)
     assert info.value.key == "imaml.batching"
-    assert gbml.use_vmap("reptile", "vmap", model, second_order=False)
-    assert not gbml.use_vmap("imaml", "auto", model, second_order=True)  # auto loops over convs
-    assert gbml.use_vmap("cavia", "auto", cavia.ContextMLP(1, 2, (4,), 1), second_order=True)
+    assert gbml.task_batching("reptile", reptile.Config(batching="vmap"), model, second_order=False).vmapped
+    auto = imaml.Config(batching="auto")
+    assert gbml.task_batching("imaml", auto, model, second_order=True).mode == "loop"  # auto loops over convs
+    mlp = cavia.ContextMLP(1, 2, (4,), 1)
+    assert gbml.task_batching("cavia", cavia.Config(), mlp, second_order=True).mode == "vmap"
 
 
 def test_mse_of_outputs_is_the_regression_score() -> None:

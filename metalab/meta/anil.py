@@ -120,10 +120,10 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = gbml.network(run, cfg).to(device)
     split_head(dict(model.named_parameters()))  # refuse a headless model before any data is read
     # The inner loop never differentiates through BatchNorm (it is in the body), so vmap would be exact here.
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, second_order=False)
+    batching = gbml.task_batching(run.algo, cfg, model, second_order=False, grad_loop=True)
     params = gbml.params_of(model)
     train_loss = gbml.mean_query_loss(
-        functools.partial(query_loss, model, regression, cfg), vmapped, params, regression
+        functools.partial(query_loss, model, regression, cfg), batching, params, regression
     )
     fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)

@@ -149,10 +149,10 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = context_model(run, cfg).to(device)
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, not cfg.first_order)
+    batching = gbml.task_batching(run.algo, cfg, model, not cfg.first_order, grad_loop=True)
     params = gbml.params_of(model)
     train_loss = gbml.mean_query_loss(
-        functools.partial(query_loss, model, regression, cfg), vmapped, params, regression
+        functools.partial(query_loss, model, regression, cfg), batching, params, regression
     )
     fit = functools.partial(predict, model, regression, cfg, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,15 @@ class InnerLoopConfig:
     """Inner gradient steps during meta-training."""
     eval_inner_steps: int = 10
     """Inner gradient steps at evaluation (may exceed ``inner_steps``; ``metalab eval --inner-steps``)."""
-    batching: Literal["auto", "vmap", "loop"] = "auto"
-    """How tasks of a meta-batch are batched: one ``vmap`` (fast for MLPs) or a loop (faster for convs on CPU)."""
+    batching: Literal["auto", "vmap", "chunk", "loop", "grad_loop"] = "auto"
+    """How the tasks of a meta-batch are run (see :func:`task_batching`): ``vmap`` (one ``torch.func.vmap``
+    over all tasks: by far the fastest for MLPs), ``chunk`` (``vmap`` over ``chunk_size`` tasks at a time),
+    ``loop`` (a Python loop; faster for convs on CPU, where per-task weights turn every convolution into a
+    grouped one), ``grad_loop`` (a loop that takes each task's meta-gradient at once and frees its graph:
+    the memory of one task; variants whose loss is the mean query loss only), or ``auto``: ``vmap`` unless the
+    network has convolutions, then ``loop``."""
+    chunk_size: int = 8
+    """Tasks per ``vmap`` call with ``batching: chunk``."""
     hidden: int = 64
     """Conv-4 filters (Omniglot) ..."""
     mlp_hidden: tuple[int, ...] = (40, 40)
@@ -58,6 +65,7 @@ class InnerLoopConfig:
         require(self.inner_lr > 0, "inner_lr", "must be > 0")
         require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
         require(self.eval_inner_steps >= 1, "eval_inner_steps", "must be >= 1")
+        require(self.chunk_size >= 1, "chunk_size", "must be >= 1 (tasks per vmap call)")
         require(self.hidden >= 1, "hidden", "must be >= 1")
         require(all(h >= 1 for h in self.mlp_hidden), "mlp_hidden", "sizes must be >= 1")
 
@@ -114,18 +122,64 @@ def query_loss(
 
 def mean_query_loss(
     per_task: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    vmapped: bool,
+    batching: TaskBatching,
     meta: Callable[[], Meta],
     regression: bool,
 ) -> Callable[[int, Episode], tuple[torch.Tensor, dict[str, float]]]:
-    """The usual training loss: ``per_task(meta, *task)`` query losses averaged over the meta-batch."""
+    """The usual training loss: ``per_task(meta, *task)`` query losses averaged over the meta-batch.
+
+    With ``grad_loop`` batching the loss is :func:`freed_mean_loss`'s surrogate: the same value and the same
+    gradient, with each task's graph freed as soon as its gradient is taken.
+    """
     score = "mse" if regression else "acc"
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, scores = map_tasks(per_task, ep, vmapped, meta())
-        return losses.mean(), {f"train/{score}": scores.mean().item()}
+        if batching.mode == "grad_loop":
+            loss, scores = freed_mean_loss(per_task, ep, meta())
+        else:
+            losses, scores = map_tasks(per_task, ep, batching, meta())
+            loss = losses.mean()
+        return loss, {f"train/{score}": scores.mean().item()}
 
     return train_loss
+
+
+def freed_mean_loss(
+    per_task: Callable[..., tuple[torch.Tensor, torch.Tensor]], ep: Episode, meta: Meta
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over the tasks of ``ep`` of ``per_task(meta, *task)``'s loss, differentiated task by task.
+
+    Each task's meta-gradient is taken with ``torch.autograd.grad`` as soon as its loss exists, which frees
+    that task's graph (its inner steps and their second-order terms) before the next task runs: peak memory is
+    one task's graph, not the meta-batch's. The trainer calls ``backward`` on what a loss returns, so the
+    gradients are handed over as a surrogate (as in :func:`metalab.meta.imaml.surrogate`): its value is the
+    mean query loss, its gradient in ``meta`` the mean of the per-task gradients. Returns
+    ``(surrogate, scores)``, scores ``(T,)``.
+    """
+    leaves = [t for t in _tensors(meta) if t.requires_grad]
+    total = [torch.zeros_like(t) for t in leaves]  # sum over tasks of d loss_t / d leaf
+    losses, scores = [], []
+    for i in range(ep.tasks):
+        loss, score = per_task(meta, *ep.task(i)[:4])
+        if loss.requires_grad:  # not under no_grad
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # frees this task's graph
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:  # None: the loss does not depend on this leaf
+                    acc.add_(g)
+        losses.append(loss.detach())
+        scores.append(score)
+    mean = torch.stack(losses).mean()
+    if not leaves:
+        return mean, torch.stack(scores)
+    linear = sum((t * (g / ep.tasks)).sum() for t, g in zip(leaves, total, strict=True))
+    return linear - linear.detach() + mean, torch.stack(scores)
+
+
+def _tensors(meta: Meta) -> list[torch.Tensor]:
+    """The tensors of ``meta`` (a ``Params`` dict or a dict of them), in order."""
+    if isinstance(meta, dict):
+        return [t for v in meta.values() for t in _tensors(v)]
+    return [meta]
 
 
 def params_of(model: nn.Module) -> Callable[[], Params]:
@@ -137,32 +191,61 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def use_vmap(algo: str, batching: str, model: nn.Module, second_order: bool) -> bool:
-    """Whether to ``vmap`` over tasks: ``auto`` means unless the model has convolutions (a loop is faster for them
-    on CPU).
+class TaskBatching(NamedTuple):
+    """A config's ``batching`` resolved for one model (``auto`` decided, refusals made): how the tasks of a
+    meta-batch are run. Build it with :func:`task_batching`."""
 
-    Second-order gradients through a vmapped BatchNorm are silently wrong in torch (pytorch/functorch#534; the
-    loop is right), so that combination is refused.
+    mode: Literal["vmap", "chunk", "loop", "grad_loop"]
+    chunk_size: int | None = None
+    """Tasks per ``vmap`` call (``chunk`` only; None: all at once)."""
+
+    @property
+    def vmapped(self) -> bool:
+        return self.mode in ("vmap", "chunk")
+
+
+def task_batching(
+    algo: str, cfg: InnerLoopConfig, model: nn.Module, second_order: bool, grad_loop: bool = False
+) -> TaskBatching:
+    """Resolve ``cfg.batching`` for ``model``. ``auto`` is ``vmap`` unless the model has convolutions, then
+    ``loop``, as measured for second-order MAML on a 2-core CPU (issue #7; ``python -m benchmarks.maml_speed``
+    measures it again): one ``vmap`` over 25 sinusoid tasks beats ``higher`` 15-fold, while for Conv-4 per-task
+    weights turn every convolution into a grouped one, slower than a loop of ordinary convolutions.
+
+    ``grad_loop`` must be implemented by the variant's loss (``grad_loop=True``: its loss is
+    :func:`mean_query_loss`); elsewhere it is refused. Second-order gradients through a vmapped BatchNorm are
+    silently wrong in torch (pytorch/functorch#534; the loop is right), so ``vmap`` and ``chunk`` are refused
+    there.
     """
+    key = f"{algo}.batching"
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    vmapped = batching == "vmap" or (batching == "auto" and not convolutional)
-    if vmapped and second_order and has_batchnorm(model):
+    mode = cfg.batching if cfg.batching != "auto" else ("loop" if convolutional else "vmap")
+    if mode == "grad_loop" and not grad_loop:
         raise ConfigError(
-            f"{algo}.batching",
-            "vmap gives wrong second-order gradients through BatchNorm (a PyTorch limitation); "
-            "use batching: loop (or auto), or first-order gradients",
+            key,
+            f"grad_loop applies to variants whose loss is the mean query loss (maml, anil, cavia, metasgd), "
+            f"not {algo}; use loop",
         )
-    return vmapped
+    if mode in ("vmap", "chunk") and second_order and has_batchnorm(model):
+        loops = "loop, grad_loop or auto" if grad_loop else "loop or auto"
+        raise ConfigError(
+            key,
+            f"{mode} gives wrong second-order gradients through BatchNorm (a PyTorch limitation); "
+            f"use batching: {loops}, or first-order gradients",
+        )
+    return TaskBatching(mode, cfg.chunk_size if mode == "chunk" else None)
 
 
-def map_tasks(fn: Callable[..., Any], ep: Episode, vmapped: bool, *shared: Any) -> Any:
+def map_tasks(fn: Callable[..., Any], ep: Episode, batching: TaskBatching, *shared: Any) -> Any:
     """``fn(*shared, support_x, support_y, query_x, query_y)`` for every task of ``ep``, stacked on dim 0.
 
     ``shared`` (meta-parameters) is the same for every task; the result is a tensor, tuple or dict of
-    ``(T, ...)`` tensors, computed by one ``vmap`` or by a loop over tasks.
+    ``(T, ...)`` tensors, computed by ``vmap`` (over all tasks or ``chunk_size`` at a time) or by a loop over
+    tasks (``loop`` and ``grad_loop``: freeing graphs is the business of :func:`freed_mean_loss`).
     """
-    if vmapped:
-        return vmap(fn, in_dims=(None,) * len(shared) + (0, 0, 0, 0))(*shared, *ep[:4])
+    if batching.vmapped:
+        in_dims = (None,) * len(shared) + (0, 0, 0, 0)
+        return vmap(fn, in_dims=in_dims, chunk_size=batching.chunk_size)(*shared, *ep[:4])
     return _stack([fn(*shared, *ep.task(i)[:4]) for i in range(ep.tasks)])
 
 
@@ -205,7 +288,7 @@ def build_learner(
     meta: Callable[[], Meta],
     train_loss: Callable[[int, Episode], tuple[torch.Tensor, dict[str, float]]],
     predict: Predict,
-    vmapped: bool,
+    batching: TaskBatching,
     parameters: list[nn.Parameter] | None = None,
 ) -> Learner:
     """The trainer's view of a variant: ``train_loss(step, episode)`` to minimise, and evaluation of ``predict``
@@ -225,7 +308,7 @@ def build_learner(
 
         def per_task(ep: Episode) -> torch.Tensor:
             with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
-                return map_tasks(one_task, ep, vmapped, detached(meta()))
+                return map_tasks(one_task, ep, batching, detached(meta()))
 
         est = evaluate_episodes(per_task, evals[part], n, run.eval.batch, device)
         return {f"eval/{part}_{score}": est.mean, f"eval/{part}_{score}_ci95": est.ci95}

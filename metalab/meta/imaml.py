@@ -190,8 +190,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
-    # The Hessian-vector products differentiate twice through BatchNorm: under vmap that is wrong (see use_vmap).
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, second_order=True)
+    # The Hessian-vector products differentiate twice through BatchNorm: under vmap that is wrong (see task_batching).
+    batching = gbml.task_batching(run.algo, cfg, model, second_order=True)
     per_task = functools.partial(implicit_gradient, model, regression, cfg)
     score = "mse" if regression else "acc"
 
@@ -201,8 +201,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         theta = params()
         # g[k]: (T, *theta[k].shape), one implicit gradient per task
-        g, losses, scores = gbml.map_tasks(per_task, ep, vmapped, gbml.detached(theta))
+        g, losses, scores = gbml.map_tasks(per_task, ep, batching, gbml.detached(theta))
         return surrogate(theta, g, losses), {f"train/{score}": scores.mean().item()}
 
     fit = functools.partial(predict, model, regression, cfg)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)

@@ -75,8 +75,8 @@ def batched_query(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task (query loss, score) for a batched episode, each ``(T,)``."""
     per_task = functools.partial(adapted_query, model, regression, cfg, steps, first_order)
-    vmapped = gbml.use_vmap("maml", cfg.batching, model, not first_order)
-    return gbml.map_tasks(per_task, ep, vmapped, params)
+    batching = gbml.task_batching("maml", cfg, model, not first_order, grad_loop=True)
+    return gbml.map_tasks(per_task, ep, batching, params)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -84,9 +84,10 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, not cfg.first_order)  # refused before data is read
+    # A batching that cannot apply is refused here, before any data is read.
+    batching = gbml.task_batching(run.algo, cfg, model, not cfg.first_order, grad_loop=True)
     per_task = functools.partial(adapted_query, model, regression, cfg, cfg.inner_steps, cfg.first_order)
     params = gbml.params_of(model)
-    train_loss = gbml.mean_query_loss(per_task, vmapped, params, regression)
+    train_loss = gbml.mean_query_loss(per_task, batching, params, regression)
     fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)

@@ -175,13 +175,13 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = MAMLPlusPlusModel(gbml.network(run, cfg), cfg.inner_steps, cfg.inner_lr).to(device)
     second_order = run.train.steps > cfg.first_order_steps
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model.net, second_order)
+    batching = gbml.task_batching(run.algo, cfg, model.net, second_order)
     score = "mse" if regression else "acc"
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         first_order = step < cfg.first_order_steps
         per_task = functools.partial(step_losses, model.net, regression, cfg.inner_steps, first_order)
-        losses, scores = gbml.map_tasks(per_task, ep, vmapped, model.meta())  # (T, inner_steps), (T,)
+        losses, scores = gbml.map_tasks(per_task, ep, batching, model.meta())  # (T, inner_steps), (T,)
         weights = msl_weights(step, cfg).to(losses)
         return (losses.mean(0) * weights).sum(), {
             f"train/{score}": scores.mean().item(),
@@ -190,5 +190,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
 
     fit = functools.partial(predict, model.net, regression)
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, fit, vmapped, parameters=model.trained()
+        run, root, device, model, model.meta, train_loss, fit, batching, parameters=model.trained()
     )

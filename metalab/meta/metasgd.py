@@ -78,20 +78,17 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = MetaSGDModel(gbml.network(run, cfg), cfg.inner_lr).to(device)
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model.net, not cfg.first_order)
+    batching = gbml.task_batching(run.algo, cfg, model.net, not cfg.first_order, grad_loop=True)
     per_task = functools.partial(query_loss, model.net, regression, cfg.inner_steps, cfg.first_order)
-    score = "mse" if regression else "acc"
+    mean_loss = gbml.mean_query_loss(per_task, batching, model.meta, regression)
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, scores = gbml.map_tasks(per_task, ep, vmapped, model.meta())
+        loss, metrics = mean_loss(step, ep)
         alpha = torch.cat([a.detach().flatten() for a in model.inner_lr.as_dict().values()])
-        return losses.mean(), {
-            f"train/{score}": scores.mean().item(),
-            "train/alpha_mean": alpha.mean().item(),
-        }
+        return loss, {**metrics, "train/alpha_mean": alpha.mean().item()}
 
     fit = functools.partial(predict, model.net, regression, True)
     # The optimizer must see the rates as well as the weights: both are parameters of the model.
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, fit, vmapped, parameters=list(model.parameters())
+        run, root, device, model, model.meta, train_loss, fit, batching, parameters=list(model.parameters())
     )

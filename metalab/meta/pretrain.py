@@ -35,7 +35,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     if run.task.dataset != "sinusoid":
         raise ConfigError("task.dataset", "pretrain is the sinusoid regression baseline; use sinusoid")
     model = gbml.network(run, cfg).to(device)
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, second_order=False)
+    batching = gbml.task_batching(run.algo, cfg, model, second_order=False)
 
     def params() -> Params:
         return dict(model.named_parameters())
@@ -47,4 +47,4 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         return loss, {"train/mse": loss.item()}
 
     fit = functools.partial(maml.predict, model, True, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)

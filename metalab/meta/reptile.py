@@ -74,7 +74,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
-    vmapped = gbml.use_vmap(run.algo, cfg.batching, model, second_order=False)
+    batching = gbml.task_batching(run.algo, cfg, model, second_order=False)
     per_task = functools.partial(adapt_task, model, regression, cfg)
     score = "mse" if regression else "acc"
 
@@ -84,9 +84,9 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         theta = params()
         with torch.no_grad():  # nothing of the inner loop is kept for backward
-            phi, scores = gbml.map_tasks(per_task, ep, vmapped, theta)  # each phi[k]: (T, *theta[k].shape)
+            phi, scores = gbml.map_tasks(per_task, ep, batching, theta)  # each phi[k]: (T, *theta[k].shape)
         return surrogate(theta, phi), {f"train/{score}": scores.mean().item()}
 
     # Test-time adaptation is plain SGD with the inner rate, as in MAML.
     fit = functools.partial(maml.predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, vmapped)
+    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
