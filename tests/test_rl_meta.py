@@ -116,6 +116,12 @@ def test_information_gain_rewards_and_bottleneck_by_hand() -> None:
     torch.testing.assert_close(rewards.sum(), torch.tensor(1.0 - 4.0 - 0.3))
     f = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     torch.testing.assert_close(dream.bottleneck(f), torch.tensor(0.5 * 25 / 2))
+    # the official code's cap: flat (no gradient) below ||F||^2 = cap
+    f.requires_grad_(True)
+    capped = dream.bottleneck(f, cap=10.0)
+    torch.testing.assert_close(capped, torch.tensor(0.5 * (25 + 10) / 2))
+    capped.backward()
+    torch.testing.assert_close(f.grad, torch.tensor([[1.5, 2.0], [0.0, 0.0]]))
 
 
 def test_dream_losses_route_gradients_to_their_own_parts() -> None:

@@ -5,9 +5,13 @@ good exploiter, which needs good exploration: a chicken-and-egg problem that lea
 DREAM breaks the loop with the problem id ``mu``, known during meta-training:
 
 - **Execution** (exploitation): a Q-network ``Q_exec(s, z, a)`` on a task encoding ``z ~ N(F(mu), rho^2 I)``,
-  ``F`` a learned embedding of the training problem's id. An information bottleneck
-  ``ib_weight * 0.5 * ||F(mu)||^2`` (the KL of that Gaussian to ``N(0, I)`` up to constants) keeps in ``z`` only
-  what execution needs: here which bus goes where, not the distracting buses.
+  ``F`` a learned embedding of the training problem's id. An information bottleneck limits what ``z`` can carry
+  to what execution needs (here which bus goes where, not the distracting buses): the paper's penalty is the KL of
+  that Gaussian to ``N(0, I)``, ``0.5 ||F(mu)||^2`` up to constants; the official code (ezliu/dream,
+  ``embed.py``) penalises ``max(||F(mu)||^2, 10)``, a cap on the norm at fixed noise 0.1. Both are here:
+  ``ib_weight * 0.5 * max(||F||^2, ib_cap)`` with the official ``ib_cap = 10`` by default (``ib_cap: 0`` gives
+  the plain KL). Without the cap, on CityGrid 5x5 the penalty shrank ``||F||`` below the noise within 10k steps,
+  the executor learned to ignore ``z`` and walked (return 0.1, the walking return; 0.7 is optimal).
 - **Decoder**: a GRU ``g`` reads the exploration episode and predicts ``F(mu)`` after every step (squared error
   to the detached ``F(mu)``; a Gaussian ``q(z | tau)`` with fixed variance).
 - **Exploration**: a recurrent Q-network rewarded, at each step, by how much that step improved the decoder's
@@ -15,7 +19,9 @@ DREAM breaks the loop with the problem id ``mu``, known during meta-training:
   information gain about ``z`` (paper, eq. 5-6). Rewards are recomputed with the current decoder at every update.
 
 At meta-test time (held-out problems, no id) the explorer runs greedily, the decoder turns its episode into
-``z = g(tau)``, and the executor acts greedily on it. All four parts train together: one Adam step on the sum
+``z = g(tau)``, and the executor acts greedily on it. As in the official training loop, every
+``decoded_every``-th training meta-episode also executes on the decoded ``z`` (its transitions are learned from
+with ``F(mu)`` like all others), so the replay holds what the executor does with imperfect decodings. All four parts train together: one Adam step on the sum
 of the execution TD loss, the bottleneck, the decoder loss and the exploration TD loss (the parts share no
 parameters except ``F``, which only the execution loss and the bottleneck move). Both Q-networks use double-DQN
 targets with hard target copies. One trainer step plays one meta-episode on a training problem (exploration
@@ -73,9 +79,13 @@ class Config(QLearningConfig):
     """Size of the task encoding ``z``."""
     noise: float = 0.1
     """``rho``: standard deviation of the Gaussian noise added to ``F(mu)`` during meta-training."""
-    ib_weight: float = 0.1
-    """Weight of the information bottleneck ``0.5 ||F(mu)||^2``."""
-    step_cost: float = 0.01
+    ib_weight: float = 1.0
+    """Weight of the information bottleneck ``0.5 max(||F(mu)||^2, ib_cap)``."""
+    ib_cap: float = 10.0
+    """Squared norm of ``F(mu)`` below which the bottleneck does not push (official code: 10; 0: plain KL)."""
+    decoded_every: int = 2
+    """Every this many training meta-episodes, execute on the decoder's ``z`` instead of ``F(mu)`` (0: never)."""
+    step_cost: float = 0.1
     """``c``: subtracted from every exploration reward (prefer short, informative exploration)."""
     exec_batch_size: int = 128
     """Execution transitions per update (their buffer holds ``buffer_size`` times the horizon)."""
@@ -84,7 +94,7 @@ class Config(QLearningConfig):
         super().__post_init__()
         for key in ("z_dim", "exec_batch_size"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("noise", "ib_weight", "step_cost"):
+        for key in ("noise", "ib_weight", "ib_cap", "step_cost", "decoded_every"):
             require(getattr(self, key) >= 0, key, "must be >= 0")
 
 
@@ -117,9 +127,10 @@ def information_gain_rewards(predictions: torch.Tensor, z: torch.Tensor, step_co
     return error[:, :-1] - error[:, 1:] - step_cost
 
 
-def bottleneck(encoding: torch.Tensor) -> torch.Tensor:
-    """``0.5 ||F(mu)||^2`` averaged over the batch: the KL of ``N(F, rho^2 I)`` to ``N(0, I)`` up to constants."""
-    return 0.5 * encoding.pow(2).sum(-1).mean()
+def bottleneck(encoding: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+    """``0.5 max(||F(mu)||^2, cap)`` averaged over the batch; with ``cap = 0``, the KL of ``N(F, rho^2 I)`` to
+    ``N(0, I)`` up to constants. Below the cap the penalty is flat: no gradient."""
+    return 0.5 * encoding.pow(2).sum(-1).clamp_min(cap).mean()
 
 
 def exec_td_loss(
@@ -192,12 +203,16 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def collect(step: int) -> dict[str, float]:
         eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
         index = int(rng.integers(len(train_problems)))
+        decoded = cfg.decoded_every > 0 and progress.episodes % cfg.decoded_every == cfg.decoded_every - 1
         z = encoding(index)
+
+        def exploit(steps: list[Step]) -> Policy:
+            code = decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device) if decoded else z
+            return exec_policy(model, code, n_actions, eps, rng, device)
+
         explore = recurrent_policy(model.explorer, n_actions, eps, rng, device)
-        episode = play_meta_episode(
-            env, train_problems[index], derive_seed(run.seed, 0, progress.episodes), explore,
-            lambda _: exec_policy(model, z, n_actions, eps, rng, device),
-        )  # fmt: skip
+        seed = derive_seed(run.seed, 0, progress.episodes)
+        episode = play_meta_episode(env, train_problems[index], seed, explore, exploit)
         explore_buffer.add(steps_to_sequence([episode.explore], n_actions, index, horizon))
         steps = episode.exploit
         exec_buffer.add(ExecRows(
@@ -208,10 +223,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             terminated=np.array([s.terminated for s in steps], bool),
             task=np.full(len(steps), index, np.int64),
         ))  # fmt: skip
-        return {
-            "train/epsilon": eps,
-            **progress.record(episode),
-        }
+        return {"train/epsilon": eps, "train/decoded": float(decoded), **progress.record(episode)}
 
     def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
         metrics = collect(step)
@@ -224,7 +236,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         noise = torch.from_numpy(rng.standard_normal(f.shape).astype(np.float32)).to(device)
         exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], f + cfg.noise * noise,
                                          batch, cfg)  # fmt: skip
-        ib = bottleneck(f)
+        ib = bottleneck(f, cfg.ib_cap)
         # decoder and explorer on the same exploration sequences
         seq = explore_buffer.sample_rows(cfg.batch_size, rng)
         inputs, action, _, terminal, mask = to_tensors(seq, device)
