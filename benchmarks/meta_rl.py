@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -100,12 +101,17 @@ def curve_key(method: str) -> str:
     return "eval/success_after1" if method == "pearl" else "eval/return"
 
 
-def benchmark(name: str, steps: int, minutes: float | None, runs: Path) -> list[dict]:
-    """Train (or resume) configuration ``name``, test it, and return its per-seed records."""
+def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results: Path) -> list[dict]:
+    """Train (or resume) configuration ``name``, test it, and return its per-seed records. Seed 0 of DREAM and
+    RL² also leaves ``<results>/meta_rl_<method>-<task>.png``: one held-out meta-episode, frame by frame."""
     method, task, seed = parse(name)
     run = run_config(method, task, seed, steps, minutes)
     learner, fitted = train(run, runs / name)
     test = learner.evaluate("test", run.eval.episodes)
+    if seed == 0 and learner.figures is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        for path in learner.figures(runs / name):
+            shutil.copyfile(path, results / f"{BENCH}_{method}-{task}.png")
     _, optimal, walking = TASKS[task]
     common = {"seed": seed, "budget_steps": steps, "test_episodes": run.eval.episodes, "optimal": optimal,
               "walking": walking, "threads": torch.get_num_threads(), "published": PUBLISHED.get(method),
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in expand(args.only, GROUPS, CONFIGS):
         method, task, _ = parse(name)
         steps = max(round(BUDGETS[method, task] * args.steps_scale), 1)
-        records = benchmark(name, steps, args.minutes, args.runs_dir)
+        records = benchmark(name, steps, args.minutes, args.runs_dir, args.results_dir)
         path = merge_results(BENCH, records, args.results_dir)
         merge_results(BENCH, aggregates(path, name), args.results_dir)
         print(path)

@@ -45,6 +45,7 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     assert by_metric["return"]["seeds"] == [0, 1] and by_metric["return"]["target"] == 0.65
     assert -3.0 <= by_metric["return_s0"]["value"] <= 0.7 and by_metric["return_s0"]["steps"] == 40
     assert (tmp_path / "res" / "meta_rl.png").is_file()
+    assert (tmp_path / "res" / "meta_rl_dream-5x5.png").is_file()  # seed 0's held-out meta-episode
     first = by_metric["return_s0"]["value"]
     meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
     again = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
