@@ -11,7 +11,9 @@ DREAM breaks the loop with the problem id ``mu``, known during meta-training:
   ``embed.py``) penalises ``max(||F(mu)||^2, 10)``, a cap on the norm at fixed noise 0.1. Both are here:
   ``ib_weight * 0.5 * max(||F||^2, ib_cap)`` with the official ``ib_cap = 10`` by default (``ib_cap: 0`` gives
   the plain KL). Without the cap, on CityGrid 5x5 the penalty shrank ``||F||`` below the noise within 10k steps,
-  the executor learned to ignore ``z`` and walked (return 0.1, the walking return; 0.7 is optimal).
+  the executor learned to ignore ``z`` and walked (return 0.1, the walking return; 0.7 is optimal). Evaluation
+also reports ``eval/oracle_return``: the executor on training problems given their true ``F(mu)``, which tells
+an execution failure from an exploration one.
 - **Decoder**: a GRU ``g`` reads the exploration episode and predicts ``F(mu)`` after every step (squared error
   to the detached ``F(mu)``; a Gaussian ``q(z | tau)`` with fixed variance).
 - **Exploration**: a recurrent Q-network rewarded, at each step, by how much that step improved the decoder's
@@ -58,6 +60,7 @@ from metalab.rl.meta import (
     episode_steps,
     evaluate_meta,
     history_dim,
+    play_episode,
     play_meta_episode,
     problem_env,
     recurrent_policy,
@@ -66,6 +69,7 @@ from metalab.rl.meta import (
 )
 from metalab.rl.recurrent import Params, RecurrentNet, Sequences, sequence_td_loss, to_tensors
 from metalab.rl.rollout import derive_seed
+from metalab.train.evaluate import mean_ci95
 from metalab.train.loop import Learner
 
 
@@ -274,7 +278,21 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         return recurrent_policy(model.explorer, n_actions, 0.0, rng, device), exploit
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
-        return evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
+        metrics = evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
+        # The executor alone on training problems, told their true encoding F(mu) (no noise): when this is low
+        # too, execution has not learned to use z; when only the held-out return is low, exploration or decoding
+        # is what fails.
+        returns = []
+        for i in range(episodes):
+            index = i % len(train_problems)
+            with torch.no_grad():
+                z = model.embedding.weight[index]
+            seed = derive_seed(run.eval.seed, 2, i)
+            steps, _ = play_episode(eval_env, seed, {"problem": train_problems[index]},
+                                    exec_policy(model, z, n_actions, 0.0, rng, device))  # fmt: skip
+            returns.append(sum(s.reward for s in steps))
+        oracle = mean_ci95(returns)
+        return {**metrics, "eval/oracle_return": oracle.mean, "eval/oracle_return_ci95": oracle.ci95}
 
     def figures(run_dir: Path) -> list[Path]:
         problem = env.unwrapped.problems("test")[0]
