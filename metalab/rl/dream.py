@@ -204,8 +204,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                 device
             )
 
-    def collect(step: int) -> dict[str, float]:
-        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
+    def collect(eps: float) -> dict[str, float]:
         index = int(rng.integers(len(train_problems)))
         decoded = cfg.decoded_every > 0 and progress.episodes % cfg.decoded_every == cfg.decoded_every - 1
         z = encoding(index)
@@ -227,10 +226,13 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             terminated=np.array([s.terminated for s in steps], bool),
             task=np.full(len(steps), index, np.int64),
         ))  # fmt: skip
-        return {"train/epsilon": eps, "train/decoded": float(decoded), **progress.record(episode)}
+        progress.record(episode)
+        return {"train/decoded": float(decoded)}
 
     def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        metrics = collect(step)
+        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
+        collected = collect(eps) if step % cfg.collect_every == 0 else {}
+        metrics = {"train/epsilon": eps, **collected, **progress.metrics()}
         if progress.episodes < max(cfg.learning_starts, 1):
             return None, metrics
         # execution on z ~ N(F(mu), rho^2 I), and the bottleneck on F(mu)

@@ -55,9 +55,12 @@ class QLearningConfig:
     """Fraction of the trainer steps over which epsilon decays linearly."""
     hidden: int = 128
     """Width of the recurrent networks' input layer and GRU (DREAM: also the executor MLP's hidden layers)."""
+    collect_every: int = 1
+    """Trainer steps (updates) per collected meta-episode: the replay ratio. Meta-episodes played = steps / this."""
 
     def __post_init__(self) -> None:
         require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
+        require(self.collect_every >= 1, "collect_every", "must be >= 1")
         for key in ("buffer_size", "batch_size", "target_every", "hidden"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
         require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
@@ -101,12 +104,17 @@ class Progress:
         self.returns: deque[float] = deque(maxlen=100)
         self.successes: deque[float] = deque(maxlen=100)
 
-    def record(self, episode: MetaEpisode) -> dict[str, float]:
-        """Count ``episode`` and return the running training metrics."""
+    def record(self, episode: MetaEpisode) -> None:
+        """Count ``episode``."""
         self.episodes += 1
         self.env_steps += len(episode.explore) + len(episode.exploit)
         self.returns.append(episode.exploit_return)
         self.successes.append(float(episode.success))
+
+    def metrics(self) -> dict[str, float]:
+        """The running training metrics (none before the first meta-episode)."""
+        if not self.returns:
+            return {}
         return {
             "train/return": float(np.mean(self.returns)),
             "train/success": float(np.mean(self.successes)),

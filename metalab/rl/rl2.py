@@ -74,15 +74,14 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
 
     def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
         eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
-        problem = train_problems[int(rng.integers(len(train_problems)))]
-        policy = recurrent_policy(net, n_actions, eps, rng, device)
-        episode = play_meta_episode(env, problem, derive_seed(run.seed, 0, progress.episodes), policy,
-                                    lambda _: policy)  # fmt: skip
-        buffer.add(steps_to_sequence([episode.explore, episode.exploit], n_actions, problem, 2 * horizon))
-        metrics = {
-            "train/epsilon": eps,
-            **progress.record(episode),
-        }
+        if step % cfg.collect_every == 0:
+            problem = train_problems[int(rng.integers(len(train_problems)))]
+            policy = recurrent_policy(net, n_actions, eps, rng, device)
+            episode = play_meta_episode(env, problem, derive_seed(run.seed, 0, progress.episodes), policy,
+                                        lambda _: policy)  # fmt: skip
+            buffer.add(steps_to_sequence([episode.explore, episode.exploit], n_actions, problem, 2 * horizon))
+            progress.record(episode)
+        metrics = {"train/epsilon": eps, **progress.metrics()}
         if progress.episodes < max(cfg.learning_starts, 1):
             return None, metrics
         batch = to_tensors(buffer.sample_rows(cfg.batch_size, rng), device)
