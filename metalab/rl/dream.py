@@ -41,12 +41,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gymnasium import spaces
 from torch import nn
 
 from metalab.config import require
-from metalab.envs.config import make_env
-from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
@@ -57,12 +54,11 @@ from metalab.rl.meta import (
     Progress,
     QLearningConfig,
     Step,
-    episode_steps,
     evaluate_meta,
     history_dim,
+    make_problems,
     play_episode,
     play_meta_episode,
-    problem_env,
     recurrent_policy,
     render_meta_episode,
     steps_to_sequence,
@@ -176,15 +172,7 @@ def exec_policy(
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """DREAM's networks, replay buffers and trainer hooks (``data_root`` unused)."""
     cfg: Config = run.params
-    env, eval_env = problem_env(make_env(run.env)), problem_env(make_env(run.env))
-    if not isinstance(env.action_space, spaces.Discrete):
-        raise ConfigError(
-            "env.id", f"DREAM (Q-learning) needs discrete actions; {run.env.id} has {env.action_space}"
-        )
-    n_actions = int(env.action_space.n)
-    obs_dim = int(np.prod(env.observation_space.shape))
-    horizon = episode_steps(env)
-    train_problems = env.unwrapped.problems("train")
+    env, eval_env, n_actions, obs_dim, horizon, train_problems = make_problems(run.env, "DREAM")
     model = DREAM(len(train_problems), obs_dim, n_actions, cfg).to(device)
 
     def params(part: nn.Module) -> Params:

@@ -19,9 +19,11 @@ from typing import Any, NamedTuple, Protocol
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium import spaces
 from PIL import Image, ImageDraw
 
 from metalab.config import require
+from metalab.envs.config import EnvConfig, make_env
 from metalab.errors import ConfigError
 from metalab.rl.recurrent import RecurrentNet, Sequences, one_hot
 from metalab.rl.rollout import derive_seed
@@ -136,6 +138,32 @@ class Progress:
         self.returns.extend(saved["returns"].tolist())
         self.successes.clear()
         self.successes.extend(saved["successes"].tolist())
+
+
+class Problems(NamedTuple):
+    """The environment side of a meta-RL run."""
+
+    env: gym.Env
+    """Training meta-episodes are played here."""
+    eval_env: gym.Env
+    """Evaluation meta-episodes are played here (so evaluation never disturbs the training env)."""
+    n_actions: int
+    obs_dim: int
+    horizon: int
+    """Steps per episode."""
+    train_problems: list[int]
+    """Problem ids of meta-training (the held-out ones are ``env.unwrapped.problems("test")``)."""
+
+
+def make_problems(cfg: EnvConfig, algo: str) -> Problems:
+    """Two envs of ``cfg`` checked to be a discrete-action problem family, and their dimensions."""
+    env, eval_env = problem_env(make_env(cfg)), problem_env(make_env(cfg))
+    if not isinstance(env.action_space, spaces.Discrete):
+        raise ConfigError(
+            "env.id", f"{algo} (Q-learning) needs discrete actions; {cfg.id} has {env.action_space}"
+        )
+    return Problems(env, eval_env, int(env.action_space.n), int(np.prod(env.observation_space.shape)),
+                    episode_steps(env), env.unwrapped.problems("train"))  # fmt: skip
 
 
 def problem_env(env: gym.Env) -> gym.Env:

@@ -22,10 +22,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
-from metalab.envs.config import make_env
-from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.rl.buffer import ReplayBuffer
 from metalab.rl.dqn import linear_schedule
@@ -34,11 +31,10 @@ from metalab.rl.meta import (
     Progress,
     QLearningConfig,
     Step,
-    episode_steps,
     evaluate_meta,
     history_dim,
+    make_problems,
     play_meta_episode,
-    problem_env,
     recurrent_policy,
     render_meta_episode,
     steps_to_sequence,
@@ -57,19 +53,11 @@ class Config(QLearningConfig):
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Recurrent Q-network, meta-episode replay and the trainer hooks of an RL² run (``data_root`` unused)."""
     cfg: Config = run.params
-    env, eval_env = problem_env(make_env(run.env)), problem_env(make_env(run.env))
-    if not isinstance(env.action_space, spaces.Discrete):
-        raise ConfigError(
-            "env.id", f"RL² (Q-learning) needs discrete actions; {run.env.id} has {env.action_space}"
-        )
-    n_actions = int(env.action_space.n)
-    obs_dim = int(np.prod(env.observation_space.shape))
+    env, eval_env, n_actions, obs_dim, horizon, train_problems = make_problems(run.env, "RL²")
     net = RecurrentNet(history_dim(obs_dim, n_actions), n_actions, cfg.hidden).to(device)
     target: Params = {k: v.detach().clone() for k, v in net.named_parameters()}
     buffer: ReplayBuffer[Sequences] = ReplayBuffer(cfg.buffer_size, Sequences)
     rng = np.random.default_rng(derive_seed(run.seed, 1))
-    train_problems = env.unwrapped.problems("train")
-    horizon = episode_steps(env)
     progress = Progress()
 
     def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
