@@ -195,8 +195,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     per_task = functools.partial(implicit_gradient, model, regression, cfg)
     score = "mse" if regression else "acc"
 
-    def params() -> Params:
-        return dict(model.named_parameters())
+    params = gbml.params_of(model)
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         theta = params()

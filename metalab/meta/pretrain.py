@@ -19,7 +19,6 @@ from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta import gbml, maml
-from metalab.meta.adapt import Params
 from metalab.train.loop import Learner
 
 
@@ -37,8 +36,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = gbml.network(run, cfg).to(device)
     batching = gbml.task_batching(run.algo, cfg, model, second_order=False)
 
-    def params() -> Params:
-        return dict(model.named_parameters())
+    params = gbml.params_of(model)
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         x = torch.cat([ep.support_x, ep.query_x], 1).flatten(0, 1)  # (T*(K+Q), 1): every point of every task
