@@ -51,9 +51,11 @@ TARGETS = {
     "siamese": (96.5, 98.0, None, None),
 }
 RUNS = Path("runs/bench/omniglot_metric")
-# ProtoNets train 60-way whatever the test ways, so one model per shot serves the 5-way and 20-way cells.
-TRAININGS = {"protonet-1shot": ("5w1s", "20w1s"), "protonet-5shot": ("5w5s", "20w5s")} | {
-    f"{m}-{c}": (c,) for m in METHODS if m != "protonet" for c in CELLS
+# ProtoNets train 60-way whatever the test ways, so one model per shot serves the 5-way and 20-way cells. A
+# Siamese verifier scores pairs, whatever the ways and shots, so one model (trained on 20-way episodes, the
+# most negatives per episode) serves all four cells, as one verification net does in the paper.
+TRAININGS = {"protonet-1shot": ("5w1s", "20w1s"), "protonet-5shot": ("5w5s", "20w5s"), "siamese": CELLS} | {
+    f"{m}-{c}": (c,) for m in ("matching", "relation") for c in CELLS
 }
 CONFIGS = [*TRAININGS, "speed"]
 

@@ -95,19 +95,31 @@ def test_maml_tiny_run_and_resume(bench, omniglot_root: Path, tmp_path: Path) ->
     assert again["steps"] == 2 and again["value"] == r["value"]
 
 
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ("protonet-1shot", [("5w1s", 98.8, 98.5), ("20w1s", 96.0, 95.5)]),
+        (
+            "siamese",
+            [("5w1s", 97.3, 96.5), ("5w5s", 98.4, 98.0), ("20w1s", 88.2, None), ("20w5s", 97.0, None)],
+        ),
+    ],
+)
 def test_omniglot_metric_uses_the_shared_steps(
-    bench, omniglot_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bench, omniglot_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, training: str, expected: list
 ) -> None:
-    """omniglot_metric after the move to benchmarks.fewshot: one ProtoNet serves two cells; the figure is drawn."""
+    """omniglot_metric after the move to benchmarks.fewshot: one ProtoNet serves two cells, one Siamese verifier
+    all four; the figure is drawn."""
     metric, fewshot = bench("omniglot_metric"), bench("fewshot")
     monkeypatch.setattr(metric, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(metric, "RESULTS", tmp_path / "results")
-    tiny = ["train.eval_episodes=4", "task.train_ways=10", "protonet.hidden=8"]  # the script has no --set
+    method = training.split("-")[0]
+    tiny = ["train.eval_episodes=4", "task.train_ways=10", f"{method}.hidden=8"]  # the script has no --set
     monkeypatch.setattr(metric, "budget_overrides", lambda *a: [*fewshot.budget_overrides(*a), *tiny])
-    records = metric.train_and_test("protonet-1shot", 60.0, 2, 4)
+    records = metric.train_and_test(training, 60.0, 2, 4)
     check_records(records, "omniglot_metric")
-    assert [r["task"] for r in records] == ["omniglot-vinyals-5w1s", "omniglot-vinyals-20w1s"]
-    assert [(r["published"], r["target"], r["training"]) for r in records] == [
-        (98.8, 98.5, "protonet-1shot"), (96.0, 95.5, "protonet-1shot")]  # fmt: skip
+    assert [(r["task"], r["published"], r["target"], r["training"]) for r in records] == [
+        (f"omniglot-vinyals-{cell}", published, target, training) for cell, published, target in expected
+    ]
     figure = metric.plot()
     assert figure == tmp_path / "results" / "omniglot_metric.png" and figure.is_file()
