@@ -93,6 +93,39 @@ def test_td_loss_and_gradients() -> None:
     assert all(p.grad is not None for p in q_net.parameters())
 
 
+def test_input_centering_maps_bounded_dimensions_to_unit_range() -> None:
+    import gymnasium as gym
+
+    from metalab.rl.rollout import input_centering
+
+    bits = gym.make("metalab/BitFlip-v0", n=3)
+    shift, scale = input_centering(bits)  # observation then desired goal, both bits
+    x = np.array([[0, 1, 1, 1, 0, 0]], np.float32)
+    assert np.array_equal((x - shift) * scale, 2 * x - 1)
+    cartpole = gym.make("CartPole-v1")  # bounds: +-4.8, inf, +-0.42, inf
+    shift, scale = input_centering(cartpole)
+    high = cartpole.observation_space.high
+    assert np.allclose(scale, [1 / high[0], 1, 1 / high[2], 1]) and np.allclose(shift, 0)
+
+
+def test_centered_td_loss_equals_loss_on_centered_inputs() -> None:
+    torch.manual_seed(0)
+    q_net = dqn.MLP(6, (8,), 3)
+    online = dict(q_net.named_parameters())
+    target = {k: v.detach() + 0.1 for k, v in online.items()}
+    obs, goal, nxt = (torch.randint(0, 2, (4, 3)).float() for _ in range(3))
+    reward, done, action = -torch.ones(4), torch.zeros(4), torch.tensor([0, 2, 1, 0])
+    cfg = dqn.Config(gamma=0.9)
+    centering = (torch.full((6,), 0.5), torch.full((6,), 2.0))
+    loss, _ = dqn.td_loss(q_net, online, target, dqn.Transitions(obs, goal, action, reward, nxt, done), cfg,
+                          centering)  # fmt: skip
+    pm = dqn.Transitions(2 * obs - 1, 2 * goal - 1, action, reward, 2 * nxt - 1, done)
+    assert torch.allclose(loss, dqn.td_loss(q_net, online, target, pm, cfg)[0])
+    assert not torch.allclose(
+        loss, dqn.td_loss(q_net, online, target, pm._replace(obs=obs, goal=goal), cfg)[0]
+    )
+
+
 def test_collects_without_updates_before_learning_starts(tmp_path: Path) -> None:
     run = tiny(train={"steps": 10})  # learning starts at env step 20: no update at all
     learner = make(run)

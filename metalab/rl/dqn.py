@@ -31,7 +31,15 @@ from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import ReplayBuffer, Transitions
 from metalab.rl.her import Strategy, relabel
-from metalab.rl.rollout import EpisodeResult, Recorder, derive_seed, dims, is_goal_env, run_episodes
+from metalab.rl.rollout import (
+    EpisodeResult,
+    Recorder,
+    derive_seed,
+    dims,
+    input_centering,
+    is_goal_env,
+    run_episodes,
+)
 from metalab.train.evaluate import mean_ci95
 from metalab.train.loop import Learner
 
@@ -75,6 +83,11 @@ class Config:
     """Relabeled goals per stored transition."""
     hidden: tuple[int, ...] = (256, 256)
     """Hidden layer widths of the Q-network."""
+    center_inputs: bool = False
+    """Rescale each bounded input dimension from its space's ``[low, high]`` to ``[-1, 1]`` (bits to -1/+1)
+    before the Q-network. Zero-mean inputs make per-bit comparisons of state and goal (an XOR) far easier to learn:
+    on BitFlip n = 50 a supervised 128x128 MLP learns which bit differs in 1500 steps from -1/+1 bits and does not
+    in 3000 from 0/1 bits."""
 
     def __post_init__(self) -> None:
         require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
@@ -128,20 +141,37 @@ def polyak_update(target: Params, online: Params, tau: float) -> Params:
     return {k: torch.lerp(target[k], online[k].detach(), tau) for k in target}
 
 
-def q_values(q_net: nn.Module, params: Params, obs: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-    """``Q(s, g, .)``, ``(B, A)``, for observations ``(B, obs_dim)`` and goals ``(B, goal_dim)``."""
+Affine = tuple[torch.Tensor, torch.Tensor]
+
+
+def q_values(
+    q_net: nn.Module, params: Params, obs: torch.Tensor, goal: torch.Tensor, centering: Affine | None = None
+) -> torch.Tensor:
+    """``Q(s, g, .)``, ``(B, A)``, for observations ``(B, obs_dim)`` and goals ``(B, goal_dim)``; the input is
+    ``(x - shift) * scale`` when ``centering = (shift, scale)`` is given."""
     x = torch.cat([obs, goal], -1)
+    if centering is not None:
+        x = (x - centering[0]) * centering[1]
     return mlp_forward(params, x) if isinstance(q_net, MLP) else functional_call(q_net, params, (x,))
 
 
 def td_loss(
-    q_net: nn.Module, online: Params, target: Params, batch: Transitions, cfg: Config
+    q_net: nn.Module,
+    online: Params,
+    target: Params,
+    batch: Transitions,
+    cfg: Config,
+    centering: Affine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TD loss on ``batch`` and the mean Q of its actions."""
-    q = q_values(q_net, online, batch.obs, batch.goal).gather(-1, batch.action[:, None]).squeeze(-1)  # (B,)
+    q = (
+        q_values(q_net, online, batch.obs, batch.goal, centering)
+        .gather(-1, batch.action[:, None])
+        .squeeze(-1)
+    )
     with torch.no_grad():
-        next_target = q_values(q_net, target, batch.next_obs, batch.goal)  # (B, A)
-        next_online = q_values(q_net, online, batch.next_obs, batch.goal) if cfg.double else None
+        next_target = q_values(q_net, target, batch.next_obs, batch.goal, centering)  # (B, A)
+        next_online = q_values(q_net, online, batch.next_obs, batch.goal, centering) if cfg.double else None
         clip = feasible_return_range(cfg.gamma) if cfg.clip_target else None
         y = td_target(batch.reward, batch.done, next_target, cfg.gamma, next_online, clip)
     loss = F.smooth_l1_loss(q, y) if cfg.loss == "huber" else F.mse_loss(q, y)
@@ -172,6 +202,9 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     obs_dim, goal_dim = dims(env)
     n_actions = int(env.action_space.n)
     q_net = MLP(obs_dim + goal_dim, cfg.hidden, n_actions).to(device)
+    centering = (
+        tuple(torch.from_numpy(a).to(device) for a in input_centering(env)) if cfg.center_inputs else None
+    )
     target: Params = {k: v.detach().clone() for k, v in q_net.named_parameters()}
     buffer = ReplayBuffer(cfg.buffer_size)
     rng = np.random.default_rng(derive_seed(run.seed, 1))  # exploration, minibatches, relabeling
@@ -189,7 +222,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def greedy(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
         with torch.no_grad():
-            q = q_values(q_net, online(), torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device))
+            obs_t, goal_t = torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device)
+            q = q_values(q_net, online(), obs_t, goal_t, centering)
         return q.argmax(-1).cpu().numpy()
 
     def store(result: EpisodeResult) -> None:
@@ -227,7 +261,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         if (step + 1) * cfg.train_frequency < cfg.learning_starts or len(buffer) < cfg.batch_size:
             return None, metrics
         batch = buffer.sample(cfg.batch_size, rng).to(device)
-        td, q_mean = td_loss(q_net, online(), target, batch, cfg)
+        td, q_mean = td_loss(q_net, online(), target, batch, cfg, centering)
         return td, {**metrics, "train/q": q_mean.item()}
 
     def after_update(step: int) -> None:

@@ -44,6 +44,25 @@ def dims(env: gym.Env) -> tuple[int, int]:
     return int(np.prod(space.shape)), 0
 
 
+def input_centering(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, scale)`` over the flat ``[observation, goal]`` input of :func:`dims` such that
+    ``(x - shift) * scale`` maps every bounded dimension from ``[low, high]`` to ``[-1, 1]`` (MultiBinary bits to
+    -1/+1); dimensions with an infinite bound pass unchanged (shift 0, scale 1)."""
+    space = env.observation_space
+    parts = [space["observation"], space["desired_goal"]] if is_goal_env(env) else [space]
+    shifts, scales = [], []
+    for part in parts:
+        if isinstance(part, spaces.MultiBinary):
+            low, high = np.zeros(part.shape), np.ones(part.shape)
+        else:
+            low, high = np.broadcast_to(part.low, part.shape), np.broadcast_to(part.high, part.shape)
+        low, high = low.reshape(-1).astype(np.float64), high.reshape(-1).astype(np.float64)
+        bounded = np.isfinite(low) & np.isfinite(high) & (high > low)
+        shifts.append(np.where(bounded, (low + high) / 2, 0.0))
+        scales.append(np.where(bounded, 2 / np.where(bounded, high - low, 1.0), 1.0))
+    return np.concatenate(shifts).astype(np.float32), np.concatenate(scales).astype(np.float32)
+
+
 def split_obs(obs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(observation, achieved_goal, desired_goal)`` as flat float32 vectors; empty goals for plain envs."""
     if isinstance(obs, dict):
