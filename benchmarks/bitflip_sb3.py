@@ -45,7 +45,7 @@ import numpy as np
 
 from benchmarks.rl_common import start_run_dir
 from metalab.envs.config import make_env
-from metalab.experiment import RunConfig
+from metalab.experiment import RunConfig, run_config_from_dict
 from metalab.rl import dqn
 from metalab.rl.rollout import derive_seed, run_episodes
 from metalab.train.evaluate import Estimate, mean_ci95
@@ -114,7 +114,10 @@ def train_sb3(run: RunConfig, run_dir: Path, eval_every: int, checkpoint_every: 
 
     kwargs = sb3_kwargs(run)
     settings = {"run": run.to_yaml_dict(), "sb3": kwargs, "eval_every": eval_every}
-    resume = start_run_dir(run_dir, settings) and (run_dir / "state.json").is_file()
+    same = start_run_dir(
+        run_dir, settings, lambda saved: {**saved, "run": run_config_from_dict(saved["run"]).to_yaml_dict()}
+    )
+    resume = same and (run_dir / "state.json").is_file()
     state = (
         json.loads((run_dir / "state.json").read_text())
         if resume

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import yaml
 
 from benchmarks.common import record
-from metalab.experiment import CONFIG_NAME, RunConfig, algorithm
+from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, run_config_from_dict
 from metalab.train.evaluate import mean_ci95
 from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
 from metalab.utils import atomic_path, seed_everything
@@ -42,16 +43,21 @@ def expand(selected: list[str] | None, groups: dict[str, list[str]], default: li
     return names
 
 
-def start_run_dir(run_dir: Path, settings: dict[str, Any]) -> bool:
+def start_run_dir(
+    run_dir: Path, settings: dict[str, Any], normalize: Callable[[dict], dict] | None = None
+) -> bool:
     """Create ``run_dir`` for ``settings``, or check that it was started with the same ones.
 
     Returns whether the directory already held a run (to resume). Settings are compared after a JSON round
-    trip, so tuples and lists compare equal.
+    trip, so tuples and lists compare equal, and after ``normalize`` of the saved ones (e.g. a run config parsed
+    again, so an option added since, at its default, is no change).
     """
     path = run_dir / SETTINGS
     settings = json.loads(json.dumps(settings))
     if path.is_file():
         saved = json.loads(path.read_text())
+        if normalize is not None:
+            saved = json.loads(json.dumps(normalize(saved)))
         if saved != settings:
             changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
             raise SystemExit(
@@ -71,7 +77,10 @@ def train(run: RunConfig, run_dir: Path) -> tuple[Learner, FitResult]:
     A finished run is not trained again: the learner comes back with the final weights and the recorded
     training time, ready to be evaluated.
     """
-    if not start_run_dir(run_dir, run.to_yaml_dict()):  # config.yaml too, for `metalab eval <run_dir>`
+    same = start_run_dir(
+        run_dir, run.to_yaml_dict(), lambda saved: run_config_from_dict(saved).to_yaml_dict()
+    )
+    if not same:  # config.yaml too, for `metalab eval <run_dir>`
         (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
     seed_everything(run.seed)
     learner = algorithm(run.algo).build(run, Path("unused"), torch.device(run.train.device))

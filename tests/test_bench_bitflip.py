@@ -63,6 +63,12 @@ def test_tiny_grid_records_and_resume(bitflip: ModuleType, tmp_path: Path) -> No
     # Rerunning a finished configuration resumes it (no training) and records the same result.
     again = {(r["method"], r["metric"]): r for r in run(bitflip, tmp_path, "future-n7-s0")}
     assert again[("metalab-dqn-future", "success_s0")]["value"] == seed["value"]
+    # A run started before an option existed (saved settings without it) resumes: the option's default is no change.
+    saved_path = tmp_path / "runs" / "future-n7-s0" / "bench.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["dqn"]["center_inputs"]
+    saved_path.write_text(json.dumps(saved))
+    assert run(bitflip, tmp_path, "future-n7-s0")[0]["value"] == records[0]["value"]
     with pytest.raises(SystemExit, match="different settings"):  # a changed budget is refused, not mixed in
         bitflip.main(["--only", "future-n7-s0", "--budget", "7=400", "--runs-dir", str(tmp_path / "runs"),
                       "--results-dir", str(tmp_path / "results")])  # fmt: skip
