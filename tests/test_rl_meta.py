@@ -200,11 +200,30 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert result["step"] == 30 and -3.0 <= result["eval/return"] <= 0.7
     assert 0 <= result["eval/success"] <= 1
     if algo == "dream":
-        assert -3.0 <= result["eval/oracle_return"] <= 0.7
+        assert (
+            -3.0 <= result["eval/oracle_return"] <= 0.7
+            and -3.0 <= result["eval/train_problems_return"] <= 0.7
+        )
     strip = Image.open(run_dir / "meta_episode.png")  # exploration row over exploitation row
     assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
     assert "eval/return" in capsys.readouterr().out
+
+
+def test_evaluate_meta_cycles_the_problems_of_its_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    played: list[int] = []
+    real = meta.play_meta_episode
+    monkeypatch.setattr(meta, "play_meta_episode", lambda env, p, *a: played.append(p) or real(env, p, *a))
+    env = gym.make("metalab/CityGrid5x5-v0")
+
+    def agent() -> tuple:
+        return (lambda *a: 4), (lambda steps: lambda *a: 4)  # noop throughout
+
+    for split, expected in (("train", [0, 11, 22]), ("test", [1, 2, 3])):
+        played.clear()
+        result = meta.evaluate_meta(env, "val", 3, 0, agent, split=split)
+        assert played == expected and result["eval/success"] == 0.0
+        assert np.isclose(result["eval/return"], -0.3 * 10)
 
 
 def test_meta_rl_refuses_an_env_without_problems() -> None:

@@ -282,7 +282,13 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                                     exec_policy(model, z, n_actions, 0.0, rng, device))  # fmt: skip
             returns.append(sum(s.reward for s in steps))
         oracle = mean_ci95(returns)
-        return {**metrics, "eval/oracle_return": oracle.mean, "eval/oracle_return_ci95": oracle.ci95}
+        # The whole agent (exploration, decoding, execution) on the training problems: when this is high and the
+        # held-out return low, decoding does not generalise to new problems (e.g. the encoding F(mu) still
+        # carries problem identity, such as the distracting buses, that exploration cannot or should not find).
+        seen = evaluate_meta(eval_env, part, episodes, run.eval.seed, agent, split="train")
+        return {**metrics, "eval/oracle_return": oracle.mean, "eval/oracle_return_ci95": oracle.ci95,
+                "eval/train_problems_return": seen["eval/return"],
+                "eval/train_problems_return_ci95": seen["eval/return_ci95"]}  # fmt: skip
 
     def figures(run_dir: Path) -> list[Path]:
         problem = env.unwrapped.problems("test")[0]

@@ -285,10 +285,12 @@ Agent = Callable[[], tuple[Policy, Callable[[list[Step]], Policy]]]
 """Makes the two policies of one meta-episode: ``(explore, exploit)`` with ``exploit(explore steps) -> policy``."""
 
 
-def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent) -> dict[str, float]:
-    """Meta-episodes on the held-out problems, cycling through them: mean exploitation return and success with
-    95% CIs. ``agent()`` is called once per meta-episode (fresh memory)."""
-    problems = env.unwrapped.problems("test")
+def evaluate_meta(
+    env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent, split: str = "test"
+) -> dict[str, float]:
+    """Meta-episodes on the held-out problems (or those of ``split``), cycling through them: mean exploitation
+    return and success with 95% CIs. ``agent()`` is called once per meta-episode (fresh memory)."""
+    problems = env.unwrapped.problems(split)
     results = []
     for i in range(episodes):
         explore, exploit = agent()
