@@ -96,6 +96,9 @@ def test_buffer_stores_any_row_type_and_round_trips_its_state() -> None:
     sampled = buffer.sample_rows(8, np.random.default_rng(0))
     assert sampled.inputs.shape == (8, 4, 2) and set(sampled.length.tolist()) <= {2, 3, 4}
     assert np.all(sampled.inputs[:, 0, 0] == sampled.length)  # columns stay aligned
+    assert buffer.rows(np.array([0, 0, 2])).length.tolist() == [3, 3, 2]  # by storage slot
+    with pytest.raises(IndexError, match="out of range"):
+        buffer.rows(np.array([3]))
     with pytest.raises(TypeError, match="Sequences rows"):
         buffer.add(rows(0, 1))  # an Experience
     with pytest.raises(TypeError, match="sample_rows"):

@@ -129,7 +129,7 @@ def test_dream_losses_route_gradients_to_their_own_parts() -> None:
     learner = make(run)
     model: dream.DREAM = learner.model  # type: ignore[assignment]
     loss = None
-    for s in range(8):
+    for s in range(7):  # the last update (step 6) reads F(mu): exec_decoded_every=2 decodes on odd steps
         loss, metrics = learner.loss(s)
     assert loss is not None and {"loss/exec", "loss/decoder", "loss/explore", "loss/bottleneck"} <= set(
         metrics
@@ -149,6 +149,31 @@ def test_dream_decoder_loss_does_not_move_the_embedding() -> None:
     errors = (model.decoder(inputs)[0] - z[:, None]).pow(2).sum(-1).mean()
     errors.backward()
     assert model.embedding.weight.grad is None and model.decoder.head.weight.grad is not None
+
+
+def test_dream_execution_reads_the_decoding_of_each_transitions_own_exploration() -> None:
+    """Decoded updates: live rows get the decoder's z after their whole exploration (as at meta-test time), with
+    gradient into the decoder; rows whose exploration left the buffer keep F(mu) plus noise."""
+    torch.manual_seed(0)
+    cfg = dream.Config(z_dim=3, hidden=8)
+    model = dream.DREAM(5, 7, 6, cfg)
+    episodes = [
+        [step(0.1 * i + 0.01 * t, t % 6, 0.0) for t in range(length)] for i, length in enumerate((4, 2, 3))
+    ]
+    rows = [meta.steps_to_sequence([e], 6, -1, 4) for e in episodes]  # one row each, padded to 4 steps
+    explorations = type(rows[0])(*(np.concatenate(column) for column in zip(*rows, strict=True)))
+    code = torch.randn(3, 3, requires_grad=True)
+    live = np.array([True, False, True])
+    z = dream.exec_encodings(model, code, explorations, live, torch.device("cpu"))
+    for row in (0, 2):
+        alone = dream.decode(model, meta.steps_to_sequence([episodes[row]], 6, -1, 4), torch.device("cpu"))
+        assert torch.allclose(z[row], alone, atol=1e-6)
+    assert torch.equal(z[1], code[1])
+    z.sum().backward()
+    assert model.decoder.head.weight.grad is not None and model.decoder.head.weight.grad.abs().sum() > 0
+    assert code.grad is not None and torch.equal(code.grad[:, 0], torch.tensor([0.0, 1.0, 0.0]))
+    untouched = dream.exec_encodings(model, code, explorations, np.zeros(3, bool), torch.device("cpu"))
+    assert untouched is code
 
 
 @pytest.mark.parametrize(("algo", "collect_every"), [("rl2", 1), ("dream", 1), ("rl2", 3), ("dream", 3)])

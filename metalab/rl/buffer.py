@@ -92,6 +92,14 @@ class ReplayBuffer(Generic[Row]):
         index = rng.integers(0, self.size, size=batch)  # (B,)
         return self.row_type(*(column[index] for column in self._data))
 
+    def rows(self, index: np.ndarray) -> Row:
+        """The rows at storage positions ``index`` (NumPy copies)."""
+        if self._data is None:
+            raise ValueError("the replay buffer is empty")
+        if np.any((index < 0) | (index >= self.size)):
+            raise IndexError(f"row index out of range for {self.size} filled rows")
+        return self.row_type(*(column[index] for column in self._data))
+
     def sample(self, batch: int, rng: np.random.Generator) -> Transitions:
         """``batch`` :class:`Experience` rows drawn uniformly with replacement, as a TD minibatch."""
         if self.row_type is not Experience:
