@@ -35,7 +35,8 @@ def resolve_device(choice: str = "auto") -> torch.device:
 def atomic_path(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest`` to write to; it takes ``dest``'s name only if the block succeeds.
 
-    A crash or an exception mid-write leaves ``dest`` as it was (the rename is atomic on one file system).
+    A crash or an exception mid-write leaves ``dest`` as it was (the rename is atomic on one file system). The
+    file ends up with the permissions ``open()`` would give it (``0666`` less the umask), not ``mkstemp``'s 0600.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -43,6 +44,10 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes it private (0600); give it the mode a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

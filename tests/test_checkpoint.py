@@ -105,3 +105,21 @@ def test_pickled_code_is_not_loaded(tmp_path: Path) -> None:
     torch.save({"step": 1, "evil": Payload()}, path)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from metalab.utils import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "results.json") as tmp:
+            tmp.write_text("[]")
+        plain = tmp_path / "plain.json"
+        plain.write_text("[]")
+    finally:
+        os.umask(umask)
+    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
+    assert mode == stat.S_IMODE(plain.stat().st_mode) == 0o644
