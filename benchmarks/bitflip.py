@@ -158,13 +158,14 @@ def plot(runs: Path, results: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(NS), figsize=(4.2 * len(NS), 3.4), squeeze=False)
     drawn = False
     for ax, n in zip(axes.flat, NS, strict=True):
-        for method, label in METHODS.items():
+        for i, (method, label) in enumerate(METHODS.items()):
             read = sb3_curve if method == "sb3" else metalab_curve
             curves = [dict(read(runs / f"{method}-n{n}-s{s}")) for s in SEEDS]
-            drawn = plot_seeds(ax, curves, label) or drawn
+            drawn = plot_seeds(ax, curves, label, color=f"C{i}") or drawn  # same colour in every panel
         ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
         ax.set_title(f"BitFlip n = {n}")
         ax.set_xlabel("environment steps")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))  # 300000 as 3e5: no overlapping labels
         ax.set_ylabel("greedy success (100 episodes)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

@@ -149,17 +149,23 @@ def aggregate(
 
 
 def plot_seeds(
-    ax: Any, curves: list[dict[float, float]], label: str, x_of: dict[float, float] | None = None
+    ax: Any,
+    curves: list[dict[float, float]],
+    label: str,
+    x_of: dict[float, float] | None = None,
+    color: str | None = None,
 ) -> bool:
     """Draw the mean over seeds of ``{x: y}`` curves, with a band from min to max, at the x values every seed has
-    reached so far (drawn at ``x_of[x]`` when given); returns whether anything was drawn."""
+    reached so far (drawn at ``x_of[x]`` when given; in ``color``, e.g. one per method across panels); returns
+    whether anything was drawn."""
     curves = [c for c in curves if c]
     if not curves:
         return False
     xs = sorted(set.intersection(*(set(c) for c in curves)))
     y = np.array([[c[x] for x in xs] for c in curves])  # (seeds, points)
     xs = [x_of[x] for x in xs] if x_of is not None else xs
-    (line,) = ax.plot(xs, y.mean(0), label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+    seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+    (line,) = ax.plot(xs, y.mean(0), label=f"{label} ({seeds})", color=color)
     ax.fill_between(xs, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
     return True
 
