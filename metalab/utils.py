@@ -44,10 +44,9 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        if tmp.exists():  # mkstemp makes it private (0600); give it the mode a plain open() would
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private (0600); give it the mode open() would
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

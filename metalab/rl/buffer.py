@@ -89,8 +89,7 @@ class ReplayBuffer(Generic[Row]):
         """``batch`` rows drawn uniformly with replacement, as the row type (NumPy copies)."""
         if self._data is None or self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        index = rng.integers(0, self.size, size=batch)  # (B,)
-        return self.row_type(*(column[index] for column in self._data))
+        return self.rows(rng.integers(0, self.size, size=batch))  # (B,) positions
 
     def rows(self, index: np.ndarray) -> Row:
         """The rows at storage positions ``index`` (NumPy copies)."""

@@ -117,9 +117,7 @@ class ExecRows(NamedTuple):
     next_obs: np.ndarray  # (R, obs_dim)
     terminated: np.ndarray  # (R,) bool
     task: np.ndarray  # (R,) int64: index of the training problem
-    explore_slot: (
-        np.ndarray
-    )  # (R,) int64: row of the exploration buffer that held this meta-episode's exploration
+    explore_slot: np.ndarray  # (R,) int64: exploration buffer row that held this meta-episode's exploration
     episode: np.ndarray  # (R,) int64: the meta-episode's number (that row is stale once it holds a later one)
 
 
@@ -160,29 +158,34 @@ def exec_td_loss(
     return F.smooth_l1_loss(q, y), q.detach().mean()
 
 
+def final_predictions(model: DREAM, explorations: Sequences, device: torch.device) -> torch.Tensor:
+    """The decoder's ``z`` after each whole exploration episode (``R`` padded rows): ``(R, Z)``. The GRU is
+    causal, so padding after an episode's last step does not change its prediction there."""
+    inputs = torch.from_numpy(explorations.inputs).to(device)  # (R, T+1, D)
+    last = torch.from_numpy(explorations.mask.sum(1)).to(
+        device
+    )  # (R,) real steps: index of the final prediction
+    return model.decoder(inputs)[0][torch.arange(len(last), device=device), last]
+
+
 def exec_encodings(
     model: DREAM, code: torch.Tensor, explorations: Sequences, live: np.ndarray, device: torch.device
 ) -> torch.Tensor:
-    """Execution encodings ``(B, Z)``: the decoder's ``z`` after each whole exploration episode in
-    ``explorations`` (``B`` rows, with gradient into the decoder) where ``live``, ``code`` elsewhere (rows whose
-    exploration has left the buffer)."""
+    """Execution encodings ``(B, Z)``: :func:`final_predictions` of the ``B`` rows of ``explorations`` (with
+    gradient into the decoder) where ``live``, ``code`` elsewhere (rows whose exploration has left the buffer)."""
     if not live.any():
         return code
     rows = np.flatnonzero(live)
-    inputs = torch.from_numpy(explorations.inputs[rows]).to(device)  # (L, T+1, D)
-    last = torch.from_numpy(explorations.mask[rows].sum(1)).to(
-        device
-    )  # (L,) real steps: the final prediction
-    decoded = model.decoder(inputs)[0][torch.arange(len(rows), device=device), last]  # (L, Z)
+    decoded = final_predictions(
+        model, Sequences(*(column[rows] for column in explorations)), device
+    )  # (L, Z)
     return code.index_put((torch.from_numpy(rows).to(device),), decoded)
 
 
 def decode(model: DREAM, sequence: Sequences, device: torch.device) -> torch.Tensor:
     """The decoder's ``z`` after a whole exploration episode (one row): ``(Z,)``."""
-    inputs = torch.from_numpy(sequence.inputs).to(device)  # (1, T+1, D)
-    last = int(sequence.mask[0].sum())
     with torch.no_grad():
-        return model.decoder(inputs[:, : last + 1])[0][0, -1]
+        return final_predictions(model, sequence, device)[0]
 
 
 def exec_policy(
