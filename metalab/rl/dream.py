@@ -164,7 +164,7 @@ def final_predictions(model: DREAM, explorations: Sequences, device: torch.devic
     inputs = torch.from_numpy(explorations.inputs).to(device)  # (R, T+1, D)
     last = torch.from_numpy(explorations.mask.sum(1)).to(
         device
-    )  # (R,) real steps: index of the final prediction
+    )  # (R,) real steps: the final prediction's index
     return model.decoder(inputs)[0][torch.arange(len(last), device=device), last]
 
 
@@ -176,9 +176,8 @@ def exec_encodings(
     if not live.any():
         return code
     rows = np.flatnonzero(live)
-    decoded = final_predictions(
-        model, Sequences(*(column[rows] for column in explorations)), device
-    )  # (L, Z)
+    chosen = Sequences(*(column[rows] for column in explorations))
+    decoded = final_predictions(model, chosen, device)  # (L, Z)
     return code.index_put((torch.from_numpy(rows).to(device),), decoded)
 
 
