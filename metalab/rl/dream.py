@@ -162,9 +162,7 @@ def final_predictions(model: DREAM, explorations: Sequences, device: torch.devic
     """The decoder's ``z`` after each whole exploration episode (``R`` padded rows): ``(R, Z)``. The GRU is
     causal, so padding after an episode's last step does not change its prediction there."""
     inputs = torch.from_numpy(explorations.inputs).to(device)  # (R, T+1, D)
-    last = torch.from_numpy(explorations.mask.sum(1)).to(
-        device
-    )  # (R,) real steps: the final prediction's index
+    last = torch.from_numpy(explorations.mask.sum(1)).to(device)  # (R,) real steps: final prediction's index
     return model.decoder(inputs)[0][torch.arange(len(last), device=device), last]
 
 
