@@ -37,6 +37,17 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (a no-op on CPU), so that a host clock read after it times the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_kind(device: str | None) -> str:
+    """``cpu`` for any CPU description of :func:`device_name` (core and thread counts aside), else the GPU's name."""
+    return "cpu" if device is None or device.startswith("cpu") else device
+
+
 def record(
     benchmark: str,
     task: str,
@@ -75,10 +86,11 @@ def record(
 
 
 def merge_results(name: str, records: list[dict[str, Any]], results: Path = RESULTS) -> Path:
-    """Write ``records`` into ``<results>/<name>.json``, replacing older records of the same task/method/metric."""
+    """Write ``records`` into ``<results>/<name>.json``, replacing older records of the same task, method,
+    metric and kind of device (a GPU run keeps the CPU records beside it, and the other way round)."""
     path = results / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else []
-    key = lambda r: (r["task"], r["method"], r["metric"])  # noqa: E731
+    key = lambda r: (r["task"], r["method"], r["metric"], device_kind(r.get("device")))  # noqa: E731
     fresh = {key(r) for r in records}
     merged = [r for r in old if key(r) not in fresh] + records
     merged.sort(key=key)

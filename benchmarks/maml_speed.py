@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from benchmarks.common import RESULTS, device_name, merge_results, parse_args, parser, record
+from benchmarks.common import RESULTS, device_name, merge_results, parse_args, parser, record, sync
 from metalab.data.episodes import Episode
 from metalab.data.sinusoid import SinusoidTasks
 from metalab.experiment import run_config_from_dict
@@ -186,11 +186,6 @@ def torch_loop_maml(p: Problem, steps: int = 1) -> Step:
 
 
 # ------------------------------------------------------------------------------------------- measurement
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def clear_grads(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.common import RESULTS, device_name, merge_results, parse_args, parser, record, sync
 from benchmarks.fewshot import (
     Curve,
     accuracy_record,
@@ -33,7 +33,7 @@ from metalab.data.root import data_root
 from metalab.data.tasks import make_sampler
 from metalab.experiment import load_run_config
 from metalab.meta import protonet
-from metalab.utils import seed_everything
+from metalab.utils import resolve_device, seed_everything
 
 CELLS = ("5w1s", "5w5s", "20w1s", "20w5s")
 METHODS = ("protonet", "matching", "relation", "siamese")
@@ -100,17 +100,18 @@ def naive_protonet_loss(
         for image in query[c * q : (c + 1) * q]:
             z = model(torch.cat([image[None], support[c * k : c * k + 1]]))[0]  # BatchNorm needs 2+ samples
             distances = torch.stack([((z - p) ** 2).sum() for p in prototypes])
-            losses.append(F.cross_entropy(-distances[None], torch.tensor([c])))
+            losses.append(F.cross_entropy(-distances[None], torch.tensor([c], device=z.device)))
     return torch.stack(losses).mean()
 
 
-def speed(seconds: float = 30.0) -> list[dict]:
+def speed(seconds: float = 30.0, device: str = "cpu") -> list[dict]:
     """Training episodes/s of ProtoNet, 20-way 5-shot 15-query, metalab vs the naive loop, same machine and run."""
+    dev = resolve_device(device)
     run = load_run_config(
         "configs/protonet_omniglot_20w5s.yaml", ["task.train_ways=20", "task.train_queries=15"]
     )
     seed_everything(0)
-    learner = protonet.build(run, data_root(), torch.device("cpu"))
+    learner = protonet.build(run, data_root(), dev)
     model = learner.model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -124,7 +125,7 @@ def speed(seconds: float = 30.0) -> list[dict]:
 
     def naive_step(i: int) -> None:
         ep = sampler.sample(i, 1).task(0)
-        loss = naive_protonet_loss(model, ep.support_x, ep.query_x, ep.n_way)
+        loss = naive_protonet_loss(model, ep.support_x.to(dev), ep.query_x.to(dev), ep.n_way)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,18 +133,34 @@ def speed(seconds: float = 30.0) -> list[dict]:
     rates = {}
     for method, step in (("metalab", metalab_step), ("naive-loop", naive_step)):
         step(0)
+        sync(dev)
         start, n = time.perf_counter(), 0
         while n < 2 or time.perf_counter() - start < seconds:
             step(n + 1)
             n += 1
-        rates[method] = (n / (time.perf_counter() - start), n, time.perf_counter() - start)
+        sync(dev)
+        elapsed = time.perf_counter() - start
+        rates[method] = (n / elapsed, n, elapsed)
     task = "omniglot-20w5s15q-train"
+    on = device_name(dev)
     out = [
-        record("omniglot_metric", task, m, "train_episodes_per_s", r, unit="episodes/s", steps=n, seconds=s)
+        record(
+            "omniglot_metric",
+            task,
+            m,
+            "train_episodes_per_s",
+            r,
+            unit="episodes/s",
+            steps=n,
+            seconds=s,
+            device=on,
+        )
         for m, (r, n, s) in rates.items()
     ]
     ratio = rates["metalab"][0] / rates["naive-loop"][0]
-    out.append(record("omniglot_metric", task, "metalab", "speedup_vs_naive-loop", ratio, unit="x"))
+    out.append(
+        record("omniglot_metric", task, "metalab", "speedup_vs_naive-loop", ratio, unit="x", device=on)
+    )
     print(
         f"ProtoNet 20w5s15q training: metalab {rates['metalab'][0]:.2f} ep/s, naive {rates['naive-loop'][0]:.3f} "
         f"ep/s: {ratio:.1f}x"
@@ -166,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], CONFIGS)
     add_budget_args(p, test_episodes=1000)
     p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
+    p.add_argument("--device", default="cpu", help="device of the speed measurement: cpu, cuda or auto")
     args = parse_args(p, argv)
     for name in args.only or CONFIGS:
         recs = (
-            speed(args.speed_seconds)
+            speed(args.speed_seconds, args.device)
             if name == "speed"
             else train_and_test(name, args.minutes, args.steps, args.test_episodes)
         )
