@@ -13,14 +13,14 @@ py=${PYTHON:-python3}
 nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 
-timeout 240 $py -m benchmarks.maml_speed --device cuda >"$out/maml_speed.log" 2>&1
+timeout 180 $py -m benchmarks.maml_speed --device cuda >"$out/maml_speed.log" 2>&1
 echo "== maml_speed rc=$?"
 grep -E "^[a-z]|ms/step" "$out/maml_speed.log" | tail -45
 
-timeout 120 $py -m benchmarks.omniglot_metric --only speed --device cuda --speed-seconds 20 >"$out/protonet_speed.log" 2>&1
+timeout 80 $py -m benchmarks.omniglot_metric --only speed --device cuda --speed-seconds 20 >"$out/protonet_speed.log" 2>&1
 echo "== protonet speed rc=$?"
 grep "ProtoNet" "$out/protonet_speed.log"
 
-timeout 360 $py -m benchmarks.device_smoke --device cuda >"$out/device_smoke.log" 2>&1
+timeout 290 $py -m benchmarks.device_smoke --device cuda >"$out/device_smoke.log" 2>&1
 echo "== device_smoke rc=$?"
 sed -n '/ ok on /,$p' "$out/device_smoke.log"
