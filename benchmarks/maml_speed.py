@@ -20,8 +20,8 @@ Methods: metalab's ``gbml.mean_query_loss`` under each ``batching`` (``metalab-v
 ``metalab-loop``, ``metalab-grad_loop``); ``higher`` (``higher.innerloop_ctx`` with an SGD inner optimizer,
 query loss backward per task, as in higher's MAML example); ``torch-loop``: a plain PyTorch loop over tasks
 with ``torch.autograd.grad(create_graph=True)`` steps on a ``functional_call`` and one backward of the mean
-query loss. On the BatchNorm Conv-4, vmap and chunk give wrong second-order gradients (pytorch/functorch#534,
-so metalab's config refuses them); they are timed anyway, for their cost.
+query loss. Each method's meta-gradient is checked against ``torch-loop``'s in the same run
+(``grad_rel_error``: ||g - g_ref|| / ||g_ref||), so a fast but wrong batching shows.
 
 Time: the median of ``--repeats`` steps after ``--warmup``, methods interleaved step by step so that a change
 of machine load hits them alike; speed is the ratio against ``higher`` timed in the same run
@@ -269,13 +269,6 @@ def maml_methods(p: Problem, chunks: tuple[int, ...]) -> tuple[dict[str, Step], 
     notes = {
         f"metalab-{name}": {"batching": b.mode, "chunk_size": b.chunk_size} for name, b in batchings.items()
     }
-    if gbml.has_batchnorm(p.model):
-        for name, b in batchings.items():
-            if b.vmapped:
-                notes[f"metalab-{name}"]["note"] = (
-                    "second-order gradients through vmapped BatchNorm are wrong (pytorch/functorch#534) and "
-                    "metalab's config refuses this batching here; timed for its cost only"
-                )
     methods["higher"] = higher_maml(p)
     notes["higher"] = {"note": "higher.innerloop_ctx, SGD inner optimizer, query loss backward per task"}
     methods["torch-loop"] = torch_loop_maml(p)
@@ -283,8 +276,24 @@ def maml_methods(p: Problem, chunks: tuple[int, ...]) -> tuple[dict[str, Step], 
     return methods, notes
 
 
+def grad_errors(methods: dict[str, Step], model: nn.Module) -> dict[str, float]:
+    """Each method's meta-gradient against ``torch-loop``'s, the plain second-order reference:
+    ||g - g_ref|| / ||g_ref|| over all parameters."""
+
+    def meta_gradient(step: Step) -> torch.Tensor:
+        clear_grads(model)
+        step()
+        g = torch.cat([w.grad.flatten() for w in model.parameters()])
+        clear_grads(model)
+        return g
+
+    ref = meta_gradient(methods["torch-loop"])
+    return {name: float((meta_gradient(step) - ref).norm() / ref.norm()) for name, step in methods.items()}
+
+
 def bench_maml(p: Problem, args: argparse.Namespace, device: torch.device) -> list[dict]:
     methods, notes = maml_methods(p, CHUNKS)
+    errors = grad_errors(methods, p.model)
     results = measure(methods, p.model, device, args.warmup, args.repeats)
     higher_s, _, higher_bytes = results["higher"]
     common = {"meta_batch": p.ep.tasks, "inner_steps": 1, "second_order": True, "warmup": args.warmup}
@@ -301,10 +310,12 @@ def bench_maml(p: Problem, args: argparse.Namespace, device: torch.device) -> li
                    memory=memory_method(device), **common),
             record(BENCH, p.name, name, "memory_vs_higher", peak / max(higher_bytes, 1), unit="x",
                    device=device_name(device), **common),
+            record(BENCH, p.name, name, "grad_rel_error", errors[name], unit="ratio", device=device_name(device),
+                   reference="torch-loop", **common),
         ]  # fmt: skip
         print(
             f"  {name:20s} {median * 1e3:9.1f} ms/step  {higher_s / median:5.2f}x higher   "
-            f"peak {peak / 2**20:8.1f} MiB  {peak / max(higher_bytes, 1):5.2f}x higher"
+            f"peak {peak / 2**20:8.1f} MiB  {peak / max(higher_bytes, 1):5.2f}x higher   grad err {errors[name]:.1e}"
         )
     return records
 

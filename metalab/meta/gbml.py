@@ -52,8 +52,8 @@ class InnerLoopConfig:
     over all tasks: by far the fastest for MLPs), ``chunk`` (``vmap`` over ``chunk_size`` tasks at a time),
     ``loop`` (a Python loop; faster for convs on CPU, where per-task weights turn every convolution into a
     grouped one), ``grad_loop`` (a loop that takes each task's meta-gradient at once and frees its graph:
-    the memory of one task; variants whose loss is the mean query loss only), or ``auto``: ``vmap`` unless the
-    network has convolutions, then ``loop``."""
+    the memory of one task; variants whose loss is the mean query loss only), or ``auto``: ``vmap``, except
+    ``loop`` for a network with convolutions on a CPU."""
     chunk_size: int = 8
     """Tasks per ``vmap`` call with ``batching: chunk``."""
     hidden: int = 64
@@ -187,8 +187,22 @@ def params_of(model: nn.Module) -> Callable[[], Params]:
     return lambda: dict(model.named_parameters())
 
 
-def has_batchnorm(model: nn.Module) -> bool:
+def has_torch_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds torch's own BatchNorm layers, whose second derivatives are wrong under vmap
+    (metalab's :class:`~metalab.models.BatchNorm2d` is exact there)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def auto_mode(convolutional: bool, device: torch.device) -> Literal["vmap", "loop"]:
+    """``batching: auto``: ``vmap``, except ``loop`` for convolutional networks on a CPU.
+
+    Measured for second-order MAML (``python -m benchmarks.maml_speed``; results/maml_speed.json). 2-core CPU:
+    one vmap over 25 sinusoid tasks ran 15x faster than ``higher``, but for the Conv-4 (5-way 1-shot,
+    meta-batch 32) vmap ran at 0.64x and the loop at 1.27x, since per-task weights turn every convolution into
+    a grouped one. NVIDIA H200: vmap ran at 16.7x (sinusoid) and 19.0x (Conv-4) against 1.4x and 1.3x for
+    the loop.
+    """
+    return "loop" if convolutional and device.type == "cpu" else "vmap"
 
 
 class TaskBatching(NamedTuple):
@@ -207,30 +221,29 @@ class TaskBatching(NamedTuple):
 def task_batching(
     algo: str, cfg: InnerLoopConfig, model: nn.Module, second_order: bool, grad_loop: bool = False
 ) -> TaskBatching:
-    """Resolve ``cfg.batching`` for ``model``. ``auto`` is ``vmap`` unless the model has convolutions, then
-    ``loop``, as measured for second-order MAML on a 2-core CPU (issue #7; ``python -m benchmarks.maml_speed``
-    measures it again): one ``vmap`` over 25 sinusoid tasks beats ``higher`` 15-fold, while for Conv-4 per-task
-    weights turn every convolution into a grouped one, slower than a loop of ordinary convolutions.
+    """Resolve ``cfg.batching`` for ``model`` (``auto``: :func:`auto_mode` for the model's device).
 
     ``grad_loop`` must be implemented by the variant's loss (``grad_loop=True``: its loss is
-    :func:`mean_query_loss`); elsewhere it is refused. Second-order gradients through a vmapped BatchNorm are
-    silently wrong in torch (pytorch/functorch#534; the loop is right), so ``vmap`` and ``chunk`` are refused
-    there.
+    :func:`mean_query_loss`); elsewhere it is refused. Second-order gradients through torch's own vmapped
+    BatchNorm are silently wrong (pytorch/functorch#534; the loop is right), so ``vmap`` and ``chunk`` are
+    refused for models that hold it; metalab's networks use :class:`~metalab.models.BatchNorm2d`, exact there.
     """
     key = f"{algo}.batching"
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    mode = cfg.batching if cfg.batching != "auto" else ("loop" if convolutional else "vmap")
+    device = next(model.parameters()).device
+    mode = cfg.batching if cfg.batching != "auto" else auto_mode(convolutional, device)
     if mode == "grad_loop" and not grad_loop:
         raise ConfigError(
             key,
             f"grad_loop applies to variants whose loss is the mean query loss (maml, anil, cavia, metasgd), "
             f"not {algo}; use loop",
         )
-    if mode in ("vmap", "chunk") and second_order and has_batchnorm(model):
+    if mode in ("vmap", "chunk") and second_order and has_torch_batchnorm(model):
         loops = "loop, grad_loop or auto" if grad_loop else "loop or auto"
         raise ConfigError(
             key,
-            f"{mode} gives wrong second-order gradients through BatchNorm (a PyTorch limitation); "
+            f"{mode} gives wrong second-order gradients through torch's BatchNorm (a PyTorch limitation; "
+            f"metalab.models.BatchNorm2d is exact under vmap); "
             f"use batching: {loops}, or first-order gradients",
         )
     return TaskBatching(mode, cfg.chunk_size if mode == "chunk" else None)

@@ -190,7 +190,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     cfg: Config = run.params
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
-    # The Hessian-vector products differentiate twice through BatchNorm: under vmap that is wrong (see task_batching).
+    # The Hessian-vector products differentiate twice: torch's own BatchNorm is refused under vmap (task_batching).
     batching = gbml.task_batching(run.algo, cfg, model, second_order=True)
     per_task = functools.partial(implicit_gradient, model, regression, cfg)
     score = "mse" if regression else "acc"

@@ -32,6 +32,7 @@ from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
 from metalab.meta.gbml import ParamTable, output_loss, output_score
+from metalab.models import BatchNorm2d
 from metalab.train.loop import Learner
 
 
@@ -74,7 +75,7 @@ def batchnorm_names(net: nn.Module) -> list[str]:
     return [
         f"{name}.{p}"
         for name, module in net.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if isinstance(module, (BatchNorm2d, nn.modules.batchnorm._BatchNorm))
         for p, _ in module.named_parameters(recurse=False)
     ]
 
