@@ -20,8 +20,9 @@ Methods: metalab's ``gbml.mean_query_loss`` under each ``batching`` (``metalab-v
 ``metalab-loop``, ``metalab-grad_loop``); ``higher`` (``higher.innerloop_ctx`` with an SGD inner optimizer,
 query loss backward per task, as in higher's MAML example); ``torch-loop``: a plain PyTorch loop over tasks
 with ``torch.autograd.grad(create_graph=True)`` steps on a ``functional_call`` and one backward of the mean
-query loss. Each method's meta-gradient is checked against ``torch-loop``'s in the same run
-(``grad_rel_error``: ||g - g_ref|| / ||g_ref||), so a fast but wrong batching shows.
+query loss. Each method's meta-gradient is checked in the same run against ``torch-loop``'s on a float64
+copy of the problem (``grad_rel_error``: ||g - g_ref|| / ||g_ref||), so a fast but wrong or imprecise
+batching shows.
 
 Time: the median of ``--repeats`` steps after ``--warmup``, methods interleaved step by step so that a change
 of machine load hits them alike; speed is the ratio against ``higher`` timed in the same run
@@ -36,6 +37,7 @@ in time order is taken; on CUDA: ``torch.cuda.max_memory_allocated``. Records go
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import importlib.util
@@ -65,6 +67,7 @@ MISSING = (
     "or run only the imaml-* configurations (--only imaml-sinusoid imaml-omniglot)"
 )
 CHUNKS = (4, 8, 16)
+TENSORS = ("support_x", "support_y", "query_x", "query_y")
 
 Step = Callable[[], None]
 
@@ -276,24 +279,32 @@ def maml_methods(p: Problem, chunks: tuple[int, ...]) -> tuple[dict[str, Step], 
     return methods, notes
 
 
-def grad_errors(methods: dict[str, Step], model: nn.Module) -> dict[str, float]:
-    """Each method's meta-gradient against ``torch-loop``'s, the plain second-order reference:
-    ||g - g_ref|| / ||g_ref|| over all parameters."""
+def meta_gradient(step: Step, model: nn.Module) -> torch.Tensor:
+    """The meta-gradient one ``step`` leaves in ``model``'s ``.grad``, flattened to float64."""
+    clear_grads(model)
+    step()
+    g = torch.cat([w.grad.flatten().double() for w in model.parameters()])
+    clear_grads(model)
+    return g
 
-    def meta_gradient(step: Step) -> torch.Tensor:
-        clear_grads(model)
-        step()
-        g = torch.cat([w.grad.flatten() for w in model.parameters()])
-        clear_grads(model)
-        return g
 
-    ref = meta_gradient(methods["torch-loop"])
-    return {name: float((meta_gradient(step) - ref).norm() / ref.norm()) for name, step in methods.items()}
+def grad_errors(methods: dict[str, Step], p: Problem) -> dict[str, float]:
+    """Each method's meta-gradient against the reference: ``torch-loop`` (the plain second-order loop) on a
+    float64 copy of the problem. ||g - g_ref|| / ||g_ref|| over all parameters."""
+    double = {
+        k: v.double() if v.is_floating_point() else v for k, v in p.ep._asdict().items() if k in TENSORS
+    }
+    p64 = Problem(p.name, copy.deepcopy(p.model).double(), p.ep._replace(**double), p.regression, p.inner_lr)
+    ref = meta_gradient(torch_loop_maml(p64), p64.model)
+    return {
+        name: float((meta_gradient(step, p.model) - ref).norm() / ref.norm())
+        for name, step in methods.items()
+    }
 
 
 def bench_maml(p: Problem, args: argparse.Namespace, device: torch.device) -> list[dict]:
     methods, notes = maml_methods(p, CHUNKS)
-    errors = grad_errors(methods, p.model)
+    errors = grad_errors(methods, p)
     results = measure(methods, p.model, device, args.warmup, args.repeats)
     higher_s, _, higher_bytes = results["higher"]
     common = {"meta_batch": p.ep.tasks, "inner_steps": 1, "second_order": True, "warmup": args.warmup}
@@ -311,7 +322,7 @@ def bench_maml(p: Problem, args: argparse.Namespace, device: torch.device) -> li
             record(BENCH, p.name, name, "memory_vs_higher", peak / max(higher_bytes, 1), unit="x",
                    device=device_name(device), **common),
             record(BENCH, p.name, name, "grad_rel_error", errors[name], unit="ratio", device=device_name(device),
-                   reference="torch-loop", **common),
+                   reference="torch-loop in float64", **common),
         ]  # fmt: skip
         print(
             f"  {name:20s} {median * 1e3:9.1f} ms/step  {higher_s / median:5.2f}x higher   "

@@ -42,8 +42,10 @@ def test_tiny_run_records(bench: ModuleType, tmp_path: Path) -> None:
         "higher",
         "torch-loop",
     }  # no chunk < 3 tasks
-    metrics = {"seconds_per_step", "speedup_vs_higher", "peak_bytes", "memory_vs_higher"}
+    metrics = {"seconds_per_step", "speedup_vs_higher", "peak_bytes", "memory_vs_higher", "grad_rel_error"}
     assert {(m, k) for t, m, k in by_key if t == task} == {(m, k) for m in methods for k in metrics}
+    # Every method's float32 meta-gradient is the float64 reference's up to rounding.
+    assert all(by_key[task, m, "grad_rel_error"]["value"] < 1e-5 for m in methods)
     for m in methods:
         timed = by_key[(task, m, "seconds_per_step")]
         assert (

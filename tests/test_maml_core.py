@@ -15,7 +15,6 @@ from torch.autograd.functional import hessian
 
 from metalab.data.episodes import Episode, EpisodeSampler
 from metalab.data.sinusoid import SinusoidTasks
-from metalab.errors import ConfigError
 from metalab.experiment import run_config_from_dict
 from metalab.meta import maml, protonet
 from metalab.meta.adapt import adapt
@@ -235,19 +234,6 @@ def test_conv4_second_order_loop_matches_finite_differences() -> None:
         minus[name][index] -= eps
         numeric = (meta_loss(plus) - meta_loss(minus)) / (2 * eps)
         assert abs(float(grads[name][index]) - float(numeric)) < 1e-7, name
-
-
-def test_second_order_vmap_through_batchnorm_is_refused(tmp_path: Path) -> None:
-    model, ep = _conv4_problem()
-    with pytest.raises(ConfigError) as info:
-        _batched(model, False, ep, "vmap", False, 0.4, steps=1)
-    assert info.value.key == "maml.batching"
-    run = run_config_from_dict(
-        {"algo": "maml", "task": {"dataset": "omniglot"}, "maml": {"batching": "vmap"}}
-    )
-    with pytest.raises(ConfigError) as info:
-        maml.build(run, tmp_path, torch.device("cpu"))  # refused before any data is read
-    assert info.value.key == "maml.batching"
 
 
 def test_batched_tasks_equal_single_tasks() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from metalab.models import MLP, Conv4
+from metalab.models import MLP, BatchNorm2d, Conv4
 from metalab.models.mlp import mlp_forward
 
 
@@ -107,3 +107,27 @@ def test_mlp_forward_equals_module_with_given_params(hidden: tuple[int, ...]) ->
     x = torch.randn(6, 4)
     torch.testing.assert_close(mlp_forward(other, x), functional_call(model, other, (x,)))
     torch.testing.assert_close(mlp_forward(dict(model.named_parameters()), x), model(x))
+
+
+@pytest.mark.parametrize("under_vmap", [False, True])
+def test_batchnorm_equals_torch_batchnorm(under_vmap: bool) -> None:
+    """metalab's BatchNorm2d computes torch's ``BatchNorm2d(track_running_stats=False)``, value and input and
+    weight gradients, both as the fused kernel (outside vmap) and in elementary ops (under vmap)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, 5, 5, dtype=torch.float64, requires_grad=True)  # 3 tasks of (6, 4, 5, 5)
+    ours = BatchNorm2d(4).double()
+    ref = torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    run = (lambda m: torch.func.vmap(m)(x)) if under_vmap else (lambda m: torch.stack([m(t) for t in x]))
+    outs = [run(m) for m in (ours, ref)]
+    torch.testing.assert_close(outs[0], outs[1])
+    cotangent = torch.randn_like(outs[0])
+    grads = [
+        torch.autograd.grad(o, (x, m.weight, m.bias), cotangent)
+        for o, m in zip(outs, (ours, ref), strict=True)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
