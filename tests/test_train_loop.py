@@ -24,9 +24,10 @@ Hook = Callable[[int, Learner], None]
 
 
 def make_learner(
-    run: RunConfig, hook: Hook | None = None, bad_at: int | None = None, bad: float = math.nan
+    run: RunConfig, hook: Hook | None = None, bad_at: int | set[int] | None = None, bad: float = math.nan
 ) -> Learner:
-    """A fresh MAML learner (seeded like the CLI does) whose loss calls ``hook(step)`` and is ``bad`` at a step."""
+    """A fresh MAML learner (seeded like the CLI does) whose loss calls ``hook(step)`` and is ``bad`` at a step
+    (or at each of a set of steps)."""
     seed_everything(run.seed)
     learner = maml.build(run, Path("unused-data-root"), torch.device("cpu"))
     inner = learner.loss
@@ -35,7 +36,7 @@ def make_learner(
         if hook is not None:
             hook(step, learner)
         value, metrics = inner(step)
-        if step == bad_at:
+        if step == bad_at or (isinstance(bad_at, set) and step in bad_at):
             value = value + bad  # still part of the graph, like a real divergence
         return value, metrics
 
@@ -192,6 +193,29 @@ def test_non_finite_loss_before_any_checkpoint(run: RunConfig, tmp_path: Path) -
     with pytest.raises(NonFiniteLossError, match="none yet"):
         fit(make_learner(run, bad_at=0), run.train, tmp_path)
     assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_skip_nonfinite_skips_isolated_bad_steps(sinusoid_config, tmp_path: Path) -> None:
+    """With ``skip_nonfinite: 1`` one bad step leaves the weights as they were and training goes on (counted in
+    ``train/skipped_steps``); two bad steps in a row still stop it."""
+    run = run_config_from_dict(sinusoid_config(train={"grad_clip": 5.0, "skip_nonfinite": 1, "log_every": 1}))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def record(step: int, learner: Learner) -> None:
+        seen[step] = params_of(learner)
+
+    result = fit(
+        make_learner(run, hook=record, bad_at=12, bad=math.inf), run.train, new_dir(tmp_path / "one")
+    )
+    assert result.step == 20 and not result.interrupted
+    assert_same_params(seen[13], seen[12])  # step 12's update was skipped ...
+    assert any(not torch.equal(seen[14][k], seen[13][k]) for k in seen[13])  # ... and step 13's was not
+    skipped = {
+        step: v for step, k, v in read_metrics(tmp_path / "one" / "metrics.csv") if k == "train/skipped_steps"
+    }
+    assert min(skipped) == 13 and set(skipped.values()) == {1.0}  # logged from step 12 (logged as 13) on
+    with pytest.raises(NonFiniteLossError, match="2 non-finite in a row"):
+        fit(make_learner(run, bad_at={12, 13}), run.train, new_dir(tmp_path / "two"))
 
 
 def test_second_ctrl_c_aborts_at_once(run: RunConfig, tmp_path: Path) -> None:

@@ -50,6 +50,10 @@ class TrainConfig:
     """Learning-rate schedule over ``steps``."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; null for no clipping."""
+    skip_nonfinite: int = 0
+    """Skip an update whose loss (or, with ``grad_clip``, gradient norm) is not finite, at most this many steps
+    in a row (counted in ``train/skipped_steps``); past that, and always with 0, training stops with an error.
+    For learners whose rare outlier batches overflow (e.g. learned inner rates on high-amplitude tasks)."""
     log_every: int = 10
     """Log training metrics every this many steps."""
     eval_every: int = 500
@@ -72,6 +76,7 @@ class TrainConfig:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+        require(self.skip_nonfinite >= 0, "skip_nonfinite", "must be >= 0")
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
         for key in ("log_every", "eval_every", "eval_episodes", "checkpoint_every"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
@@ -160,6 +165,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
     run_dir.mkdir(parents=True, exist_ok=True)
     opt, sched = _make_optimizer(learner, cfg)
     step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
+    skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
     if resume:
         state = load_checkpoint(ckpt_path)
         try:
@@ -173,6 +179,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             raise CheckpointError(f"{ckpt_path} does not fit this run's model/config: {e}") from None
         step = int(state["step"])
         elapsed = float(state.get("elapsed", 0.0))
+        skipped, in_a_row = state.get("skipped", (0, 0))
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def checkpoint() -> None:
@@ -183,6 +190,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             "scheduler": sched.state_dict(),
             "rng": rng_state(),
             "elapsed": seconds(),
+            "skipped": (skipped, in_a_row),
         }
         if learner.state is not None:
             state["learner"] = learner.state()
@@ -204,24 +212,35 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
                 learner.model.train()
                 loss, train_metrics = learner.loss(step)
                 if loss is not None:
-                    if not torch.isfinite(loss.detach()).all():
-                        raise NonFiniteLossError(
-                            f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
-                            f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower "
-                            f"train.lr or set train.grad_clip."
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        train_metrics["train/grad_norm"] = float(
-                            nn.utils.clip_grad_norm_(
+                    finite = bool(torch.isfinite(loss.detach()).all())
+                    if finite:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if cfg.grad_clip is not None:
+                            norm = nn.utils.clip_grad_norm_(
                                 [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
                             )
-                        )
-                    opt.step()
-                    sched.step()
-                    if learner.after_update is not None:
-                        learner.after_update(step)
+                            train_metrics["train/grad_norm"] = float(norm)
+                            finite = bool(torch.isfinite(norm))
+                    if not finite:
+                        opt.zero_grad(set_to_none=True)
+                        skipped, in_a_row = skipped + 1, in_a_row + 1
+                        if in_a_row > cfg.skip_nonfinite:
+                            raise NonFiniteLossError(
+                                f"loss is {loss.item()} at step {step} ({in_a_row} non-finite in a row, "
+                                f"train.skip_nonfinite={cfg.skip_nonfinite}); training stopped. The last good "
+                                f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try "
+                                f"a lower train.lr, set train.grad_clip, or raise train.skip_nonfinite."
+                            )
+                        log.warning("non-finite loss or gradient at step %d: update skipped", step)
+                    else:
+                        in_a_row = 0
+                        opt.step()
+                        sched.step()
+                        if learner.after_update is not None:
+                            learner.after_update(step)
+                    if skipped:
+                        train_metrics["train/skipped_steps"] = skipped
                 step += 1
                 bar.update()
                 if step % cfg.log_every == 0:
