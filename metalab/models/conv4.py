@@ -27,8 +27,9 @@ class BatchNorm2d(nn.Module):
 
     Outside ``torch.func.vmap`` it runs torch's fused kernel, the fastest form. Under vmap it runs the same
     function in elementary ops: second derivatives through the fused kernel come out wrong when it is vmapped
-    (pytorch/functorch#534), and the MAML family vmaps second-order meta-gradients over tasks. Elementary ops
-    cost about 1.4x the fused kernel on a CPU, where the MAML family loops over tasks instead.
+    (pytorch/functorch#534), and the MAML family vmaps second-order meta-gradients over tasks. Outside vmap
+    the fused kernel is kept because it is faster: with elementary ops a Conv-4 forward and backward on 80
+    images took 1.4x (strided) to 1.6x (max-pool) as long on a CPU.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
