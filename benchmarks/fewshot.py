@@ -138,6 +138,9 @@ class Curve(NamedTuple):
     label: str
     run_dir: Path
     key: str = "eval/test_acc"
+    group: str | None = None
+    """Curves of one group share a colour in every panel; default: the label up to its first ``-`` (the method
+    of ``protonet-1shot``)."""
 
 
 def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "training minutes") -> Path | None:
@@ -146,6 +149,10 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
     Runs without a ``metrics.csv`` yet are skipped; nothing is written (None) when no run has one.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    groups = list(
+        dict.fromkeys(c.group or c.label.split("-")[0] for curves in panels.values() for c in curves)
+    )
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     drawn = False
     for ax, (title, curves) in zip(axes.flat, panels.items(), strict=True):
         for curve in curves:
@@ -156,9 +163,13 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
             acc = {s: v for s, k, v in rows if k == curve.key}
             minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
             steps = sorted(set(acc) & set(minutes))
+            if not steps:
+                continue
+            group = groups.index(curve.group or curve.label.split("-")[0])
             ax.plot(
                 [minutes[s] for s in steps],
                 [100 * acc[s] for s in steps],
+                color=palette[group % len(palette)],
                 marker="o",
                 ms=3,
                 label=curve.label,

@@ -113,7 +113,7 @@ def plot(runs: Path, results: Path) -> Path | None:
     """Periodic test accuracy vs training minutes: one panel per SNAIL cell, one for MANN by instance."""
     panels = {f"SNAIL, Omniglot {cell}": [Curve("snail", runs / f"snail-{cell}")] for cell in CELLS}
     panels["MANN, Omniglot 5-way, by instance"] = [
-        Curve(f"{name}, instance {i}", runs / name, f"eval/test_acc_inst{i}")
+        Curve(f"{name}, instance {i}", runs / name, f"eval/test_acc_inst{i}", group=f"{name}, instance {i}")
         for name in MANN
         for i in PLOTTED_INSTANCES
     ]
