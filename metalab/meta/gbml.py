@@ -335,7 +335,8 @@ def build_learner(
             return []
         path = run_dir / "sinusoid_fits.png"
         steps = sorted({1, cfg.eval_inner_steps})
-        return [sinusoid_figure(predict, detached(meta()), evals["test"], path, steps, run.algo, device)]
+        name = f"{run.algo} (first order)" if getattr(cfg, "first_order", False) else run.algo
+        return [sinusoid_figure(predict, detached(meta()), evals["test"], path, steps, name, device)]
 
     return Learner(model, loss, evaluate, parameters=parameters, figures=figures)
 
