@@ -45,11 +45,12 @@ def smoke(name: str, device: str, episodes: int, runs: Path) -> tuple[dict, str]
         f"eval.episodes={episodes}",
     ]
     start = time.perf_counter()
-    error = ""
+    error, steps = "", None
     try:
         algo = load_run_config(config_path(name), overrides).algo
         learner, run, resolved = build(config_path(name), overrides + EXTRA.get(algo, []))
         fitted = fit(learner, run.train, runs / name, resume=False)
+        steps = fitted.step
         learner.model.eval()
         metrics = learner.evaluate("test", episodes)
         outcome = f"{fitted.step} steps, " + ", ".join(
@@ -60,7 +61,7 @@ def smoke(name: str, device: str, episodes: int, runs: Path) -> tuple[dict, str]
         traceback.print_exc()
         error, outcome, on = f"{type(e).__name__}: {e}", f"FAILED {type(e).__name__}: {e}", device
     seconds = time.perf_counter() - start
-    rec = record(BENCH, name, "metalab", "ok", float(not error), unit="bool", steps=STEPS, seconds=seconds,
+    rec = record(BENCH, name, "metalab", "ok", float(not error), unit="bool", steps=steps, seconds=seconds,
                  device=on, error=error or None)  # fmt: skip
     return rec, outcome
 

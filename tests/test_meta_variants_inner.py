@@ -198,8 +198,8 @@ def test_anil_vmap_equals_loop_through_batchnorm() -> None:
 
 
 def test_imaml_vmap_equals_loop_through_batchnorm() -> None:
-    """iMAML's Hessian-vector products differentiate twice through the Conv-4's BatchNorm: under vmap they give
-    the loop's implicit gradients (metalab's BatchNorm2d is exact there)."""
+    """iMAML's Hessian-vector products differentiate twice through the Conv-4's BatchNorm: vmap, now allowed
+    there, gives the loop's implicit gradients."""
     model, ep = conv4_problem()
     params = dict(model.named_parameters())
     cfg = imaml.Config(inner_steps=2, cg_steps=2, batching="vmap")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from metalab.models import MLP, BatchNorm2d, Conv4
+from metalab.models import MLP, BatchNorm2d, Conv4, conv4
 from metalab.models.mlp import mlp_forward
 
 
@@ -121,7 +121,17 @@ def test_batchnorm_equals_torch_batchnorm(under_vmap: bool) -> None:
         for m in (ours, ref):
             m.weight.copy_(torch.linspace(0.5, 2.0, 4))
             m.bias.copy_(torch.linspace(-1.0, 1.0, 4))
-    run = (lambda m: torch.func.vmap(m)(x)) if under_vmap else (lambda m: torch.stack([m(t) for t in x]))
+    seen: list[bool] = []  # which form ran: the elementary one exactly under vmap
+
+    def forward(m: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        seen.append(conv4._under_vmap())
+        return m(t)
+
+    run = (
+        (lambda m: torch.func.vmap(lambda t: forward(m, t))(x))
+        if under_vmap
+        else (lambda m: torch.stack([forward(m, t) for t in x]))
+    )
     outs = [run(m) for m in (ours, ref)]
     torch.testing.assert_close(outs[0], outs[1])
     cotangent = torch.randn_like(outs[0])
@@ -131,3 +141,4 @@ def test_batchnorm_equals_torch_batchnorm(under_vmap: bool) -> None:
     ]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+    assert seen and set(seen) == {under_vmap}

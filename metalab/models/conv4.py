@@ -43,9 +43,8 @@ class BatchNorm2d(nn.Module):
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         mean = x.mean((0, 2, 3), keepdim=True)
         var = x.var((0, 2, 3), unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[
-            :, None, None
-        ]
+        scale, shift = self.weight.view(-1, 1, 1), self.bias.view(-1, 1, 1)
+        return (x - mean) * torch.rsqrt(var + self.eps) * scale + shift
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
