@@ -124,6 +124,17 @@ def test_information_gain_rewards_and_bottleneck_by_hand() -> None:
     torch.testing.assert_close(f.grad, torch.tensor([[1.5, 2.0], [0.0, 0.0]]))
 
 
+def test_dream_bottleneck_loses_its_cap_from_the_anneal_step() -> None:
+    run = tiny("dream", "train.steps=10", "dream.ib_anneal_step=7", "dream.ib_late_weight=0.01")
+    learner = make(run)
+    metrics = [learner.loss(s)[1] for s in range(9)]
+    # before: 0.5 max(||F||^2, 10) >= 5 at weight 1; from step 7: the plain 0.5 ||F||^2 (z_dim 4, N(0, 1)
+    # embeddings: about 2) at the late weight
+    assert [m["train/ib_weight"] for m in metrics[5:]] == [1.0, 1.0, 0.01, 0.01]
+    assert all(m["loss/bottleneck"] >= 5.0 for m in metrics[5:7])
+    assert all(0.0 < m["loss/bottleneck"] < 5.0 for m in metrics[7:])
+
+
 def test_dream_losses_route_gradients_to_their_own_parts() -> None:
     run = tiny("dream", "train.steps=8")
     learner = make(run)

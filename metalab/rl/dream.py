@@ -95,6 +95,12 @@ class Config(QLearningConfig):
     """``c``: subtracted from every exploration reward (prefer short, informative exploration)."""
     exec_batch_size: int = 128
     """Execution transitions per update (their buffer holds ``buffer_size`` times the horizon)."""
+    ib_anneal_step: int = 0
+    """From this trainer step on, the bottleneck is the plain KL ``0.5 ||F(mu)||^2`` (no cap) with weight
+    ``ib_late_weight``: once execution relies on ``z``, squeeze out what it does not need (the distracting buses,
+    which exploration should then not have to find). 0: never."""
+    ib_late_weight: float = 0.01
+    """Weight of the uncapped bottleneck from ``ib_anneal_step`` on."""
     exec_decoded_every: int = 2
     """Every this many updates, the execution TD loss reads ``z`` from the decoder run on each transition's own
     exploration episode (gradient into the decoder) instead of ``F(mu)`` plus noise, as the official code does
@@ -104,7 +110,16 @@ class Config(QLearningConfig):
         super().__post_init__()
         for key in ("z_dim", "exec_batch_size"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("noise", "ib_weight", "ib_cap", "step_cost", "decoded_every", "exec_decoded_every"):
+        for key in (
+            "noise",
+            "ib_weight",
+            "ib_cap",
+            "ib_anneal_step",
+            "ib_late_weight",
+            "step_cost",
+            "decoded_every",
+            "exec_decoded_every",
+        ):
             require(getattr(self, key) >= 0, key, "must be >= 0")
 
 
@@ -270,7 +285,9 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             live = explore_episode[rows.explore_slot] == rows.episode
             code = exec_encodings(model, code, explore_buffer.rows(rows.explore_slot), live, device)
         exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], code, batch, cfg)
-        ib = bottleneck(f, cfg.ib_cap)
+        late = cfg.ib_anneal_step > 0 and step >= cfg.ib_anneal_step
+        ib = bottleneck(f, 0.0 if late else cfg.ib_cap)
+        ib_weight = cfg.ib_late_weight if late else cfg.ib_weight
         # decoder and explorer on the same exploration sequences
         seq = explore_buffer.sample_rows(cfg.batch_size, rng)
         inputs, action, _, terminal, mask = to_tensors(seq, device)
@@ -282,11 +299,12 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         reward = information_gain_rewards(predictions.detach(), z, cfg.step_cost) * mask
         explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), targets["explorer"],
                                                    inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
-        total = exec_loss + cfg.ib_weight * ib + decoder_loss + explore_loss
+        total = exec_loss + ib_weight * ib + decoder_loss + explore_loss
         return total, {
             **metrics,
             "loss/exec": exec_loss.item(),
             "loss/bottleneck": ib.item(),
+            "train/ib_weight": ib_weight,
             "loss/decoder": decoder_loss.item(),
             "loss/explore": explore_loss.item(),
             "train/q_exec": q_exec.item(),
