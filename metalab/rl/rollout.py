@@ -58,8 +58,9 @@ def input_centering(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
             low, high = np.broadcast_to(part.low, part.shape), np.broadcast_to(part.high, part.shape)
         low, high = low.reshape(-1).astype(np.float64), high.reshape(-1).astype(np.float64)
         bounded = np.isfinite(low) & np.isfinite(high) & (high > low)
-        shifts.append(np.where(bounded, (low + high) / 2, 0.0))
-        scales.append(np.where(bounded, 2 / np.where(bounded, high - low, 1.0), 1.0))
+        low, high = np.where(bounded, low, -1.0), np.where(bounded, high, 1.0)  # unbounded: shift 0, scale 1
+        shifts.append((low + high) / 2)
+        scales.append(2 / (high - low))
     return np.concatenate(shifts).astype(np.float32), np.concatenate(scales).astype(np.float32)
 
 
