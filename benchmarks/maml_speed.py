@@ -291,10 +291,8 @@ def meta_gradient(step: Step, model: nn.Module) -> torch.Tensor:
 def grad_errors(methods: dict[str, Step], p: Problem) -> dict[str, float]:
     """Each method's meta-gradient against the reference: ``torch-loop`` (the plain second-order loop) on a
     float64 copy of the problem. ||g - g_ref|| / ||g_ref|| over all parameters."""
-    double = {
-        k: getattr(p.ep, k).double() if getattr(p.ep, k).is_floating_point() else getattr(p.ep, k)
-        for k in TENSORS
-    }
+    tensors = {k: getattr(p.ep, k) for k in TENSORS}
+    double = {k: t.double() if t.is_floating_point() else t for k, t in tensors.items()}
     p64 = Problem(p.name, copy.deepcopy(p.model).double(), p.ep._replace(**double), p.regression, p.inner_lr)
     ref = meta_gradient(torch_loop_maml(p64), p64.model)
     return {

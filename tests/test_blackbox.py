@@ -84,22 +84,26 @@ def test_snail_is_causal_and_shapes() -> None:
     assert not torch.allclose(out[:, 3:], out2[:, 3:])
 
 
-@pytest.mark.parametrize(("n_way", "support"), [(5, 5), (3, 6), (2, 8), (4, 1)])
-def test_snail_shared_prefix_equals_one_whole_sequence_per_query(n_way: int, support: int) -> None:
+@pytest.mark.parametrize(("n_way", "support", "length"), [(5, 5, 6), (3, 6, 7), (2, 8, 9), (4, 1, 9)])
+def test_snail_shared_prefix_equals_one_whole_sequence_per_query(
+    n_way: int, support: int, length: int
+) -> None:
     # query_forward runs the support prefix once; forward runs each (support + query) sequence whole. Same
-    # logits and same gradients, also where a dilation reaches past the start (support 1 and 8: 2**k > S).
+    # logits and same gradients, also where a dilation reaches past the start of the sequence (a network built
+    # for length 9 has dilations up to 8, on a prefix of 1).
     torch.manual_seed(0)
-    model = snail.SNAIL(n_way=n_way, length=support + 1, hidden=8, filters=8).double()
+    model = snail.SNAIL(n_way=n_way, length=length, hidden=8, filters=8).double()
     b, q = 2, 3
     d = model.encoder.embedding_dim
     z, query = torch.randn(b, support, d, dtype=torch.double), torch.randn(b, q, d, dtype=torch.double)
     shown = F.one_hot(torch.randint(n_way, (b, support)), n_way).double()
     fast = model.query_forward(z, shown, query)
-    fast_grads = torch.autograd.grad(fast.square().sum(), list(model.body.parameters()))
+    params = [*model.body.parameters(), *model.head.parameters()]
+    fast_grads = torch.autograd.grad(fast.square().sum(), params)
     seq = torch.cat([z[:, None].expand(-1, q, -1, -1), query[:, :, None]], dim=2).flatten(0, 1)
     labels = F.pad(shown, (0, 0, 0, 1))[:, None].expand(-1, q, -1, -1).flatten(0, 1)
     whole = model(seq, labels)[:, -1].view(b, q, n_way)
-    whole_grads = torch.autograd.grad(whole.square().sum(), list(model.body.parameters()))
+    whole_grads = torch.autograd.grad(whole.square().sum(), params)
     torch.testing.assert_close(fast, whole)
     for g_fast, g_whole in zip(fast_grads, whole_grads, strict=True):
         torch.testing.assert_close(g_fast, g_whole)

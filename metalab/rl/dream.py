@@ -32,18 +32,18 @@ with the same useful buses (14% of them did, against 89% on training problems). 
 one Adam step on the sum of the execution TD loss, the bottleneck, the decoder loss and the exploration TD loss
 (the parts share no parameters except ``F``, moved by the execution loss and the bottleneck, and the decoder,
 moved by its own loss and, on decoded updates, the execution loss). Both Q-networks use double-DQN
-targets with hard target copies.
-
-With the official cap, nothing pushes ``F`` below it, so ``F`` keeps the distracting buses: on CityGrid 5x5 after
-100k meta-episodes, two training problems with the same useful buses sat 2.54 apart (noise 0.1), and greedy
-explorations of held-out problems decoded nearest to an ``F(mu)`` with the right useful buses 36% of the time
-(77% on training problems). ``ib_anneal_step`` drops the cap once execution relies on ``z`` (plain KL, weight
-``ib_late_weight``): resumed from that run for 50k more meta-episodes with weight 0.01, same-useful-bus problems
-came within 0.08 of each other while different ones stayed 1.0 apart; the held-out return rose from -0.30 to
--0.20 (523 problems) and the return on training problems from 0.41 to 0.59, but held-out decodings landed in the
-right cluster only 44% of the time (91% on training problems): the decoder, fitted on 53 problems, does not
-yet generalise to new distractor arrangements. One trainer step plays one meta-episode on a training problem (exploration
+targets with hard target copies. One trainer step plays one meta-episode on a training problem (exploration
 with the explorer, execution with ``z`` from ``F(mu)`` plus noise, both epsilon-greedy) and makes one update.
+
+With the official cap, nothing pushes ``F`` below it, so ``F`` keeps the distracting buses: on CityGrid 5x5
+after 100k meta-episodes, two training problems with the same useful buses sat 2.54 apart on average (noise
+0.1), and greedy explorations of 200 held-out problems decoded nearest to an ``F(mu)`` with the right useful
+buses 36% of the time (77% on training problems). ``ib_anneal_step`` drops the cap once execution relies on
+``z`` (plain KL, weight ``ib_late_weight``): resumed from that run for 50k more meta-episodes with weight 0.01,
+same-useful-bus problems came within 0.08 of each other while different ones stayed 1.0 apart; the held-out
+return rose from -0.30 to -0.20 (523 problems) and the return on training problems from 0.41 to 0.59, but
+held-out decodings landed in the right cluster only 44% of the time (91% on training problems): the decoder,
+fitted on 53 problems, does not yet generalise to new distractor arrangements.
 """
 
 from __future__ import annotations
