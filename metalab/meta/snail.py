@@ -41,6 +41,10 @@ class Config:
     """Conv-4 filters of the embedding."""
     tc_filters: int = 128
     """Filters of each dense block in the temporal-convolution blocks."""
+    tied_qk_init: bool = False
+    """Start each attention block's key map equal to its query map (both stay free parameters), so attention
+    already favours positions whose features resemble the current one; at random init the attention reads an
+    almost uniform average of the support, from which the query's label cannot be told."""
 
     def __post_init__(self) -> None:
         require(self.hidden >= 1, "hidden", "must be >= 1")
@@ -84,13 +88,15 @@ def tc_block(channels: int, length: int, filters: int) -> tuple[nn.Sequential, i
 class AttentionBlock(nn.Module):
     """Causal single-head key-value attention; the read is concatenated to the input."""
 
-    def __init__(self, channels: int, key: int, value: int):
+    def __init__(self, channels: int, key: int, value: int, tied_init: bool = False):
         super().__init__()
         self.query, self.key, self.value = (
             nn.Linear(channels, key),
             nn.Linear(channels, key),
             nn.Linear(channels, value),
         )
+        if tied_init:
+            self.key.load_state_dict(self.query.state_dict())
         self.scale = 1 / math.sqrt(key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C + V, L)
@@ -114,17 +120,25 @@ class AttentionBlock(nn.Module):
 
 
 class SNAIL(nn.Module):
-    def __init__(self, n_way: int, length: int, hidden: int = 64, filters: int = 128, image_size: int = 28):
+    def __init__(
+        self,
+        n_way: int,
+        length: int,
+        hidden: int = 64,
+        filters: int = 128,
+        image_size: int = 28,
+        tied_qk_init: bool = False,
+    ):
         super().__init__()
         self.encoder = Conv4(1, hidden, image_size=image_size, norm="layer")  # per-image: no leaks
         c = self.encoder.embedding_dim + n_way
-        layers: list[nn.Module] = [AttentionBlock(c, 64, 32)]
+        layers: list[nn.Module] = [AttentionBlock(c, 64, 32, tied_qk_init)]
         c += 32
         tc1, c = tc_block(c, length, filters)
-        layers += [tc1, AttentionBlock(c, 256, 128)]
+        layers += [tc1, AttentionBlock(c, 256, 128, tied_qk_init)]
         c += 128
         tc2, c = tc_block(c, length, filters)
-        layers += [tc2, AttentionBlock(c, 512, 256)]
+        layers += [tc2, AttentionBlock(c, 512, 256, tied_qk_init)]
         c += 256
         self.body = nn.Sequential(*layers)
         self.head = nn.Conv1d(c, n_way, 1)
@@ -168,7 +182,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         raise ConfigError(
             "task.train_ways", "the label input has task.ways entries: train_ways must equal ways"
         )
-    model = SNAIL(n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size).to(device)
+    model = SNAIL(n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size, cfg.tied_qk_init).to(device)
     model.encoder.to(memory_format=torch.channels_last)
     train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
     evals = {
