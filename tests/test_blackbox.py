@@ -111,7 +111,7 @@ def test_snail_shared_prefix_equals_one_whole_sequence_per_query(
 
 def test_snail_tied_init_starts_keys_equal_to_queries_then_trains_them_apart() -> None:
     torch.manual_seed(0)
-    tied = snail.SNAIL(n_way=3, length=4, hidden=8, filters=8, tied_qk_init=True)
+    tied = snail.SNAIL(n_way=3, length=4, hidden=8, filters=8)  # tied is the default
     blocks = [m for m in tied.modules() if isinstance(m, snail.AttentionBlock)]
     assert len(blocks) == 3
     for b in blocks:
@@ -123,8 +123,8 @@ def test_snail_tied_init_starts_keys_equal_to_queries_then_trains_them_apart() -
     h = blocks[0].query(x.transpose(1, 2))
     gram = h @ blocks[0].key(x.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(gram, gram.transpose(1, 2))
-    default = snail.SNAIL(n_way=3, length=4, hidden=8, filters=8)
-    b0 = next(m for m in default.modules() if isinstance(m, snail.AttentionBlock))
+    untied = snail.SNAIL(n_way=3, length=4, hidden=8, filters=8, tied_qk_init=False)
+    b0 = next(m for m in untied.modules() if isinstance(m, snail.AttentionBlock))
     assert not torch.allclose(b0.key.weight, b0.query.weight)
 
 
