@@ -103,12 +103,16 @@ def test_torch_batchnorm_under_vmap_is_refused_at_second_order() -> None:
 
 
 def test_auto_batching_by_network_and_device() -> None:
-    """``auto``: vmap for MLPs everywhere and for convolutional networks on a GPU; a loop for them on a CPU."""
+    """``auto``: vmap for MLPs everywhere and for convolutional networks on a GPU; a loop for them on a CPU, the
+    graph-freeing one where the variant supports it."""
     assert gbml.auto_mode(False, torch.device("cpu")) == "vmap"
+    assert gbml.auto_mode(False, torch.device("cpu"), grad_loop=True) == "vmap"
     assert gbml.auto_mode(True, torch.device("cpu")) == "loop"
-    assert gbml.auto_mode(True, torch.device("cuda")) == "vmap"
+    assert gbml.auto_mode(True, torch.device("cpu"), grad_loop=True) == "grad_loop"
+    assert gbml.auto_mode(True, torch.device("cuda"), grad_loop=True) == "vmap"
     model, _ = tiny_conv4_episode("batch")
     assert gbml.task_batching("maml", maml.Config(), model, second_order=True).mode == "loop"
+    assert gbml.task_batching("maml", maml.Config(), model, True, grad_loop=True).mode == "grad_loop"
     assert gbml.task_batching("maml", maml.Config(), MLP(1, (4,), 1), second_order=True).mode == "vmap"
 
 
