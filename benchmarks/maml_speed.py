@@ -10,9 +10,11 @@ Run it on an otherwise idle machine: the ratios are taken within one run, but a 
 A meta-step is forward and backward of the meta-loss: the meta-gradient lands in ``.grad`` (the optimizer
 update, the same for every method, is left out). Configurations, all second order:
 
-* ``sinusoid``: MAML's 40-40 MLP, K=10 support and 10 query points, meta-batch 25, 1 inner step (lr 0.01).
+* ``sinusoid``: MAML's 40-40 MLP, K=10 support and 10 query points, meta-batch 25, inner lr 0.01.
 * ``omniglot``: MAML's strided Conv-4 (``gbml.network``, 64 filters, BatchNorm), 5-way 1-shot, 15 queries per
-  class, meta-batch 32, 1 inner step (lr 0.4), random 28x28 inputs (the cost does not depend on pixel values).
+  class, meta-batch 32, inner lr 0.4, random 28x28 inputs (the cost does not depend on pixel values).
+  Both for each of ``--compare-steps`` inner steps (default 1 and 5; task ``<name>`` for 1, ``<name>-inner<k>``
+  for k).
 * ``imaml-sinusoid`` / ``imaml-omniglot``: iMAML (``cg_steps`` 5, lambda 1) and MAML meta-steps on those
   tasks for each of ``--inner-steps`` (1 5 10 20): MAML keeps a graph through every inner step, iMAML none.
 
@@ -263,18 +265,21 @@ def measure(
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def maml_methods(p: Problem, chunks: tuple[int, ...]) -> tuple[dict[str, Step], dict[str, dict]]:
-    """Every batching of metalab (vmap, chunks, loop, grad_loop), higher and the plain loop; and notes."""
+def maml_methods(
+    p: Problem, chunks: tuple[int, ...], steps: int = 1
+) -> tuple[dict[str, Step], dict[str, dict]]:
+    """Every batching of metalab (vmap, chunks, loop, grad_loop), higher and the plain loop, ``steps`` inner
+    steps each; and notes."""
     batchings = {"vmap": gbml.TaskBatching("vmap")}
     batchings |= {f"chunk{c}": gbml.TaskBatching("chunk", c) for c in chunks if c < p.ep.tasks}
     batchings |= {"loop": gbml.TaskBatching("loop"), "grad_loop": gbml.TaskBatching("grad_loop")}
-    methods = {f"metalab-{name}": metalab_maml(p, b) for name, b in batchings.items()}
+    methods = {f"metalab-{name}": metalab_maml(p, b, steps) for name, b in batchings.items()}
     notes = {
         f"metalab-{name}": {"batching": b.mode, "chunk_size": b.chunk_size} for name, b in batchings.items()
     }
-    methods["higher"] = higher_maml(p)
+    methods["higher"] = higher_maml(p, steps)
     notes["higher"] = {"note": "higher.innerloop_ctx, SGD inner optimizer, query loss backward per task"}
-    methods["torch-loop"] = torch_loop_maml(p)
+    methods["torch-loop"] = torch_loop_maml(p, steps)
     notes["torch-loop"] = {"note": "per-task autograd.grad(create_graph=True) loop, one backward of the mean"}
     return methods, notes
 
@@ -288,13 +293,13 @@ def meta_gradient(step: Step, model: nn.Module) -> torch.Tensor:
     return g
 
 
-def grad_errors(methods: dict[str, Step], p: Problem) -> dict[str, float]:
+def grad_errors(methods: dict[str, Step], p: Problem, steps: int = 1) -> dict[str, float]:
     """Each method's meta-gradient against the reference: ``torch-loop`` (the plain second-order loop) on a
     float64 copy of the problem. ||g - g_ref|| / ||g_ref|| over all parameters."""
     tensors = {k: getattr(p.ep, k) for k in TENSORS}
     double = {k: t.double() if t.is_floating_point() else t for k, t in tensors.items()}
     p64 = Problem(p.name, copy.deepcopy(p.model).double(), p.ep._replace(**double), p.regression, p.inner_lr)
-    ref = meta_gradient(torch_loop_maml(p64), p64.model)
+    ref = meta_gradient(torch_loop_maml(p64, steps), p64.model)
     return {
         name: float((meta_gradient(step, p.model) - ref).norm() / ref.norm())
         for name, step in methods.items()
@@ -302,25 +307,33 @@ def grad_errors(methods: dict[str, Step], p: Problem) -> dict[str, float]:
 
 
 def bench_maml(p: Problem, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    methods, notes = maml_methods(p, CHUNKS)
-    errors = grad_errors(methods, p)
+    records = []
+    for steps in args.compare_steps:
+        records += bench_maml_steps(p, args, device, steps)
+    return records
+
+
+def bench_maml_steps(p: Problem, args: argparse.Namespace, device: torch.device, steps: int) -> list[dict]:
+    methods, notes = maml_methods(p, CHUNKS, steps)
+    errors = grad_errors(methods, p, steps)
     results = measure(methods, p.model, device, args.warmup, args.repeats)
     higher_s, _, higher_bytes = results["higher"]
-    common = {"meta_batch": p.ep.tasks, "inner_steps": 1, "second_order": True, "warmup": args.warmup}
+    common = {"meta_batch": p.ep.tasks, "inner_steps": steps, "second_order": True, "warmup": args.warmup}
+    task = p.name if steps == 1 else f"{p.name}-inner{steps}"
     records = []
-    print(f"{p.name} ({device_name(device)}):")
+    print(f"{task} ({device_name(device)}):")
     for name, (median, times, peak) in results.items():
         extra = {**common, **notes[name], "min_s": min(times), "max_s": max(times)}
         records += [
-            record(BENCH, p.name, name, "seconds_per_step", median, unit="s", steps=len(times),
+            record(BENCH, task, name, "seconds_per_step", median, unit="s", steps=len(times),
                    seconds=sum(times), device=device_name(device), **extra),
-            record(BENCH, p.name, name, "speedup_vs_higher", higher_s / median, unit="x",
+            record(BENCH, task, name, "speedup_vs_higher", higher_s / median, unit="x",
                    device=device_name(device), **common),
-            record(BENCH, p.name, name, "peak_bytes", peak, unit="bytes", device=device_name(device),
+            record(BENCH, task, name, "peak_bytes", peak, unit="bytes", device=device_name(device),
                    memory=memory_method(device), **common),
-            record(BENCH, p.name, name, "memory_vs_higher", peak / max(higher_bytes, 1), unit="x",
+            record(BENCH, task, name, "memory_vs_higher", peak / max(higher_bytes, 1), unit="x",
                    device=device_name(device), **common),
-            record(BENCH, p.name, name, "grad_rel_error", errors[name], unit="ratio", device=device_name(device),
+            record(BENCH, task, name, "grad_rel_error", errors[name], unit="ratio", device=device_name(device),
                    reference="torch-loop in float64", **common),
         ]  # fmt: skip
         print(
@@ -369,12 +382,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5, 10, 20],
                    help="inner steps of the imaml-* configurations")  # fmt: skip
+    p.add_argument("--compare-steps", type=int, nargs="+", default=[1, 5],
+                   help="inner steps of the sinusoid / omniglot comparisons")  # fmt: skip
     p.add_argument("--meta-batch", type=int, help="tasks per meta-batch (default: 25 sinusoid, 32 omniglot)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where maml_speed.json goes")
     args = parse_args(p, argv)
-    if min(args.repeats, *args.inner_steps, args.meta_batch or 1) < 1 or args.warmup < 0:
-        p.error("--repeats, --inner-steps and --meta-batch must be >= 1, --warmup >= 0")
+    if min(args.repeats, *args.inner_steps, *args.compare_steps, args.meta_batch or 1) < 1 or args.warmup < 0:
+        p.error("--repeats, --inner-steps, --compare-steps and --meta-batch must be >= 1, --warmup >= 0")
     names = args.only or CONFIGS
     if NEEDS_HIGHER & set(names) and importlib.util.find_spec("higher") is None:
         raise SystemExit(MISSING)

@@ -29,7 +29,7 @@ def test_tiny_run_records(bench: ModuleType, tmp_path: Path) -> None:
     results = REPO / "benchmarks" / "results" / "maml_speed.json"
     before = results.stat().st_mtime_ns if results.is_file() else None
     bench.main(["--only", "sinusoid", "imaml-sinusoid", "--repeats", "2", "--warmup", "0", "--meta-batch", "3",
-                "--inner-steps", "1", "3", "--results-dir", str(tmp_path)])  # fmt: skip
+                "--inner-steps", "1", "3", "--compare-steps", "1", "2", "--results-dir", str(tmp_path)])  # fmt: skip
     records = json.loads((tmp_path / "maml_speed.json").read_text())
     by_key = {(r["task"], r["method"], r["metric"]): r for r in records}
     assert all(KEYS <= set(r) and r["benchmark"] == "maml_speed" for r in records)
@@ -44,8 +44,12 @@ def test_tiny_run_records(bench: ModuleType, tmp_path: Path) -> None:
     }  # no chunk < 3 tasks
     metrics = {"seconds_per_step", "speedup_vs_higher", "peak_bytes", "memory_vs_higher", "grad_rel_error"}
     assert {(m, k) for t, m, k in by_key if t == task} == {(m, k) for m in methods for k in metrics}
-    # Every method's float32 meta-gradient is the float64 reference's up to rounding.
+    # Every method's float32 meta-gradient is the float64 reference's up to rounding, at 1 and 2 inner steps.
     assert all(by_key[task, m, "grad_rel_error"]["value"] < 1e-5 for m in methods)
+    two = f"{task}-inner2"
+    assert {(m, k) for t, m, k in by_key if t == two} == {(m, k) for m in methods for k in metrics}
+    assert all(by_key[two, m, "grad_rel_error"]["value"] < 1e-5 for m in methods)
+    assert {by_key[two, m, "seconds_per_step"]["inner_steps"] for m in methods} == {2}
     for m in methods:
         timed = by_key[(task, m, "seconds_per_step")]
         assert (
