@@ -128,9 +128,11 @@ def test_snail_tied_init_starts_keys_equal_to_queries_then_trains_them_apart() -
     assert not torch.allclose(b0.key.weight, b0.query.weight)
 
 
-def test_snail_query_logits_shape_and_each_query_sees_only_the_support() -> None:
+@pytest.mark.parametrize("embed_norm", [False, True])
+def test_snail_query_logits_shape_and_each_query_sees_only_the_support(embed_norm: bool) -> None:
     torch.manual_seed(0)
-    model = snail.SNAIL(n_way=3, length=7, hidden=8, filters=8)
+    model = snail.SNAIL(n_way=3, length=7, hidden=8, filters=8, embed_norm=embed_norm)
+    assert isinstance(model.embed_norm, torch.nn.LayerNorm) == embed_norm
     ep = EpisodeSampler(pool(), 3, 2, 2, seed=0).sample(0, 2)
     logits = snail.query_logits(model, ep)
     assert logits.shape == (2, 6, 3)

@@ -46,6 +46,11 @@ class Config:
     already favours positions whose features resemble the current one; at random init the attention reads an
     almost uniform average of the support, from which the query's label cannot be told. Omniglot 5w1s on one
     H200, same seed: test accuracy 63% / 84% after 500 / 1,000 steps against 35% / 65% untied."""
+    embed_norm: bool = False
+    """Layer-normalise each image's embedding (learned gain and bias) before the label is appended. The Conv-4's
+    embeddings of random init share most of their direction (cosine 0.95 between different classes, 0.96 within
+    one); normalised, a tied attention's first block picks a same-class support item for 40% / 17% of 5-way /
+    20-way queries at init instead of 30% / 9% (chance 20% / 5%)."""
 
     def __post_init__(self) -> None:
         require(self.hidden >= 1, "hidden", "must be >= 1")
@@ -129,9 +134,11 @@ class SNAIL(nn.Module):
         filters: int = 128,
         image_size: int = 28,
         tied_qk_init: bool = True,
+        embed_norm: bool = False,
     ):
         super().__init__()
         self.encoder = Conv4(1, hidden, image_size=image_size, norm="layer")  # per-image: no leaks
+        self.embed_norm = nn.LayerNorm(self.encoder.embedding_dim) if embed_norm else nn.Identity()
         c = self.encoder.embedding_dim + n_way
         layers: list[nn.Module] = [AttentionBlock(c, 64, 32, tied_qk_init)]
         c += 32
@@ -170,7 +177,9 @@ def query_logits(model: SNAIL, ep: Episode) -> torch.Tensor:
     t, s = ep.support_y.shape
     q = ep.query_y.shape[1]
     images = torch.cat([ep.support_x, ep.query_x], dim=1).flatten(0, 1)
-    z = model.encoder(images.contiguous(memory_format=torch.channels_last)).view(t, s + q, -1)  # (T, S+Q, D)
+    z = model.embed_norm(model.encoder(images.contiguous(memory_format=torch.channels_last))).view(
+        t, s + q, -1
+    )
     shown = F.one_hot(ep.support_y, ep.n_way).float()  # (T, S, N)
     return model.query_forward(z[:, :s], shown, z[:, s:])
 
@@ -183,7 +192,9 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         raise ConfigError(
             "task.train_ways", "the label input has task.ways entries: train_ways must equal ways"
         )
-    model = SNAIL(n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size, cfg.tied_qk_init).to(device)
+    model = SNAIL(
+        n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size, cfg.tied_qk_init, cfg.embed_norm
+    ).to(device)
     model.encoder.to(memory_format=torch.channels_last)
     train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
     evals = {
