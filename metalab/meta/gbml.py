@@ -203,8 +203,8 @@ def auto_mode(
     (under load): one vmap over 25 sinusoid tasks ran 14.6x faster than ``higher``, but for the Conv-4 (5-way
     1-shot, meta-batch 32) vmap ran at 0.57x and the loop at 1.08x, since per-task weights turn every
     convolution into a grouped one. NVIDIA H200: vmap ran at 17.0x (sinusoid) and 16.7x (Conv-4) against 1.4x
-    and 1.2x for the loop. Precision on that GPU (Conv-4, 8 tasks, float32 meta-gradient against a float64 one): the
-    vmapped grouped convolutions are less precise than the loop's, 5.9e-2 relative error against 8.0e-3 with
+    and 1.2x for the loop. Precision on that GPU (Conv-4, 8 tasks, float32 meta-gradient against a float64
+    one): the vmapped grouped convolutions are less precise than the loop's, 5.9e-2 relative error against 8.0e-3 with
     torch's default TF32 convolutions, 2.3e-4 against 2.3e-6 without TF32 (in float64 both agree to 1e-15;
     on the CPU, meta-batch 32, 3.1e-5 against 1.9e-6). Set ``batching: loop`` where that matters more than a
     14x faster step. Of the two loops on the CPU, ``grad_loop`` ran at 1.06x ``higher`` with 0.99x its peak

@@ -96,14 +96,14 @@ def tc_block(channels: int, length: int, filters: int) -> tuple[nn.Sequential, i
 class AttentionBlock(nn.Module):
     """Causal single-head key-value attention; the read is concatenated to the input."""
 
-    def __init__(self, channels: int, key: int, value: int, tied_init: bool = False):
+    def __init__(self, channels: int, key: int, value: int, tied_qk_init: bool = False):
         super().__init__()
         self.query, self.key, self.value = (
             nn.Linear(channels, key),
             nn.Linear(channels, key),
             nn.Linear(channels, value),
         )
-        if tied_init:
+        if tied_qk_init:
             self.key.load_state_dict(self.query.state_dict())
         self.scale = 1 / math.sqrt(key)
 
