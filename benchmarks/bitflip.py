@@ -60,17 +60,26 @@ METHODS = {
 # ~36% after 16k at n = 25. Steps to learn grow roughly like n^3, hence ~25k expected at n = 25 and ~200k at
 # n = 50; the budgets leave a 2-4x margin at n <= 25 and ~1.5x at n = 50. One update per env step costs
 # ~3-4 ms of one CPU core (metalab and SB3 alike), so one n = 50 configuration takes ~18 minutes.
-# Measured since: the n^3 guess fails at n = 50. After the full 300k steps metalab future (seed 0) has greedy
-# success 0.00, and its greedy policy solves goals 1 / 2 / 3 / 5 bits away only 69% / 35% / 20% / 4% of the time
-# (150k steps: 79% / 58% / 29% / 7%): the Q-network has not even learnt which single bit differs. A 256x256
-# network (0.56 at d = 1 after 60k) and -1/+1 inputs (dqn.center_inputs; 0.23 after 67k) did not change that.
-# Nor did a schedule closer to the HER paper's (one update per 16 env steps: dqn.train_frequency=16, Polyak
-# tau 0.05 every 40 updates, a 1M-transition buffer, epsilon decaying to 0.2 over 10%): after 2M env steps
-# (125k updates, 35 min on a shared core) greedy success was still 0.00 at every evaluation.
-# The bottleneck is learning the 50 per-bit "differs" features, not the RL signal: regressing the same MLP
-# (Adam 1e-3, Huber, batch 128, one action per sample as in Q-learning) onto the exact optimal Q of goals 1-25
-# bits away, its greedy action at distance 1 was right 11% of the time after 6k steps at n = 50 (128x128;
-# 12% with 512x512, 11% with -1/+1 inputs), against 79% after 10k steps at n = 25.
+# Measured since: the n^3 guess fails at n = 50. With the first config's 128x128 Q-network, 300k steps of
+# metalab future left greedy success at 0.00 (3 seeds), and the greedy policy solved goals 1 / 2 / 3 / 5 bits away
+# only 69% / 35% / 20% / 4% of the time; nor did a HER-paper-like schedule help (one update per 16 env steps,
+# Polyak tau 0.05 every 40 updates, a 1M buffer, epsilon to 0.2: 0.00 after 2M env steps).
+# Two causes, found since:
+# 1. The network. Regressing an MLP (Adam 1e-3, Huber, batch 128, one action per sample as in Q-learning) onto
+#    the exact optimal Q of goals 1-25 bits away at n = 50, its greedy action at distance 1 / 5 / 20 was right
+#    7% / 20% / 46% of the time after 20k steps with two hidden layers of 128 (512x512: 12% at d = 1 after 6k),
+#    and 97% / 100% / 99% with the HER paper's single hidden layer of 256 (94% at d = 1 after 18k). At n = 25
+#    the 256 layer is also faster: 99% at d = 1 after 8k steps (128x128: 79% after 10k). The config now uses
+#    it (dqn.hidden [256]); the none / final / SB3 records at n <= 25 and SB3's at n = 50 were measured with
+#    128x128 and say so (``hidden``, ``sb3_hyperparameters``).
+# 2. The data. With [256], RL at n = 50 learns which bit differs (greedy action right 98% / 90% / 76% at
+#    distance 1 / 5 / 20 after 90k env steps), but success stays 0.00 over 300k. The greedy policy falls
+#    into 2-cycles: it flips a differing bit, then flips it back, for the rest of the episode. In the replay
+#    buffer at 270k steps, 93% of consecutive actions repeat the previous one. So once the policy is
+#    greedy, "future" relabeling yields goals 0-1 bits away, and the mid-distance Q-values decay: the greedy
+#    action at distance 10 / 20 was right 80% / 76% at 90k and 66% / 64% at 210k. With epsilon ending at 0.2
+#    (dqn.eps_end; about 10 random actions per 50-step episode), a run of the same config was right 96% /
+#    89% at distance 10 / 20 after 150k, and greedy success left zero, but not by much (0.02 at 150k and 195k).
 BUDGETS = {7: 10_000, 15: 30_000, 25: 100_000, 50: 300_000}
 TARGETS = {15: 0.99, 25: 0.95, 50: 0.9}  # metalab-dqn-future
 PUBLISHED = (
@@ -130,7 +139,7 @@ def benchmark(name: str, budget: int, runs: Path) -> list[dict]:
         metrics = learner.evaluate("test", EVAL_EPISODES)
         test_mean, test_ci = metrics["eval/success"], metrics["eval/success_ci95"]
         curve, steps, seconds = metalab_curve(run_dir), fitted.step, fitted.seconds
-        settings = {"config": f"configs/{CONFIG.name}", "her": method}
+        settings = {"config": f"configs/{CONFIG.name}", "her": method, "hidden": list(run.params.hidden)}
     reached = first_reaching(curve)
     common = {"n": n, "seed": seed, "budget_env_steps": budget, "eval_every": run.train.eval_every,
               "eval_episodes": EVAL_EPISODES, "test_episodes": EVAL_EPISODES, "threads": torch.get_num_threads(),

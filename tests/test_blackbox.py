@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from metalab.data.episodes import EpisodeSampler, ShuffledSampler, shuffle_order
+from metalab.errors import ConfigError
 from metalab.experiment import algorithm, run_config_from_dict
 from metalab.meta import mann, snail
 from metalab.train.loop import fit
@@ -69,6 +70,25 @@ def test_mann_is_causal(memory: bool) -> None:
     out2 = model(x2, shown2)
     torch.testing.assert_close(out[:, :4], out2[:, :4])
     assert not torch.allclose(out[:, 4:], out2[:, 4:])
+
+
+def test_mann_fused_lstm_equals_a_loop_of_lstm_cells_and_loads_their_checkpoints() -> None:
+    """The controller runs as one ``nn.LSTM`` call; it must compute what a step-by-step ``nn.LSTMCell`` loop over
+    the same weights computes, and checkpoints saved with the ``LSTMCell`` names must load into it."""
+    torch.manual_seed(0)
+    model = mann.MANN(mann.Config(hidden=6, encoder="pixels"), 3, image_size=16).double()
+    x, shown = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+    cell = torch.nn.LSTMCell(16 * 16 + 3, 6).double()
+    saved = {k: v for k, v in model.state_dict().items() if not k.startswith("lstm.")}
+    saved |= {f"lstm.{k}": v for k, v in cell.state_dict().items()}  # the old names: lstm.weight_ih, ...
+    model.load_state_dict(saved)
+    inputs = torch.cat([x.flatten(2), shown], dim=-1)
+    h = c = inputs.new_zeros(2, 6)
+    steps = []
+    for t in range(5):
+        h, c = cell(inputs[:, t], (h, c))
+        steps.append(h)
+    torch.testing.assert_close(model(x, shown), model.head(torch.stack(steps, dim=1)))
 
 
 def test_snail_is_causal_and_shapes() -> None:
@@ -139,6 +159,37 @@ def test_snail_query_logits_shape_and_each_query_sees_only_the_support(embed_nor
     ref = logits
     other = ep._replace(query_x=torch.cat([ep.query_x[:, :1], torch.rand_like(ep.query_x[:, 1:])], dim=1))
     torch.testing.assert_close(snail.query_logits(model, other)[:, 0], ref[:, 0])
+
+
+def test_snail_spread_labels_is_a_per_task_injection_into_the_label_space() -> None:
+    ep = EpisodeSampler(pool(), 3, 2, 4, seed=0).sample(0, 64)
+    out = snail.spread_labels(ep, 20, torch.Generator().manual_seed(0))
+    assert torch.equal(out.support_x, ep.support_x) and torch.equal(out.query_x, ep.query_x)
+    maps = set()
+    for t in range(64):
+        # one label per class, the same in support and queries, distinct classes apart, all within 0..19
+        mapping = {int(a): int(b) for a, b in zip(ep.support_y[t], out.support_y[t], strict=True)}
+        assert len(mapping) == 3 and len(set(mapping.values())) == 3 and max(mapping.values()) < 20
+        assert [mapping[int(a)] for a in ep.query_y[t]] == out.query_y[t].tolist()
+        maps.add(tuple(sorted(mapping.items())))
+    assert len(maps) > 50  # drawn per task: 64 tasks, 6840 possible maps
+    assert {v for m in maps for _, v in m} == set(range(20))  # every slot gets used
+
+
+def test_snail_trains_on_fewer_ways_than_it_tests(omniglot_root: Path, tmp_path: Path) -> None:
+    spec = {
+        "algo": "snail", "snail": {"hidden": 8, "tc_filters": 8},
+        "task": {"dataset": "omniglot", "ways": 4, "train_ways": 2, "shots": 1, "queries": 2},
+        "train": {"steps": 2, "meta_batch": 2, "eval_every": 2, "eval_episodes": 4, "checkpoint_every": 2,
+                  "device": "cpu"},
+        "eval": {"episodes": 4, "batch": 2},
+    }  # fmt: skip
+    learner = algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))
+    result = fit(learner, run_config_from_dict(spec).train, tmp_path)
+    assert result.step == 2 and 0 <= result.metrics["eval/val_acc"] <= 1
+    spec["task"] = {**spec["task"], "train_ways": 5}
+    with pytest.raises(ConfigError, match=r"task\.train_ways"):
+        algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", ["mann", "snail"])

@@ -342,11 +342,9 @@ def test_pearl_learns_the_sparse_point_robot(tmp_path: Path) -> None:
     """PEARL with small networks, 20k gradient steps (about 4 minutes on one busy CPU core): on held-out goals
     its third episode (z from the posterior of the first two) earns sparse reward and ends in the goal disk where
     a random policy never does (the goals are 1 away, the disk has radius 0.2), and far more than its first."""
-    overrides = ["train.steps=20000", "train.lr=0.001", "train.meta_batch=8", "train.eval_every=20000",
-                 "train.checkpoint_every=20000", "train.device=cpu", "pearl.encoder_hidden=[64,64]",
-                 "pearl.sac.hidden=[64,64]", "pearl.context_batch=128", "pearl.batch_size=64",
-                 "pearl.collect_every=200", "pearl.tasks_per_collect=4"]  # fmt: skip
-    run = load_run_config(CONFIG, overrides)
+    overrides = ["train.steps=20000", "train.eval_every=20000", "train.checkpoint_every=20000", "train.device=cpu",
+                 "pearl.eval_adapt_episodes=2"]  # fmt: skip
+    run = load_run_config(CONFIG.with_name("pearl_point_robot_small.yaml"), overrides)
     learner = make(run)
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 100)

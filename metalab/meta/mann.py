@@ -107,7 +107,10 @@ class MANN(nn.Module):
             self.encoder = nn.Flatten()
             features = image_size * image_size
         self.n_way = n_way
-        self.lstm = nn.LSTMCell(features + n_way, cfg.hidden)
+        # The controller's input does not depend on memory reads, so one fused LSTM call runs the whole
+        # sequence (1.75x faster forward and backward than a loop of LSTMCell steps at B=16, L=50, H=200).
+        self.lstm = nn.LSTM(features + n_way, cfg.hidden, batch_first=True)
+        self.register_load_state_dict_pre_hook(_rename_lstm_cell_keys)  # checkpoints of the LSTMCell version
         self.memory = (
             LRUMemory(cfg.hidden, cfg.memory_slots, cfg.memory_width, cfg.read_heads, cfg.usage_decay)
             if cfg.memory
@@ -120,18 +123,23 @@ class MANN(nn.Module):
         """Logits ``(B, L, N)`` for images ``x`` ``(B, L, C, H, W)`` shown with label one-hots ``(B, L, N)``."""
         b, length = x.shape[:2]
         z = self.encoder(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)).view(b, length, -1)
-        inputs = torch.cat([z, shown], dim=-1)  # (B, L, D + N)
-        h = c = inputs.new_zeros(b, self.lstm.hidden_size)
-        state = self.memory.initial(b, x.device) if self.memory is not None else None
-        outputs = []
-        for t in range(length):  # causal by construction: step t sees inputs 0..t only
-            h, c = self.lstm(inputs[:, t], (h, c))
-            if self.memory is not None:
-                read, state = self.memory.step(h, state)
-                outputs.append(torch.cat([h, read], dim=-1))
-            else:
-                outputs.append(h)
-        return self.head(torch.stack(outputs, dim=1))
+        hs = self.lstm(torch.cat([z, shown], dim=-1))[0]  # (B, L, H); causal: step t sees inputs 0..t only
+        if self.memory is not None:
+            state, reads = self.memory.initial(b, x.device), []
+            for t in range(length):
+                read, state = self.memory.step(hs[:, t], state)
+                reads.append(read)
+            hs = torch.cat([hs, torch.stack(reads, dim=1)], dim=-1)
+        return self.head(hs)
+
+
+def _rename_lstm_cell_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load a checkpoint saved when the controller was an ``nn.LSTMCell`` (``lstm.weight_ih``, ...): the same
+    parameters, named ``lstm.weight_ih_l0``, ... in ``nn.LSTM``."""
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        old = f"{prefix}lstm.{name}"
+        if old in state_dict:
+            state_dict[f"{old}_l0"] = state_dict.pop(old)
 
 
 def sequence(ep: Episode, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

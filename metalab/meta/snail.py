@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.config import require
-from metalab.data.episodes import Episode, ShuffledSampler
+from metalab.data.episodes import Episode, ShuffledSampler, generator_for
 from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
@@ -174,25 +174,35 @@ class SNAIL(nn.Module):
 
 
 def query_logits(model: SNAIL, ep: Episode) -> torch.Tensor:
-    """``(T, N*Q, N)``: each query classified from its own sequence (the task's support, then that query).
-    Embeddings are computed once per task, and so is the support prefix (:meth:`SNAIL.query_forward`)."""
+    """``(T, N*Q, M)``: each query classified from its own sequence (the task's support, then that query), over
+    the model's ``M = model.n_way >= N`` labels. Embeddings are computed once per task, and so is the support
+    prefix (:meth:`SNAIL.query_forward`)."""
     t, s = ep.support_y.shape
     q = ep.query_y.shape[1]
     images = torch.cat([ep.support_x, ep.query_x], dim=1).flatten(0, 1)
     z = model.embed_norm(model.encoder(images.contiguous(memory_format=torch.channels_last))).view(
         t, s + q, -1
     )
-    shown = F.one_hot(ep.support_y, ep.n_way).float()  # (T, S, N)
+    shown = F.one_hot(ep.support_y, model.n_way).float()  # (T, S, M)
     return model.query_forward(z[:, :s], shown, z[:, s:])
+
+
+def spread_labels(ep: Episode, labels: int, generator: torch.Generator) -> Episode:
+    """``ep`` with its ``N`` labels sent to ``N`` distinct labels of ``0..labels-1``, drawn per task, so that
+    training on fewer ways than the test's (``task.train_ways < task.ways``) still uses every label input and
+    output of the model."""
+    t = ep.support_y.shape[0]
+    slots = torch.rand(t, labels, generator=generator).argsort(dim=1)[:, : ep.n_way].to(ep.support_y.device)
+    return ep._replace(support_y=slots.gather(1, ep.support_y), query_y=slots.gather(1, ep.query_y))
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     """Model, training loss and evaluation for a SNAIL run."""
     cfg: Config = run.params
     n, k = run.task.ways, run.task.shots
-    if run.task.train_ways not in (None, n):
+    if (run.task.train_ways or n) > n:
         raise ConfigError(
-            "task.train_ways", "the label input has task.ways entries: train_ways must equal ways"
+            "task.train_ways", "the label input has task.ways entries: train_ways must be <= ways"
         )
     model = SNAIL(
         n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size, cfg.tied_qk_init, cfg.embed_norm
@@ -205,7 +215,10 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     }
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ep = train.sample(step, run.train.meta_batch).to(device)
+        ep = train.sample(step, run.train.meta_batch)
+        if ep.n_way < n:  # fewer train ways: their labels spread over all n label slots, anew every task
+            ep = spread_labels(ep, n, generator_for(run.seed + 2, step))
+        ep = ep.to(device)
         logits = query_logits(model, ep)
         acc = (logits.argmax(-1) == ep.query_y).float().mean().item()
         return F.cross_entropy(logits.flatten(0, 1), ep.query_y.flatten()), {"train/acc": acc}
