@@ -58,8 +58,8 @@ TASKS = {  # task -> (config suffix, optimal return, walking return)
 METHODS = {"dream": ("5x5", "9x9"), "rl2": ("5x5", "9x9"), "pearl": ("point",)}
 BUDGETS = {("dream", "5x5"): 20_000, ("rl2", "5x5"): 20_000, ("dream", "9x9"): 40_000, ("rl2", "9x9"): 40_000,
            ("pearl", "point"): 150_000}  # fmt: skip
-# PEARL trains the CPU-sized config (64-64 networks, ~40-60 gradient steps per second on one core); the official
-# sizes of configs/pearl_point_robot.yaml cost about 1 s per gradient step on a CPU.
+# PEARL trains the CPU-sized config (64-64 networks, 30-60 gradient steps per second on a shared core); the
+# official sizes of configs/pearl_point_robot.yaml cost about 1 s per gradient step on a CPU.
 CONFIG_NAMES = {("pearl", "point"): "pearl_point_robot_small"}
 PEARL_AFTER = (1, 2, 9)  # success and return of the episode after 1, 2 and 9 earlier ones of a trial
 TARGETS = {("dream", "5x5"): 0.65, ("dream", "9x9"): 0.75}
@@ -111,7 +111,7 @@ def last_env_steps(run_dir: Path) -> float | None:
 
 
 def curve_key(method: str) -> str:
-    return "eval/success_after1" if method == "pearl" else "eval/return"
+    return "eval/success" if method == "pearl" else "eval/return"  # PEARL: the last episode of a trial
 
 
 def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results: Path) -> list[dict]:
@@ -184,7 +184,7 @@ def plot(runs: Path, results: Path) -> Path | None:
                 ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=what)
         ax.set_title(env_name)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("success after 1 episode" if task == "point" else "exploitation return (held-out)")
+        ax.set_ylabel("success after 9 episodes" if task == "point" else "exploitation return (held-out)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -226,9 +226,10 @@ def test_training_step_and_evaluation_metrics() -> None:
     first = learner.evaluate("test", 4)
     assert torch.equal(torch_state, torch.get_rng_state())  # evaluation draws from its own generator
     assert first == learner.evaluate("test", 4)  # and is repeatable
-    keys = {f"eval/{m}_after{k}" for m in ("return", "success") for k in range(3)}
+    keys = {f"eval/{m}_after{k}{ci}" for m in ("return", "success") for k in range(3) for ci in ("", "_ci95")}
     assert keys | {"eval/return", "eval/success", "eval/return_ci95", "eval/success_ci95"} == set(first)
     assert first["eval/success"] == first["eval/success_after2"]
+    assert first["eval/return_ci95"] == first["eval/return_after2_ci95"]
     assert set(learner.evaluate("val", 3)) == set(first)
 
 

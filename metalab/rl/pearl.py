@@ -450,9 +450,14 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         metrics: dict[str, float] = {}
         reports_success = not np.isnan(successes).any()
         for e in range(n_episodes):
-            metrics[f"eval/return_after{e}"] = float(returns[:, e].mean())
+            ret = mean_ci95(returns[:, e].tolist())
+            metrics[f"eval/return_after{e}"], metrics[f"eval/return_after{e}_ci95"] = ret.mean, ret.ci95
             if reports_success:
-                metrics[f"eval/success_after{e}"] = float(successes[:, e].mean())
+                success = mean_ci95(successes[:, e].tolist())
+                metrics[f"eval/success_after{e}"], metrics[f"eval/success_after{e}_ci95"] = (
+                    success.mean,
+                    success.ci95,
+                )
         ret = mean_ci95(returns[:, -1].tolist())
         metrics["eval/return"], metrics["eval/return_ci95"] = ret.mean, ret.ci95
         if reports_success:
