@@ -20,10 +20,11 @@ evaluation vs environment steps (mean over seeds, band from min to max).
 
 Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus
 information 0.1 / 0.3); RL² with the same budget reported; PEARL success >= 0.8 on the eval tasks.
-A ceiling for PEARL's posterior sampling, by calculation (Monte Carlo over the env's 100 goals): an explorer
-that ends each episode on a goal drawn from the prior, distinct each time, has ended one within 0.2 of the true
-goal after 1 / 2 / 9 episodes with probability 0.12 / 0.24 / 0.71. Success >= 0.8 after 1 or 2 exploration
-episodes needs episodes that sweep the arc, which posterior sampling does not do.
+For scale, by calculation (Monte Carlo over the env's 100 goals): an explorer that ends each episode on a goal
+drawn from the prior, distinct each time, has ended one within 0.2 of the true goal after 1 / 2 / 9 episodes with
+probability 0.12 / 0.24 / 0.71. Success >= 0.8 after 1 or 2 exploration episodes needs episodes that search
+along the arc. PEARL with a dense-reward critic stops short of the arc under the prior (see
+``configs/pearl_point_robot_small.yaml``).
 """
 
 from __future__ import annotations

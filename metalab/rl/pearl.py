@@ -45,7 +45,9 @@ module's defaults, ``configs/sparse-point-robot.json`` the point robot's ``confi
 - Rewards: the context always holds the env's reward. ``rl_reward`` can name an ``info`` key whose value the
   critic regresses on instead: PEARL meta-trains the sparse point robot's actor-critic on the dense reward
   (``-distance``) while its encoder sees only the sparse one (``sparse_rewards: 1``; ``sample_sac`` versus
-  ``sample_context`` in ``sac.py``), and so does our YAML config. Success and returns are of the env reward.
+  ``sample_context`` in ``sac.py``), and so does ``pearl_point_robot.yaml``; ``pearl_point_robot_small.yaml``
+  trains the critic on the sparse reward, which found goals far more often there (see its header). Success
+  and returns are of the env reward.
 - Actions: the policy acts in ``[-1, 1]^A``, mapped linearly onto the env's box (official ``NormalizedBoxEnv``);
   buffers and context hold the ``[-1, 1]`` actions.
 - Deviations: the tasks of one collection round are distinct (official: drawn with replacement) so that they
