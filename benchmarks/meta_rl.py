@@ -112,7 +112,7 @@ def last_env_steps(run_dir: Path) -> float | None:
 
 
 def curve_key(method: str) -> str:
-    return "eval/success" if method == "pearl" else "eval/return"  # PEARL: the last episode of a trial
+    return f"eval/success_after{PEARL_AFTER[-1]}" if method == "pearl" else "eval/return"
 
 
 def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results: Path) -> list[dict]:
@@ -185,7 +185,11 @@ def plot(runs: Path, results: Path) -> Path | None:
                 ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=what)
         ax.set_title(env_name)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("success after 9 episodes" if task == "point" else "exploitation return (held-out)")
+        ax.set_ylabel(
+            f"success after {PEARL_AFTER[-1]} episodes"
+            if task == "point"
+            else "exploitation return (held-out)"
+        )
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -176,7 +176,14 @@ def test_snail_spread_labels_is_a_per_task_injection_into_the_label_space() -> N
     assert {v for m in maps for _, v in m} == set(range(20))  # every slot gets used
 
 
-def test_snail_trains_on_fewer_ways_than_it_tests(omniglot_root: Path, tmp_path: Path) -> None:
+def test_snail_trains_on_fewer_ways_than_it_tests(
+    omniglot_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spread = []  # (train ways, label space) of every training batch the loss spreads
+    real = snail.spread_labels
+    monkeypatch.setattr(
+        snail, "spread_labels", lambda ep, n, g: spread.append((ep.n_way, n)) or real(ep, n, g)
+    )
     spec = {
         "algo": "snail", "snail": {"hidden": 8, "tc_filters": 8},
         "task": {"dataset": "omniglot", "ways": 4, "train_ways": 2, "shots": 1, "queries": 2},
@@ -187,6 +194,7 @@ def test_snail_trains_on_fewer_ways_than_it_tests(omniglot_root: Path, tmp_path:
     learner = algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))
     result = fit(learner, run_config_from_dict(spec).train, tmp_path)
     assert result.step == 2 and 0 <= result.metrics["eval/val_acc"] <= 1
+    assert spread == [(2, 4), (2, 4)]  # every training step's 2-way labels go into the 4-label space
     spec["task"] = {**spec["task"], "train_ways": 5}
     with pytest.raises(ConfigError, match=r"task\.train_ways"):
         algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))

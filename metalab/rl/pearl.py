@@ -450,21 +450,15 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                     returns[i, e], successes[i, e] = r.ret, r.success
                     contexts[j].append(context_of(r.experience))
         metrics: dict[str, float] = {}
-        reports_success = not np.isnan(successes).any()
-        for e in range(n_episodes):
-            ret = mean_ci95(returns[:, e].tolist())
-            metrics[f"eval/return_after{e}"], metrics[f"eval/return_after{e}_ci95"] = ret.mean, ret.ci95
-            if reports_success:
-                success = mean_ci95(successes[:, e].tolist())
-                metrics[f"eval/success_after{e}"], metrics[f"eval/success_after{e}_ci95"] = (
-                    success.mean,
-                    success.ci95,
-                )
-        ret = mean_ci95(returns[:, -1].tolist())
-        metrics["eval/return"], metrics["eval/return_ci95"] = ret.mean, ret.ci95
-        if reports_success:
-            success = mean_ci95(successes[:, -1].tolist())
-            metrics["eval/success"], metrics["eval/success_ci95"] = success.mean, success.ci95
+        columns = {"return": returns, "success": successes}
+        if np.isnan(successes).any():  # the env does not report success
+            del columns["success"]
+        for name, values in columns.items():
+            for e in range(n_episodes):
+                est = mean_ci95(values[:, e].tolist())
+                metrics[f"eval/{name}_after{e}"], metrics[f"eval/{name}_after{e}_ci95"] = est.mean, est.ci95
+            # eval/return, eval/success: the trial's last episode
+            metrics[f"eval/{name}"], metrics[f"eval/{name}_ci95"] = est.mean, est.ci95
         return metrics
 
     def state() -> dict[str, Any]:
