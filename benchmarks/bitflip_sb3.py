@@ -13,12 +13,12 @@ dqn.her_k relabeled rows per real one    n_sampled_goal (relabel on sampling)   
 dqn.her                                  goal_selection_strategy                   future
 dqn.gamma                                gamma                                     0.98
 dqn.target_every (env steps), dqn.tau    target_update_interval, tau               500 env steps, 1.0 (hard copy)
-dqn.eps_start / eps_end / eps_fraction   exploration_initial/final_eps, _fraction  1.0 -> 0.05 over 20% of budget
+dqn.eps_start / eps_end / eps_fraction   exploration_initial/final_eps, _fraction  1.0 -> 0.2 over 20% of budget
 dqn.learning_starts                      learning_starts                           200 env steps
 dqn.train_frequency                      train_freq, gradient_steps                1 update per env step
 train.grad_clip                          max_grad_norm                             10
 dqn.loss: huber                          (always Huber)                            Huber
-dqn.hidden (ReLU)                        policy_kwargs net_arch (ReLU)             [128, 128]
+dqn.hidden (ReLU)                        policy_kwargs net_arch (ReLU)             [256]
 =======================================  ========================================  ===============================
 
 Not matched (SB3 has no such knob): metalab's double-DQN target and its clip of TD targets to the feasible

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -87,16 +88,21 @@ def record(
 
 def merge_results(name: str, records: list[dict[str, Any]], results: Path = RESULTS) -> Path:
     """Write ``records`` into ``<results>/<name>.json``, replacing older records of the same task, method,
-    metric and kind of device (a GPU run keeps the CPU records beside it, and the other way round)."""
+    metric and kind of device (a GPU run keeps the CPU records beside it, and the other way round).
+
+    An exclusive lock on ``<results>/.<name>.lock`` serialises the read-merge-write of benchmark processes
+    running side by side, so none loses another's records."""
     path = results / f"{name}.json"
-    old = json.loads(path.read_text()) if path.is_file() else []
     key = lambda r: (r["task"], r["method"], r["metric"], device_kind(r.get("device")))  # noqa: E731
-    fresh = {key(r) for r in records}
-    merged = [r for r in old if key(r) not in fresh] + records
-    merged.sort(key=key)
     results.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    with open(results / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        fresh = {key(r) for r in records}
+        merged = [r for r in old if key(r) not in fresh] + records
+        merged.sort(key=key)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(merged, indent=2) + "\n")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,28 @@ def test_merge_replaces_same_device_kind_and_keeps_the_other(common, tmp_path: P
         ("m", "cpu (16 cores, 16 torch threads)"): 2.0,  # replaced the older CPU record of the same key
         ("other", "cpu (2 cores, 1 torch threads)"): 3.0,
     }
+
+
+def _merge_many(results: str, worker: int, count: int) -> None:
+    common = importlib.import_module("benchmarks.common")
+    for i in range(count):
+        rec = common.record("b", "t", f"w{worker}", f"m{i}", float(i), unit="x", device="cpu", commit="c")
+        common.merge_results("b", [rec], Path(results))
+
+
+def test_merges_from_processes_side_by_side_lose_no_record(common, tmp_path: Path) -> None:
+    """Benchmark lanes merge into one results file at once; the file lock keeps every record."""
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_merge_many, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    records = json.loads((tmp_path / "b.json").read_text())
+    assert sorted((r["method"], r["metric"]) for r in records) == sorted(
+        (f"w{w}", f"m{i}") for w in range(4) for i in range(25)
+    )
 
 
 def test_device_smoke_runs_and_reports_failures(common, omniglot_root: Path, tmp_path: Path) -> None:

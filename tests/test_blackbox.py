@@ -200,6 +200,21 @@ def test_snail_trains_on_fewer_ways_than_it_tests(
         algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))
 
 
+def test_snail_label_head_init_reads_each_labels_value_from_the_last_attention() -> None:
+    """Logit j at init = scale * <last attention's read, value of one-hot label j> / ||that value||^2."""
+    torch.manual_seed(0)
+    n, scale = 6, 5.0
+    model = snail.SNAIL(n, 7, hidden=8, filters=8, label_head_init=scale)
+    reads = []
+    last = model.body[-1]
+    last.register_forward_hook(lambda mod, inp, out: reads.append(out[:, -last.value.out_features :]))
+    z, labels = torch.randn(3, 7, model.encoder.embedding_dim), torch.randint(0, n, (3, 7))
+    logits = model(z, F.one_hot(labels, n).float())  # (B, L, N)
+    u = last.value.weight[:, model.encoder.embedding_dim : model.encoder.embedding_dim + n]  # (V, N)
+    expected = reads[0].transpose(1, 2) @ (u / u.pow(2).sum(0)) * scale
+    torch.testing.assert_close(logits, expected)
+
+
 @pytest.mark.parametrize("name", ["mann", "snail"])
 def test_build_runs_a_few_steps_on_omniglot(name: str, omniglot_root: Path, tmp_path: Path) -> None:
     extra = {"mann": {"hidden": 16, "encoder": "pixels"}, "snail": {"hidden": 8, "tc_filters": 8}}[name]

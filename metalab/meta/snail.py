@@ -53,10 +53,18 @@ class Config:
     20-way queries at init instead of 30% / 9% (chance 20% / 5%). That did not start 20-way learning: on one
     H200, 20w1s stayed at chance for 2.8k steps with it (tied or untied) as without it; 5w1s with it reached
     32% / 89% at 500 / 1,000 steps (63% / 84% without it, in a separate run). Off by default."""
+    label_head_init: float = 0.0
+    """If > 0, start the output layer as a matching readout: logit ``j`` reads the last attention block's
+    value of label ``j`` (its columns for the label input, scaled to ``label_head_init / ||column||^2``),
+    and nothing else, so at init the logit of label ``j`` is about ``label_head_init`` times the attention weight
+    on the support items shown with ``j``. A random head needs to learn that map before the attention gets a
+    useful gradient; with it, the gradient sharpens the attention on same-class items from the first step
+    (only the init changes; every weight stays free). 0: the default random init."""
 
     def __post_init__(self) -> None:
         require(self.hidden >= 1, "hidden", "must be >= 1")
         require(self.tc_filters >= 1, "tc_filters", "must be >= 1")
+        require(self.label_head_init >= 0, "label_head_init", "must be >= 0")
 
 
 class DenseBlock(nn.Module):
@@ -137,6 +145,7 @@ class SNAIL(nn.Module):
         image_size: int = 28,
         tied_qk_init: bool = True,
         embed_norm: bool = False,
+        label_head_init: float = 0.0,
     ):
         super().__init__()
         self.encoder = Conv4(1, hidden, image_size=image_size, norm="layer")  # per-image: no leaks
@@ -153,6 +162,19 @@ class SNAIL(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Conv1d(c, n_way, 1)
         self.n_way = n_way
+        if label_head_init > 0:
+            self._init_label_head(layers[-1], label_head_init)
+
+    def _init_label_head(self, last: AttentionBlock, scale: float) -> None:
+        """Head row ``j`` = ``scale`` times the last attention's value column of label ``j`` over its squared
+        norm, on the channels of that attention's read (the last ones); zero elsewhere. Dense blocks and
+        attention keep their input in front, so the labels are channels ``D .. D+N`` of every layer's input."""
+        d, n = self.encoder.embedding_dim, self.n_way
+        with torch.no_grad():
+            labels = last.value.weight[:, d : d + n]  # (V, N): the value of each one-hot label
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.weight[:, -labels.shape[0] :, 0] = (labels / labels.pow(2).sum(0)).T * scale
 
     def forward(self, z: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, L, N)`` at every position of embedded sequences ``z`` ``(B, L, D)`` with labels shown."""
@@ -205,7 +227,14 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
             "task.train_ways", "the label input has task.ways entries: train_ways must be <= ways"
         )
     model = SNAIL(
-        n, n * k + 1, cfg.hidden, cfg.tc_filters, run.task.image_size, cfg.tied_qk_init, cfg.embed_norm
+        n,
+        n * k + 1,
+        cfg.hidden,
+        cfg.tc_filters,
+        run.task.image_size,
+        cfg.tied_qk_init,
+        cfg.embed_norm,
+        cfg.label_head_init,
     ).to(device)
     model.encoder.to(memory_format=torch.channels_last)
     train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
