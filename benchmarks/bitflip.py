@@ -163,7 +163,7 @@ def benchmark(name: str, budget: int, runs: Path) -> list[dict]:
     task, label = f"bitflip-n{n}", METHODS[method]
     return [
         record(BENCH, task, label, seed_metric("success", seed), test_mean, ci95=test_ci, unit="fraction",
-               steps=steps, seconds=seconds, target=target, **common),
+               steps=steps, seconds=seconds, target=target, curve=[list(p) for p in sorted(curve)], **common),
         record(BENCH, task, label, seed_metric("steps_to_90", seed), reached, unit="env steps", steps=steps,
                seconds=seconds, threshold=THRESHOLD, **common),
     ]  # fmt: skip
@@ -182,13 +182,26 @@ def aggregates(path: Path, name: str) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds."""
+    """Greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds. A seed's
+    curve comes from its run directory or, where that is gone, from its ``success_s<seed>`` record."""
+    path = results / f"{BENCH}.json"
+    recorded = {
+        (r["task"], r["method"], r["seed"]): r["curve"]
+        for r in (json.loads(path.read_text()) if path.is_file() else [])
+        if "curve" in r
+    }
     fig, axes = plt.subplots(1, len(NS), figsize=(4.2 * len(NS), 3.4), squeeze=False)
     drawn = False
     for ax, n in zip(axes.flat, NS, strict=True):
         for i, (method, label) in enumerate(METHODS.items()):
             read = sb3_curve if method == "sb3" else metalab_curve
-            curves = [dict(read(runs / f"{method}-n{n}-s{s}")) for s in SEEDS]
+            curves = [
+                dict(
+                    read(runs / f"{method}-n{n}-s{s}")
+                    or map(tuple, recorded.get((f"bitflip-n{n}", label, s), []))
+                )
+                for s in SEEDS
+            ]
             drawn = plot_seeds(ax, curves, label, color=f"C{i}") or drawn  # same colour in every panel
         ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
         ax.set_title(f"BitFlip n = {n}")

@@ -59,6 +59,11 @@ def test_tiny_grid_records_and_resume(bitflip: ModuleType, tmp_path: Path) -> No
     reach = by_key[("metalab-dqn-none", "steps_to_90_s1")]
     assert reach["unit"] == "env steps" and (reach["value"] is None or reach["value"] % 100 == 0)
     assert (tmp_path / "results" / "bitflip.png").is_file()
+    assert [step for step, _ in seed["curve"]] == [100, 200, 300]  # each evaluation, kept with the record
+    # The figure is redrawn from the results file alone once the run directories are gone, and from nothing
+    # nothing is drawn.
+    assert bitflip.plot(tmp_path / "gone", tmp_path / "results") == tmp_path / "results" / "bitflip.png"
+    assert bitflip.plot(tmp_path / "gone", tmp_path / "empty") is None
 
     # Rerunning a finished configuration resumes it (no training) and records the same result.
     again = {(r["method"], r["metric"]): r for r in run(bitflip, tmp_path, "future-n7-s0")}
