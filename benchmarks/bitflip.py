@@ -40,7 +40,15 @@ import torch
 
 from benchmarks.bitflip_sb3 import MISSING, sb3_kwargs, train_sb3
 from benchmarks.common import RESULTS, merge_results, record
-from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
+from benchmarks.rl_common import (
+    aggregate,
+    expand,
+    plot_seeds,
+    recorded_curves,
+    save_figure,
+    seed_metric,
+    train,
+)
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -184,12 +192,7 @@ def aggregates(path: Path, name: str) -> list[dict]:
 def plot(runs: Path, results: Path) -> Path | None:
     """Greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds. A seed's
     curve comes from its run directory or, where that is gone, from its ``success_s<seed>`` record."""
-    path = results / f"{BENCH}.json"
-    recorded = {
-        (r["task"], r["method"], r["seed"]): r["curve"]
-        for r in (json.loads(path.read_text()) if path.is_file() else [])
-        if "curve" in r
-    }
+    recorded = recorded_curves(results, BENCH)
     fig, axes = plt.subplots(1, len(NS), figsize=(4.2 * len(NS), 3.4), squeeze=False)
     drawn = False
     for ax, n in zip(axes.flat, NS, strict=True):

@@ -43,7 +43,15 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, merge_results, record
-from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
+from benchmarks.rl_common import (
+    aggregate,
+    expand,
+    plot_seeds,
+    recorded_curves,
+    save_figure,
+    seed_metric,
+    train,
+)
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -136,13 +144,16 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
                    for k in PEARL_AFTER for m in ("success", "return")]  # fmt: skip
     else:
         metrics = [("return", "eval/return", "return"), ("success", "eval/success", "fraction")]
+    values, env_steps = curve(runs / name, curve_key(method))
+    rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure
     out = []
     for metric, key, unit in metrics:
         target = PEARL_TARGET if metric.startswith("success") and method == "pearl" else None
         target = TARGETS.get((method, task)) if metric == "return" else target
+        kept = {"curve": rows} if key == curve_key(method) else {}
         out.append(record(BENCH, bench_task, label, seed_metric(metric, seed), test.get(key),
                           ci95=test.get(f"{key}_ci95"), unit=unit, steps=fitted.step, seconds=fitted.seconds,
-                          target=target, **common))  # fmt: skip
+                          target=target, **common, **kept))  # fmt: skip
     summary = ", ".join(f"{m} {test.get(k, float('nan')):.3f}" for m, k, _ in metrics)
     print(f"{name}: {summary} after {fitted.step} steps, {fitted.seconds:.0f} s")
     return out
@@ -165,14 +176,23 @@ def aggregates(path: Path, name: str) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max."""
+    """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max. A seed's
+    curve comes from its run directory or, where that is gone, from its record (``[trainer step, env steps,
+    value]`` rows)."""
+    recorded = recorded_curves(results, BENCH)
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
     drawn = False
     for ax, (task, (env_name, optimal, walking)) in zip(axes.flat, TASKS.items(), strict=True):
         for method, tasks in METHODS.items():
             if task not in tasks:
                 continue
-            read = [curve(runs / f"{method}-{task}-s{s}", curve_key(method)) for s in SEEDS]
+            read = []
+            for s in SEEDS:
+                values, env_steps = curve(runs / f"{method}-{task}-s{s}", curve_key(method))
+                if not values:
+                    rows = recorded.get((env_name, method, s), [])
+                    values, env_steps = {r[0]: r[2] for r in rows}, {r[0]: r[1] for r in rows}
+                read.append((values, env_steps))
             read = [r for r in read if r[0]]
             # seeds play meta-episodes of different lengths: x is the mean env steps at each trainer step
             x_of = {

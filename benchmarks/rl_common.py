@@ -148,6 +148,14 @@ def aggregate(
     )
 
 
+def recorded_curves(results: Path, name: str) -> dict[tuple[str, str, int], list[list[float]]]:
+    """``{(task, method, seed): curve}`` of the per-seed records in ``<results>/<name>.json`` that keep their
+    learning curve, so a figure can be redrawn once the run directories are gone."""
+    path = results / f"{name}.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    return {(r["task"], r["method"], r["seed"]): r["curve"] for r in records if "curve" in r and "seed" in r}
+
+
 def plot_seeds(
     ax: Any,
     curves: list[dict[float, float]],

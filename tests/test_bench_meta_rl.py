@@ -45,6 +45,11 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     assert by_metric["return"]["seeds"] == [0, 1] and by_metric["return"]["target"] == 0.65
     assert -3.0 <= by_metric["return_s0"]["value"] <= 0.7 and by_metric["return_s0"]["steps"] == 40
     assert (tmp_path / "res" / "meta_rl.png").is_file()
+    kept = by_metric["return_s0"]["curve"]  # [trainer step, env steps, held-out return] at each evaluation
+    assert [row[0] for row in kept] == [10, 20, 30, 40] and all(row[1] > 0 for row in kept)
+    # The figure is redrawn from the records alone once the run directories are gone.
+    assert meta_rl.plot(tmp_path / "gone", tmp_path / "res") == tmp_path / "res" / "meta_rl.png"
+    assert meta_rl.plot(tmp_path / "gone", tmp_path / "empty") is None
     assert (tmp_path / "res" / "meta_rl_dream-5x5.png").is_file()  # seed 0's held-out meta-episode
     first = by_metric["return_s0"]["value"]
     meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
