@@ -42,16 +42,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from benchmarks import rl_common
 from benchmarks.common import RESULTS, merge_results, record
-from benchmarks.rl_common import (
-    aggregate,
-    expand,
-    plot_seeds,
-    recorded_curves,
-    save_figure,
-    seed_metric,
-    train,
-)
+from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -179,7 +172,7 @@ def plot(runs: Path, results: Path) -> Path | None:
     """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max. A seed's
     curve comes from its run directory or, where that is gone, from its record (``[trainer step, env steps,
     value]`` rows)."""
-    recorded = recorded_curves(results, BENCH)
+    recorded = rl_common.recorded_curves(results, BENCH)
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
     drawn = False
     for ax, (task, (env_name, optimal, walking)) in zip(axes.flat, TASKS.items(), strict=True):
