@@ -43,6 +43,7 @@ class Trained(NamedTuple):
     fitted: FitResult
     run: RunConfig
     device: torch.device
+    run_dir: Path
 
 
 def budget_overrides(minutes: float, steps: int | None, episodes: int) -> list[str]:
@@ -82,7 +83,7 @@ def train(config: str | Path, overrides: list[str], run_dir: Path) -> Trained:
             f"{run_dir.name}: interrupted at step {fitted.step}; rerun the same command to resume"
         )
     learner.model.eval()
-    return Trained(learner, fitted, run, device)
+    return Trained(learner, fitted, run, device, run_dir)
 
 
 def accuracy_record(
@@ -127,13 +128,26 @@ def accuracy_record(
         target=target,
         test_episodes=run.eval.episodes,
         budget_minutes=run.train.max_minutes,
+        curve=eval_curve(trained.run_dir, key),  # the figure can be redrawn from the record alone
         **extra,
         threads=torch.get_num_threads(),
     )
 
 
+def eval_curve(run_dir: Path, key: str = "eval/test_acc") -> list[list[float]]:
+    """``[training minutes, accuracy (%)]`` at each periodic evaluation ``key`` logged in ``run_dir``."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows = read_metrics(path)
+    acc = {s: v for s, k, v in rows if k == key}
+    minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
+    return [[minutes[s], 100 * acc[s]] for s in sorted(set(acc) & set(minutes))]
+
+
 class Curve(NamedTuple):
-    """One line of an accuracy-vs-time panel: the periodic evaluations ``key`` logged in ``run_dir``."""
+    """One line of an accuracy-vs-time panel: the periodic evaluations ``key`` logged in ``run_dir`` or, where
+    that run directory is gone, the ``recorded`` ones (a record's ``curve``)."""
 
     label: str
     run_dir: Path
@@ -141,12 +155,14 @@ class Curve(NamedTuple):
     group: str | None = None
     """Curves of one group share a colour in every panel; default: the label up to its first ``-`` (the method
     of ``protonet-1shot``)."""
+    recorded: list[list[float]] | None = None
 
 
 def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "training minutes") -> Path | None:
     """Accuracy (%) of each curve's periodic evaluations vs training minutes, one panel per title, to ``out``.
 
-    Runs without a ``metrics.csv`` yet are skipped; nothing is written (None) when no run has one.
+    Curves with neither a ``metrics.csv`` nor recorded points are skipped; nothing is written (None) when none
+    has any.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     groups = list(
@@ -156,19 +172,13 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
     drawn = False
     for ax, (title, curves) in zip(axes.flat, panels.items(), strict=True):
         for curve in curves:
-            path = curve.run_dir / "metrics.csv"
-            if not path.is_file():
-                continue
-            rows = read_metrics(path)
-            acc = {s: v for s, k, v in rows if k == curve.key}
-            minutes = {s: v / 60 for s, k, v in rows if k == "time/train_seconds"}
-            steps = sorted(set(acc) & set(minutes))
-            if not steps:
+            points = eval_curve(curve.run_dir, curve.key) or curve.recorded
+            if not points:
                 continue
             group = groups.index(curve.group or curve.label.split("-")[0])
             ax.plot(
-                [minutes[s] for s in steps],
-                [100 * acc[s] for s in steps],
+                [p[0] for p in points],
+                [p[1] for p in points],
                 color=palette[group % len(palette)],
                 marker="o",
                 ms=3,

@@ -20,9 +20,10 @@ evaluations vs training time) is redrawn from every run so far.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from benchmarks.common import merge_results, parse_args, parser
+from benchmarks.common import device_kind, merge_results, parse_args, parser
 from benchmarks.fewshot import (
     Curve,
     accuracy_record,
@@ -111,12 +112,24 @@ def mann(name: str, args: argparse.Namespace) -> list[dict]:
 
 def plot(runs: Path, results: Path) -> Path | None:
     """Periodic test accuracy vs training minutes: one panel per SNAIL cell, one for MANN by instance."""
-    panels = {f"SNAIL, Omniglot {cell}": [Curve("snail", runs / f"snail-{cell}")] for cell in CELLS}
+    path = results / f"{BENCH}.json"
+    kept = {  # CPU records' curves, for runs whose directories are gone
+        (r["method"], r["task"] if r["method"] == "snail" else r["metric"]): r["curve"]
+        for r in (json.loads(path.read_text()) if path.is_file() else [])
+        if "curve" in r and device_kind(r["device"]) == "cpu"
+    }
+    panels = {
+        f"SNAIL, Omniglot {cell}": [
+            Curve("snail", runs / f"snail-{cell}", recorded=kept.get(("snail", f"omniglot-vinyals-{cell}")))
+        ]
+        for cell in CELLS
+    }
     panels["MANN, Omniglot 5-way, by instance"] = [
-        Curve(f"{name}, instance {i}", runs / name, f"eval/test_acc_inst{i}", group=f"{name}, instance {i}")
+        Curve(f"{name}, instance {i}", runs / name, f"eval/test_acc_inst{i}", group=f"{name}, instance {i}",
+              recorded=kept.get((name, f"acc_instance{i}")))
         for name in MANN
         for i in PLOTTED_INSTANCES
-    ]
+    ]  # fmt: skip
     return plot_accuracy(panels, results / f"{BENCH}.png")
 
 

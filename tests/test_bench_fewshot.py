@@ -80,6 +80,12 @@ def test_mann_tiny_run_reports_instances(bench, omniglot_root: Path, tmp_path: P
     assert (records["acc_instance5"]["published"], records["acc_instance5"]["target"]) == (94.9, 95.0)
     assert records["acc_instance5"]["instance"] == 5 and records["test_accuracy"]["ci95"] is not None
     assert (tmp_path / "results" / "omniglot_blackbox.png").is_file()
+    curve = records["acc_instance5"]["curve"]  # [training minutes, accuracy %] at each periodic evaluation
+    assert curve and all(m >= 0 and 0 <= acc <= 100 for m, acc in curve)
+    # The figure is redrawn from the records alone once the run directories are gone.
+    out = tmp_path / "results" / "omniglot_blackbox.png"
+    assert blackbox.plot(tmp_path / "gone", tmp_path / "results") == out
+    assert blackbox.plot(tmp_path / "gone", tmp_path / "empty") is None
 
 
 def test_maml_tiny_run_and_resume(bench, omniglot_root: Path, tmp_path: Path) -> None:
