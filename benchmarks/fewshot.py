@@ -191,6 +191,9 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+        else:  # e.g. runs from before curves were recorded, whose directories are gone: say so, not a blank box
+            ax.text(0.5, 0.5, "no curve recorded\n(final numbers in the JSON)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")  # fmt: skip
     if not drawn:
         plt.close(fig)
         return None

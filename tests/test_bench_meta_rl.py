@@ -20,7 +20,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
         sets = ["eval.episodes=3", "train.eval_episodes=2", f"{method}.hidden=8", f"{method}.learning_starts=4",
                 f"{method}.batch_size=4"]  # fmt: skip
         return load_run_config(
-            meta_rl.CONFIGS_DIR / f"{method}_{meta_rl.TASKS[task][0]}.yaml",
+            meta_rl.CONFIGS_DIR / f"{meta_rl.config_name(method, task)}.yaml",
             [*(f"{k}={v}" for k, v in flat(run)), *sets],
         )
 
@@ -29,7 +29,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def flat(run: RunConfig) -> list[tuple[str, object]]:
     return [("seed", run.seed), ("train.steps", run.train.steps), ("train.log_every", run.train.log_every),
-            ("train.eval_every", run.train.eval_every), ("train.device", "cpu")]  # fmt: skip
+            ("train.eval_every", run.train.eval_every), ("train.device", "cpu"), ("env.id", run.env.id)]  # fmt: skip
 
 
 def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> None:
@@ -55,3 +55,14 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
     again = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
     assert again["return_s0"]["value"] == first and again["return_s0"]["steps"] == 40
+
+
+def test_the_distractor_free_5x5_runs_the_5x5_config_on_its_own_env(tiny: None, tmp_path: Path) -> None:
+    meta_rl.main(["--only", "rl2-5x5plain-s0", "--steps-scale", "0.001", "--runs-dir", str(tmp_path / "runs"),
+                  "--results-dir", str(tmp_path / "res")])  # fmt: skip
+    records = json.loads((tmp_path / "res" / "meta_rl.json").read_text())
+    seed0 = next(r for r in records if r["metric"] == "return_s0")
+    assert seed0["task"] == "citygrid5x5nodistractors" and seed0["config"] == "configs/rl2_citygrid5x5.yaml"
+    assert seed0["env_id"] == "metalab/CityGrid5x5NoDistractors-v0" and seed0.get("target") is None
+    saved = (tmp_path / "runs" / "rl2-5x5plain-s0" / "config.yaml").read_text()
+    assert "CityGrid5x5NoDistractors-v0" in saved

@@ -13,11 +13,11 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import metalab.envs
-from metalab.envs import CITYGRID5X5_ID, CITYGRID_ID, CityGrid, EnvConfig, make_env
+from metalab.envs import CITYGRID5X5_ID, CITYGRID5X5_PLAIN_ID, CITYGRID_ID, CityGrid, EnvConfig, make_env
 from metalab.envs.citygrid import DOWN, LAYOUTS, LEFT, MOVES, NOOP, RIDE, RIGHT, UP, Cell, CityLayout
 
 
-@pytest.mark.parametrize("env_id", [CITYGRID_ID, CITYGRID5X5_ID])
+@pytest.mark.parametrize("env_id", [CITYGRID_ID, CITYGRID5X5_ID, CITYGRID5X5_PLAIN_ID])
 def test_passes_the_gymnasium_env_checker(env_id: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the checker reports soft problems as warnings: fail on them too
@@ -218,6 +218,27 @@ def test_optimal_return_with_known_buses_and_walking_return(
         distractors = {c: d for c, d in distractors.items() if d not in layout.stops}
         best |= {_planned_return(layout, len(_plan(layout, distractors, g))) for g in layout.goals}  # type: ignore[arg-type]
     assert max(best) == pytest.approx(distractors_only)
+
+
+def test_5x5_without_distractors_has_only_the_useful_buses_and_the_same_optimum() -> None:
+    env = gym.make(CITYGRID5X5_PLAIN_ID).unwrapped
+    layout = env.layout
+    assert layout.size == 5 and not env.distractors
+    for problem in (0, 24, 300, 575):
+        routes = env.bus_routes(problem)
+        with_distractors = CityGrid(5).bus_routes(problem)
+        assert set(routes) == set(layout.stops) | set(layout.destinations)  # 4 stops out, 4 buses back
+        assert routes == {c: d for c, d in with_distractors.items() if c in routes}
+        assert routes == env.bus_routes(problem % 24)  # the distracting permutation no longer matters
+        env.reset(options={"problem": problem, "explore": True})
+        for a in _walk(layout.start, layout.distractor_stops[0]):
+            env.step(a)
+        env.step(RIDE)
+        assert env.position == layout.distractor_stops[0]  # no bus there
+        for goal_index, goal in enumerate(layout.goals):
+            env.reset(options={"problem": problem, "goal": goal_index})
+            rewards = [env.step(a)[1] for a in _plan(layout, routes, goal)]  # type: ignore[union-attr]
+            assert sum(rewards) == pytest.approx(0.7)
 
 
 def test_render_rgb_array() -> None:

@@ -1,7 +1,7 @@
 """Environments: importing this package registers metalab's gymnasium ids.
 
 ``metalab/BitFlip-v0`` (HER), ``metalab/CityGrid-v0`` and ``metalab/CityGrid5x5-v0`` (DREAM's distracting bus,
-9x9 and 5x5) and ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot).
+9x9 and 5x5), ``metalab/CityGrid5x5NoDistractors-v0`` (the 5x5 without distracting buses) and ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from metalab.envs.bitflip import BitFlip
-from metalab.envs.citygrid import CITYGRID5X5_ID, CITYGRID_ID, CityGrid
+from metalab.envs.citygrid import CITYGRID5X5_ID, CITYGRID5X5_PLAIN_ID, CITYGRID_ID, CityGrid
 from metalab.envs.config import BITFLIP_ID, EnvConfig, make_env
 from metalab.envs.point_robot import POINT_ROBOT_SPARSE_ID, PointRobotSparse
 
@@ -19,6 +19,7 @@ _IDS = {
     BITFLIP_ID: ("metalab.envs.bitflip:BitFlip", {"n": 10}),
     CITYGRID_ID: ("metalab.envs.citygrid:CityGrid", {"size": 9}),
     CITYGRID5X5_ID: ("metalab.envs.citygrid:CityGrid", {"size": 5}),
+    CITYGRID5X5_PLAIN_ID: ("metalab.envs.citygrid:CityGrid", {"size": 5, "distractors": False}),
     POINT_ROBOT_SPARSE_ID: ("metalab.envs.point_robot:PointRobotSparse", {}),
 }
 for _id, (_entry_point, _kwargs) in _IDS.items():
@@ -28,6 +29,7 @@ for _id, (_entry_point, _kwargs) in _IDS.items():
 __all__ = [
     "BITFLIP_ID",
     "CITYGRID5X5_ID",
+    "CITYGRID5X5_PLAIN_ID",
     "CITYGRID_ID",
     "POINT_ROBOT_SPARSE_ID",
     "BitFlip",

@@ -55,6 +55,10 @@ Choices and their sources (official code = ezliu/dream ``envs/city.py``, ``envs/
   ``env.unwrapped.problem`` and ``info["problem"]`` (official: ``env_id`` in every state), for algorithms such as
   DREAM that use it during meta-training.
 - Coordinates are ``(x, y)`` with ``up`` increasing ``y`` (official); renders draw ``y`` upwards.
+- ``distractors=False`` (registered as ``metalab/CityGrid5x5NoDistractors-v0``) drops the distracting buses:
+  the CS224R 5x5 problem, kept as a diagnostic of the meta-RL algorithms on the problem its 0.7 optimum comes
+  from. Problem ids and the 53/523 split stay; a problem is then its useful permutation ``p % 24`` alone, so the
+  training problems cover every test problem (as in CS224R, where training and test problems are the same 24).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from gymnasium import spaces
 
 CITYGRID_ID = "metalab/CityGrid-v0"
 CITYGRID5X5_ID = "metalab/CityGrid5x5-v0"
+CITYGRID5X5_PLAIN_ID = "metalab/CityGrid5x5NoDistractors-v0"
 
 Cell = tuple[int, int]
 """A grid cell ``(x, y)``; ``x`` grows to the right, ``y`` upwards (``up`` adds 1 to ``y``)."""
@@ -158,14 +163,15 @@ def decode_problem(problem: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return PERMUTATIONS[p % len(PERMUTATIONS)], PERMUTATIONS[p // len(PERMUTATIONS)]
 
 
-def bus_routes(layout: CityLayout, problem: int) -> dict[Cell, Cell]:
-    """Where ``ride`` takes the agent from each bus cell of ``problem``: 8 stops out, 8 destinations back."""
+def bus_routes(layout: CityLayout, problem: int, distractors: bool = True) -> dict[Cell, Cell]:
+    """Where ``ride`` takes the agent from each bus cell of ``problem``: 8 stops out, 8 destinations back (4 and
+    4 without the distracting buses)."""
     useful, distracting = decode_problem(problem)
     routes: dict[Cell, Cell] = {}
-    for stops, dests, perm in (
-        (layout.stops, layout.destinations, useful),
-        (layout.distractor_stops, layout.distractor_destinations, distracting),
-    ):
+    lines = [(layout.stops, layout.destinations, useful)]
+    if distractors:
+        lines.append((layout.distractor_stops, layout.distractor_destinations, distracting))
+    for stops, dests, perm in lines:
         for stop, k in zip(stops, perm, strict=True):
             routes[stop] = dests[k]
             routes[dests[k]] = stop  # the bus back (official code places one on every destination)
@@ -185,18 +191,19 @@ class CityGrid(gym.Env):
     ``reset(options=...)`` keys: ``problem`` (int in [0, 576); default: drawn from ``split``), ``split``
     (``"train"`` or ``"test"``, where a drawn problem comes from; default ``"train"``), ``explore`` (bool:
     an exploration episode, reward 0 and no goal; default False) and ``goal`` (corner index 0-3 of an
-    exploitation episode; default: drawn uniformly).
+    exploitation episode; default: drawn uniformly). ``distractors=False``: no distracting buses.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 4}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({"problem", "split", "explore", "goal"})
 
-    def __init__(self, size: int = 9, render_mode: str | None = None):
+    def __init__(self, size: int = 9, render_mode: str | None = None, distractors: bool = True):
         if size not in LAYOUTS:
             raise ValueError(f"CityGrid size must be one of {sorted(LAYOUTS)}, got {size!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"CityGrid renders only as 'rgb_array', got render_mode={render_mode!r}")
         self.layout = LAYOUTS[size]
+        self.distractors = bool(distractors)
         self.render_mode = render_mode
         high = np.array([size - 1, size - 1, 1, 1, 1, 1, 1], dtype=np.float32)
         self.observation_space = spaces.Box(np.zeros(OBS_DIM, dtype=np.float32), high, dtype=np.float32)
@@ -218,7 +225,7 @@ class CityGrid(gym.Env):
 
     def bus_routes(self, problem: int) -> dict[Cell, Cell]:
         """Where ``ride`` goes from each bus cell in ``problem`` (ground truth, for planners and tests)."""
-        return bus_routes(self.layout, problem)
+        return bus_routes(self.layout, problem, self.distractors)
 
     @property
     def max_steps(self) -> int:
@@ -268,7 +275,7 @@ class CityGrid(gym.Env):
             self.goal = goal
         else:
             self.goal = int(self.np_random.integers(len(self.layout.goals)))
-        self._routes = bus_routes(self.layout, self.problem)
+        self._routes = bus_routes(self.layout, self.problem, self.distractors)
         self._pos = self.layout.start
         self._steps = 0
         return self._obs(), self._info()
@@ -323,7 +330,7 @@ class CityGrid(gym.Env):
         for i, k in enumerate(useful):
             fill(self.layout.stops[i], 3, _BUS_COLORS[i])
             fill(self.layout.destinations[k], 3, _BUS_COLORS[i], frame=True)
-        for i, k in enumerate(distracting):
+        for i, k in enumerate(distracting if self.distractors else ()):
             fill(self.layout.distractor_stops[i], 3, _DISTRACTOR_COLOR)
             fill(self.layout.distractor_destinations[k], 3, _DISTRACTOR_COLOR, frame=True)
         fill(self._pos, 5, _AGENT_COLOR)
