@@ -86,6 +86,13 @@ def record(
     return rec
 
 
+def note_no_curve(ax: Any) -> None:
+    """Write in an empty plot panel that no curve was recorded (e.g. runs from before records kept their curves,
+    whose run directories are gone), so a blank box is not mistaken for a flat line."""
+    ax.text(0.5, 0.5, "no curve recorded\n(final numbers in the JSON)", ha="center", va="center",
+            transform=ax.transAxes, color="gray")  # fmt: skip
+
+
 def merge_results(name: str, records: list[dict[str, Any]], results: Path = RESULTS) -> Path:
     """Write ``records`` into ``<results>/<name>.json``, replacing older records of the same task, method,
     metric and kind of device (a GPU run keeps the CPU records beside it, and the other way round).

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from benchmarks.common import RESULTS, device_name, record
+from benchmarks.common import RESULTS, device_name, note_no_curve, record
 from metalab.data.root import data_root
 from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
 from metalab.train.logger import read_metrics
@@ -191,9 +191,8 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-        else:  # e.g. runs from before curves were recorded, whose directories are gone: say so, not a blank box
-            ax.text(0.5, 0.5, "no curve recorded\n(final numbers in the JSON)", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")  # fmt: skip
+        else:
+            note_no_curve(ax)
     if not drawn:
         plt.close(fig)
         return None

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.common import record
+from benchmarks.common import note_no_curve, record
 from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, run_config_from_dict
 from metalab.train.evaluate import mean_ci95
 from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
@@ -183,6 +183,9 @@ def save_figure(fig: Any, drawn: bool, results: Path, name: str) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
+    for ax in fig.axes:
+        if not ax.collections:  # plot_seeds draws a band with every curve
+            note_no_curve(ax)
     fig.tight_layout()
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"{name}.png"
