@@ -73,6 +73,9 @@ CONFIG_NAMES = {("pearl", "point"): "pearl_point_robot_small", ("dream", "5x5pla
 # The distractor-free 5x5 (CS224R's grid, where the 0.7 optimum comes from) runs the 5x5 configs on its own env.
 ENV_IDS = {"5x5plain": CITYGRID5X5_PLAIN_ID}
 PEARL_AFTER = (1, 2, 9)  # success and return of the episode after 1, 2 and 9 earlier ones of a trial
+# DREAM's evaluation also reports the executor on training problems given their true encoding F(mu)
+# (``oracle_return``) and the whole agent on the 53 training problems (``train_problems_return``).
+DREAM_DIAGNOSTICS = ("oracle_return", "train_problems_return")
 TARGETS = {("dream", "5x5"): 0.65, ("dream", "9x9"): 0.75}
 PEARL_TARGET = 0.8
 PUBLISHED = {
@@ -149,6 +152,9 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
                    for k in PEARL_AFTER for m in ("success", "return")]  # fmt: skip
     else:
         metrics = [("return", "eval/return", "return"), ("success", "eval/success", "fraction")]
+    # DREAM: does it fail at execution given the true encoding, or at generalising to new problems?
+    if method == "dream":
+        metrics += [(m, f"eval/{m}", "return") for m in DREAM_DIAGNOSTICS]
     values, env_steps = curve(runs / name, curve_key(method))
     rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure
     out = []
@@ -168,7 +174,7 @@ def aggregates(path: Path, name: str) -> list[dict]:
     method, task, _ = parse(name)
     records = json.loads(path.read_text())
     names = [f"{m}_after{k}" for k in PEARL_AFTER for m in ("success", "return")] if method == "pearl" else [
-        "return", "success"]  # fmt: skip
+        "return", "success", *(DREAM_DIAGNOSTICS if method == "dream" else ())]  # fmt: skip
     out = []
     for metric in names:
         unit = "fraction" if metric.startswith("success") else "return"

@@ -42,6 +42,7 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     assert all(fields <= set(r) for r in records)
     by_metric = {r["metric"]: r for r in records}
     assert {"return_s0", "return_s1", "success_s0", "success_s1", "return", "success"} <= set(by_metric)
+    assert {"oracle_return_s0", "train_problems_return_s1", "oracle_return"} <= set(by_metric)  # DREAM only
     assert by_metric["return"]["seeds"] == [0, 1] and by_metric["return"]["target"] == 0.65
     assert -3.0 <= by_metric["return_s0"]["value"] <= 0.7 and by_metric["return_s0"]["steps"] == 40
     assert (tmp_path / "res" / "meta_rl.png").is_file()
@@ -64,5 +65,6 @@ def test_the_distractor_free_5x5_runs_the_5x5_config_on_its_own_env(tiny: None, 
     seed0 = next(r for r in records if r["metric"] == "return_s0")
     assert seed0["task"] == "citygrid5x5nodistractors" and seed0["config"] == "configs/rl2_citygrid5x5.yaml"
     assert seed0["env_id"] == "metalab/CityGrid5x5NoDistractors-v0" and seed0.get("target") is None
+    assert not any(r["metric"].startswith("oracle") for r in records)  # RL² has no task encoding
     saved = (tmp_path / "runs" / "rl2-5x5plain-s0" / "config.yaml").read_text()
     assert "CityGrid5x5NoDistractors-v0" in saved
