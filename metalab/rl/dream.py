@@ -52,6 +52,11 @@ ride is not useless to the decoder: each of the 24 distracting permutations occu
 ride does. The decoder learns that shortcut, the information-gain reward pays the explorer for feeding it, and on
 held-out problems, whose pairs are new, the shortcut points to the wrong useful buses. The bottleneck on ``F``
 cannot remove it: it lives in the decoder's input, not in ``z``.
+
+Without distracting buses (``metalab/CityGrid5x5NoDistractors-v0``, where every held-out problem is also a
+training one) the same configuration reaches the optimal 0.70 held-out after 100k meta-episodes (0.68 over 3
+seeds). On the 9x9 with distractors, 120k meta-episodes give 0.80 given ``F(mu)`` and 0.75 on the training
+problems but -0.18 held-out: training length is not what is missing, generalisation past the shortcut is.
 """
 
 from __future__ import annotations
