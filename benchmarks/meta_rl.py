@@ -126,6 +126,24 @@ def last_env_steps(run_dir: Path) -> float | None:
     return steps[-1] if steps else None
 
 
+def metric_names(method: str) -> list[str]:
+    """What a configuration of ``method`` records (each read from ``eval/<name>`` of the test evaluation)."""
+    if method == "pearl":
+        return [f"{m}_after{k}" for k in PEARL_AFTER for m in ("success", "return")]
+    # DREAM also says where it fails: execution given the true encoding, or generalising to new problems
+    return ["return", "success", *(DREAM_DIAGNOSTICS if method == "dream" else ())]
+
+
+def unit_of(metric: str) -> str:
+    return "fraction" if metric.startswith("success") else "return"
+
+
+def target_of(method: str, task: str, metric: str) -> float | None:
+    if method == "pearl":
+        return PEARL_TARGET if metric.startswith("success") else None
+    return TARGETS.get((method, task)) if metric == "return" else None
+
+
 def curve_key(method: str) -> str:
     return f"eval/success_after{PEARL_AFTER[-1]}" if method == "pearl" else "eval/return"
 
@@ -147,25 +165,16 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
               "config": f"configs/{config_name(method, task)}.yaml", "env_id": run.env.id,
               "env_steps": last_env_steps(runs / name)}  # fmt: skip
     label, bench_task = method, f"{TASKS[task][0]}"
-    if method == "pearl":
-        metrics = [(f"{m}_after{k}", f"eval/{m}_after{k}", "fraction" if m == "success" else "return")
-                   for k in PEARL_AFTER for m in ("success", "return")]  # fmt: skip
-    else:
-        metrics = [("return", "eval/return", "return"), ("success", "eval/success", "fraction")]
-    # DREAM: does it fail at execution given the true encoding, or at generalising to new problems?
-    if method == "dream":
-        metrics += [(m, f"eval/{m}", "return") for m in DREAM_DIAGNOSTICS]
     values, env_steps = curve(runs / name, curve_key(method))
     rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure
     out = []
-    for metric, key, unit in metrics:
-        target = PEARL_TARGET if metric.startswith("success") and method == "pearl" else None
-        target = TARGETS.get((method, task)) if metric == "return" else target
+    for metric in metric_names(method):
+        key = f"eval/{metric}"
         kept = {"curve": rows} if key == curve_key(method) else {}
         out.append(record(BENCH, bench_task, label, seed_metric(metric, seed), test.get(key),
-                          ci95=test.get(f"{key}_ci95"), unit=unit, steps=fitted.step, seconds=fitted.seconds,
-                          target=target, **common, **kept))  # fmt: skip
-    summary = ", ".join(f"{m} {test.get(k, float('nan')):.3f}" for m, k, _ in metrics)
+                          ci95=test.get(f"{key}_ci95"), unit=unit_of(metric), steps=fitted.step,
+                          seconds=fitted.seconds, target=target_of(method, task, metric), **common, **kept))  # fmt: skip
+    summary = ", ".join(f"{m} {test.get(f'eval/{m}', float('nan')):.3f}" for m in metric_names(method))
     print(f"{name}: {summary} after {fitted.step} steps, {fitted.seconds:.0f} s")
     return out
 
@@ -173,14 +182,10 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
 def aggregates(path: Path, name: str) -> list[dict]:
     method, task, _ = parse(name)
     records = json.loads(path.read_text())
-    names = [f"{m}_after{k}" for k in PEARL_AFTER for m in ("success", "return")] if method == "pearl" else [
-        "return", "success", *(DREAM_DIAGNOSTICS if method == "dream" else ())]  # fmt: skip
     out = []
-    for metric in names:
-        unit = "fraction" if metric.startswith("success") else "return"
-        target = PEARL_TARGET if method == "pearl" and metric.startswith("success") else None
-        target = TARGETS.get((method, task)) if metric == "return" else target
-        rec = aggregate(records, BENCH, TASKS[task][0], method, metric, unit, target=target)
+    for metric in metric_names(method):
+        rec = aggregate(records, BENCH, TASKS[task][0], method, metric, unit_of(metric),
+                        target=target_of(method, task, metric))  # fmt: skip
         if rec is not None:
             out.append(rec)
     return out

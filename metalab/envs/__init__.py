@@ -1,7 +1,8 @@
 """Environments: importing this package registers metalab's gymnasium ids.
 
 ``metalab/BitFlip-v0`` (HER), ``metalab/CityGrid-v0`` and ``metalab/CityGrid5x5-v0`` (DREAM's distracting bus,
-9x9 and 5x5), ``metalab/CityGrid5x5NoDistractors-v0`` (the 5x5 without distracting buses) and ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot).
+9x9 and 5x5), ``metalab/CityGrid5x5NoDistractors-v0`` (the 5x5 without distracting buses) and
+``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot).
 """
 
 from __future__ import annotations
