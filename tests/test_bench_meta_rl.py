@@ -33,7 +33,7 @@ def flat(run: RunConfig) -> list[tuple[str, object]]:
 
 
 def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> None:
-    args = ["--only", "dream-5x5-s0", "dream-5x5-s1", "--steps-scale", "0.002", "--runs-dir", str(tmp_path / "runs"),
+    args = ["--only", "dream-5x5-s0", "dream-5x5-s1", "--steps-scale", "0.0004", "--runs-dir", str(tmp_path / "runs"),
             "--results-dir", str(tmp_path / "res")]  # fmt: skip
     meta_rl.main(args)
     records = json.loads((tmp_path / "res" / "meta_rl.json").read_text())

@@ -121,6 +121,8 @@ def test_wrong_type_names_key(data: dict, key: str) -> None:
         ({"task": {"train_ways": 0}}, "task.train_ways"),
         ({"eval": {"episodes": 0}}, "eval.episodes"),
         ({"seed": -1}, "seed"),
+        ({"algo": "dream", "dream": {"decoder_input": "lstm"}}, "dream.decoder_input"),
+        ({"algo": "dream", "dream": {"reward_folds": 1}}, "dream.reward_folds"),
     ],
 )
 def test_bad_value_names_key(data: dict, key: str) -> None:

@@ -42,6 +42,9 @@ def make(run: RunConfig) -> Learner:
     return module.build(run, Path("unused"), torch.device("cpu"))
 
 
+OBS7 = gym.spaces.Box(0.0, 1.0, (7,), np.float32)
+
+
 def step(obs: float, action: int, reward: float, terminated: bool = False) -> meta.Step:
     return meta.Step(np.full(7, obs, np.float32), action, reward, np.full(7, obs + 1, np.float32), terminated)
 
@@ -135,8 +138,15 @@ def test_dream_bottleneck_loses_its_cap_from_the_anneal_step() -> None:
     assert all(0.0 < m["loss/bottleneck"] < 5.0 for m in metrics[7:])
 
 
-def test_dream_losses_route_gradients_to_their_own_parts() -> None:
-    run = tiny("dream", "train.steps=8")
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["dream.decoder_input=history", "dream.reward_folds=0"],
+        ["dream.decoder_input=transitions", "dream.reward_folds=2"],
+    ],
+)
+def test_dream_losses_route_gradients_to_their_own_parts(variant: list[str]) -> None:
+    run = tiny("dream", "train.steps=8", *variant)
     learner = make(run)
     model: dream.DREAM = learner.model  # type: ignore[assignment]
     loss = None
@@ -146,7 +156,13 @@ def test_dream_losses_route_gradients_to_their_own_parts() -> None:
         metrics
     )
     loss.backward()
-    for part in ("embedding", "executor", "decoder", "explorer"):
+    for part in (
+        "embedding",
+        "executor",
+        "decoder",
+        "explorer",
+        *(["fold_decoders"] if model.fold_decoders else []),
+    ):
         grads = [p.grad for p in getattr(model, part).parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), part
 
@@ -154,7 +170,7 @@ def test_dream_losses_route_gradients_to_their_own_parts() -> None:
 def test_dream_decoder_loss_does_not_move_the_embedding() -> None:
     torch.manual_seed(0)
     cfg = dream.Config(z_dim=3, hidden=8)
-    model = dream.DREAM(5, 7, 6, cfg)
+    model = dream.DREAM(5, OBS7, 6, cfg)
     inputs = torch.randn(2, 4, meta.history_dim(7, 6))
     z = model.embedding(torch.tensor([0, 3])).detach()
     errors = (model.decoder(inputs)[0] - z[:, None]).pow(2).sum(-1).mean()
@@ -167,7 +183,7 @@ def test_dream_execution_reads_the_decoding_of_each_transitions_own_exploration(
     gradient into the decoder; rows whose exploration left the buffer keep F(mu) plus noise."""
     torch.manual_seed(0)
     cfg = dream.Config(z_dim=3, hidden=8)
-    model = dream.DREAM(5, 7, 6, cfg)
+    model = dream.DREAM(5, OBS7, 6, cfg)
     episodes = [
         [step(0.1 * i + 0.01 * t, t % 6, 0.0) for t in range(length)] for i, length in enumerate((4, 2, 3))
     ]
@@ -187,6 +203,60 @@ def test_dream_execution_reads_the_decoding_of_each_transitions_own_exploration(
     assert code.grad is not None and torch.equal(code.grad[:, 0], torch.tensor([0.0, 1.0, 0.0]))
     untouched = dream.exec_encodings(model, code, explorations, np.zeros(3, bool), torch.device("cpu"))
     assert untouched is code
+
+
+def test_cross_fitted_reward_comes_from_the_decoder_that_never_learned_on_the_problem() -> None:
+    torch.manual_seed(0)
+    cfg = dream.Config(z_dim=3, hidden=8, reward_folds=3)
+    model = dream.DREAM(6, OBS7, 6, cfg, seed=1)
+    assert sorted(model.fold.tolist()) == [0, 0, 1, 1, 2, 2] and "fold" not in model.state_dict()
+    task = np.array([0, 1, 2, 3, 4, 5, 0])
+    fold = model.fold[torch.from_numpy(task)]
+    inputs = torch.randn(7, 5, meta.history_dim(7, 6))
+    z = torch.randn(7, 3)
+    weight = torch.ones(7, 5)
+    loss, judged = dream.cross_fitted(model, inputs, z, weight, task, torch.device("cpu"))
+    for b in range(7):  # each row judged by its own fold's decoder
+        torch.testing.assert_close(judged[b], model.fold_decoders[int(fold[b])](inputs[b : b + 1])[0][0])
+    # each decoder's loss: mean squared error over the rows outside its fold
+    expected = 0.0
+    for k, decoder in enumerate(model.fold_decoders):
+        outside = fold != k
+        expected = expected + (decoder(inputs[outside])[0] - z[outside][:, None]).pow(2).sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    # a decoder gets no gradient from a batch drawn from its own fold alone
+    own = np.flatnonzero(model.fold.numpy() == 0)
+    loss, _ = dream.cross_fitted(
+        model, inputs[: len(own)], z[: len(own)], weight[: len(own)], own, torch.device("cpu")
+    )
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.fold_decoders[0].parameters())
+    assert all(p.grad is not None and p.grad.any() for p in model.fold_decoders[1].parameters())
+
+
+def test_transition_decoder_reads_one_hot_transitions() -> None:
+    """Integer-bounded observation dimensions become one-hot, others stay raw; each step's input is the
+    transition that led to it, with nothing before a first step; and the decoder is causal."""
+    space = gym.spaces.Box(np.array([0, 0, -np.inf], np.float32), np.array([2, 1, np.inf], np.float32))
+    decoder = dream.TransitionDecoder(space, n_actions=3, out_features=4, hidden=8)
+    obs = torch.tensor([[2.0, 0.0, 0.7], [1.0, 1.0, -3.0]])
+    torch.testing.assert_close(
+        decoder.featurize(obs), torch.tensor([[0, 0, 1, 1, 0, 0.7], [0, 1, 0, 0, 1, -3.0]])
+    )
+    episode = [meta.Step(np.array([1, 0, 0.5], np.float32), 2, 0.0, np.array([2, 1, 0.25], np.float32), False),
+               meta.Step(np.array([2, 1, 0.25], np.float32), 0, 0.0, np.array([0, 1, 0.0], np.float32), False)]  # fmt: skip
+    x = torch.from_numpy(meta.steps_to_sequence([episode], 3, -1, 2).inputs)  # (1, 3, 3 + 3 + 2)
+    features = decoder.transitions(x)[0]
+    # [before (3 + 2 + 1), previous action (3), previous reward, first, now (3 + 2 + 1)]
+    s0, s1, s2 = [0, 1, 0, 1, 0, 0.5], [0, 0, 1, 0, 1, 0.25], [1, 0, 0, 0, 1, 0.0]  # featurized observations
+    torch.testing.assert_close(features[0], torch.tensor([*[0.0] * 6, 0, 0, 0, 0, 1, *s0]))
+    torch.testing.assert_close(features[1], torch.tensor([*s0, 0, 0, 1, 0, 0, *s1]))
+    torch.testing.assert_close(features[2], torch.tensor([*s1, 1, 0, 0, 0, 0, *s2]))
+    changed = x.clone()
+    changed[0, 2, :3] = torch.tensor([0.0, 0.0, 9.0])
+    out, changed_out = decoder(x)[0], decoder(changed)[0]
+    torch.testing.assert_close(out[:, :2], changed_out[:, :2])
+    assert not torch.allclose(out[:, 2], changed_out[:, 2])
 
 
 @pytest.mark.parametrize(("algo", "collect_every"), [("rl2", 1), ("dream", 1), ("rl2", 3), ("dream", 3)])
