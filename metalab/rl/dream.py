@@ -29,8 +29,8 @@ the decoder (official ``use_ids(False)`` on alternate meta-episodes), so executi
 it gets at meta-test time. Without it, on CityGrid 5x5 after 100k meta-episodes the executor was near optimal on
 ``F(mu)`` (0.62) but its held-out return was -0.65: decodings of new problems did not land near any ``F(mu)``
 with the same useful buses (14% of them did, against 89% on training problems). All four parts train together:
-one Adam step on the sum of the execution TD loss, the bottleneck, the decoder loss and the exploration TD loss
-(the parts share no parameters except ``F``, moved by the execution loss and the bottleneck, and the decoder,
+one Adam step on the sum of the execution TD loss, the bottleneck, the decoder loss (with the fold decoders' losses
+when the reward is cross-fitted, see below) and the exploration TD loss (the parts share no parameters except ``F``, moved by the execution loss and the bottleneck, and the decoder,
 moved by its own loss and, on decoded updates, the execution loss). Both Q-networks use double-DQN
 targets with hard target copies. One trainer step plays one meta-episode on a training problem (exploration
 with the explorer, execution with ``z`` from ``F(mu)`` plus noise, both epsilon-greedy) and makes one update.
