@@ -17,7 +17,7 @@ from PIL import Image
 from metalab.cli import main
 from metalab.experiment import RunConfig, load_run_config
 from metalab.rl import dream, meta, rl2
-from metalab.rl.recurrent import RecurrentNet
+from metalab.rl.recurrent import RecurrentNet, TransitionNet
 from metalab.train.checkpoint import load_checkpoint
 from metalab.train.logger import read_metrics
 from metalab.train.loop import CHECKPOINT, Learner, fit
@@ -234,11 +234,11 @@ def test_cross_fitted_reward_comes_from_the_decoder_that_never_learned_on_the_pr
     assert all(p.grad is not None and p.grad.any() for p in model.fold_decoders[1].parameters())
 
 
-def test_transition_decoder_reads_one_hot_transitions() -> None:
+def test_transition_net_reads_one_hot_transitions() -> None:
     """Integer-bounded observation dimensions become one-hot, others stay raw; each step's input is the
     transition that led to it, with nothing before a first step; and the decoder is causal."""
     space = gym.spaces.Box(np.array([0, 0, -np.inf], np.float32), np.array([2, 1, np.inf], np.float32))
-    decoder = dream.TransitionDecoder(space, n_actions=3, out_features=4, hidden=8)
+    decoder = TransitionNet(space, n_actions=3, out_features=4, hidden=8)
     obs = torch.tensor([[2.0, 0.0, 0.7], [1.0, 1.0, -3.0]])
     torch.testing.assert_close(
         decoder.featurize(obs), torch.tensor([[0, 0, 1, 1, 0, 0.7], [0, 1, 0, 0, 1, -3.0]])

@@ -104,7 +104,7 @@ from metalab.rl.meta import (
     render_meta_episode,
     steps_to_sequence,
 )
-from metalab.rl.recurrent import Params, RecurrentNet, Sequences, sequence_td_loss, to_tensors
+from metalab.rl.recurrent import Params, RecurrentNet, Sequences, TransitionNet, sequence_td_loss, to_tensors
 from metalab.rl.rollout import derive_seed
 from metalab.train.evaluate import mean_ci95
 from metalab.train.loop import Learner
@@ -190,48 +190,6 @@ class ExecRows(NamedTuple):
     episode: np.ndarray  # (R,) int64: the meta-episode's number (that row is stale once it holds a later one)
 
 
-class TransitionDecoder(nn.Module):
-    """``(B, T+1, D)`` history inputs (:func:`~metalab.rl.meta.history_input` rows) -> ``(B, T+1, out)``: at each
-    step the transition that led there, ``(s_{t-1}, a_{t-1}, s_t)`` (nothing before the first step), through a
-    two-layer MLP, then a GRU and a linear head. Observation dimensions whose bounds are integers at most 64 apart
-    are one-hot (grid coordinates, flags); others are read as they are."""
-
-    def __init__(self, space: gym.spaces.Box, n_actions: int, out_features: int, hidden: int = 128):
-        super().__init__()
-        low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
-        span = np.where(np.isfinite(low) & np.isfinite(high), high - low, np.inf)
-        discrete = (low == np.round(low)) & (high == np.round(high)) & (span <= 64)
-        self.sizes = [int(s) + 1 if d else 0 for s, d in zip(span, discrete, strict=True)]
-        self.register_buffer("low", torch.as_tensor(np.where(discrete, low, 0.0), dtype=torch.float32))
-        feature = sum(max(size, 1) for size in self.sizes)
-        self.obs_dim = len(self.sizes)
-        self.encoder = MLP(2 * feature + n_actions + 2, (hidden,), hidden)
-        self.gru = nn.GRU(hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, out_features)
-
-    def featurize(self, obs: torch.Tensor) -> torch.Tensor:
-        """``(..., obs_dim)`` observations -> one-hot integer dimensions and raw others."""
-        parts = []
-        for i, size in enumerate(self.sizes):
-            column = obs[..., i] - self.low[i]
-            if size:
-                parts.append(F.one_hot(column.round().clamp(0, size - 1).long(), size).to(obs.dtype))
-            else:
-                parts.append(column[..., None])
-        return torch.cat(parts, -1)
-
-    def transitions(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T+1, D)`` history inputs -> ``(B, T+1, F)``: ``[featurize(s_{t-1}), a_{t-1} one-hot, r_{t-1},
-        first, featurize(s_t)]``, the first part zero on a first step."""
-        obs, rest = x[..., : self.obs_dim], x[..., self.obs_dim :]  # rest: prev action one-hot, reward, first
-        before = self.featurize(torch.cat([torch.zeros_like(obs[:, :1]), obs[:, :-1]], 1))
-        return torch.cat([before * (1 - rest[..., -1:]), rest, self.featurize(obs)], -1)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, h = self.gru(F.relu(self.encoder(self.transitions(x))), h)
-        return self.head(out), h
-
-
 class DREAM(nn.Module):
     """The four learned parts: problem embedding ``F``, executor, decoder and explorer."""
 
@@ -241,7 +199,7 @@ class DREAM(nn.Module):
 
         def decoder() -> nn.Module:
             if cfg.decoder_input == "transitions":
-                return TransitionDecoder(space, n_actions, cfg.z_dim, cfg.hidden)
+                return TransitionNet(space, n_actions, cfg.z_dim, cfg.hidden)
             return RecurrentNet(history_dim(obs_dim, n_actions), cfg.z_dim, cfg.hidden)
 
         self.embedding = nn.Embedding(n_problems, cfg.z_dim)  # F(mu)

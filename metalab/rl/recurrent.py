@@ -8,18 +8,22 @@ so there is no need for stored states or burn-in as in R2D2, Kapturowski et al. 
 
 A stored :class:`Sequences` row holds ``T + 1`` inputs for ``T`` actions: the last input is the state after
 the last action, read only to bootstrap. Padded steps (``mask`` false) do not count in the loss.
+
+:class:`TransitionNet` reads the same inputs as transitions ``(s, a, s')`` (DREAM's decoder option).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from metalab.models import MLP
 from metalab.rl.dqn import td_target
 
 Params = dict[str, torch.Tensor]
@@ -48,6 +52,49 @@ class RecurrentNet(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs ``(B, T, out)`` and the final hidden state ``(1, B, H)``, from state ``h`` (zero if None)."""
         out, h = self.gru(F.relu(self.encoder(x)), h)  # (B, T, H)
+        return self.head(out), h
+
+
+class TransitionNet(nn.Module):
+    """``(B, T+1, D)`` history inputs (:func:`metalab.rl.meta.history_input` rows: ``[obs, one_hot(prev action),
+    prev reward, first]``) -> ``(B, T+1, out)``: at each step the transition that led there,
+    ``(s_{t-1}, a_{t-1}, s_t)`` (nothing before the first step), through a two-layer MLP, then a GRU and a linear
+    head. Observation dimensions whose bounds are integers at most 64 apart are one-hot (grid coordinates, flags);
+    others are read as they are."""
+
+    def __init__(self, space: gym.spaces.Box, n_actions: int, out_features: int, hidden: int = 128):
+        super().__init__()
+        low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
+        span = np.where(np.isfinite(low) & np.isfinite(high), high - low, np.inf)
+        discrete = (low == np.round(low)) & (high == np.round(high)) & (span <= 64)
+        self.sizes = [int(s) + 1 if d else 0 for s, d in zip(span, discrete, strict=True)]
+        self.register_buffer("low", torch.as_tensor(np.where(discrete, low, 0.0), dtype=torch.float32))
+        feature = sum(max(size, 1) for size in self.sizes)
+        self.obs_dim = len(self.sizes)
+        self.encoder = MLP(2 * feature + n_actions + 2, (hidden,), hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, out_features)
+
+    def featurize(self, obs: torch.Tensor) -> torch.Tensor:
+        """``(..., obs_dim)`` observations -> one-hot integer dimensions and raw others."""
+        parts = []
+        for i, size in enumerate(self.sizes):
+            column = obs[..., i] - self.low[i]
+            if size:
+                parts.append(F.one_hot(column.round().clamp(0, size - 1).long(), size).to(obs.dtype))
+            else:
+                parts.append(column[..., None])
+        return torch.cat(parts, -1)
+
+    def transitions(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T+1, D)`` history inputs -> ``(B, T+1, F)``: ``[featurize(s_{t-1}), a_{t-1} one-hot, r_{t-1},
+        first, featurize(s_t)]``, the first part zero on a first step."""
+        obs, rest = x[..., : self.obs_dim], x[..., self.obs_dim :]  # rest: prev action one-hot, reward, first
+        before = self.featurize(torch.cat([torch.zeros_like(obs[:, :1]), obs[:, :-1]], 1))
+        return torch.cat([before * (1 - rest[..., -1:]), rest, self.featurize(obs)], -1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, h = self.gru(F.relu(self.encoder(self.transitions(x))), h)
         return self.head(out), h
 
 
