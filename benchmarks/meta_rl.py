@@ -22,11 +22,13 @@ Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, 
 information 0.1 / 0.3); RL² with the same budget reported; PEARL success >= 0.8 on the eval tasks.
 ``5x5plain`` (no target) runs the 5x5 configs on ``metalab/CityGrid5x5NoDistractors-v0``, the CS224R grid: a
 check of the algorithms' pieces without the distracting buses, whose held-out problems are all seen in training.
-For scale, by calculation (Monte Carlo over the env's 100 goals): an explorer that ends each episode on a goal
-drawn from the prior, distinct each time, has ended one within 0.2 of the true goal after 1 / 2 / 9 episodes with
-probability 0.12 / 0.24 / 0.71. Success >= 0.8 after 1 or 2 exploration episodes needs episodes that search
-along the arc. PEARL with a dense-reward critic stops short of the arc under the prior (see
-``configs/pearl_point_robot_small.yaml``).
+``--reference`` records PEARL's ceiling, calculated rather than learned
+(:func:`metalab.envs.point_robot.posterior_sampling_success`, method ``ideal-posterior-sampling``): an explorer
+that samples each episode's goal from the exact posterior over the arc, rules out every angle it passed within
+0.2 of, and knows the goal after any reward. Its success after 1 / 2 / 9 episodes is 0.24 / 0.35 / 0.94, so
+success >= 0.8 after 1 or 2 exploration episodes is out of reach of posterior sampling (it needs episodes that
+search along the arc, as DREAM's explorer would); after 9 it is within reach. PEARL with a dense-reward critic
+stops short of the arc under the prior (see ``configs/pearl_point_robot_small.yaml``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +51,7 @@ from benchmarks import rl_common
 from benchmarks.common import RESULTS, merge_results, record
 from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.envs import CITYGRID5X5_PLAIN_ID
+from metalab.envs.point_robot import posterior_sampling_success
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -62,11 +66,11 @@ TASKS = {  # task -> (config suffix, optimal return, walking return)
     "point": ("point_robot", None, None),
 }
 METHODS = {"dream": ("5x5", "9x9", "5x5plain"), "rl2": ("5x5", "9x9", "5x5plain"), "pearl": ("point",)}
-BUDGETS = {("dream", "5x5"): 100_000, ("rl2", "5x5"): 20_000, ("dream", "9x9"): 40_000, ("rl2", "9x9"): 40_000,
+BUDGETS = {("dream", "5x5"): 100_000, ("rl2", "5x5"): 100_000, ("dream", "9x9"): 40_000, ("rl2", "9x9"): 40_000,
            ("dream", "5x5plain"): 100_000, ("rl2", "5x5plain"): 100_000, ("pearl", "point"): 150_000}  # fmt: skip
 # DREAM gets 100k meta-episodes on both 5x5 grids: at 20k, its executor had not learned to use even the true
 # encoding (0.20 on training problems given F(mu), optimal 0.7); the official code trains for 5M env steps. RL²
-# on the distracting 5x5 still has its 20k records (0.10, walking; it walks at 100k on the distractor-free grid).
+# gets the same 100k on the 5x5 grids (at 20k it walked, 0.10, on the distracting 5x5).
 # PEARL trains the CPU-sized config (64-64 networks, 30-60 gradient steps per second on a shared core); the
 # official sizes of configs/pearl_point_robot.yaml cost about 1 s per gradient step on a CPU.
 CONFIG_NAMES = {("pearl", "point"): "pearl_point_robot_small", ("dream", "5x5plain"): "dream_citygrid5x5",
@@ -239,6 +243,20 @@ def plot(runs: Path, results: Path) -> Path | None:
     return save_figure(fig, drawn, results, BENCH)
 
 
+def reference_records() -> list[dict]:
+    """PEARL's point robot: success of the ideal posterior-sampling explorer after 1, 2 and 9 episodes."""
+    start = time.perf_counter()
+    episodes = PEARL_AFTER[-1] + 1
+    trials = 20_000
+    mean, ci95 = posterior_sampling_success(episodes=episodes, trials=trials)
+    seconds = time.perf_counter() - start
+    note = ("calculated (Monte Carlo), not learned: goal sampled from the exact posterior over the arc each "
+            "episode, every angle within 0.2 of a reward-free path ruled out, the goal known after any reward")  # fmt: skip
+    return [record(BENCH, TASKS["point"][0], "ideal-posterior-sampling", f"success_after{k}", float(mean[k]),
+                   ci95=float(ci95[k]), unit="fraction", seconds=seconds, trials=trials, note=note,
+                   target=PEARL_TARGET) for k in PEARL_AFTER]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=[*GROUPS, *CONFIGS], metavar="CONFIG",
@@ -251,8 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (small networks: 1 is fastest)")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where meta_rl.json/.png go")
+    p.add_argument("--reference", action="store_true",
+                   help="record the calculated posterior-sampling ceiling for PEARL (seconds) and stop")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.reference:
+        print(merge_results(BENCH, reference_records(), args.results_dir))
+        return
     for name in expand(args.only, GROUPS, CONFIGS):
         method, task, _ = parse(name)
         steps = max(round(BUDGETS[method, task] * args.steps_scale), 1)

@@ -1,4 +1,5 @@
-"""Sparse point robot (PEARL): checker, task goals and split, sparse reward, clipping, truncation, render."""
+"""Sparse point robot (PEARL): checker, task goals and split, sparse reward, clipping, truncation, render, and
+the calculated posterior-sampling reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from metalab.envs import POINT_ROBOT_SPARSE_ID, EnvConfig, PointRobotSparse, make_env
-from metalab.envs.point_robot import GOALS, sparse_reward
+from metalab.envs.point_robot import GOALS, posterior_sampling_success, sparse_reward, tasks
 
 
 def test_passes_the_gymnasium_env_checker() -> None:
@@ -97,3 +98,24 @@ def test_render_rgb_array() -> None:
     env.step(np.array([0.1, 0.1], dtype=np.float32))
     assert not np.array_equal(env.render(), img)
     assert PointRobotSparse().render() is None
+
+
+def test_posterior_sampling_reference_first_episode_matches_the_closed_form() -> None:
+    # Episode 0 ends on an angle drawn uniformly from [0, pi]: success iff within chord 0.2 of the goal, i.e.
+    # within 2 asin(0.1) radians of its angle (cut at the ends of the arc).
+    mean, ci95 = posterior_sampling_success(episodes=1, trials=20_000, seed=1)
+    width = 2 * np.arcsin(0.1)
+    goal_angles = np.arctan2(GOALS[tasks("test"), 1], GOALS[tasks("test"), 0])
+    covered = np.minimum(goal_angles + width, np.pi) - np.maximum(goal_angles - width, 0.0)
+    assert abs(mean[0] - covered.mean() / np.pi) < 2 * ci95[0]
+
+
+def test_posterior_sampling_reference_rules_out_what_it_visited() -> None:
+    # An explorer that forgets its failures would still miss about 12% of the time in every episode; ruling out
+    # every visited angle has found every goal by episode 20 (a miss rules out up to 0.4 of the pi radians).
+    mean, _ = posterior_sampling_success(episodes=20, trials=2_000, seed=2)
+    assert np.all(np.diff(mean) >= 0)
+    assert mean[-1] == 1.0
+    assert mean[1] > 1.8 * mean[0]
+    again, _ = posterior_sampling_success(episodes=20, trials=2_000, seed=2)
+    np.testing.assert_array_equal(mean, again)

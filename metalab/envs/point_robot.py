@@ -172,3 +172,49 @@ class PointRobotSparse(gym.Env):
         disk(self.goal, 0.03, (0, 150, 0))
         disk(self._pos, 0.04, (220, 0, 0))
         return img
+
+
+def posterior_sampling_success(
+    episodes: int = 10, trials: int = 20_000, max_steps: int = 20, seed: int = 0, angles: int = 1801
+) -> tuple[np.ndarray, np.ndarray]:
+    """Success of an ideal posterior-sampling explorer in each episode of a trial on the held-out goals: a
+    reference for PEARL, calculated by Monte Carlo, not learned.
+
+    The explorer believes the goal uniform on the arc (``angles`` evenly spaced points on [0, pi]); in each
+    episode it samples a goal from its exact posterior, moves straight to it at full speed and stays there.
+    Without reward on the way, the posterior drops every angle within 0.2 of a visited position; after any reward
+    it knows the goal (optimistic: one reward pins it to at most two points) and ends every later episode on it.
+    As PEARL's policy, it cannot react to reward within an episode (its ``z`` is fixed per episode). Returns the
+    success rate of episode ``k`` (after ``k`` earlier ones) for ``k < episodes``, ``(episodes,)``, and the
+    95% half-widths.
+    """
+    rng = np.random.default_rng(seed)
+    theta = np.linspace(0.0, np.pi, angles)
+    arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # (A, 2) the believed goals
+    # the straight line to each angle, the larger coordinate moving 0.1 a step
+    paths = np.zeros((angles, max_steps, 2))
+    pos = np.zeros((angles, 2))
+    for t in range(max_steps):
+        gap = arc - pos
+        pos = pos + gap * np.minimum(1.0, MAX_ACTION / np.maximum(np.abs(gap).max(1, keepdims=True), 1e-12))
+        paths[:, t] = pos
+    # excluded[j, a]: angle a is within 0.2 of the path to angle j (so a reward-free episode rules it out)
+    excluded = np.zeros((angles, angles), dtype=bool)
+    for t in range(max_steps):
+        excluded |= np.linalg.norm(paths[:, t, None] - arc[None], axis=2) <= GOAL_RADIUS
+    # hits[g, j, t]: step t of the path to angle j is within 0.2 of held-out goal g
+    hits = np.linalg.norm(paths[None] - GOALS[tasks("test"), None, None], axis=3) <= GOAL_RADIUS
+    success = np.zeros((trials, episodes))
+    for i in range(trials):
+        gap = hits[i % len(hits)]  # (A, T)
+        alive = np.ones(angles, dtype=bool)
+        for e in range(episodes):
+            j = rng.choice(np.flatnonzero(alive))
+            success[i, e] = float(gap[j, -1])
+            if gap[j].any():  # a reward on the way: the goal is known from here on
+                success[i, e + 1 :] = 1.0
+                break
+            alive &= ~excluded[j]
+            if not alive.any():  # cannot happen with the goal on the arc; a guard for other grids
+                break
+    return success.mean(0), 1.96 * success.std(0, ddof=1) / np.sqrt(trials)
