@@ -88,6 +88,7 @@ PEARL_AFTER = (1, 2, 9)  # success and return of the episode after 1, 2 and 9 ea
 DREAM_DIAGNOSTICS = ("oracle_return", "train_problems_return")
 TARGETS = {("dream", "5x5"): 0.65, ("dream", "9x9"): 0.75}
 PEARL_TARGET = 0.8
+REFERENCE = "ideal-posterior-sampling"  # the method name of PEARL's calculated ceiling (``--reference``)
 PUBLISHED = {
     "dream": "Liu et al. 2021 (DREAM, fig. 3): DREAM reaches the optimal return on the distracting bus; RL² "
     "and other end-to-end methods stay near the walking return",
@@ -207,6 +208,9 @@ def plot(runs: Path, results: Path) -> Path | None:
     curve comes from its run directory or, where that is gone, from its record (``[trainer step, env steps,
     value]`` rows)."""
     recorded = rl_common.recorded_curves(results, BENCH)
+    path = results / f"{BENCH}.json"
+    ceiling = {r["metric"]: r["value"] for r in (json.loads(path.read_text()) if path.is_file() else [])
+               if r["method"] == REFERENCE}  # fmt: skip
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
     drawn = False
     for ax, (task, (env_name, optimal, walking)) in zip(axes.flat, TASKS.items(), strict=True):
@@ -227,9 +231,12 @@ def plot(runs: Path, results: Path) -> Path | None:
                 for s in set().union(*(r[1] for r in read))
             }
             drawn = plot_seeds(ax, [r[0] for r in read], method, x_of) or drawn
+        if task == "point":  # no optimum to draw: the calculated posterior-sampling ceiling instead
+            optimal = ceiling.get(f"success_after{PEARL_AFTER[-1]}")
         for level, what in ((optimal, "optimal"), (walking, "walking")):
             if level is not None:
-                ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=what)
+                label = "ideal posterior sampling" if task == "point" and what == "optimal" else what
+                ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=label)
         ax.set_title(env_name)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(
@@ -252,7 +259,7 @@ def reference_records() -> list[dict]:
     seconds = time.perf_counter() - start
     note = ("calculated (Monte Carlo), not learned: goal sampled from the exact posterior over the arc each "
             "episode, every angle within 0.2 of a reward-free path ruled out, the goal known after any reward")  # fmt: skip
-    return [record(BENCH, TASKS["point"][0], "ideal-posterior-sampling", f"success_after{k}", float(mean[k]),
+    return [record(BENCH, TASKS["point"][0], REFERENCE, f"success_after{k}", float(mean[k]),
                    ci95=float(ci95[k]), unit="fraction", seconds=seconds, trials=trials, note=note,
                    target=PEARL_TARGET) for k in PEARL_AFTER]  # fmt: skip
 
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.reference:
         print(merge_results(BENCH, reference_records(), args.results_dir))
+        plot(args.runs_dir, args.results_dir)
         return
     for name in expand(args.only, GROUPS, CONFIGS):
         method, task, _ = parse(name)
