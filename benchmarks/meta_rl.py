@@ -206,12 +206,14 @@ def aggregates(path: Path, name: str) -> list[dict]:
 
 def plot(runs: Path, results: Path) -> Path | None:
     """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max. A seed's
-    curve comes from its run directory or, where that is gone, from its record (``[trainer step, env steps,
-    value]`` rows)."""
+    curve comes from its record (``[trainer step, env steps, value]`` rows) or, for older records that do not keep
+    one, from its run directory. Seeds without a record (still training) are left out, so that they do not cut
+    the finished seeds' curves short."""
     recorded = rl_common.recorded_curves(results, BENCH)
     path = results / f"{BENCH}.json"
-    ceiling = {r["metric"]: r["value"] for r in (json.loads(path.read_text()) if path.is_file() else [])
-               if r["method"] == REFERENCE}  # fmt: skip
+    records = json.loads(path.read_text()) if path.is_file() else []
+    ceiling = {r["metric"]: r["value"] for r in records if r["method"] == REFERENCE}
+    finished = {(r["task"], r["method"], r["seed"]) for r in records if "seed" in r}  # seeds with a record
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
     drawn = False
     for ax, (task, (env_name, optimal, walking)) in zip(axes.flat, TASKS.items(), strict=True):
@@ -220,10 +222,12 @@ def plot(runs: Path, results: Path) -> Path | None:
                 continue
             read = []
             for s in SEEDS:
-                values, env_steps = curve(runs / f"{method}-{task}-s{s}", curve_key(method))
-                if not values:
-                    rows = recorded.get((env_name, method, s), [])
-                    values, env_steps = {r[0]: r[2] for r in rows}, {r[0]: r[1] for r in rows}
+                if (env_name, method, s) not in finished:  # still training (or never run): not drawn
+                    continue
+                rows = recorded.get((env_name, method, s), [])
+                values, env_steps = {r[0]: r[2] for r in rows}, {r[0]: r[1] for r in rows}
+                if not values:  # an older record that kept no curve: its run directory's, if still there
+                    values, env_steps = curve(runs / f"{method}-{task}-s{s}", curve_key(method))
                 read.append((values, env_steps))
             read = [r for r in read if r[0]]
             # seeds play meta-episodes of different lengths: x is the mean env steps at each trainer step

@@ -53,7 +53,8 @@ ride does. The decoder learns that shortcut, the information-gain reward pays th
 held-out problems, whose pairs are new, the shortcut points to the wrong useful buses. The bottleneck on ``F``
 cannot remove it: it lives in the decoder's input, not in ``z``.
 
-**Cross-fitted exploration reward** (``reward_folds``, on in ``configs/dream_citygrid5x5.yaml``) removes the
+**Cross-fitted exploration reward** (``reward_folds``, on in ``configs/dream_citygrid5x5.yaml`` and
+``configs/dream_citygrid.yaml``) removes the
 shortcut at its source: the training problems are split into folds, one extra decoder per fold learns on the other
 folds only, and an exploration episode is rewarded by the information gain of the decoder that never learned on its
 problem, an estimate of the gain on a new problem. Together with the annealed bottleneck, which makes ``F(mu)`` a
@@ -69,6 +70,12 @@ Without distracting buses (``metalab/CityGrid5x5NoDistractors-v0``, where every 
 training one) the paper's reward reaches the optimal 0.70 held-out after 100k meta-episodes (0.68 over 3 seeds).
 On the 9x9 with distractors, 120k meta-episodes with the paper's reward give 0.80 given ``F(mu)`` and 0.75 on the
 training problems but -0.18 held-out: training length is not what is missing, generalisation past the shortcut is.
+With the cross-fitted reward, the transition decoder and the anneal at 60k (seed 0, 120k meta-episodes) the 9x9
+reaches the optimal 0.80 on all 523 held-out problems: the greedy explorer rides exactly 3 distinct useful buses
+(the fourth follows) and no distracting one. Until the anneal it rides nothing (``F`` unclustered: problems with the
+same useful buses 4.2 apart, different ones 4.2); 12k meta-episodes after it ``F`` is clustered (0.08 against 0.67)
+and 24k after it the explorer rides 2.4 useful buses. Annealing from the first step instead collapsed ``F`` before
+the executor learned to read it (all problems within 0.03 of each other at 24k; 0.07 given ``F(mu)``).
 """
 
 from __future__ import annotations
