@@ -236,12 +236,12 @@ def plot(runs: Path, results: Path) -> Path | None:
                 for s in set().union(*(r[1] for r in read))
             }
             drawn = plot_seeds(ax, [r[0] for r in read], method, x_of) or drawn
-        if task == "point":  # no optimum to draw: the calculated posterior-sampling ceiling instead
-            optimal = ceiling.get(f"success_after{PEARL_AFTER[-1]}")
-        for level, what in ((optimal, "optimal"), (walking, "walking")):
+        levels = [(optimal, "optimal", "--"), (walking, "walking", ":")]
+        if task == "point":  # no optimum known: the calculated posterior-sampling ceiling
+            levels.append((ceiling.get(f"success_after{PEARL_AFTER[-1]}"), "ideal posterior sampling", "--"))
+        for level, label, style in levels:
             if level is not None:
-                label = "ideal posterior sampling" if task == "point" and what == "optimal" else what
-                ax.axhline(level, color="gray", ls=":" if what == "walking" else "--", lw=1, label=label)
+                ax.axhline(level, color="gray", ls=style, lw=1, label=label)
         ax.set_title(env_name)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(

@@ -111,8 +111,9 @@ def test_posterior_sampling_reference_first_episode_matches_the_closed_form() ->
 
 
 def test_posterior_sampling_reference_rules_out_what_it_visited() -> None:
-    # An explorer that forgets its failures would still miss about 12% of the time in every episode; ruling out
-    # every visited angle has found every goal by episode 20 (a miss rules out up to 0.4 of the pi radians).
+    # An explorer that forgot its failures would hit in about 12% of the episodes before its first reward, so
+    # about 8% of its trials (0.88^20) would still miss in episode 20; ruling out every visited angle (up to 0.4
+    # of the pi radians per miss) has found every goal by then.
     mean, _ = posterior_sampling_success(episodes=20, trials=2_000, seed=2)
     assert np.all(np.diff(mean) >= 0)
     assert mean[-1] == 1.0

@@ -215,6 +215,6 @@ def posterior_sampling_success(
                 success[i, e + 1 :] = 1.0
                 break
             alive &= ~excluded[j]
-            if not alive.any():  # cannot happen with the goal on the arc; a guard for other grids
+            if not alive.any():  # every grid angle ruled out (a goal between grid points): a miss
                 break
     return success.mean(0), 1.96 * success.std(0, ddof=1) / np.sqrt(trials)

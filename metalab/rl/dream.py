@@ -30,10 +30,11 @@ it gets at meta-test time. Without it, on CityGrid 5x5 after 100k meta-episodes 
 ``F(mu)`` (0.62) but its held-out return was -0.65: decodings of new problems did not land near any ``F(mu)``
 with the same useful buses (14% of them did, against 89% on training problems). All four parts train together:
 one Adam step on the sum of the execution TD loss, the bottleneck, the decoder loss (with the fold decoders' losses
-when the reward is cross-fitted, see below) and the exploration TD loss (the parts share no parameters except ``F``, moved by the execution loss and the bottleneck, and the decoder,
-moved by its own loss and, on decoded updates, the execution loss). Both Q-networks use double-DQN
-targets with hard target copies. One trainer step plays one meta-episode on a training problem (exploration
-with the explorer, execution with ``z`` from ``F(mu)`` plus noise, both epsilon-greedy) and makes one update.
+when the reward is cross-fitted, see below) and the exploration TD loss (the parts share no parameters except
+``F``, moved by the execution loss and the bottleneck, and the decoder, moved by its own loss and, on decoded
+updates, the execution loss). Both Q-networks use double-DQN targets with hard target copies. One trainer step
+plays one meta-episode on a training problem (exploration with the explorer, execution with ``z`` from ``F(mu)``
+plus noise, both epsilon-greedy) and makes one update.
 
 With the official cap, nothing pushes ``F`` below it, so ``F`` keeps the distracting buses: on CityGrid 5x5
 after 100k meta-episodes, two training problems with the same useful buses sat 2.54 apart on average (noise
@@ -54,17 +55,16 @@ held-out problems, whose pairs are new, the shortcut points to the wrong useful 
 cannot remove it: it lives in the decoder's input, not in ``z``.
 
 **Cross-fitted exploration reward** (``reward_folds``, on in ``configs/dream_citygrid5x5.yaml`` and
-``configs/dream_citygrid.yaml``) removes the
-shortcut at its source: the training problems are split into folds, one extra decoder per fold learns on the other
-folds only, and an exploration episode is rewarded by the information gain of the decoder that never learned on its
-problem, an estimate of the gain on a new problem. Together with the annealed bottleneck, which makes ``F(mu)`` a
-function of the useful buses (so a decoder can predict it for a problem it has not seen), a distracting ride
-then pays nothing and a useful one pays as much as on a held-out problem. Measured on CityGrid 5x5 (seed 0, 100k
-meta-episodes, 3 folds, transition decoder, bottleneck annealed at 50k): the greedy explorer rides 2.7 useful
-buses and no distracting one per exploration, 200 held-out explorations all decode nearest to an ``F(mu)`` with
-the right useful buses, and the held-out return is the optimal 0.70 (the paper's reward, same budget: -0.30).
-Cross-fitting alone (no anneal, ``F`` still unclustered) left the explorer idle on 5x5; the transition decoder
-alone changed nothing (-0.35 held-out at 70k, as without it).
+``configs/dream_citygrid.yaml``) removes the shortcut at its source: the training problems are split into folds,
+one extra decoder per fold learns on the other folds only, and an exploration episode is rewarded by the
+information gain of the decoder that never learned on its problem, an estimate of the gain on a new problem.
+Together with the annealed bottleneck, which makes ``F(mu)`` a function of the useful buses (so a decoder can
+predict it for a problem it has not seen), a distracting ride then pays nothing and a useful one pays as much as on
+a held-out problem. Measured on CityGrid 5x5 (seed 0, 100k meta-episodes, 3 folds, transition decoder, bottleneck
+annealed at 50k): the greedy explorer rides 2.7 useful buses and no distracting one per exploration, 200 held-out
+explorations all decode nearest to an ``F(mu)`` with the right useful buses, and the held-out return is the optimal
+0.70 (the paper's reward, same budget: -0.30). Cross-fitting alone (no anneal, ``F`` still unclustered) left the
+explorer idle on 5x5; the transition decoder alone changed nothing (-0.35 held-out at 70k, as without it).
 
 Without distracting buses (``metalab/CityGrid5x5NoDistractors-v0``, where every held-out problem is also a
 training one) the paper's reward reaches the optimal 0.70 held-out after 100k meta-episodes (0.68 over 3 seeds).
