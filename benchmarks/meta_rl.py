@@ -176,7 +176,7 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
     common = {"seed": seed, "budget_steps": steps, "test_episodes": run.eval.episodes, "optimal": optimal,
               "walking": walking, "threads": torch.get_num_threads(), "published": PUBLISHED.get(method),
               "config": f"configs/{config_name(method, task)}.yaml", "env_id": run.env.id,
-              "env_steps": last_env_steps(runs / name)}  # fmt: skip
+              "env_steps": last_env_steps(runs / name), "selected_step": fitted.best_step}  # fmt: skip
     label, bench_task = method, f"{TASKS[task][0]}"
     values, env_steps = curve(runs / name, curve_key(method))
     rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("run_dir")
     e.add_argument("--part", choices=("test", "val"), default="test")
+    e.add_argument(
+        "--last",
+        action="store_true",
+        help="the final weights (checkpoint.pt) even when the run selected others with train.keep_best (best.pt)",
+    )
     e.add_argument("--episodes", type=int, help="number of episodes (default: eval.episodes of the run)")
     e.add_argument(
         "--set",
@@ -154,9 +159,13 @@ def _train(args: argparse.Namespace) -> int:
     learner.model.eval()
     test = learner.evaluate("test", run.eval.episodes)
     figures = [str(p) for p in (learner.figures(run_dir) if learner.figures else [])]
-    summary = {"run_dir": str(run_dir), "step": result.step, **test}
+    summary = {"run_dir": str(run_dir), "step": result.step, "selected_step": result.best_step, **test}
     (run_dir / "result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     print(_describe(test))
+    if result.best_step is not None:
+        print(
+            f"tested the weights of step {result.best_step}, selected by train.keep_best={run.train.keep_best}"
+        )
     print(f"run directory: {run_dir} (metrics.png{''.join(', ' + Path(f).name for f in figures)})")
     return 0
 
@@ -180,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     from metalab.errors import CheckpointError
     from metalab.experiment import algorithm, load_run_dir_config, run_config_from_dict
     from metalab.train.checkpoint import load_checkpoint
-    from metalab.train.loop import CHECKPOINT
+    from metalab.train.loop import BEST, CHECKPOINT
     from metalab.utils import resolve_device
 
     run_dir = Path(args.run_dir)
@@ -194,16 +203,19 @@ def _eval(args: argparse.Namespace) -> int:
         run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(overrides)))
     device = resolve_device(run.train.device)
     learner = algorithm(run.algo).build(run, _data_root(args, run.task.data_root), device)
-    state = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+    selected = run.train.keep_best is not None and (run_dir / BEST).is_file() and not args.last
+    weights = run_dir / (BEST if selected else CHECKPOINT)
+    state = load_checkpoint(weights, map_location=device)
     try:
         learner.model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{run_dir / CHECKPOINT} does not fit the run's model: {e}") from None
+        raise CheckpointError(f"{weights} does not fit the run's model: {e}") from None
     learner.model.eval()
     if args.episodes is not None and args.episodes < 1:
         raise MetalabError(f"--episodes must be >= 1, got {args.episodes}")
     metrics = learner.evaluate(args.part, args.episodes or run.eval.episodes)
-    print(f"{run_dir} (step {state['step']}): {_describe(metrics)}")
+    which = f"step {state['step']}" + (f", selected by {run.train.keep_best}" if selected else "")
+    print(f"{run_dir} ({which}): {_describe(metrics)}")
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import meta_rl
 from metalab.experiment import RunConfig, load_run_config
+from metalab.train.logger import read_metrics
 
 
 @pytest.fixture
@@ -56,6 +57,18 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
     again = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
     assert again["return_s0"]["value"] == first and again["return_s0"]["steps"] == 40
+
+
+def test_the_9x9_keeps_the_weights_selected_on_training_problems(tiny: None, tmp_path: Path) -> None:
+    meta_rl.main(["--only", "rl2-9x9-s0", "--steps-scale", "0.0004", "--runs-dir", str(tmp_path / "runs"),
+                  "--results-dir", str(tmp_path / "res")])  # fmt: skip
+    seed0 = next(
+        r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text()) if r["metric"] == "return_s0"
+    )
+    seen = {s: v for s, k, v in read_metrics(tmp_path / "runs" / "rl2-9x9-s0" / "metrics.csv")
+            if k == "eval/train_problems_return"}  # fmt: skip
+    assert sorted(seen) == [row[0] for row in seed0["curve"]] == [10, 20, 30, 40, 48]  # 48: the last step
+    assert seed0["selected_step"] == max(s for s, v in seen.items() if v == max(seen.values()))
 
 
 def test_the_distractor_free_5x5_runs_the_5x5_config_on_its_own_env(tiny: None, tmp_path: Path) -> None:

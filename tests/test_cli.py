@@ -309,3 +309,22 @@ def test_error_in_a_real_process_is_one_line(tmp_path: Path) -> None:
         f"metalab: error: config file not found: {tmp_path / 'missing.yaml'}"
     ]
     assert proc.stdout == ""
+
+
+def test_keep_best_is_what_train_tests_and_eval_loads(capsys, tmp_path: Path) -> None:
+    # The worst validation MSE (keep_best_mode=max) is an early one: the selected weights are not the last.
+    keep = ["train.eval_every=5", "train.keep_best=eval/val_mse", "train.keep_best_mode=max"]
+    rc, out, err = run_cli(
+        capsys, "train", SINUSOID, *sets(TINY_SINUSOID_SET + keep), "--runs-dir", str(tmp_path)
+    )
+    assert rc == 0, err
+    run_dir = only_run_dir(tmp_path)
+    selected = load_checkpoint(run_dir / "best.pt")["step"]
+    assert selected < 20 and f"weights of step {selected}" in out
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["selected_step"] == selected
+    rc, best, _ = run_cli(capsys, "eval", str(run_dir))
+    assert rc == 0 and f"(step {selected}, selected by eval/val_mse)" in best
+    assert f"eval/test_mse = {result['eval/test_mse']:.4f}" in best  # train's test scored the same weights
+    rc, last, _ = run_cli(capsys, "eval", str(run_dir), "--last")
+    assert rc == 0 and "(step 20)" in last and last.split(":", 1)[1] != best.split(":", 1)[1]

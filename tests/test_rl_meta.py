@@ -308,11 +308,9 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["step"] == 30 and -3.0 <= result["eval/return"] <= 0.7
     assert 0 <= result["eval/success"] <= 1
+    assert -3.0 <= result["eval/train_problems_return"] <= 0.7  # what model selection may watch
     if algo == "dream":
-        assert (
-            -3.0 <= result["eval/oracle_return"] <= 0.7
-            and -3.0 <= result["eval/train_problems_return"] <= 0.7
-        )
+        assert -3.0 <= result["eval/oracle_return"] <= 0.7
     strip = Image.open(run_dir / "meta_episode.png")  # exploration row over exploitation row
     assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0

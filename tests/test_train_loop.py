@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalab.errors import CheckpointError, NonFiniteLossError
+from metalab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from metalab.experiment import RunConfig, run_config_from_dict
 from metalab.meta import maml
 from metalab.train.checkpoint import load_checkpoint
@@ -230,3 +230,79 @@ def test_interrupt_on_a_checkpoint_step(run: RunConfig, tmp_path: Path) -> None:
     result = fit(make_learner(run, hook=interrupt_at(4)), run.train, tmp_path)
     assert result.interrupted and result.step == 5
     assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 5
+
+
+def selecting(sinusoid_config, mode: str, metric: str = "eval/val_mse") -> RunConfig:
+    """The resume tests' run, evaluated every 2 steps and keeping the best weights by ``metric``."""
+    train = {
+        "lr_schedule": "cosine",
+        "grad_clip": 5.0,
+        "eval_every": 2,
+        "keep_best": metric,
+        "keep_best_mode": mode,
+    }
+    return run_config_from_dict(sinusoid_config(train=train))
+
+
+def evaluations(run_dir: Path) -> dict[int, float]:
+    return {s: v for s, k, v in read_metrics(run_dir / "metrics.csv") if k == "eval/val_mse"}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_keep_best_ends_with_the_weights_of_the_best_evaluation(
+    sinusoid_config, reference, tmp_path: Path, mode: str
+) -> None:
+    final, _ = reference
+    run = selecting(sinusoid_config, mode)
+    seen: dict[int, dict[str, torch.Tensor]] = {}  # weights after each step's updates, by steps done
+
+    def record(step: int, learner: Learner) -> None:
+        seen[step] = params_of(learner)
+
+    learner = make_learner(run, hook=record)
+    result = fit(learner, run.train, tmp_path)
+    seen[20] = final  # the last step has no hook call after it
+    values = evaluations(tmp_path)
+    assert sorted(values) == list(range(2, 21, 2))
+    pick = min if mode == "min" else max
+    best = pick(values.values())
+    expected = max(s for s, v in values.items() if v == best)  # ties go to the later evaluation
+    assert (result.best_step, result.best_value) == (expected, best)
+    assert_same_params(params_of(learner), seen[expected])
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == expected
+    # Selection only watches: training itself is the run without it (the evaluation schedule aside).
+    assert_same_params(dict(load_checkpoint(tmp_path / CHECKPOINT)["model"]), final)
+    if mode == "max":  # the worst MSE is early on: the learner really went back to older weights
+        assert expected < 20
+
+
+def test_keep_best_survives_resume(sinusoid_config, tmp_path: Path) -> None:
+    run = selecting(sinusoid_config, "max")
+    whole = make_learner(run)
+    expected = fit(whole, run.train, new_dir(tmp_path / "whole"))
+    stopped = fit(make_learner(run, hook=interrupt_at(9)), run.train, new_dir(tmp_path / "cut"))
+    assert stopped.interrupted and stopped.best_step is None
+    resumed = make_learner(run)
+    out = fit(resumed, run.train, tmp_path / "cut", resume=True)
+    assert (out.best_step, out.best_value) == (expected.best_step, expected.best_value)
+    assert_same_params(params_of(resumed), params_of(whole))
+    again = make_learner(run)  # a finished run comes back with its selected weights too
+    assert fit(again, run.train, tmp_path / "cut", resume=True).best_step == expected.best_step
+    assert_same_params(params_of(again), params_of(whole))
+
+
+def test_keep_best_names_a_metric_the_run_evaluates(sinusoid_config, tmp_path: Path) -> None:
+    run = selecting(sinusoid_config, "max", metric="eval/accuracy")
+    with pytest.raises(ConfigError, match=r"'train\.keep_best'.*it has: eval/val_mse"):
+        fit(make_learner(run), run.train, tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"'train\.keep_best': must name a metric of the periodic evaluation"
+    ):
+        selecting(sinusoid_config, "max", metric="accuracy")
+
+
+def test_keep_best_ties_go_to_the_later_weights(sinusoid_config, tmp_path: Path) -> None:
+    run = selecting(sinusoid_config, "max")
+    learner = make_learner(run)
+    learner.evaluate = lambda part, episodes: {"eval/val_mse": 1.0}  # a plateau: every evaluation ties
+    assert fit(learner, run.train, tmp_path).best_step == 20

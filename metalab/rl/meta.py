@@ -306,6 +306,19 @@ def evaluate_meta(
     }
 
 
+def evaluate_meta_and_training_problems(
+    env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent
+) -> dict[str, float]:
+    """:func:`evaluate_meta` on the held-out problems, and ``eval/train_problems_return`` (with its CI): as many
+    meta-episodes on the training problems. That one is what model selection (``train.keep_best``) may watch, as
+    it never looks at a held-out problem; beside the held-out return it also tells a failure to generalise (high
+    on training problems, low on new ones) from a failure to learn."""
+    held_out = evaluate_meta(env, part, episodes, eval_seed, agent)
+    seen = evaluate_meta(env, part, episodes, eval_seed, agent, split="train")
+    return {**held_out, "eval/train_problems_return": seen["eval/return"],
+            "eval/train_problems_return_ci95": seen["eval/return_ci95"]}  # fmt: skip
+
+
 def render_meta_episode(
     env: gym.Env,
     problem: int,

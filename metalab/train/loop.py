@@ -25,13 +25,14 @@ from torch import nn
 from tqdm import tqdm
 
 from metalab.config import require
-from metalab.errors import CheckpointError, NonFiniteLossError
+from metalab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from metalab.train.logger import MetricLogger
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class TrainConfig:
     """Checkpoint every this many steps (and at the end, on Ctrl-C)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; ``auto`` takes a GPU when one is present."""
+    keep_best: str | None = None
+    """Model selection: a metric of the periodic evaluation (e.g. ``eval/accuracy``, or for meta-RL
+    ``eval/train_problems_return``, measured on training problems only). The weights at the best evaluation so
+    far are kept in ``best.pt`` (ties go to the later one), and :func:`fit` ends with them loaded, so the final
+    test scores the selected model. Null: the final weights."""
+    keep_best_mode: Literal["max", "min"] = "max"
+    """Whether ``keep_best`` is better higher (accuracy, return) or lower (a loss)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
@@ -80,6 +88,11 @@ class TrainConfig:
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
         for key in ("log_every", "eval_every", "eval_episodes", "checkpoint_every"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(
+            self.keep_best is None or self.keep_best.startswith("eval/"),
+            "keep_best",
+            f"must name a metric of the periodic evaluation (eval/...), got {self.keep_best!r}",
+        )
 
 
 @dataclass
@@ -120,6 +133,11 @@ class FitResult:
     """The last periodic evaluation."""
     seconds: float = 0.0
     """Training time of the run, across resumes."""
+    best_step: int | None = None
+    """With ``keep_best``: the step whose weights the learner ends with (None without it, or before any
+    evaluation)."""
+    best_value: float | None = None
+    """With ``keep_best``: that step's value of the metric."""
 
 
 def _make_optimizer(
@@ -159,6 +177,30 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _select(
+    cfg: TrainConfig,
+    metrics: dict[str, float],
+    step: int,
+    best: tuple[int, float] | None,
+    learner: Learner,
+    run_dir: Path,
+) -> tuple[int, float] | None:
+    """``keep_best``: save the weights to ``best.pt`` if this evaluation is at least as good as ``best``."""
+    if cfg.keep_best not in metrics:
+        raise ConfigError(
+            "train.keep_best",
+            f"{cfg.keep_best!r} is not a metric of this run's evaluation; it has: {', '.join(sorted(metrics))}",
+        )
+    value = float(metrics[cfg.keep_best])
+    if not math.isfinite(value):
+        return best
+    if best is not None and (value < best[1] if cfg.keep_best_mode == "max" else value > best[1]):
+        return best
+    save_checkpoint(run_dir / BEST, {"step": step, "metric": cfg.keep_best, "value": value,
+                                     "model": learner.model.state_dict()})  # fmt: skip
+    return step, value
+
+
 def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train ``learner`` for ``cfg.steps`` steps in ``run_dir``, resuming from its checkpoint if ``resume``."""
     ckpt_path = run_dir / CHECKPOINT
@@ -166,6 +208,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
     opt, sched = _make_optimizer(learner, cfg)
     step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
     skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
+    best: tuple[int, float] | None = None  # keep_best: (step, value) of the weights in best.pt
     if resume:
         state = load_checkpoint(ckpt_path)
         try:
@@ -180,6 +223,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
         step = int(state["step"])
         elapsed = float(state.get("elapsed", 0.0))
         skipped, in_a_row = state.get("skipped", (0, 0))
+        best = tuple(state["best"]) if state.get("best") is not None else None  # type: ignore[assignment]
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def checkpoint() -> None:
@@ -191,6 +235,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             "rng": rng_state(),
             "elapsed": seconds(),
             "skipped": (skipped, in_a_row),
+            "best": best,
         }
         if learner.state is not None:
             state["learner"] = learner.state()
@@ -256,6 +301,8 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
                     metrics = learner.evaluate(cfg.eval_part, cfg.eval_episodes)
                     logger.log(step, {**metrics, "time/train_seconds": seconds()})
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    if cfg.keep_best is not None:
+                        best = _select(cfg, metrics, step, best, learner, run_dir)
                 if step % cfg.checkpoint_every == 0 or last or stop.requested:
                     checkpoint()
                 if stop.requested:
@@ -266,4 +313,18 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
     finally:
         bar.close()
         logger.close()
-    return FitResult(step, False, metrics, seconds())
+    if cfg.keep_best is None:
+        return FitResult(step, False, metrics, seconds())
+    if best is None:
+        log.warning(
+            "train.keep_best: no evaluation recorded %s; the learner keeps its last weights", cfg.keep_best
+        )
+        return FitResult(step, False, metrics, seconds())
+    selected = load_checkpoint(run_dir / BEST)
+    if int(selected["step"]) != best[0]:
+        raise CheckpointError(
+            f"{run_dir / BEST} holds step {selected['step']}, the run's checkpoint says {best[0]}"
+        )
+    learner.model.load_state_dict(selected["model"])
+    log.info("train.keep_best: weights of step %d (%s = %.4f)", best[0], cfg.keep_best, best[1])
+    return FitResult(step, False, metrics, seconds(), best_step=best[0], best_value=best[1])
