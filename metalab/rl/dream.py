@@ -77,10 +77,11 @@ same useful buses 4.2 apart, different ones 4.2); 12k meta-episodes after it ``F
 and 24k after it the explorer rides 2.4 useful buses. Annealing from the first step instead collapsed ``F`` before
 the executor learned to read it (all problems within 0.03 of each other at 24k; 0.07 given ``F(mu)``).
 
-Late in training the greedy explorer dips now and then for a few thousand meta-episodes: seeds 0 and 1 both held
-0.80 held-out from 90k to 108k and fell to 0.52 and 0.49 at 114k; seed 0 was back at 0.80 at 120k, seed 1 ended
-in the dip (0.59 on the 523 held-out problems, its explorer riding only 2 distinct useful buses in a quarter of
-them). The 9x9 config therefore keeps the weights of the best periodic evaluation on the training problems
+Late in training the greedy explorer dips for a few thousand meta-episodes: all three 9x9 seeds held 0.80
+held-out at 108k and fell to 0.52, 0.49 and 0.63 at 114k, about 24k meta-episodes after converging, when the
+explorer's replay (the last ``buffer_size`` explorations) holds only converged ones (a likely cause, not tested).
+Seeds 0 and 2 were back at 0.80 at 120k; seed 1 ended in the dip (0.59 on the 523 held-out problems, its explorer
+riding only 2 distinct useful buses in a quarter of them). The 9x9 config therefore keeps the weights of the best periodic evaluation on the training problems
 (``train.keep_best: eval/train_problems_return``), which never looks at a held-out problem and tracked the
 held-out return closely in both runs.
 """
