@@ -39,7 +39,7 @@ from metalab.rl.meta import (
     steps_to_sequence,
 )
 from metalab.train.checkpoint import load_checkpoint
-from metalab.train.loop import CHECKPOINT
+from metalab.train.loop import BEST, CHECKPOINT
 from metalab.utils import atomic_path
 
 RIDE = 5  # CityGrid's ride action
@@ -92,11 +92,16 @@ def decoding_executor(
     return exploit
 
 
-def probe(run_dir: Path, n_test: int = 150, checkpoint: str = CHECKPOINT, seed: int = 0) -> dict[str, Any]:
-    """The probe's numbers for the DREAM run in ``run_dir`` (see the module docstring)."""
-    if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / checkpoint).is_file():
-        raise CheckpointError(f"{run_dir} has no {CONFIG_NAME} and {checkpoint}: not a DREAM run directory")
+def probe(run_dir: Path, n_test: int = 150, checkpoint: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """The probe's numbers for the DREAM run in ``run_dir`` (see the module docstring), with the weights in
+    ``checkpoint``: by default those the run selected (``best.pt``, with ``train.keep_best``), else its last."""
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_NAME}: not a DREAM run directory")
     run = load_run_config(run_dir / CONFIG_NAME, [])
+    if checkpoint is None:
+        checkpoint = BEST if run.train.keep_best is not None and (run_dir / BEST).is_file() else CHECKPOINT
+    if not (run_dir / checkpoint).is_file():
+        raise CheckpointError(f"{run_dir} has no {checkpoint}: not a trained DREAM run directory")
     if run.algo != "dream":
         raise CheckpointError(f"{run_dir} is a {run.algo} run; the probe reads DREAM runs")
     device = torch.device("cpu")
@@ -110,7 +115,7 @@ def probe(run_dir: Path, n_test: int = 150, checkpoint: str = CHECKPOINT, seed: 
     rng = np.random.default_rng(seed)
     held_out = [int(p) for p in rng.choice(env.unwrapped.problems("test"), n_test, replace=False)]
     same, different = clusters(encodings, train_problems)
-    out: dict[str, Any] = {"step": int(state["step"]), "encoding_distance_same_useful": same,
+    out: dict[str, Any] = {"step": int(state["step"]), "weights": checkpoint, "encoding_distance_same_useful": same,
                            "encoding_distance_different_useful": different}  # fmt: skip
     for split, pool in (("train", train_problems), ("test", held_out)):
         rows = []
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_dir", type=Path, help="a DREAM run directory (config.yaml and a checkpoint)")
     p.add_argument("--problems", type=int, default=150, help="held-out problems to play (default 150)")
     p.add_argument(
-        "--checkpoint", default=CHECKPOINT, help=f"checkpoint file in RUN_DIR (default {CHECKPOINT})"
+        "--checkpoint",
+        help=f"weights file in RUN_DIR (default: {BEST} when the run selected weights, else {CHECKPOINT})",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -51,5 +51,18 @@ def test_probe_script_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert 0.0 <= s["right"] <= 1.0 and s["useful_rides"] >= s["distinct_useful_stops"] >= 0.0
         assert sum(row["fraction"] for row in s["by_distinct_useful_stops"].values()) == pytest.approx(1.0)
     assert "distinct useful stops" in capsys.readouterr().out
+    assert out["weights"] == "checkpoint.pt"  # the run selects nothing
     with pytest.raises(SystemExit, match="not a DREAM run directory"):
         dream_probe.main([str(tmp_path)])
+
+
+def test_probe_reads_the_selected_weights(tmp_path: Path) -> None:
+    sets = ["train.steps=6", "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
+            "train.eval_episodes=2", "eval.episodes=2", "dream.hidden=8", "dream.learning_starts=2",
+            "dream.batch_size=2", "dream.exec_batch_size=4", "train.device=cpu",
+            "train.keep_best=eval/train_problems_return", "train.keep_best_mode=min"]  # fmt: skip
+    run = load_run_config(Path(__file__).parents[1] / "configs" / "dream_citygrid5x5.yaml", sets)
+    _, fitted = train(run, tmp_path / "run")
+    out = dream_probe.probe(tmp_path / "run", 2)
+    assert out["weights"] == "best.pt" and out["step"] == fitted.best_step
+    assert dream_probe.probe(tmp_path / "run", 2, "checkpoint.pt")["step"] == 6
