@@ -291,6 +291,56 @@ def test_keep_best_survives_resume(sinusoid_config, tmp_path: Path) -> None:
     assert_same_params(params_of(again), params_of(whole))
 
 
+def scripted(run: RunConfig, peak_at: int, hook: Hook | None = None) -> Learner:
+    """A learner whose evaluation reads 1.0 except 2.0 after ``peak_at`` steps."""
+    done = [0]
+
+    def count(step: int, learner: Learner) -> None:
+        done[0] = step + 1
+        if hook is not None:
+            hook(step, learner)
+
+    learner = make_learner(run, hook=count)
+    learner.evaluate = lambda part, episodes: {"eval/val_mse": 2.0 if done[0] == peak_at else 1.0}
+    return learner
+
+
+def test_keep_best_resume_trusts_the_checkpoint_over_best_pt(sinusoid_config, tmp_path: Path) -> None:
+    """A crash after ``best.pt`` was written for a new evaluation but before the checkpoint that records it: the
+    resume must take the checkpoint's selection (a replay need not reach that evaluation's value again)."""
+    run = selecting(sinusoid_config, "max")
+    whole = scripted(run, peak_at=4)
+    assert fit(whole, run.train, new_dir(tmp_path / "whole")).best_step == 4
+    cut = new_dir(tmp_path / "cut")
+    assert fit(scripted(run, peak_at=4, hook=interrupt_at(9)), run.train, cut).interrupted
+    stray = {k: torch.zeros_like(v) for k, v in whole.model.state_dict().items()}
+    torch.save({"step": 10, "metric": "eval/val_mse", "value": 3.0, "model": stray}, cut / "best.pt")
+    resumed = scripted(run, peak_at=4)
+    out = fit(resumed, run.train, cut, resume=True)
+    assert (out.best_step, out.best_value) == (4, 2.0)
+    assert_same_params(params_of(resumed), params_of(whole))
+    exported = load_checkpoint(cut / "best.pt")  # best.pt was put back in line with the selection
+    assert exported["step"] == 4
+    assert_same_params(dict(exported["model"]), params_of(whole))
+
+
+def test_keep_best_reads_checkpoints_without_the_selected_weights(sinusoid_config, tmp_path: Path) -> None:
+    """Checkpoints written before they carried the selected weights: best.pt holds them, and must agree."""
+    run = selecting(sinusoid_config, "max")
+    whole = make_learner(run)
+    expected = fit(whole, run.train, tmp_path)
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    del state["best_model"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    again = make_learner(run)
+    assert fit(again, run.train, tmp_path, resume=True).best_step == expected.best_step
+    assert_same_params(params_of(again), params_of(whole))
+    exported = load_checkpoint(tmp_path / "best.pt")
+    torch.save({**exported, "step": expected.best_step + 2}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"best\.pt holds step .* the run's checkpoint says"):
+        fit(make_learner(run), run.train, tmp_path, resume=True)
+
+
 def test_keep_best_names_a_metric_the_run_evaluates(sinusoid_config, tmp_path: Path) -> None:
     run = selecting(sinusoid_config, "max", metric="eval/accuracy")
     with pytest.raises(ConfigError, match=r"'train\.keep_best'.*it has: eval/val_mse"):

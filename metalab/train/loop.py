@@ -73,8 +73,8 @@ class TrainConfig:
     keep_best: str | None = None
     """Model selection: a metric of the periodic evaluation (e.g. ``eval/accuracy``, or for meta-RL
     ``eval/train_problems_return``, measured on training problems only). The weights at the best evaluation so
-    far are kept in ``best.pt`` (ties go to the later one), and :func:`fit` ends with them loaded, so the final
-    test scores the selected model. Null: the final weights."""
+    far are kept in the checkpoint and exported to ``best.pt`` (ties go to the later one), and :func:`fit` ends
+    with them loaded, so the final test scores the selected model. Null: the final weights."""
     keep_best_mode: Literal["max", "min"] = "max"
     """Whether ``keep_best`` is better higher (accuracy, return) or lower (a loss)."""
 
@@ -177,15 +177,15 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+Weights = dict[str, torch.Tensor]
+Best = tuple[int, float, Weights]  # keep_best: (step, value, a copy of the model's state at that step)
+
+
 def _select(
-    cfg: TrainConfig,
-    metrics: dict[str, float],
-    step: int,
-    best: tuple[int, float] | None,
-    learner: Learner,
-    run_dir: Path,
-) -> tuple[int, float] | None:
-    """``keep_best``: save the weights to ``best.pt`` if this evaluation is at least as good as ``best``."""
+    cfg: TrainConfig, metrics: dict[str, float], step: int, best: Best | None, learner: Learner, run_dir: Path
+) -> Best | None:
+    """``keep_best``: take a copy of the weights (and export them to ``best.pt``) if this evaluation is at least
+    as good as ``best``."""
     if cfg.keep_best not in metrics:
         raise ConfigError(
             "train.keep_best",
@@ -196,9 +196,39 @@ def _select(
         return best
     if best is not None and (value < best[1] if cfg.keep_best_mode == "max" else value > best[1]):
         return best
-    save_checkpoint(run_dir / BEST, {"step": step, "metric": cfg.keep_best, "value": value,
-                                     "model": learner.model.state_dict()})  # fmt: skip
-    return step, value
+    weights = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+    _export_best(cfg, run_dir, (step, value, weights))
+    return step, value, weights
+
+
+def _export_best(cfg: TrainConfig, run_dir: Path, best: Best) -> None:
+    """Write the selected weights to ``best.pt`` (for ``metalab eval`` and other readers). The checkpoint holds
+    them too and is what a resume trusts: a crash between the two writes leaves ``best.pt`` one evaluation
+    ahead, and the resume rewrites it."""
+    step, value, weights = best
+    save_checkpoint(run_dir / BEST, {"step": step, "metric": cfg.keep_best, "value": value, "model": weights})
+
+
+def _resumed_best(cfg: TrainConfig, state: dict, run_dir: Path) -> Best | None:
+    """The selection a checkpoint records, with ``best.pt`` brought in line with it."""
+    if state.get("best") is None:
+        return None
+    step, value = int(state["best"][0]), float(state["best"][1])
+    if state.get("best_model") is None:  # checkpoints written before they carried the weights
+        exported = load_checkpoint(run_dir / BEST)
+        if int(exported["step"]) != step:
+            raise CheckpointError(
+                f"{run_dir / BEST} holds step {exported['step']}, the run's checkpoint says {step}"
+            )
+        return step, value, exported["model"]
+    best = (step, value, state["best_model"])
+    exported = load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file() else None
+    if exported is None or int(exported["step"]) != step:
+        log.warning(
+            "train.keep_best: %s rewritten with the checkpoint's selection (step %d)", run_dir / BEST, step
+        )
+        _export_best(cfg, run_dir, best)
+    return best
 
 
 def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
@@ -208,7 +238,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
     opt, sched = _make_optimizer(learner, cfg)
     step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
     skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
-    best: tuple[int, float] | None = None  # keep_best: (step, value) of the weights in best.pt
+    best: Best | None = None
     if resume:
         state = load_checkpoint(ckpt_path)
         try:
@@ -223,7 +253,8 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
         step = int(state["step"])
         elapsed = float(state.get("elapsed", 0.0))
         skipped, in_a_row = state.get("skipped", (0, 0))
-        best = tuple(state["best"]) if state.get("best") is not None else None  # type: ignore[assignment]
+        if cfg.keep_best is not None:
+            best = _resumed_best(cfg, state, run_dir)
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def checkpoint() -> None:
@@ -235,7 +266,8 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             "rng": rng_state(),
             "elapsed": seconds(),
             "skipped": (skipped, in_a_row),
-            "best": best,
+            "best": None if best is None else best[:2],
+            "best_model": None if best is None else best[2],
         }
         if learner.state is not None:
             state["learner"] = learner.state()
@@ -320,11 +352,6 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             "train.keep_best: no evaluation recorded %s; the learner keeps its last weights", cfg.keep_best
         )
         return FitResult(step, False, metrics, seconds())
-    selected = load_checkpoint(run_dir / BEST)
-    if int(selected["step"]) != best[0]:
-        raise CheckpointError(
-            f"{run_dir / BEST} holds step {selected['step']}, the run's checkpoint says {best[0]}"
-        )
-    learner.model.load_state_dict(selected["model"])
+    learner.model.load_state_dict(best[2])
     log.info("train.keep_best: weights of step %d (%s = %.4f)", best[0], cfg.keep_best, best[1])
     return FitResult(step, False, metrics, seconds(), best_step=best[0], best_value=best[1])
