@@ -39,7 +39,7 @@ from metalab.rl.meta import (
     steps_to_sequence,
 )
 from metalab.train.checkpoint import load_checkpoint
-from metalab.train.loop import BEST, CHECKPOINT
+from metalab.train.loop import BEST, CHECKPOINT, weights_file
 from metalab.utils import atomic_path
 
 RIDE = 5  # CityGrid's ride action
@@ -99,7 +99,7 @@ def probe(run_dir: Path, n_test: int = 150, checkpoint: str | None = None, seed:
         raise CheckpointError(f"{run_dir} has no {CONFIG_NAME}: not a DREAM run directory")
     run = load_run_config(run_dir / CONFIG_NAME, [])
     if checkpoint is None:
-        checkpoint = BEST if run.train.keep_best is not None and (run_dir / BEST).is_file() else CHECKPOINT
+        checkpoint = weights_file(run_dir, run.train)
     if not (run_dir / checkpoint).is_file():
         raise CheckpointError(f"{run_dir} has no {checkpoint}: not a trained DREAM run directory")
     if run.algo != "dream":

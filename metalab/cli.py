@@ -189,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     from metalab.errors import CheckpointError
     from metalab.experiment import algorithm, load_run_dir_config, run_config_from_dict
     from metalab.train.checkpoint import load_checkpoint
-    from metalab.train.loop import BEST, CHECKPOINT
+    from metalab.train.loop import BEST, CHECKPOINT, weights_file
     from metalab.utils import resolve_device
 
     run_dir = Path(args.run_dir)
@@ -203,8 +203,8 @@ def _eval(args: argparse.Namespace) -> int:
         run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(overrides)))
     device = resolve_device(run.train.device)
     learner = algorithm(run.algo).build(run, _data_root(args, run.task.data_root), device)
-    selected = run.train.keep_best is not None and (run_dir / BEST).is_file() and not args.last
-    weights = run_dir / (BEST if selected else CHECKPOINT)
+    weights = run_dir / (CHECKPOINT if args.last else weights_file(run_dir, run.train))
+    selected = weights.name == BEST
     state = load_checkpoint(weights, map_location=device)
     try:
         learner.model.load_state_dict(state["model"])

@@ -181,6 +181,12 @@ Weights = dict[str, torch.Tensor]
 Best = tuple[int, float, Weights]  # keep_best: (step, value, a copy of the model's state at that step)
 
 
+def weights_file(run_dir: Path, cfg: TrainConfig) -> str:
+    """The file in ``run_dir`` with the weights the run ends with: ``best.pt`` when it selected them with
+    ``keep_best``, else its last checkpoint."""
+    return BEST if cfg.keep_best is not None and (run_dir / BEST).is_file() else CHECKPOINT
+
+
 def _select(
     cfg: TrainConfig, metrics: dict[str, float], step: int, best: Best | None, learner: Learner, run_dir: Path
 ) -> Best | None:
