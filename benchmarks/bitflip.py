@@ -4,6 +4,7 @@
     python -m benchmarks.bitflip --only future-n15                # one method at one n, all three seeds
     python -m benchmarks.bitflip --only sb3-n25-s1 none-n25-s1    # single configurations
     python -m benchmarks.bitflip --only n7 --steps-scale 0.5      # every method at n = 7, half the budget
+    python -m benchmarks.bitflip --only plain-n7 plain-n15        # metalab like-for-like with SB3, 3 seeds each
 
 Published behaviour (Andrychowicz et al., "Hindsight Experience Replay", NeurIPS 2017, sec. 4.1, fig. 1): DQN
 without relabeling fails beyond about n = 13 bits; with HER ("future", k = 4) it solves n = 50. This project's
@@ -14,14 +15,26 @@ with ``dqn.her`` set to none / final / future (one update per env step, so train
 peer ``sb3`` trains SB3's DQN with HerReplayBuffer (future, n_sampled_goal 4) with the same hyperparameters
 (mapping in :mod:`benchmarks.bitflip_sb3`). Every method at a given n gets the same env-step budget
 (``BUDGETS`` times ``--steps-scale``, or ``--budget N=STEPS``), evaluates greedy success on 100 fixed
-validation episodes every ``budget / 40`` env steps (the learning curve and the env steps at which greedy
-success first reaches 90%, null if never), and after training on 100 fixed test episodes (the same episodes
-for every method). ``seconds`` is training wall-clock time, periodic evaluations included, across resumes.
+validation episodes every ``budget / 40`` env steps (the val learning curve, ``curve_metric`` ``val/success``,
+and the env steps at which val greedy success first reaches 90%, null if never), and after training on 100
+fixed test episodes (``test/success``; the same episodes for every method, never among the val ones).
+``seconds`` is training wall-clock time, periodic evaluations included, across resumes.
+
+The tuned metalab cells differ from SB3's DQN in more than relabeling: metalab uses double DQN
+(``dqn.double``) and clips TD targets to the feasible return range (``dqn.clip_target``), SB3 does neither, and
+SB3's Q-network reads ``[achieved goal, desired goal, observation]`` (3n inputs; on BitFlip the achieved goal is
+the observation) where metalab's reads ``[observation, desired goal]`` (2n). ``plain`` (method
+``metalab-dqn-her-plain``) is metalab like-for-like with SB3 on those three: ``future`` relabeling with
+``dqn.double=false``, ``dqn.clip_target=false`` and ``dqn.achieved_goal_input=true``. What still differs: SB3
+relabels each minibatch anew and keeps a relabeled transition's ``done`` of the real episode, metalab relabels
+``her_k`` goals once per transition and ends a relabeled transition where its goal is reached. ``plain`` runs only
+when named (``--only plain-n7``); the default grid and the ``n<N>`` groups are the other four methods.
 
 Each configuration trains in ``<runs-dir>/<config>`` and resumes it when rerun; its records (``success_s<seed>``,
 ``steps_to_90_s<seed>``) are merged into ``<results-dir>/bitflip.json`` together with the aggregate over the
-seeds recorded so far (``success``, ``steps_to_90``: mean with a 95% CI), and ``bitflip.png`` is redrawn from
-every run directory (mean greedy success over seeds vs env steps, band: min to max over seeds).
+seeds recorded so far (``success``, ``steps_to_90``: mean with a Student-t 95% CI over seeds, ``per_seed`` and
+``n``), and ``bitflip.png`` is redrawn from every run directory (mean val greedy success over seeds vs env steps,
+band: min to max over seeds). Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from benchmarks.bitflip_sb3 import MISSING, sb3_kwargs, train_sb3
-from benchmarks.common import RESULTS, merge_results, record
+from benchmarks.common import RESULTS, add_provenance_args, current_label, merge_results, parse_args, record
 from benchmarks.rl_common import (
     aggregate,
     expand,
@@ -62,7 +75,17 @@ METHODS = {
     "final": "metalab-dqn-final",
     "future": "metalab-dqn-future",
     "sb3": "sb3-dqn-her-future",
+    "plain": "metalab-dqn-her-plain",
 }
+DEFAULT_METHODS = ("none", "final", "future", "sb3")  # ``plain`` runs when named
+# ``plain``: metalab's DQN + HER (future) with SB3's target (no double DQN, no clip) and SB3's input layout.
+PLAIN_OVERRIDES = [
+    "dqn.her=future",
+    "dqn.double=false",
+    "dqn.clip_target=false",
+    "dqn.achieved_goal_input=true",
+]
+SB3_FACTS = {"double": False, "clip_target": False, "inputs": "achieved goal, desired goal, observation (3n)"}
 # Env steps per configuration at each n, the same for every method. Calibration (metalab future, seed 0, on
 # this 2-core CPU): 90% greedy success after ~700 env steps at n = 7 and ~5400 at n = 15 (0.99 at ~9000);
 # ~36% after 16k at n = 25. Steps to learn grow roughly like n^3, hence ~25k expected at n = 25 and ~200k at
@@ -104,9 +127,11 @@ PUBLISHED = (
 THRESHOLD = 0.9
 EVAL_EPISODES = 100
 CONFIGS = [f"{m}-n{n}-s{s}" for n in NS for m in METHODS for s in SEEDS]
+DEFAULT = [f"{m}-n{n}-s{s}" for n in NS for m in DEFAULT_METHODS for s in SEEDS]
 GROUPS = {f"{m}-n{n}": [f"{m}-n{n}-s{s}" for s in SEEDS] for n in NS for m in METHODS} | {
-    f"n{n}": [f"{m}-n{n}-s{s}" for m in METHODS for s in SEEDS] for n in NS
+    f"n{n}": [f"{m}-n{n}-s{s}" for m in DEFAULT_METHODS for s in SEEDS] for n in NS
 }
+CURVE_METRIC = "val/success"  # the periodic evaluations: greedy success on the val episodes
 
 
 def parse(name: str) -> tuple[str, int, int]:
@@ -118,7 +143,8 @@ def parse(name: str) -> tuple[str, int, int]:
 def run_config(method: str, n: int, seed: int, budget: int) -> RunConfig:
     """metalab's DQN config of one configuration (the SB3 peer reads its settings from the ``future`` one)."""
     eval_every = max(budget // 40, 100)
-    overrides = [f"seed={seed}", f"env.n={n}", f"dqn.her={'future' if method == 'sb3' else method}",
+    her = PLAIN_OVERRIDES if method == "plain" else [f"dqn.her={'future' if method == 'sb3' else method}"]
+    overrides = [f"seed={seed}", f"env.n={n}", *her,
                  f"train.steps={budget}", f"train.eval_every={eval_every}", f"train.eval_episodes={EVAL_EPISODES}",
                  f"train.checkpoint_every={max(budget // 10, 100)}", f"train.log_every={max(budget // 200, 10)}",
                  f"eval.episodes={EVAL_EPISODES}", f"eval.batch={EVAL_EPISODES}", "train.device=cpu"]  # fmt: skip
@@ -132,7 +158,7 @@ def first_reaching(curve: list[tuple[int, float]], threshold: float = THRESHOLD)
 
 def metalab_curve(run_dir: Path) -> list[tuple[int, float]]:
     path = run_dir / "metrics.csv"
-    return [(s, v) for s, k, v in read_metrics(path) if k == "eval/success"] if path.is_file() else []
+    return [(s, v) for s, k, v in read_metrics(path) if k == CURVE_METRIC] if path.is_file() else []
 
 
 def sb3_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -148,20 +174,24 @@ def benchmark(name: str, budget: int, runs: Path) -> list[dict]:
         result = train_sb3(run, run_dir, run.train.eval_every, run.train.checkpoint_every)
         test_mean, test_ci = result.test_success.mean, result.test_success.ci95
         curve, steps, seconds = result.curve, result.steps, result.seconds
-        settings = {"sb3_hyperparameters": sb3_kwargs(run)}
+        settings = {"sb3_hyperparameters": sb3_kwargs(run), **SB3_FACTS}
     else:
         learner, fitted = train(run, run_dir)
         metrics = learner.evaluate("test", EVAL_EPISODES)
-        test_mean, test_ci = metrics["eval/success"], metrics["eval/success_ci95"]
+        test_mean, test_ci = metrics["test/success"], metrics["test/success_ci95"]
         curve, steps, seconds = metalab_curve(run_dir), fitted.step, fitted.seconds
+        cfg = run.params
         settings = {
             "config": f"configs/{CONFIG.name}",
-            "her": method,
-            "hidden": list(run.params.hidden),
-            "eps_end": run.params.eps_end,
+            "her": cfg.her,
+            "hidden": list(cfg.hidden),
+            "eps_end": cfg.eps_end,
+            "double": cfg.double,
+            "clip_target": cfg.clip_target,
+            "inputs": SB3_FACTS["inputs"] if cfg.achieved_goal_input else "observation, desired goal (2n)",
         }
     reached = first_reaching(curve)
-    common = {"n": n, "seed": seed, "budget_env_steps": budget, "eval_every": run.train.eval_every,
+    common = {"bits": n, "seed": seed, "budget_env_steps": budget, "eval_every": run.train.eval_every,
               "eval_episodes": EVAL_EPISODES, "test_episodes": EVAL_EPISODES, "threads": torch.get_num_threads(),
               "published": PUBLISHED, **settings}  # fmt: skip
     target = TARGETS.get(n) if method == "future" else None
@@ -171,9 +201,10 @@ def benchmark(name: str, budget: int, runs: Path) -> list[dict]:
     task, label = f"bitflip-n{n}", METHODS[method]
     return [
         record(BENCH, task, label, seed_metric("success", seed), test_mean, ci95=test_ci, unit="fraction",
-               steps=steps, seconds=seconds, target=target, curve=[list(p) for p in sorted(curve)], **common),
+               steps=steps, seconds=seconds, target=target, curve=[list(p) for p in sorted(curve)],
+               curve_metric=CURVE_METRIC, metric_key="test/success", **common),
         record(BENCH, task, label, seed_metric("steps_to_90", seed), reached, unit="env steps", steps=steps,
-               seconds=seconds, threshold=THRESHOLD, **common),
+               seconds=seconds, threshold=THRESHOLD, threshold_metric=CURVE_METRIC, **common),
     ]  # fmt: skip
 
 
@@ -181,7 +212,7 @@ def aggregates(path: Path, name: str) -> list[dict]:
     """Records over the seeds of ``name``'s method and n found in the results file at ``path``."""
     method, n, _ = parse(name)
     records = json.loads(path.read_text())
-    extra = {"n": n, "published": PUBLISHED}
+    extra = {"bits": n, "published": PUBLISHED}  # "n" of an aggregate: its seed count
     success = aggregate(records, BENCH, f"bitflip-n{n}", METHODS[method], "success", "fraction",
                         target=TARGETS.get(n) if method == "future" else None, **extra)  # fmt: skip
     reach = aggregate(records, BENCH, f"bitflip-n{n}", METHODS[method], "steps_to_90", "env steps",
@@ -190,9 +221,9 @@ def aggregates(path: Path, name: str) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds. A seed's
+    """Val greedy success vs env steps, one panel per n: mean over seeds, band from min to max over seeds. A seed's
     curve comes from its run directory or, where that is gone, from its ``success_s<seed>`` record."""
-    recorded = recorded_curves(results, BENCH)
+    recorded = recorded_curves(results, BENCH, older_too=True)  # older records' curves were val ones too
     fig, axes = plt.subplots(1, len(NS), figsize=(4.2 * len(NS), 3.4), squeeze=False)
     drawn = False
     for ax, n in zip(axes.flat, NS, strict=True):
@@ -210,7 +241,7 @@ def plot(runs: Path, results: Path) -> Path | None:
         ax.set_title(f"BitFlip n = {n}")
         ax.set_xlabel("environment steps")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))  # 300000 as 3e5: no overlapping labels
-        ax.set_ylabel("greedy success (100 episodes)")
+        ax.set_ylabel("val greedy success (100 episodes)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -228,17 +259,17 @@ def budget_arg(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=[*GROUPS, *CONFIGS], metavar="CONFIG",
-                   help="configurations (none|final|future|sb3-n{7,15,25,50}-s{0,1,2}) or groups of seeds "
-                   "(future-n15) or of a whole n (n15); default: all")  # fmt: skip
+                   help="configurations (none|final|future|sb3|plain-n{7,15,25,50}-s{0,1,2}) or groups of seeds "
+                   "(future-n15) or of a whole n (n15: all but plain); default: all but plain")  # fmt: skip
     p.add_argument("--steps-scale", type=float, default=1.0, help=f"multiply the env-step budgets {BUDGETS}")
     p.add_argument("--budget", type=budget_arg, action="append", default=[], metavar="N=STEPS",
                    help="env-step budget for one n (repeatable; overrides --steps-scale for it)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny networks: 1 is fastest)")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where bitflip.json/.png go")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    names = expand(args.only, GROUPS, CONFIGS)
+    add_provenance_args(p)
+    args = parse_args(p, argv)  # a dirty tree is refused here, before any training
+    names = expand(args.only, GROUPS, DEFAULT)
     if (
         any(parse(name)[0] == "sb3" for name in names)
         and importlib.util.find_spec("stable_baselines3") is None
@@ -251,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         path = merge_results(BENCH, records, args.results_dir)
         merge_results(BENCH, aggregates(path, name), args.results_dir)
         print(path)
-        plot(args.runs_dir, args.results_dir)
+        if current_label() is None:  # the figure shows the main records only
+            plot(args.runs_dir, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ dqn.loss: huber                          (always Huber)                         
 dqn.hidden (ReLU)                        policy_kwargs net_arch (ReLU)             [256]
 =======================================  ========================================  ===============================
 
-Not matched (SB3 has no such knob): metalab's double-DQN target and its clip of TD targets to the feasible
-return range ``[-1/(1-gamma), 0]`` (SB3: plain max target, unclipped); SB3's Q-network reads observation,
-achieved goal and desired goal concatenated (3n inputs; metalab reads observation and desired goal, 2n);
-SB3 draws relabeled goals anew at each minibatch, metalab draws ``her_k`` goals once per transition when the
-episode ends. Both are evaluated by the same code on the same greedy evaluation episodes.
+Not matched by the tuned config (SB3 has no such knob): metalab's double-DQN target and its clip of TD targets
+to the feasible return range ``[-1/(1-gamma), 0]`` (SB3: plain max target, unclipped); SB3's Q-network reads
+the dict observation's keys flattened and concatenated in sorted order, ``[achieved goal, desired goal,
+observation]`` (3n inputs; on BitFlip the achieved goal is the observation), metalab's ``[observation, desired
+goal]`` (2n). The ``plain`` method of :mod:`benchmarks.bitflip` matches these three (``dqn.double=false``,
+``dqn.clip_target=false``, ``dqn.achieved_goal_input=true``). Not matched by either: SB3 draws relabeled goals
+anew at each minibatch and keeps the real transition's ``done``, metalab draws ``her_k`` goals once per
+transition when the episode ends and marks a relabeled transition terminal where its goal is reached. Both are
+evaluated by the same code on the same greedy evaluation episodes (periodically ``val``, at the end ``test``).
 
 The run directory holds ``model.zip``, ``buffer.pkl`` and ``state.json`` (env steps, training seconds, the
 learning curve), checkpointed every ``checkpoint_every`` env steps. Resuming reloads them and continues the
@@ -48,7 +52,8 @@ from metalab.envs.config import make_env
 from metalab.experiment import RunConfig, run_config_from_dict
 from metalab.rl import dqn
 from metalab.rl.rollout import derive_seed, run_episodes
-from metalab.train.evaluate import Estimate, mean_ci95
+from metalab.stats import Estimate, mean_ci95
+from metalab.train.evaluate import PART_INDEX
 from metalab.utils import atomic_path
 
 MISSING = (
@@ -61,7 +66,7 @@ class Sb3Result(NamedTuple):
     test_success: Estimate
     """Greedy success over the test evaluation episodes after training."""
     curve: list[tuple[int, float]]
-    """(env steps, greedy success over the periodic evaluation episodes)."""
+    """(env steps, greedy success over the periodic evaluation episodes: the val part)."""
     steps: int
     seconds: float
     """Training wall-clock seconds (periodic evaluations included), across resumes."""
@@ -101,7 +106,7 @@ def evaluator(run: RunConfig, model: Any) -> Callable[[str, int], Estimate]:
         return model.predict(dict_obs, deterministic=True)[0]
 
     def evaluate(part: str, episodes: int) -> Estimate:
-        seeds = [derive_seed(run.eval.seed, dqn.EVAL_PARTS[part], i) for i in range(episodes)]
+        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
         return mean_ci95([r.success for r in run_episodes(envs, act, seeds)])
 
     return evaluate
@@ -145,12 +150,12 @@ def train_sb3(run: RunConfig, run_dir: Path, eval_every: int, checkpoint_every: 
             tmp.write_text(json.dumps({"steps": steps, "seconds": seconds, "curve": curve}) + "\n")
 
     class Periodic(BaseCallback):
-        """Evaluates every ``eval_every`` env steps and at the end; checkpoints every ``checkpoint_every``."""
+        """Evaluates (val) every ``eval_every`` env steps and at the end; checkpoints every ``checkpoint_every``."""
 
         def _on_step(self) -> bool:
             t = self.num_timesteps  # already counts the env step just taken
             if t % eval_every == 0 or t == run.train.steps:
-                curve.append((t, evaluate(run.train.eval_part, run.train.eval_episodes).mean))
+                curve.append((t, evaluate("val", run.train.eval_episodes).mean))
             if t % checkpoint_every == 0 or t == run.train.steps:
                 save(t)
             return True

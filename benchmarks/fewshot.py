@@ -1,10 +1,12 @@
 """Shared steps of the few-shot (Omniglot) benchmark scripts: train a configuration for a time budget in a
-resumable run directory, turn a test evaluation into an accuracy record, and draw test accuracy against
-training time from the run directories.
+resumable run directory, turn a test evaluation into an accuracy record, and draw val accuracy (the periodic
+evaluations) against training time from the run directories.
 
 A configuration trains ``configs/<name>.yaml`` (plus overrides) in ``<runs>/<config>`` for ``--minutes`` of
 training time (counted across resumes: ``train.max_minutes``) or ``--steps``, whichever comes first, and
 resumes that directory when it already holds a checkpoint, so a budget can be spread over several sittings.
+Training evaluates the val part only (``val/acc``: the learning curve); the test part is evaluated once, after
+training (``test/acc``: the record's value).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def accuracy_record(
     trained: Trained,
     test: dict[str, float],
     *,
-    key: str = "eval/test_acc",
+    key: str = "test/acc",
     metric: str = "test_accuracy",
     published: float | None = None,
     target: float | None = None,
@@ -102,7 +104,9 @@ def accuracy_record(
 ) -> dict[str, Any]:
     """The record of test accuracy ``test[key]`` (a fraction, with ``<key>_ci95`` when known) in percent.
 
-    Steps, training seconds, budget and test episodes come from ``trained``; a line is printed as well.
+    Steps, training seconds, budget and test episodes come from ``trained``; the learning curve is the val
+    counterpart of ``key`` (``val/acc`` for ``test/acc``: ``curve_metric``). ``label`` names the configuration
+    in the printed line only. A line is printed as well.
     """
     acc = 100 * test[key]
     ci = test.get(f"{key}_ci95")
@@ -128,13 +132,23 @@ def accuracy_record(
         target=target,
         test_episodes=run.eval.episodes,
         budget_minutes=run.train.max_minutes,
-        curve=eval_curve(trained.run_dir, key),  # the figure can be redrawn from the record alone
+        curve=eval_curve(trained.run_dir, val_key(key)),  # the figure can be redrawn from the record alone
+        curve_metric=val_key(key),
+        metric_key=key,  # the evaluation's name of the recorded metric
         **extra,
         threads=torch.get_num_threads(),
     )
 
 
-def eval_curve(run_dir: Path, key: str = "eval/test_acc") -> list[list[float]]:
+def val_key(key: str) -> str:
+    """The periodic (val) evaluation's name of a test metric: ``test/acc_inst2`` -> ``val/acc_inst2``."""
+    part, sep, metric = key.partition("/")
+    if not sep or part not in ("val", "test"):
+        raise ValueError(f"expected a <part>/<metric> name, got {key!r}")
+    return f"val/{metric}"
+
+
+def eval_curve(run_dir: Path, key: str = "val/acc") -> list[list[float]]:
     """``[training minutes, accuracy (%)]`` at each periodic evaluation ``key`` logged in ``run_dir``."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
@@ -146,12 +160,12 @@ def eval_curve(run_dir: Path, key: str = "eval/test_acc") -> list[list[float]]:
 
 
 class Curve(NamedTuple):
-    """One line of an accuracy-vs-time panel: the periodic evaluations ``key`` logged in ``run_dir`` or, where
-    that run directory is gone, the ``recorded`` ones (a record's ``curve``)."""
+    """One line of an accuracy-vs-time panel: the periodic (val) evaluations ``key`` logged in ``run_dir`` or,
+    where that run directory is gone, the ``recorded`` ones (a record's ``curve``, see :func:`recorded_curve`)."""
 
     label: str
     run_dir: Path
-    key: str = "eval/test_acc"
+    key: str = "val/acc"
     group: str | None = None
     """Curves of one group share a colour in every panel; default: the label up to its first ``-`` (the method
     of ``protonet-1shot``)."""
@@ -187,7 +201,7 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
             drawn = True
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("val accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -201,6 +215,12 @@ def plot_accuracy(panels: dict[str, list[Curve]], out: Path, xlabel: str = "trai
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def recorded_curve(rec: dict[str, Any]) -> list[list[float]] | None:
+    """A record's learning curve if it is a val one (records name it in ``curve_metric`` since the val protocol;
+    older records kept test curves, which a val figure leaves out)."""
+    return rec.get("curve") if str(rec.get("curve_metric", "")).startswith("val/") else None
 
 
 def add_budget_args(p: argparse.ArgumentParser, test_episodes: int, minutes: float = 60.0) -> None:

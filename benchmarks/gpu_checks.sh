@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call, for a machine with a CUDA GPU (CI has none; see README "GPU"):
 #   1. second-order MAML task batchings against higher (benchmarks.maml_speed --device cuda),
-#   2. ProtoNet training speed, metalab against a naive loop (benchmarks.omniglot_metric --only speed),
+#   2. ProtoNet training speed, metalab against a plain PyTorch loop (benchmarks.omniglot_metric --only speed),
 #   3. every configuration in configs/ trained for a few steps and evaluated on the GPU (benchmarks.device_smoke).
 # Records merge into benchmarks/results/*.json beside the CPU ones (merged per kind of device); logs go to LOGDIR.
 #     METALAB_DATA=/path/to/data bash benchmarks/gpu_checks.sh [LOGDIR]

@@ -8,15 +8,26 @@ A configuration ``<method>-<task>-s<seed>`` trains ``configs/<method>_<env>.yaml
 trainer steps (``--steps-scale`` scales them; for DREAM and RL² a trainer step is one meta-episode, for PEARL one
 gradient step), capped by ``--minutes`` of training, in ``<runs-dir>/<config>``, resuming it when rerun. Then:
 
-- DREAM / RL²: one meta-episode (exploration, then the scored exploitation episode) on each of the 523 held-out
-  test problems; ``return`` is the mean exploitation return, ``success`` the fraction reaching the goal.
-- PEARL (``configs/pearl_point_robot_small.yaml``, sized for a CPU): 100 trials on the 20 held-out goals;
-  ``return_after{1,2,9}`` and ``success_after{1,2,9}`` are those of the episode after 1, 2 and 9 earlier episodes
-  of the trial (posterior from their transitions).
+- DREAM / RL²: one meta-episode (exploration, then the scored exploitation episode) per held-out problem:
+  ``return`` (the evaluation's ``test/return``: mean exploitation return on the 423 test problems) and
+  ``heldout_return`` (``test/heldout_return``: on all 523 held-out problems, val ones included, DREAM's test
+  set, to compare with the paper); ``beats_walking`` and ``heldout_beats_walking``, the fraction of
+  meta-episodes whose return beats walking to the goal (every agent that walks reaches its goal, so reaching it
+  says nothing); ``train_problems_return`` (``train/problems_return``, on the training problems: what
+  ``train.keep_best`` watches) and, for DREAM, ``oracle_return`` (``train/oracle_return``: its executor on
+  training problems given their true encoding).
+- PEARL (``configs/pearl_point_robot_small.yaml``, sized for a CPU): 100 trials on the 20 test goals;
+  ``return_after{1,2,9}`` and ``success_after{1,2,9}`` (``test/...``) are those of the episode after 1, 2 and
+  9 earlier episodes of the trial (posterior from their transitions).
 
-Per-seed records (``return_s0``) and the aggregate over the seeds recorded so far (mean with a 95% CI) go to
-``<results-dir>/meta_rl.json``; ``meta_rl.png`` is redrawn from every run directory: the periodic held-out
-evaluation vs environment steps (mean over seeds, band from min to max).
+Training evaluates only the val part (CityGrid: 100 held-out val problems; PEARL: 20 val goals, neither training
+nor test ones); the test part is evaluated once, after training. Per-seed records (``test/return_s0``, with their
+CI over meta-episodes) and the aggregate over the seeds recorded so far (mean with a Student-t 95% CI over seeds,
+``per_seed`` and ``n``) go to ``<results-dir>/meta_rl.json``; ``meta_rl.png`` is redrawn from every run
+directory: the periodic val evaluation (``curve_metric``) vs environment steps (mean over seeds, band from min to
+max). Records made before this protocol (no ``protocol`` field; their ``return`` was on all 523 held-out problems,
+their ``success`` the fraction reaching the goal) are never mixed into a new aggregate. Provenance flags
+(``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 
 Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus
 information 0.1 / 0.3); RL² with the same budget reported; PEARL success >= 0.8 on the eval tasks.
@@ -48,7 +59,7 @@ import numpy as np
 import torch
 
 from benchmarks import rl_common
-from benchmarks.common import RESULTS, merge_results, record
+from benchmarks.common import RESULTS, add_provenance_args, current_label, merge_results, parse_args, record
 from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.envs import CITYGRID5X5_PLAIN_ID
 from metalab.envs.point_robot import posterior_sampling_success
@@ -84,9 +95,13 @@ OVERRIDES = {
     ("dream", "5x5plain"): ["dream.decoder_input=history", "dream.reward_folds=0", "dream.ib_anneal_step=0"]
 }
 PEARL_AFTER = (1, 2, 9)  # success and return of the episode after 1, 2 and 9 earlier ones of a trial
-# DREAM's evaluation also reports the executor on training problems given their true encoding F(mu)
-# (``oracle_return``) and the whole agent on the 53 training problems (``train_problems_return``).
-DREAM_DIAGNOSTICS = ("oracle_return", "train_problems_return")
+# Recorded metric -> the evaluation's metric it reads. CityGrid's test evaluation: on the 423 test problems and
+# on all 523 held-out ones (DREAM's test set), and the whole agent on the 53 training problems. DREAM also reports
+# its executor on training problems given their true encoding F(mu) (``oracle_return``).
+CITYGRID_METRICS = {"return": "test/return", "beats_walking": "test/beats_walking",
+                    "heldout_return": "test/heldout_return", "heldout_beats_walking": "test/heldout_beats_walking",
+                    "train_problems_return": "train/problems_return"}  # fmt: skip
+DREAM_DIAGNOSTICS = {"oracle_return": "train/oracle_return"}
 TARGETS = {("dream", "5x5"): 0.65, ("dream", "9x9"): 0.75}
 PEARL_TARGET = 0.8
 REFERENCE = "ideal-posterior-sampling"  # the method name of PEARL's calculated ceiling (``--reference``)
@@ -139,16 +154,21 @@ def last_env_steps(run_dir: Path) -> float | None:
     return steps[-1] if steps else None
 
 
-def metric_names(method: str) -> list[str]:
-    """What a configuration of ``method`` records (each read from ``eval/<name>`` of the test evaluation)."""
+def metric_keys(method: str) -> dict[str, str]:
+    """What a configuration of ``method`` records: ``{recorded metric: metric of the test evaluation}``."""
     if method == "pearl":
-        return [f"{m}_after{k}" for k in PEARL_AFTER for m in ("success", "return")]
+        return {f"{m}_after{k}": f"test/{m}_after{k}" for k in PEARL_AFTER for m in ("success", "return")}
     # DREAM also says where it fails: execution given the true encoding, or generalising to new problems
-    return ["return", "success", *(DREAM_DIAGNOSTICS if method == "dream" else ())]
+    return {**CITYGRID_METRICS, **(DREAM_DIAGNOSTICS if method == "dream" else {})}
+
+
+def metric_names(method: str) -> list[str]:
+    """The metrics a configuration of ``method`` records."""
+    return list(metric_keys(method))
 
 
 def unit_of(metric: str) -> str:
-    return "fraction" if metric.startswith("success") else "return"
+    return "fraction" if "success" in metric or "beats_walking" in metric else "return"
 
 
 def target_of(method: str, task: str, metric: str) -> float | None:
@@ -157,8 +177,14 @@ def target_of(method: str, task: str, metric: str) -> float | None:
     return TARGETS.get((method, task)) if metric == "return" else None
 
 
+def primary_metric(method: str) -> str:
+    """The recorded metric whose per-seed record keeps the learning curve."""
+    return f"success_after{PEARL_AFTER[-1]}" if method == "pearl" else "return"
+
+
 def curve_key(method: str) -> str:
-    return f"eval/success_after{PEARL_AFTER[-1]}" if method == "pearl" else "eval/return"
+    """The periodic (val) evaluation drawn as the learning curve."""
+    return f"val/success_after{PEARL_AFTER[-1]}" if method == "pearl" else "val/return"
 
 
 def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results: Path) -> list[dict]:
@@ -181,13 +207,13 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
     values, env_steps = curve(runs / name, curve_key(method))
     rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure
     out = []
-    for metric in metric_names(method):
-        key = f"eval/{metric}"
-        kept = {"curve": rows} if key == curve_key(method) else {}
+    kept = {"curve": rows, "curve_metric": curve_key(method)}
+    for metric, key in metric_keys(method).items():
         out.append(record(BENCH, bench_task, label, seed_metric(metric, seed), test.get(key),
                           ci95=test.get(f"{key}_ci95"), unit=unit_of(metric), steps=fitted.step,
-                          seconds=fitted.seconds, target=target_of(method, task, metric), **common, **kept))  # fmt: skip
-    summary = ", ".join(f"{m} {test.get(f'eval/{m}', float('nan')):.3f}" for m in metric_names(method))
+                          seconds=fitted.seconds, target=target_of(method, task, metric), metric_key=key,
+                          **common, **(kept if metric == primary_metric(method) else {})))  # fmt: skip
+    summary = ", ".join(f"{m} {test.get(k, float('nan')):.3f}" for m, k in metric_keys(method).items())
     print(f"{name}: {summary} after {fitted.step} steps, {fitted.seconds:.0f} s")
     return out
 
@@ -205,13 +231,15 @@ def aggregates(path: Path, name: str) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Held-out evaluation vs env steps, one panel per task: mean over seeds, band from min to max. A seed's
+    """Periodic evaluation vs env steps, one panel per task: mean over seeds, band from min to max. A seed's
     curve comes from its record (``[trainer step, env steps, value]`` rows) or, for older records that do not keep
     one, from its run directory. Seeds without a record (still training) are left out, so that they do not cut
-    the finished seeds' curves short."""
+    the finished seeds' curves short. Only val curves are drawn: records made before the val protocol kept held-out
+    (test) curves, and run directories of that time logged no ``val/`` metric. Labelled (variant) records are
+    not drawn."""
     recorded = rl_common.recorded_curves(results, BENCH)
     path = results / f"{BENCH}.json"
-    records = json.loads(path.read_text()) if path.is_file() else []
+    records = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r.get("label") is None]
     ceiling = {r["metric"]: r["value"] for r in records if r["method"] == REFERENCE}
     finished = {(r["task"], r["method"], r["seed"]) for r in records if "seed" in r}  # seeds with a record
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.4), squeeze=False)
@@ -245,9 +273,9 @@ def plot(runs: Path, results: Path) -> Path | None:
         ax.set_title(env_name)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(
-            f"success after {PEARL_AFTER[-1]} episodes"
+            f"val success after {PEARL_AFTER[-1]} episodes"
             if task == "point"
-            else "exploitation return (held-out)"
+            else "exploitation return (val problems)"
         )
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -283,11 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where meta_rl.json/.png go")
     p.add_argument("--reference", action="store_true",
                    help="record the calculated posterior-sampling ceiling for PEARL (seconds) and stop")  # fmt: skip
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    add_provenance_args(p)
+    args = parse_args(p, argv)  # a dirty tree is refused here, before any training
+    drawn = current_label() is None  # the figure shows the main records only
     if args.reference:
         print(merge_results(BENCH, reference_records(), args.results_dir))
-        plot(args.runs_dir, args.results_dir)
+        if drawn:
+            plot(args.runs_dir, args.results_dir)
         return
     for name in expand(args.only, GROUPS, CONFIGS):
         method, task, _ = parse(name)
@@ -296,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         path = merge_results(BENCH, records, args.results_dir)
         merge_results(BENCH, aggregates(path, name), args.results_dir)
         print(path)
-        plot(args.runs_dir, args.results_dir)
+        if drawn:
+            plot(args.runs_dir, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ instance number (``acc_instance2`` is the accuracy on the 2nd sighting of a clas
 
 Each configuration trains in ``<runs-dir>/<config>`` for ``--minutes`` of training time (counted across
 resumes) or ``--steps``, whichever comes first, resuming that directory when it holds a checkpoint. Records go to
-``<results-dir>/omniglot_blackbox.json``, and ``omniglot_blackbox.png`` (test accuracy of the periodic
+``<results-dir>/omniglot_blackbox.json``, and ``omniglot_blackbox.png`` (val accuracy of the periodic
 evaluations vs training time) is redrawn from every run so far.
 """
 
@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import device_kind, merge_results, parse_args, parser
+from benchmarks.common import current_label, device_kind, merge_results, parse_args, parser
 from benchmarks.fewshot import (
     Curve,
     accuracy_record,
@@ -31,6 +31,7 @@ from benchmarks.fewshot import (
     add_run_args,
     config_path,
     plot_accuracy,
+    recorded_curve,
     run_overrides,
     train,
 )
@@ -89,7 +90,7 @@ def mann(name: str, args: argparse.Namespace) -> list[dict]:
     task_name = f"omniglot-{task.split}-{task.ways}way-{task.shots + task.queries}inst"
     out = [accuracy_record(BENCH, task_name, name, trained, test, label=name, **common)]
     for i in REPORTED_INSTANCES:
-        key = f"eval/test_acc_inst{i}"
+        key = f"test/acc_inst{i}"
         if key in test:  # absent when episodes are shorter than i instances per class
             out.append(
                 accuracy_record(
@@ -111,12 +112,12 @@ def mann(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Periodic test accuracy vs training minutes: one panel per SNAIL cell, one for MANN by instance."""
+    """Periodic (val) accuracy vs training minutes: one panel per SNAIL cell, one for MANN by instance."""
     path = results / f"{BENCH}.json"
-    kept = {  # CPU records' curves, for runs whose directories are gone
-        (r["method"], r["task"] if r["method"] == "snail" else r["metric"]): r["curve"]
+    kept = {  # main CPU records' val curves, for runs whose directories are gone
+        (r["method"], r["task"] if r["method"] == "snail" else r["metric"]): recorded_curve(r)
         for r in (json.loads(path.read_text()) if path.is_file() else [])
-        if "curve" in r and device_kind(r["device"]) == "cpu"
+        if recorded_curve(r) and device_kind(r["device"]) == "cpu" and r.get("label") is None
     }
     panels = {
         f"SNAIL, Omniglot {cell}": [
@@ -125,7 +126,7 @@ def plot(runs: Path, results: Path) -> Path | None:
         for cell in CELLS
     }
     panels["MANN, Omniglot 5-way, by instance"] = [
-        Curve(f"{name}, instance {i}", runs / name, f"eval/test_acc_inst{i}", group=f"{name}, instance {i}",
+        Curve(f"{name}, instance {i}", runs / name, f"val/acc_inst{i}", group=f"{name}, instance {i}",
               recorded=kept.get((name, f"acc_instance{i}")))
         for name in MANN
         for i in PLOTTED_INSTANCES
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only or CONFIGS:
         records = snail(name, args) if name.startswith("snail-") else mann(name, args)
         print(merge_results(BENCH, records, args.results_dir))
-        plot(args.runs_dir, args.results_dir)
+        if current_label() is None:  # the figure shows the main runs only
+            plot(args.runs_dir, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ A configuration ``<method>-<cell>`` trains ``configs/<method>_omniglot_5w1s.yaml
 (``5w5s``: ``task.shots=5``; ``20w1s``: ``task.ways=20``, meta-batch 16, and for MAML and FOMAML the paper's
 5 inner steps of 0.1) in ``<runs-dir>/<config>`` for ``--minutes`` of training time (counted across resumes) or
 ``--steps`` meta-steps, whichever comes first, resuming that directory when it holds a checkpoint. Periodic
-evaluations use the test characters (``train.eval_part=test``: a learning curve; no model selection is made).
-The trained model is then tested with the config's ``eval_inner_steps`` on ``--test-episodes`` (600) test tasks
-of 15 queries per class, with a 95% CI. Records go to ``<results-dir>/omniglot_maml.json``, and
-``omniglot_maml.png`` (test accuracy vs training time) is redrawn from every run so far.
+evaluations use the val characters (``val/acc``: the learning curve; no model selection is made). The trained
+model is then tested once, with the config's ``eval_inner_steps``, on ``--test-episodes`` (600) test tasks of 15
+queries per class, with a 95% CI. Records go to ``<results-dir>/omniglot_maml.json``, and ``omniglot_maml.png``
+(val accuracy vs training time) is redrawn from every run so far. Provenance flags (``--allow-dirty``,
+``--label``): :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import merge_results, parse_args, parser
+from benchmarks.common import current_label, merge_results, parse_args, parser
 from benchmarks.fewshot import (
     Curve,
     accuracy_record,
@@ -62,7 +63,6 @@ REFERENCES = {
     "anil": "Raghu, Raghu, Bengio & Vinyals, Rapid Learning or Feature Reuse?, ICLR 2020, Table 2 (20-way only)",
     "mamlpp": "Antoniou, Edwards & Storkey, How to train your MAML, ICLR 2019, Table 1",
 }
-RUN_OVERRIDES = ["train.eval_part=test"]  # periodic evaluations on the test characters: the learning curve
 CONFIGS = [f"{m}-{c}" for c in CELLS for m in METHODS]
 DEFAULT = [f"{m}-{c}" for c in DEFAULT_CELLS for m in METHODS]
 
@@ -76,7 +76,7 @@ def train_and_test(name: str, args: argparse.Namespace) -> list[dict]:
     """Train configuration ``name`` (resuming its run directory) and test it with its eval inner steps."""
     method, cell = name.split("-")
     stem = f"{method}_omniglot_5w1s"
-    sets = [*RUN_OVERRIDES, *cell_overrides(method, cell)]
+    sets = cell_overrides(method, cell)
     trained = train(config_path(stem), [*sets, *run_overrides(args)], args.runs_dir / name)
     test = trained.learner.evaluate("test", trained.run.eval.episodes)
     i = CELLS.index(cell)
@@ -99,7 +99,7 @@ def train_and_test(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def plot(runs: Path, results: Path) -> Path | None:
-    """Periodic test accuracy vs training minutes, one panel per cell (20w1s once it has a run)."""
+    """Periodic (val) accuracy vs training minutes, one panel per cell (20w1s once it has a run)."""
     cells = [c for c in CELLS if c in DEFAULT_CELLS or any((runs / f"{m}-{c}").is_dir() for m in METHODS)]
     panels = {f"Omniglot {c}": [Curve(m, runs / f"{m}-{c}") for m in METHODS] for c in cells}
     return plot_accuracy(panels, results / f"{BENCH}.png")
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(p, argv)
     for name in args.only or DEFAULT:
         print(merge_results(BENCH, train_and_test(name, args), args.results_dir))
-        plot(args.runs_dir, args.results_dir)
+        if current_label() is None:  # the figure shows the main runs only
+            plot(args.runs_dir, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Each configuration trains ``configs/reinforce_<env>.yaml`` (seed set per configu
 ``--minutes`` of training time, in ``<runs-dir>/<config>``, resuming it when rerun. The trained policy is then
 evaluated on 100 fixed test episodes two ways: ``return_greedy`` takes the most likely action (argmax of the
 logits, or the Gaussian's mean) and ``return_sampled`` samples from the policy, as during training. Per-seed
-records (``return_greedy_s0``) and the aggregate over seeds recorded so far (mean with a 95% CI over seeds)
-are merged into ``<results-dir>/reinforce.json``.
+records (``return_greedy_s0``; their CI over the test episodes) and the aggregate over seeds recorded so far
+(mean with a Student-t 95% CI over seeds, ``per_seed`` and ``n``) are merged into ``<results-dir>/reinforce.json``.
+Training evaluates the val episodes only; the test episodes are played once, after training. Provenance flags
+(``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 
 Targets: CartPole-v1 average greedy return >= 475 over 100 episodes (500 is the cap; the issue's target,
 after Gymnasium's 475 reward threshold for v1). Pendulum-v1 has no reward threshold; the config reaches a
@@ -26,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, merge_results, record
+from benchmarks.common import RESULTS, add_provenance_args, merge_results, parse_args, record
 from benchmarks.rl_common import aggregate, expand, seed_metric, train
 from metalab.envs.config import make_env
 from metalab.experiment import RunConfig, load_run_config
 from metalab.rl import reinforce
 from metalab.rl.rollout import derive_seed, run_episodes
-from metalab.train.evaluate import Estimate, mean_ci95
+from metalab.stats import Estimate, mean_ci95
+from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
 
 BENCH = "reinforce"
@@ -71,7 +74,7 @@ def sampled_return(learner: Learner, run: RunConfig, episodes: int) -> Estimate:
             out, _ = model(torch.cat([torch.from_numpy(obs), torch.from_numpy(goal)], -1))  # (E, A)
             return reinforce.distribution(model, params, out).sample().numpy()
 
-    seeds = [derive_seed(run.eval.seed, reinforce.EVAL_PARTS["test"], i) for i in range(episodes)]
+    seeds = [derive_seed(run.eval.seed, PART_INDEX["test"], i) for i in range(episodes)]
     try:
         return mean_ci95([r.ret for r in run_episodes(envs, act, seeds)])
     finally:
@@ -86,7 +89,7 @@ def benchmark(name: str, updates: int, minutes: float, runs: Path) -> list[dict]
     greedy = learner.evaluate("test", TEST_EPISODES)
     sampled = sampled_return(learner, run, TEST_EPISODES)
     episodes = run.params.episodes
-    print(f"{name}: return greedy {greedy['eval/return']:.1f} ± {greedy['eval/return_ci95']:.1f}, sampled "
+    print(f"{name}: return greedy {greedy['test/return']:.1f} ± {greedy['test/return_ci95']:.1f}, sampled "
           f"{sampled.mean:.1f} ± {sampled.ci95:.1f} after {fitted.step} updates x {episodes} episodes, "
           f"{fitted.seconds:.0f} s" + (f" (target {TARGETS[env]})" if env in TARGETS else ""))  # fmt: skip
     common = {"seed": seed, "budget_updates": updates, "episodes_per_update": episodes,
@@ -94,9 +97,9 @@ def benchmark(name: str, updates: int, minutes: float, runs: Path) -> list[dict]
               "config": f"configs/reinforce_{env}.yaml", "reference": REFERENCE[env],
               "threads": torch.get_num_threads()}  # fmt: skip
     return [
-        record(BENCH, ENVS[env], "metalab-reinforce", seed_metric("return_greedy", seed), greedy["eval/return"],
-               ci95=greedy["eval/return_ci95"], unit="return", steps=fitted.step, seconds=fitted.seconds,
-               target=TARGETS.get(env), actions="greedy (argmax / Gaussian mean)", **common),
+        record(BENCH, ENVS[env], "metalab-reinforce", seed_metric("return_greedy", seed), greedy["test/return"],
+               ci95=greedy["test/return_ci95"], unit="return", steps=fitted.step, seconds=fitted.seconds,
+               target=TARGETS.get(env), actions="greedy (argmax / Gaussian mean)", metric_key="test/return", **common),
         record(BENCH, ENVS[env], "metalab-reinforce", seed_metric("return_sampled", seed), sampled.mean,
                ci95=sampled.ci95, unit="return", steps=fitted.step, seconds=fitted.seconds,
                actions="sampled from the policy", **common),
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny networks: 1 is fastest)")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where reinforce.json goes")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    add_provenance_args(p)
+    args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     for name in expand(args.only, GROUPS, CONFIGS):
         env = name.rsplit("-s", 1)[0]
         updates = max(round(BUDGETS[env] * args.updates_scale), 1)

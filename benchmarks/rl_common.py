@@ -5,7 +5,7 @@ A benchmark configuration is one method on one task with one seed (``future-n15-
 the settings it was started with, so rerunning the same command resumes it and a changed budget is refused
 instead of silently mixing two runs. Per-seed records carry the seed in the metric name (``success_s0``) so
 they survive merging; :func:`aggregate` turns the per-seed records found in the results file into one record
-(mean and 95% CI over seeds).
+(mean over seeds with a Student-t 95% CI, the per-seed values and their count).
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.common import note_no_curve, record
+from benchmarks.common import PROTOCOL, current_label, note_no_curve, record
 from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, run_config_from_dict
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import seed_interval
 from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
 from metalab.utils import atomic_path, seed_everything
 
 SETTINGS = "bench.json"
+SEED_CI = "student-t over seeds"
+"""What an aggregate record's ``ci95`` is (``ci95_kind``); per-seed records' intervals are over episodes."""
 
 
 def expand(selected: list[str] | None, groups: dict[str, list[str]], default: list[str]) -> list[str]:
@@ -107,13 +109,22 @@ def aggregate(
 ) -> dict[str, Any] | None:
     """One record for ``metric`` over the seeds of ``task``/``method`` found in ``records`` (None if none).
 
-    Only per-seed records with the same ``steps`` budget as the newest one count. The value is the mean over
-    seeds with a 95% CI (null for one seed); if some seed has a null value (e.g. never reached a threshold),
-    the value is null and ``reached`` says how many seeds have one, with ``mean_of_reached`` their mean.
+    Only per-seed records of this run's label (:func:`benchmarks.common.current_label`) and evaluation protocol
+    (:data:`benchmarks.common.PROTOCOL`) with the same ``steps`` budget as the newest one count. The value is the mean over seeds with a Student-t 95% CI
+    (:func:`metalab.stats.seed_interval`; null for one seed); ``per_seed`` and ``n`` say what it is the mean of.
+    If some seed has a null value (e.g. never reached a threshold), the value is null and ``reached`` says how
+    many seeds have one, with ``mean_of_reached`` their mean.
     """
     pattern = re.compile(rf"{re.escape(metric)}_s(\d+)")
+    label = current_label()
     mine = [
-        r for r in records if r["task"] == task and r["method"] == method and pattern.fullmatch(r["metric"])
+        r
+        for r in records
+        if r["task"] == task
+        and r["method"] == method
+        and r.get("label") == label
+        and r.get("protocol", 1) == PROTOCOL
+        and pattern.fullmatch(r["metric"])
     ]
     if not mine:
         return None
@@ -125,9 +136,9 @@ def aggregate(
     values = [r["value"] for r in mine]
     known = [v for v in values if v is not None]
     seconds = [r["seconds"] for r in mine if r["seconds"] is not None]
-    info: dict[str, Any] = {"seeds": seeds, "per_seed": values}
+    info: dict[str, Any] = {"seeds": seeds, "per_seed": values, "n": len(values), "ci95_kind": SEED_CI}
     if len(known) == len(values):
-        est = mean_ci95(known)
+        est = seed_interval(known)
         value, ci95 = est.mean, est.ci95
     else:
         value, ci95 = None, None
@@ -148,12 +159,24 @@ def aggregate(
     )
 
 
-def recorded_curves(results: Path, name: str) -> dict[tuple[str, str, int], list[list[float]]]:
-    """``{(task, method, seed): curve}`` of the per-seed records in ``<results>/<name>.json`` that keep their
-    learning curve, so a figure can be redrawn once the run directories are gone."""
+def recorded_curves(
+    results: Path, name: str, older_too: bool = False
+) -> dict[tuple[str, str, int], list[list[float]]]:
+    """``{(task, method, seed): curve}`` of the main (unlabelled) per-seed records in ``<results>/<name>.json``
+    that keep their learning curve, so a figure can be redrawn once the run directories are gone.
+
+    Only val curves count: records that name their ``curve_metric`` (all since the val protocol) and, with
+    ``older_too`` (for a benchmark whose periodic evaluations were val ones before too), older records; where a
+    seed has both, the newer kind wins."""
     path = results / f"{name}.json"
     records = json.loads(path.read_text()) if path.is_file() else []
-    return {(r["task"], r["method"], r["seed"]): r["curve"] for r in records if "curve" in r and "seed" in r}
+    kept = [
+        r
+        for r in records
+        if "curve" in r and "seed" in r and r.get("label") is None and ("curve_metric" in r or older_too)
+    ]
+    kept.sort(key=lambda r: "curve_metric" in r)  # records naming their curve metric last: they win
+    return {(r["task"], r["method"], r["seed"]): r["curve"] for r in kept}
 
 
 def plot_seeds(

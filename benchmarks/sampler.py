@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import merge_results, parser, record
+from benchmarks.common import merge_results, parse_args, parser, record
 from metalab.data import omniglot
 from metalab.data.episodes import EpisodeSampler
 from metalab.data.root import data_root, safe_extract
@@ -70,7 +70,7 @@ def rate(draw, seconds: float, min_batches: int = 3) -> tuple[float, int, float]
 def main() -> None:
     p = parser(__doc__.splitlines()[0], list(CONFIGS))
     p.add_argument("--seconds", type=float, default=20.0, help="time per measurement")
-    args = p.parse_args()
+    args = parse_args(p)  # a dirty tree is refused here, before anything is measured
     root = data_root()
     t0 = time.perf_counter()
     data = omniglot.load(root)

@@ -12,6 +12,8 @@ regressed on the points of all tasks, fine-tuned per task with step 0.01 (K=5) o
 Every model is then tested on the same 600 held-out tasks (100 query points each) after 1, 5 and 10 steps of
 its own inner loop, with a 95% CI; records go to ``results/sinusoid.json``, and ``results/sinusoid_k<K>.png``
 stacks each method's fits (true curve, K points, predictions before and after adaptation) on 4 test tasks.
+Periodic evaluations during training use val tasks (``val/mse``; a seed of their own, never the test tasks').
+Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.common import RESULTS, current_label, merge_results, parse_args, parser, record
 from metalab.errors import NonFiniteLossError
 from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
 from metalab.train.loop import CHECKPOINT, fit
@@ -53,8 +55,11 @@ def run_config(name: str, overrides: list[str]) -> RunConfig:
     return load_run_config(f"configs/{config}_sinusoid.yaml", sets)
 
 
-def train_and_test(name: str, minutes: float, steps: int | None, tasks: int) -> list[dict]:
-    """Train configuration ``name`` (resuming its run directory) and test it after each of ``STEPS`` inner steps."""
+def train_and_test(
+    name: str, minutes: float, steps: int | None, tasks: int, runs: Path | None = None
+) -> list[dict]:
+    """Train configuration ``name`` (resuming its run directory in ``runs``, default :data:`RUNS`) and test it after
+    each of ``STEPS`` inner steps."""
     overrides = [f"train.max_minutes={minutes}", f"eval.episodes={tasks}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
@@ -62,7 +67,7 @@ def train_and_test(name: str, minutes: float, steps: int | None, tasks: int) -> 
     device = resolve_device(run.train.device)
     seed_everything(run.seed)
     learner = algorithm(run.algo).build(run, Path("."), device)
-    run_dir = RUNS / name
+    run_dir = (runs or RUNS) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
     try:
@@ -86,7 +91,7 @@ def train_and_test(name: str, minutes: float, steps: int | None, tasks: int) -> 
         tester.model.load_state_dict(learner.model.state_dict())
         tester.model.eval()
         test = tester.evaluate("test", tasks)
-        mse, ci = test["eval/test_mse"], test["eval/test_mse_ci95"]
+        mse, ci = test["test/mse"], test["test/mse_ci95"]
         shown = f"{mse:.3f} ± {ci:.3f}" if math.isfinite(mse) else "diverged"
         print(
             f"{name}: test MSE after {n} step{'s' * (n > 1)} = {shown} ({result.step} steps, "
@@ -108,6 +113,7 @@ def train_and_test(name: str, minutes: float, steps: int | None, tasks: int) -> 
                 target=target[i] if target else None,
                 test_tasks=tasks,
                 test_queries=TEST_QUERIES,
+                metric_key="test/mse",
                 budget_minutes=minutes,
                 threads=torch.get_num_threads(),
             )
@@ -138,12 +144,16 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per configuration (minutes)")
     p.add_argument("--steps", type=int, default=70000, help="meta-steps per configuration (MAML: 70000)")
     p.add_argument("--test-tasks", type=int, default=600, help="held-out test tasks for each estimate")
-    args = parse_args(p)
+    args = parse_args(p)  # a dirty tree is refused here, before any training
+    label = current_label()
     for name in args.only or CONFIGS:
-        records = train_and_test(name, args.minutes, args.steps, args.test_tasks)
+        records = train_and_test(
+            name, args.minutes, args.steps, args.test_tasks, None if label is None else RUNS / label
+        )
         if records:
             print(merge_results("sinusoid", records))
-        plot(int(name.rsplit("-k", 1)[1]))
+        if label is None:  # the figure shows the main runs only
+            plot(int(name.rsplit("-k", 1)[1]))
 
 
 if __name__ == "__main__":

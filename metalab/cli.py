@@ -8,8 +8,12 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from metalab.errors import MetalabError
+from metalab.errors import ConfigError, MetalabError
+
+if TYPE_CHECKING:
+    from metalab.experiment import RunConfig
 
 log = logging.getLogger("metalab")
 
@@ -36,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train from a YAML config (or resume a run)",
         description="Train from CONFIG into a new run directory runs/<algo>-<task or env>-s<seed>-<time>/ "
         "(config.yaml, metrics.csv, tb/, checkpoint.pt, result.json, PNG plots). Ctrl-C saves a "
-        "checkpoint; `metalab train --resume RUN_DIR` continues it exactly.",
+        "checkpoint; `metalab train --resume RUN_DIR` continues it exactly. A resume may change "
+        "bookkeeping, evaluation and the rate or length of training (--set train.steps=N extends a run), "
+        "never the model or the task: see RESUMABLE in metalab/cli.py and the README.",
     )
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument(
@@ -48,13 +54,25 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.steps=500 (repeatable)",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    t.add_argument(
+        "--schedule",
+        choices=("continue", "restart"),
+        help="with --resume and a new train.steps on a cosine schedule: continue (the old cosine ends where it "
+        "was planned, then the rate holds at the rate of its last update) or restart (a new cosine from "
+        "train.lr over the remaining steps)",
+    )
+    t.add_argument(
+        "--retest",
+        action="store_true",
+        help="with --resume of a finished run: test it again (and rewrite result.json) instead of stopping",
+    )
     t.add_argument("--runs-dir", default="runs", help="where new run directories go (default: runs)")
 
     e = sub.add_parser(
         "eval",
         parents=[root],
         help="evaluate a trained run on its test episodes",
-        description="Load RUN_DIR's config and checkpoint and report mean and 95%% CI over the "
+        description="Load RUN_DIR's config and checkpoint and report mean and 95% CI over the "
         "fixed test episodes (eval.episodes of them).",
     )
     e.add_argument("run_dir")
@@ -90,15 +108,27 @@ def _parser() -> argparse.ArgumentParser:
         parents=[root],
         help="install a data set from local files or by download",
         description="Install DATASET into the data root from a folder of its official files "
-        "(--from) or by downloading them with md5 checks (--download). For omniglot, --from "
-        "takes a folder with images_background.zip / images_evaluation.zip (and optionally "
-        "splits/vinyals/*.txt) or one of the zips.",
+        "(--from) or by downloading them (--download). For omniglot, --from takes a folder with "
+        "images_background.zip / images_evaluation.zip (and optionally splits/vinyals/*.txt) or one "
+        "of the zips (that set alone). Each zip must match the official md5 or the official "
+        "content digest of its images; it is extracted beside the target, counted, and only then "
+        "renamed into place, so an interrupted install leaves the previous one.",
     )
     di.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
     src = di.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="source", metavar="PATH", help="folder or zip with the official files")
     src.add_argument("--download", action="store_true", help="download from the official location")
-    dsub.add_parser("info", parents=[root], help="show the data and cache roots and what each holds")
+    di.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="with --from: install zips that match no official digest (e.g. modified copies), "
+        "marked unverified; `data info` and every load then say so",
+    )
+    dsub.add_parser(
+        "info",
+        parents=[root],
+        help="show the data and cache roots, and which sets are installed, complete and verified",
+    )
     ds = dsub.add_parser(
         "show",
         parents=[root],
@@ -112,7 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--shots", type=int, default=1)
     ds.add_argument("--queries", type=int, default=5)
     ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("-o", "--output", default="episode.png", help="PNG to write (default: episode.png)")
+    ds.add_argument(
+        "-o",
+        "--output",
+        help="PNG to write (default: <cache root>/show/omniglot-<split>-<part>-<ways>w<shots>s-seed<seed>.png)",
+    )
     return p
 
 
@@ -122,25 +156,105 @@ def _data_root(args: argparse.Namespace, configured: str | None = None) -> Path:
     return data_root(args.data_root or configured)
 
 
-def _train(args: argparse.Namespace) -> int:
-    import yaml
+RESUMABLE = (
+    "train.steps",
+    "train.lr",
+    "train.max_minutes",
+    "train.eval_every",
+    "train.eval_episodes",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.device",
+    "train.grad_clip",
+    "train.skip_nonfinite",
+    "eval.*",
+    "<algo>.eval_*",
+)
+"""Config keys ``train --resume`` may change: bookkeeping, evaluation-only settings (``eval.*`` and the
+algorithm's ``eval_*`` keys), where to train, and the rate and length of training, which are applied to the
+restored optimizer and schedule. Anything else (model, task, algorithm, batch, schedule kind, model selection)
+shaped the checkpoint, so a change is refused: start a new run for it."""
 
-    from metalab.experiment import CONFIG_NAME, algorithm, load_run_config, load_run_dir_config, new_run_dir
+
+class _FinishedRun(Exception):
+    """Raised from fit's ``resumed`` hook to stop a resume of a finished run before anything is written."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+def _resumable(key: str, algo: str) -> bool:
+    """Whether ``--resume`` may change config key ``key`` (dotted) of a run of ``algo``."""
+    section, _, name = key.partition(".")
+    return key in RESUMABLE or section == "eval" or (section == algo and name.startswith("eval_"))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+Changes = dict[str, tuple[object, object]]
+"""Config changes, ``dotted key: (old value, new value)``."""
+
+
+def _resume_changes(run_dir: Path, overrides: list[str]) -> tuple[RunConfig, Changes]:
+    """The run of ``run_dir`` with ``overrides`` applied, and what they change (``key: (old, new)``); a change
+    outside :data:`RESUMABLE` raises ConfigError naming every such key. Reads only."""
+    from metalab.config import merge, parse_overrides
+    from metalab.experiment import load_run_dir_config, run_config_from_dict
+
+    saved = load_run_dir_config(run_dir)
+    if not overrides:
+        return saved, {}
+    run = run_config_from_dict(merge(saved.to_yaml_dict(), parse_overrides(overrides)))
+    before, after = _flatten(saved.to_yaml_dict()), _flatten(run.to_yaml_dict())
+    keys = sorted(before.keys() | after.keys())
+    changes = {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+    refused = [k for k in changes if not _resumable(k, saved.algo)]
+    if refused:
+        what = ", ".join(f"{k} ({changes[k][0]} -> {changes[k][1]})" for k in refused)
+        raise ConfigError(
+            "",
+            f"--resume {run_dir}: cannot change {what}: its checkpoint was trained with the saved value; start a "
+            f"new run for that (a resume may change {', '.join(RESUMABLE)})",
+        )
+    return run, changes
+
+
+def _train(args: argparse.Namespace) -> int:
+    from metalab.experiment import algorithm, load_run_config, new_run_dir, write_run_config
     from metalab.train.loop import fit
     from metalab.train.plots import plot_metrics
     from metalab.utils import resolve_device, seed_everything
 
     if bool(args.config) == bool(args.resume):
         raise MetalabError("train needs either CONFIG or --resume RUN_DIR (not both)")
+    if not args.resume and (args.schedule or args.retest):
+        raise MetalabError("--schedule and --retest only apply with --resume RUN_DIR")
+    changes: Changes = {}
+    extend = None
     if args.resume:
         run_dir = Path(args.resume)
-        run = load_run_dir_config(run_dir)
-        if args.overrides:
-            from metalab.config import merge, parse_overrides
-            from metalab.experiment import run_config_from_dict
-
-            run = run_config_from_dict(merge(run.to_yaml_dict(), parse_overrides(args.overrides)))
-            (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+        run, changes = _resume_changes(run_dir, args.overrides)
+        if "train.steps" in changes:
+            extend = args.schedule
+            if extend is None and run.train.lr_schedule == "cosine":
+                raise ConfigError(
+                    "train.steps",
+                    f"changing it on a cosine schedule needs --schedule continue (the old cosine ends where it was "
+                    f"planned, then holds the rate of its last update) or --schedule restart (a new cosine from "
+                    f"train.lr over the remaining steps); {run_dir} is unchanged",
+                )
+        elif args.schedule:
+            log.info("--schedule %s has no effect: train.steps is unchanged", args.schedule)
     else:
         run = load_run_config(args.config, args.overrides)
     device = resolve_device(run.train.device)
@@ -149,7 +263,24 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume:
         run_dir = new_run_dir(run, Path(args.runs_dir))
     log.info("run directory: %s (device %s)", run_dir, device)
-    result = fit(learner, run.train, run_dir, resume=bool(args.resume))
+
+    def resumed(step: int) -> None:
+        """The checkpoint took the changes: save them, unless a finished run has nothing to do."""
+        if step >= run.train.steps and not args.retest:
+            raise _FinishedRun(step)
+        if changes:
+            write_run_config(run, run_dir)
+            log.info("resume: %s", "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+
+    try:
+        result = fit(learner, run.train, run_dir, resume=bool(args.resume), extend=extend, resumed=resumed)
+    except _FinishedRun as done:
+        unsaved = " (the --set changes were not saved)" if changes else ""
+        print(
+            f"{run_dir} is finished at step {done.step} (train.steps={run.train.steps}): nothing to train{unsaved}. "
+            f"Extend it with --set train.steps=N, or test it again with --retest."
+        )
+        return 0
     plot_metrics(run_dir)
     if result.interrupted:
         print(
@@ -188,7 +319,7 @@ def _eval(args: argparse.Namespace) -> int:
     from metalab.config import merge, parse_overrides
     from metalab.errors import CheckpointError
     from metalab.experiment import algorithm, load_run_dir_config, run_config_from_dict
-    from metalab.train.checkpoint import load_checkpoint
+    from metalab.train.checkpoint import load_checkpoint, state_mismatch
     from metalab.train.loop import BEST, CHECKPOINT, weights_file
     from metalab.utils import resolve_device
 
@@ -209,7 +340,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         learner.model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} does not fit the run's model: {e}") from None
+        raise CheckpointError(f"{weights} does not fit the run's model: {state_mismatch(e)}") from None
     learner.model.eval()
     if args.episodes is not None and args.episodes < 1:
         raise MetalabError(f"--episodes must be >= 1, got {args.episodes}")
@@ -232,27 +363,63 @@ def _data(args: argparse.Namespace) -> int:
 
     root = _data_root(args)
     if args.data_command == "info":
-        print(f"data root:  {root}\ncache root: {cache_root()}")
-        base = omniglot.omniglot_dir(root)
-        for name in omniglot.SETS:
-            where = [p.name for p in (base / name, base / f"{name}.zip") if p.exists()]
-            print(f"omniglot {name}: {', '.join(where) or 'missing'}")
-        lists = [p for p in omniglot.SPLIT_PARTS if (base / "splits" / "vinyals" / f"{p}.txt").is_file()]
-        print(f"omniglot vinyals split lists: {', '.join(lists) or 'missing'}")
-        caches = (
-            sorted((cache_root() / "omniglot").glob("*.pt")) if (cache_root() / "omniglot").is_dir() else []
-        )
-        print(f"omniglot decoded caches: {', '.join(p.name for p in caches) or 'none'}")
-        return 0
+        return _info(root, cache_root())
     if args.dataset not in DATASETS:
         raise MetalabError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if args.data_command == "show":
         return _show(args, root)
-    data = omniglot.fetch(root) if args.download else omniglot.install(Path(args.source), root)
+    if args.download and args.no_verify:
+        raise MetalabError(
+            "--no-verify goes with --from; downloads are always checked against the official md5"
+        )
+    if args.download:
+        done = omniglot.fetch(root)
+    else:
+        done = omniglot.install(Path(args.source), root, verify=not args.no_verify)
+    for s in done:
+        what = "already installed, unchanged" if s.unchanged else "installed"
+        flag = "verified" if s.verified else "UNVERIFIED"
+        print(f"omniglot {s.name}: {what}, {s.characters} characters, {flag} ({s.verified_by})")
+    missing = [s for s in omniglot.status(root) if s.state in ("missing", "incomplete")]
+    if missing:
+        print(
+            f"omniglot {missing[0].name} is {missing[0].state}: install it too "
+            f"(`metalab data install omniglot --from ZIP`) before using Omniglot"
+        )
+        return 0
+    data = omniglot.load(root)  # decodes once into the cache, so the first run does not
     print(
-        f"omniglot installed in {omniglot.omniglot_dir(root)}: {data.images.shape[0]} characters, "
+        f"omniglot ready in {omniglot.omniglot_dir(root)}: {data.images.shape[0]} characters, "
         f"{int(data.background.sum())} background / {int((~data.background).sum())} evaluation"
     )
+    return 0
+
+
+def _info(root: Path, cache: Path) -> int:
+    from metalab.data import omniglot
+
+    print(f"data root:  {root}\ncache root: {cache}")
+    base = omniglot.omniglot_dir(root)
+    for s in omniglot.status(root):
+        if s.state == "missing":
+            print(f"omniglot {s.name}: missing ({s.detail})")
+        elif s.state == "incomplete":
+            print(f"omniglot {s.name}: INCOMPLETE, not installed ({s.detail}); re-install it")
+        else:
+            where = "installed" if s.state == "installed" else "zip only (read from the zip)"
+            print(
+                f"omniglot {s.name}: {where}, complete, {'verified' if s.verified else 'UNVERIFIED'} ({s.detail})"
+            )
+    lists = [p for p in omniglot.SPLIT_PARTS if (base / "splits" / "vinyals" / f"{p}.txt").is_file()]
+    print(f"omniglot vinyals split lists: {', '.join(lists) or 'missing'}")
+    folder = cache / "omniglot"
+    caches = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    try:
+        current = omniglot.cache_path(root, 28).name
+    except MetalabError:
+        current = None
+    names = [f"{p.name} (current, 28px)" if p.name == current else p.name for p in caches]
+    print(f"omniglot decoded caches: {', '.join(names) or 'none'}")
     return 0
 
 
@@ -267,8 +434,32 @@ def _show(args: argparse.Namespace, root: Path) -> int:
     except ValueError as e:
         raise MetalabError(str(e)) from None
     title = f"omniglot {args.split}/{args.part}: {args.ways}-way {args.shots}-shot (blue: support)"
-    print(plot_episode(sampler.sample(0, 1).task(0), Path(args.output), title))
+    output = Path(args.output) if args.output else _show_path(args)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    print(f"episode drawn to {plot_episode(sampler.sample(0, 1).task(0), output, title)}")
     return 0
+
+
+def _show_path(args: argparse.Namespace) -> Path:
+    """Where `data show` draws by default: under the cache root, never the current directory."""
+    from metalab.data.root import cache_root
+
+    name = f"{args.dataset}-{args.split}-{args.part}-{args.ways}w{args.shots}s-seed{args.seed}.png"
+    return cache_root() / "show" / name
+
+
+def _one_line(text: object) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``): an error stays one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
+def _allocation_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failed memory allocation (Python's, NumPy's, or torch's on the CPU or a GPU)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(e, MemoryError) or (isinstance(oom, type) and isinstance(e, oom)):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,10 +469,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except MetalabError as e:
-        print(f"metalab: error: {e}", file=sys.stderr)
+        print(f"metalab: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # missing file, permission denied, full disk: the OS said no, nothing is broken here
-        print(f"metalab: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        message = f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        print(f"metalab: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # a last line of defence: configs bound what they allocate
+        if not _allocation_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        message = f"out of memory ({_one_line(detail)[:200]}); lower the config's sizes"
+        print(f"metalab: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metalab: interrupted", file=sys.stderr)

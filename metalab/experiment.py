@@ -28,12 +28,23 @@ from typing import Any
 
 import yaml
 
-from metalab.config import from_dict, merge, parse_overrides, read_yaml, to_dict
+from metalab.config import (
+    MAX_SEED,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    require,
+    require_between,
+    show,
+    to_dict,
+)
 from metalab.data.tasks import TaskConfig
-from metalab.envs.config import EnvConfig
+from metalab.envs.config import BITFLIP_ID, EnvConfig
 from metalab.errors import ConfigError
 from metalab.train.evaluate import EvalConfig
 from metalab.train.loop import TrainConfig
+from metalab.utils import atomic_path
 
 # The algorithms a YAML file can name. Each module defines `Config` (its section) and
 # `build(run, data_root, device) -> Learner`. Python users import the modules directly.
@@ -77,6 +88,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        selected = self.train.keep_best or ""
+        if (
+            selected.startswith("val/")
+            and self.algo not in RL_ALGORITHMS
+            and self.task.train_part == "trainval"
+        ):
+            raise ConfigError(
+                "train.keep_best",
+                f"{selected!r} reads the val classes, which task.train_part: trainval trains on; train on "
+                f"'train' to select on val",
+            )
+
     @property
     def label(self) -> str:
         """What the run learns, for its directory name: the env for RL (``bitflip10``), else the task."""
@@ -104,12 +128,21 @@ def algorithm(name: str) -> ModuleType:
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Validate a whole config mapping; every error names its dotted key."""
+    """Validate a whole config mapping; every error names its dotted key.
+
+    A section (``train``, ``maml``, ...) must be a mapping; an empty one (YAML ``train:``) means all defaults.
+    Beyond each section's own bounds, the sizes that only several sections fix together are checked:
+    examples per few-shot batch and a DQN replay buffer's memory on BitFlip.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError("", f"expected a mapping of config keys, got {show(data)}")
     if "algo" not in data:
         raise ConfigError("algo", f"required key is missing; choose one of {', '.join(sorted(ALGORITHMS))}")
     name = data["algo"]
-    if not isinstance(name, str):
-        raise ConfigError("algo", f"expected an algorithm name, got {name!r}")
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise ConfigError(
+            "algo", f"unknown algorithm {show(name)}; choose one of {', '.join(sorted(ALGORITHMS))}"
+        )
     module = algorithm(name)
     unused = "task" if name in RL_ALGORITHMS else "env"
     valid = (*(s for s in SECTIONS if s != unused), name)
@@ -123,16 +156,22 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
                 hint = ""
             raise ConfigError(str(key), f"unknown key (valid: {', '.join(valid)}){hint}")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError("seed", f"expected a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", f"expected a non-negative integer, got {show(seed)}")
+    require_between(seed, "seed", 0, MAX_SEED)
 
     def section(key: str, cls: type) -> Any:
+        value = data.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                key, f"is a section: expected a mapping of {cls.__name__} keys, got {show(value)}"
+            )
         try:
-            return from_dict(cls, data.get(key) or {})
+            return from_dict(cls, value or {})
         except ConfigError as e:
             raise e.within(key) from None
 
-    return RunConfig(
+    run = RunConfig(
         algo=name,
         params=section(name, module.Config),
         seed=seed,
@@ -140,6 +179,52 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         env=section("env", EnvConfig),
         train=section("train", TrainConfig),
         eval=section("eval", EvalConfig),
+    )
+    if name in RL_ALGORITHMS:
+        _check_replay_memory(run)
+    else:
+        _check_batch_examples(run)
+    return run
+
+
+MAX_BATCH_EXAMPLES = 100_000
+"""Most examples (ways x (shots + queries) per task, times the tasks) in one few-shot batch."""
+MAX_REPLAY_BYTES = 32 * 2**30
+"""Largest replay buffer a config may ask for, where its row size follows from the config (DQN on BitFlip)."""
+
+
+def _check_batch_examples(run: RunConfig) -> None:
+    """The examples of one training batch (``train.meta_batch`` tasks) and of one evaluation batch
+    (``eval.batch`` episodes) are within :data:`MAX_BATCH_EXAMPLES`."""
+    task = run.task
+    train_task = (task.train_ways or task.ways) * (task.shots + (task.train_queries or task.queries))
+    eval_task = task.ways * (task.shots + task.queries)
+    for key, tasks, per_task in (
+        ("train.meta_batch", run.train.meta_batch, train_task),
+        ("eval.batch", run.eval.batch, eval_task),
+    ):
+        require(
+            tasks * per_task <= MAX_BATCH_EXAMPLES,
+            key,
+            f"{tasks} tasks of {per_task} examples (ways x (shots + queries)) make a batch of "
+            f"{tasks * per_task} examples, over the limit of {MAX_BATCH_EXAMPLES}",
+        )
+
+
+def _check_replay_memory(run: RunConfig) -> None:
+    """A DQN replay buffer on BitFlip fits in :data:`MAX_REPLAY_BYTES` (elsewhere the per-field bounds hold)."""
+    if run.algo != "dqn" or run.env.id != BITFLIP_ID:
+        return
+    bits = run.env.n or 10
+    row = (
+        20 * bits + 13
+    )  # float32 obs, achieved, desired, next obs, next achieved; int64 action; reward; flag
+    need = run.params.buffer_size * row
+    require(
+        need <= MAX_REPLAY_BYTES,
+        "dqn.buffer_size",
+        f"{run.params.buffer_size} transitions of {bits} bits need {need / 2**30:.1f} GiB, over the limit of "
+        f"{MAX_REPLAY_BYTES // 2**30} GiB; lower dqn.buffer_size or env.n",
     )
 
 
@@ -149,15 +234,31 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def new_run_dir(run: RunConfig, base: Path) -> Path:
-    """``<base>/<algo>-<task or env>-s<seed>-<YYYYmmdd-HHMMSS>``, created, with the resolved config written in it."""
+    """``<base>/<algo>-<task or env>-s<seed>-<YYYYmmdd-HHMMSS>``, created, with the resolved config written in it.
+
+    The directory is claimed with an exclusive ``mkdir``: a second process asking in the same second takes the
+    next free name (``-2``, ``-3``, ...) instead of sharing or failing. ``config.yaml`` is written atomically.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = base / f"{run.algo}-{run.label}-s{run.seed}-{stamp}"
+    name = f"{run.algo}-{run.label}-s{run.seed}-{stamp}"
+    base.mkdir(parents=True, exist_ok=True)
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = base / f"{run.algo}-{run.label}-s{run.seed}-{stamp}-{suffix}"
-    path.mkdir(parents=True)
-    (path / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+    while True:
+        path = base / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            suffix += 1
+    write_run_config(run, path)
+    return path
+
+
+def write_run_config(run: RunConfig, run_dir: Path) -> Path:
+    """Write ``run`` resolved to ``run_dir/config.yaml`` atomically (a crash leaves the previous file whole)."""
+    path = run_dir / CONFIG_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
     return path
 
 

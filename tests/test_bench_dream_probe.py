@@ -60,7 +60,7 @@ def test_probe_reads_the_selected_weights(tmp_path: Path) -> None:
     sets = ["train.steps=6", "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
             "train.eval_episodes=2", "eval.episodes=2", "dream.hidden=8", "dream.learning_starts=2",
             "dream.batch_size=2", "dream.exec_batch_size=4", "train.device=cpu",
-            "train.keep_best=eval/train_problems_return", "train.keep_best_mode=min"]  # fmt: skip
+            "train.keep_best=train/problems_return", "train.keep_best_mode=min"]  # fmt: skip
     run = load_run_config(Path(__file__).parents[1] / "configs" / "dream_citygrid5x5.yaml", sets)
     _, fitted = train(run, tmp_path / "run")
     out = dream_probe.probe(tmp_path / "run", 2)

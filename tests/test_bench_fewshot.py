@@ -23,6 +23,9 @@ TINY = ["--steps", "2", "--test-episodes", "4", "--set", "train.eval_episodes=4"
 def bench(monkeypatch: pytest.MonkeyPatch):
     # benchmarks/ is a top-level package beside metalab/, not installed
     monkeypatch.syspath_prepend(str(REPO))
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setattr(common, "commit", lambda: "abc1234")  # a clean tree: benchmarks refuse dirty ones
+    monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
     return lambda name: importlib.import_module(f"benchmarks.{name}")
 
 
@@ -80,8 +83,10 @@ def test_mann_tiny_run_reports_instances(bench, omniglot_root: Path, tmp_path: P
     assert (records["acc_instance5"]["published"], records["acc_instance5"]["target"]) == (94.9, 95.0)
     assert records["acc_instance5"]["instance"] == 5 and records["test_accuracy"]["ci95"] is not None
     assert (tmp_path / "results" / "omniglot_blackbox.png").is_file()
-    curve = records["acc_instance5"]["curve"]  # [training minutes, accuracy %] at each periodic evaluation
+    curve = records["acc_instance5"]["curve"]  # [training minutes, val accuracy %] at each evaluation
     assert curve and all(m >= 0 and 0 <= acc <= 100 for m, acc in curve)
+    assert records["acc_instance5"]["curve_metric"] == "val/acc_inst5"
+    assert records["test_accuracy"]["curve_metric"] == "val/acc"
     # The figure is redrawn from the records alone once the run directories are gone.
     out = tmp_path / "results" / "omniglot_blackbox.png"
     assert blackbox.plot(tmp_path / "gone", tmp_path / "results") == out
@@ -95,6 +100,7 @@ def test_maml_tiny_run_and_resume(bench, omniglot_root: Path, tmp_path: Path) ->
     assert (r["task"], r["method"], r["metric"]) == ("omniglot-vinyals-5w5s", "maml", "test_accuracy")
     assert (r["published"], r["target"], r["eval_inner_steps"]) == (99.9, 99.0, 3)
     assert "task.shots=5" in r["overrides"] and r["ci95"] is not None
+    assert not any("eval_part" in o for o in r["overrides"]) and r["curve_metric"] == "val/acc"
     assert (tmp_path / "results" / "omniglot_maml.png").is_file()
     # rerunning a finished configuration resumes it (no more training) and tests the same weights
     (again,) = run(maml, tmp_path, "maml-5w5s", "maml.hidden=8")
@@ -124,8 +130,11 @@ def test_omniglot_metric_uses_the_shared_steps(
     monkeypatch.setattr(metric, "budget_overrides", lambda *a: [*fewshot.budget_overrides(*a), *tiny])
     records = metric.train_and_test(training, 60.0, 2, 4)
     check_records(records, "omniglot_metric")
-    assert [(r["task"], r["published"], r["target"], r["training"]) for r in records] == [
-        (f"omniglot-vinyals-{cell}", published, target, training) for cell, published, target in expected
+    assert [(r["task"], r["published"], r["target"], r["training"], r["batchnorm"]) for r in records] == [
+        (f"omniglot-vinyals-{cell}", published, target, training, mode)
+        for cell, published, target in expected
+        for mode in ("inductive", "transductive")  # one trained model, tested in each BatchNorm mode
     ]
+    assert [r["method"] for r in records[:2]] == [method, f"{method}-transductive"]
     figure = metric.plot()
     assert figure == tmp_path / "results" / "omniglot_metric.png" and figure.is_file()

@@ -21,6 +21,9 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(
         str(REPO)
     )  # benchmarks/ is a top-level package beside metalab/, not installed
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setattr(common, "commit", lambda: "abc1234")  # a clean tree: benchmarks refuse dirty ones
+    monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
     return importlib.import_module("benchmarks.maml_speed")
 
 

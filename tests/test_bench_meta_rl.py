@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import meta_rl
+from benchmarks import common, meta_rl
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
 
 @pytest.fixture
 def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "commit", lambda: "abc1234")  # a clean tree: benchmarks refuse dirty ones
+    monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
     original = meta_rl.run_config
 
     def small(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
@@ -42,13 +44,22 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
               "torch", "commit"}  # fmt: skip
     assert all(fields <= set(r) for r in records)
     by_metric = {r["metric"]: r for r in records}
-    assert {"return_s0", "return_s1", "success_s0", "success_s1", "return", "success"} <= set(by_metric)
-    assert {"oracle_return_s0", "train_problems_return_s1", "oracle_return"} <= set(by_metric)  # DREAM only
-    assert by_metric["return"]["seeds"] == [0, 1] and by_metric["return"]["target"] == 0.65
+    for metric in ("return", "beats_walking", "heldout_return", "heldout_beats_walking", "train_problems_return",
+                   "oracle_return"):  # fmt: skip  # oracle: DREAM only
+        assert {metric, f"{metric}_s0", f"{metric}_s1"} <= set(by_metric)
+    assert not any("success" in m for m in by_metric)  # CityGrid reports beats_walking instead
+    assert by_metric["return_s0"]["metric_key"] == "test/return"
+    assert by_metric["heldout_return_s0"]["metric_key"] == "test/heldout_return"
+    assert all(r["protocol"] == common.PROTOCOL for r in records)
+    agg = by_metric["return"]
+    assert agg["seeds"] == [0, 1] and agg["target"] == 0.65 and agg["n"] == 2
+    assert agg["per_seed"] == [by_metric["return_s0"]["value"], by_metric["return_s1"]["value"]]
+    assert by_metric["beats_walking"]["unit"] == "fraction" and by_metric["return"]["unit"] == "return"
     assert -3.0 <= by_metric["return_s0"]["value"] <= 0.7 and by_metric["return_s0"]["steps"] == 40
     assert (tmp_path / "res" / "meta_rl.png").is_file()
-    kept = by_metric["return_s0"]["curve"]  # [trainer step, env steps, held-out return] at each evaluation
+    kept = by_metric["return_s0"]["curve"]  # [trainer step, env steps, val return] at each evaluation
     assert [row[0] for row in kept] == [10, 20, 30, 40] and all(row[1] > 0 for row in kept)
+    assert by_metric["return_s0"]["curve_metric"] == "val/return"
     # The figure is redrawn from the records alone once the run directories are gone.
     assert meta_rl.plot(tmp_path / "gone", tmp_path / "res") == tmp_path / "res" / "meta_rl.png"
     assert meta_rl.plot(tmp_path / "gone", tmp_path / "empty") is None
@@ -66,7 +77,7 @@ def test_the_9x9_keeps_the_weights_selected_on_training_problems(tiny: None, tmp
         r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text()) if r["metric"] == "return_s0"
     )
     seen = {s: v for s, k, v in read_metrics(tmp_path / "runs" / "rl2-9x9-s0" / "metrics.csv")
-            if k == "eval/train_problems_return"}  # fmt: skip
+            if k == "train/problems_return"}  # fmt: skip
     assert sorted(seen) == [row[0] for row in seed0["curve"]] == [10, 20, 30, 40, 48]  # 48: the last step
     assert seed0["selected_step"] == max(s for s, v in seen.items() if v == max(seen.values()))
 

@@ -193,7 +193,7 @@ def test_snail_trains_on_fewer_ways_than_it_tests(
     }  # fmt: skip
     learner = algorithm("snail").build(run_config_from_dict(spec), omniglot_root, torch.device("cpu"))
     result = fit(learner, run_config_from_dict(spec).train, tmp_path)
-    assert result.step == 2 and 0 <= result.metrics["eval/val_acc"] <= 1
+    assert result.step == 2 and 0 <= result.metrics["val/acc"] <= 1
     assert spread == [(2, 4), (2, 4)]  # every training step's 2-way labels go into the 4-label space
     spec["task"] = {**spec["task"], "train_ways": 5}
     with pytest.raises(ConfigError, match=r"task\.train_ways"):
@@ -227,7 +227,7 @@ def test_build_runs_a_few_steps_on_omniglot(name: str, omniglot_root: Path, tmp_
     })  # fmt: skip
     learner = algorithm(name).build(run, omniglot_root, torch.device("cpu"))
     result = fit(learner, run.train, tmp_path)
-    assert result.step == 3 and 0 <= result.metrics["eval/val_acc"] <= 1
+    assert result.step == 3 and 0 <= result.metrics["val/acc"] <= 1
 
 
 @pytest.mark.slow
@@ -244,8 +244,8 @@ def test_mann_learns_5way_above_chance(omniglot_root: Path, tmp_path: Path) -> N
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 100)
     # a first sighting is a guess (20%); later sightings must be recognised far better than chance
-    assert metrics["eval/test_acc_inst1"] < 0.35
-    assert metrics["eval/test_acc_inst3"] > 0.5, metrics
+    assert metrics["test/acc_inst1"] < 0.35
+    assert metrics["test/acc_inst3"] > 0.5, metrics
 
 
 @pytest.mark.slow
@@ -260,4 +260,4 @@ def test_snail_learns_5way_1shot_above_chance(omniglot_root: Path, tmp_path: Pat
     torch.manual_seed(0)
     learner = algorithm("snail").build(run, omniglot_root, torch.device("cpu"))
     fit(learner, run.train, tmp_path)
-    assert learner.evaluate("test", 100)["eval/test_acc"] > 0.6
+    assert learner.evaluate("test", 100)["test/acc"] > 0.6

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from metalab.errors import CheckpointError
-from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from metalab.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_mismatch,
+)
 
 
 def draw() -> tuple[float, float, float, float, float]:
@@ -83,28 +89,55 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", "truncated"])
-def test_corrupt_checkpoint(tmp_path: Path, content: bytes | str) -> None:
+def assert_one_line_refusal(error: CheckpointError, path: Path, cause: str) -> None:
+    """A checkpoint refusal: one line naming the file and the cause, without torch's text or advice."""
+    message = str(error)
+    assert "\n" not in message
+    assert message == f"cannot read checkpoint {path}: {cause}" or message.startswith(
+        f"cannot read checkpoint {path}: {cause} (found "
+    )
+    assert "weights_only" not in message and "Error" not in message
+
+
+# 5000 of a 400 kB file: torch raises "OSError: [Errno 22] Invalid argument"; the others: RuntimeError, EOFError,
+# UnpicklingError.
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", 10, 500, 5000, -100])
+def test_corrupt_checkpoint(tmp_path: Path, content: bytes | int) -> None:
     path = tmp_path / "checkpoint.pt"
-    if content == "truncated":
-        save_checkpoint(path, {"step": 3, "w": torch.zeros(1000)})
-        path.write_bytes(path.read_bytes()[:500])
+    if isinstance(content, int):  # a checkpoint cut short after this many bytes (negative: short of the end)
+        save_checkpoint(path, {"step": 3, "w": torch.zeros(100_000)})
+        path.write_bytes(path.read_bytes()[:content])
     else:
-        path.write_bytes(content)  # type: ignore[arg-type]
-    with pytest.raises(CheckpointError, match="cannot read checkpoint") as info:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert str(path) in str(info.value)
+    assert_one_line_refusal(info.value, path, "truncated or corrupt")
 
 
 class Payload:
     """Not a tensor or plain data: a weights-only load must refuse to unpickle it."""
 
 
-def test_pickled_code_is_not_loaded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zipped", [True, False])
+def test_pickled_code_is_not_loaded(tmp_path: Path, zipped: bool) -> None:
     path = tmp_path / "checkpoint.pt"
-    torch.save({"step": 1, "evil": Payload()}, path)
-    with pytest.raises(CheckpointError):
+    torch.save({"step": 1, "evil": Payload()}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
+    assert_one_line_refusal(
+        info.value, path, "it holds objects other than tensors and plain data; refusing to load it"
+    )
+    assert "Payload" in str(info.value)  # what it found, so the user can tell where the file came from
+
+
+def test_a_mismatched_state_is_described_in_one_line() -> None:
+    small, large = torch.nn.Sequential(torch.nn.Linear(1, 4)), torch.nn.Sequential(torch.nn.Linear(1, 8))
+    with pytest.raises(RuntimeError) as info:
+        small.load_state_dict(large.state_dict())
+    assert len(str(info.value).splitlines()) > 2  # torch's own text: a header and a line per tensor
+    line = state_mismatch(info.value)
+    assert "\n" not in line
+    assert line.startswith("size mismatch for 0.weight") and line.endswith("(and 1 more)")
 
 
 def test_atomic_writes_get_the_permissions_open_would_give(tmp_path: Path) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -204,16 +208,16 @@ def test_train_writes_a_complete_run_dir(sinusoid_run: Path) -> None:
     )  # resolved, overrides in
     result = json.loads((sinusoid_run / "result.json").read_text())
     assert result["step"] == 20
-    assert result["eval/test_mse"] > 0 and result["eval/test_mse_ci95"] > 0
+    assert result["test/mse"] > 0 and result["test/mse_ci95"] > 0
     assert load_checkpoint(sinusoid_run / "checkpoint.pt")["step"] == 20
     keys = {k for _, k, _ in read_metrics(sinusoid_run / "metrics.csv")}
-    assert {"train/loss", "train/mse", "train/lr", "eval/val_mse"} <= keys
+    assert {"train/loss", "train/mse", "train/lr", "val/mse"} <= keys
 
 
 def test_eval_and_plot_a_run(capsys, sinusoid_run: Path) -> None:
     rc, out, err = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "50")
     assert rc == 0, err
-    assert "(step 20)" in out and "eval/test_mse" in out
+    assert "(step 20)" in out and "test/mse" in out
     rc, again, _ = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "50")
     assert rc == 0 and again == out  # the test episodes are fixed
     rc, other, _ = run_cli(capsys, "eval", str(sinusoid_run), "--episodes", "20")
@@ -255,11 +259,11 @@ def test_protonet_omniglot_smoke(capsys, omniglot_data, tmp_path: Path) -> None:
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("protonet-omniglot-5w1s-s0-")
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 3 and 0.0 <= result["eval/test_acc"] <= 1.0
-    assert "eval/test_acc" in out
+    assert result["step"] == 3 and 0.0 <= result["test/acc"] <= 1.0
+    assert "test/acc" in out
     rc, out, err = run_cli(capsys, "eval", str(run_dir), "--episodes", "4")
     assert rc == 0, err
-    assert "(step 3)" in out and "eval/test_acc" in out
+    assert "(step 3)" in out and "test/acc" in out
 
 
 def test_maml_omniglot_smoke(capsys, omniglot_data, tmp_path: Path) -> None:
@@ -277,7 +281,7 @@ def test_maml_omniglot_smoke(capsys, omniglot_data, tmp_path: Path) -> None:
     rc, _, err = run_cli(capsys, "train", MAML_OMNIGLOT, *sets(overrides), "--runs-dir", str(tmp_path))
     assert rc == 0, err
     result = json.loads((only_run_dir(tmp_path) / "result.json").read_text())
-    assert result["step"] == 2 and 0.0 <= result["eval/test_acc"] <= 1.0
+    assert result["step"] == 2 and 0.0 <= result["test/acc"] <= 1.0
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -313,7 +317,7 @@ def test_error_in_a_real_process_is_one_line(tmp_path: Path) -> None:
 
 def test_keep_best_is_what_train_tests_and_eval_loads(capsys, tmp_path: Path) -> None:
     # The worst validation MSE (keep_best_mode=max) is an early one: the selected weights are not the last.
-    keep = ["train.eval_every=5", "train.keep_best=eval/val_mse", "train.keep_best_mode=max"]
+    keep = ["train.eval_every=5", "train.keep_best=val/mse", "train.keep_best_mode=max"]
     rc, out, err = run_cli(
         capsys, "train", SINUSOID, *sets(TINY_SINUSOID_SET + keep), "--runs-dir", str(tmp_path)
     )
@@ -324,7 +328,182 @@ def test_keep_best_is_what_train_tests_and_eval_loads(capsys, tmp_path: Path) ->
     result = json.loads((run_dir / "result.json").read_text())
     assert result["selected_step"] == selected
     rc, best, _ = run_cli(capsys, "eval", str(run_dir))
-    assert rc == 0 and f"(step {selected}, selected by eval/val_mse)" in best
-    assert f"eval/test_mse = {result['eval/test_mse']:.4f}" in best  # train's test scored the same weights
+    assert rc == 0 and f"(step {selected}, selected by val/mse)" in best
+    assert f"test/mse = {result['test/mse']:.4f}" in best  # train's test scored the same weights
     rc, last, _ = run_cli(capsys, "eval", str(run_dir), "--last")
     assert rc == 0 and "(step 20)" in last and last.split(":", 1)[1] != best.split(":", 1)[1]
+
+
+# ------------------------------------------------------------------------------ resuming with changes
+
+RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.csv", "result.json")
+
+
+def copied(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run to change."""
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
+def contents(run_dir: Path) -> dict[str, bytes]:
+    return {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+
+
+def rates(run_dir: Path) -> dict[int, float]:
+    return {s: v for s, k, v in read_metrics(run_dir / "metrics.csv") if k == "train/lr"}
+
+
+@pytest.fixture(scope="module")
+def cosine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on a cosine schedule (20 steps, rate logged every step)."""
+    runs = tmp_path_factory.mktemp("cosine-runs")
+    extra = ["train.lr_schedule=cosine", "train.log_every=1"]
+    assert main(["train", SINUSOID, *sets(TINY_SINUSOID_SET + extra), "--runs-dir", str(runs)]) == 0
+    return only_run_dir(runs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["maml.mlp_hidden=[80,80]"], ["cannot change maml.mlp_hidden ([40, 40] -> [80, 80])"]),
+        (["train.lr=0.0005", "task.shots=5", "train.meta_batch=7"], ["task.shots", "train.meta_batch"]),
+        (["seed=3"], ["seed (0 -> 3)"]),
+        (["train.lr_schedule=cosine"], ["train.lr_schedule"]),
+        (["train.steps=10"], ["'train.steps'", "below the 20 steps"]),
+    ],
+)
+def test_resume_refuses_changes_its_checkpoint_does_not_fit(
+    capsys, sinusoid_run: Path, tmp_path: Path, overrides: list[str], fragments: list[str]
+) -> None:
+    run_dir = copied(sinusoid_run, tmp_path)
+    before = contents(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", str(run_dir), *sets(overrides))
+    assert rc == 2
+    assert_one_line_error(rc, err, *fragments)
+    assert contents(run_dir) == before  # nothing written, not even the allowed train.lr
+    rc, out, err = run_cli(capsys, "eval", str(run_dir), "--episodes", "5")
+    assert rc == 0 and "(step 20)" in out, err
+
+
+def test_resume_with_a_new_rate_trains_at_it(capsys, sinusoid_run: Path, tmp_path: Path) -> None:
+    run_dir = copied(sinusoid_run, tmp_path)
+    rc, _, err = run_cli(
+        capsys, "train", "--resume", str(run_dir), *sets(["train.steps=25", "train.lr=0.0005"])
+    )
+    assert rc == 0, err
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["step"] == 25
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.0005]  # the restored optimizer's rate
+    assert rates(run_dir)[20] == 0.001 and rates(run_dir)[25] == 0.0005
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    assert (config["lr"], config["steps"]) == (0.0005, 25)
+
+
+def test_extending_a_cosine_run_asks_how(capsys, cosine_run: Path, tmp_path: Path) -> None:
+    run_dir = copied(cosine_run, tmp_path)
+    before = contents(run_dir)
+    rc, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "--set", "train.steps=30")
+    assert_one_line_error(rc, err, "'train.steps'", "--schedule continue", "--schedule restart")
+    assert rc == 2 and contents(run_dir) == before
+
+
+@pytest.mark.parametrize("how", ["continue", "restart"])
+def test_extending_a_finished_cosine_run(capsys, cosine_run: Path, tmp_path: Path, how: str) -> None:
+    run_dir = copied(cosine_run, tmp_path)
+    args = ["train", "--resume", str(run_dir), "--set", "train.steps=30", "--schedule", how]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    added = [rates(run_dir)[s] / 0.001 for s in range(21, 31)]
+    if how == "continue":  # hold the rate of the old cosine's last update
+        assert added == pytest.approx([0.5 * (1 + math.cos(math.pi * 19 / 20))] * 10)
+    else:  # a new cosine over the 10 added steps
+        assert added == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(1, 11)])
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 30
+
+
+def test_resuming_a_finished_run_does_not_test_it_again(capsys, sinusoid_run: Path, tmp_path: Path) -> None:
+    run_dir = copied(sinusoid_run, tmp_path)
+    before = contents(run_dir)
+    stamp = (run_dir / "result.json").stat().st_mtime_ns
+    rc, out, err = run_cli(capsys, "train", "--resume", str(run_dir))
+    assert rc == 0, err
+    assert "finished at step 20" in out and "--retest" in out
+    rc, out, err = run_cli(capsys, "train", "--resume", str(run_dir), "--set", "eval.episodes=10")
+    assert rc == 0 and "not saved" in out, err
+    assert contents(run_dir) == before and (run_dir / "result.json").stat().st_mtime_ns == stamp
+    (run_dir / "result.json").unlink()
+    rc, out, err = run_cli(capsys, "train", "--resume", str(run_dir), "--retest", "--set", "eval.episodes=10")
+    assert rc == 0, err
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 20
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["episodes"] == 10
+
+
+def test_schedule_and_retest_need_resume(capsys, tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, "train", SINUSOID, "--retest", "--runs-dir", str(tmp_path))
+    assert_one_line_error(rc, err, "--retest", "--resume")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_after_a_torn_metrics_row(capsys, sinusoid_run: Path, tmp_path: Path) -> None:
+    run_dir = copied(sinusoid_run, tmp_path)
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("15000,train/lo")  # killed mid-write
+    rc, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "--set", "train.steps=25")
+    assert rc == 0, err
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert max(s for s, _, _ in rows) == 25 and "train/lo" not in {k for _, k, _ in rows}
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_truncated_checkpoint_is_one_line(capsys, sinusoid_run: Path, tmp_path: Path, command: str) -> None:
+    run_dir = copied(sinusoid_run, tmp_path)
+    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    args = [command, str(run_dir)] if command == "eval" else [command, "--resume", str(run_dir)]
+    rc, _, err = run_cli(capsys, *args)
+    assert_one_line_error(rc, err, str(checkpoint), "truncated or corrupt")
+    assert "weights_only" not in err and "Errno" not in err
+
+
+def test_run_dirs_asked_for_at_the_same_instant_are_distinct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sinusoid_config
+) -> None:
+    from metalab.experiment import new_run_dir, run_config_from_dict
+
+    run = run_config_from_dict(sinusoid_config())
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20260101-000000")
+    real_mkdir = Path.mkdir
+    raced: list[Path] = []
+
+    def rival_first(self: Path, *args, **kwargs) -> None:
+        """Another process takes the first name after this one saw it free, before it creates it."""
+        if self.parent == tmp_path / "runs" and not raced:
+            raced.append(self)
+            real_mkdir(self)
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", rival_first)
+    path = new_run_dir(run, tmp_path / "runs")
+    assert path.name == f"{raced[0].name}-2" and (path / "config.yaml").is_file()
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+
+    start = threading.Barrier(6)
+    made: list[Path] = []
+
+    def claim() -> None:
+        start.wait()
+        made.append(new_run_dir(run, tmp_path / "threads"))
+
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 6 and all((p / "config.yaml").is_file() for p in made)
+
+
+def test_eval_help_shows_a_plain_percent_sign(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "95% CI" in text and "%%" not in text

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, TINY_SINUSOID
 
-from metalab.config import from_dict, parse_overrides, read_yaml, to_dict
+from metalab.config import (
+    INT_LIMIT,
+    MAX_YAML_BYTES,
+    allow_inf,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from metalab.data.tasks import TaskConfig
 from metalab.errors import ConfigError
-from metalab.experiment import load_run_config, run_config_from_dict
+from metalab.experiment import MAX_BATCH_EXAMPLES, load_run_config, run_config_from_dict
 from metalab.meta import maml, protonet
 from metalab.train.loop import TrainConfig
 
@@ -232,3 +244,169 @@ def test_config_is_frozen() -> None:
     run = run_config_from_dict(TINY_SINUSOID)
     with pytest.raises(AttributeError):
         run.train.lr = 1.0  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------- YAML 1.2 numbers, limits, bounds
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("3e-4", 3e-4),
+        ("1E5", 1e5),
+        ("1.0e5", 1e5),
+        ("-2.5e+3", -2500.0),
+        (".5", 0.5),
+        ("1.", 1.0),
+        ("1_000", 1000),
+        ("017", 17),  # YAML 1.2: decimal, not octal
+        ("0o17", 15),
+        ("0x1F", 31),
+        ("-.inf", float("-inf")),
+        ("1:30", "1:30"),  # YAML 1.1's base 60 is gone
+        ("1e", "1e"),
+        ("e5", "e5"),
+        (".", "."),
+    ],
+)
+def test_yaml_numbers_follow_yaml_1_2(text: str, value: object) -> None:
+    assert load_yaml(text) == value
+    assert type(load_yaml(text)) is type(value)
+
+
+def test_scientific_notation_in_overrides_and_files(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(TINY_SINUSOID).replace("lr: 0.01", "lr: 1e-2"))
+    assert load_run_config(path).train.lr == 0.01
+    run = load_run_config(path, ["train.lr=3e-4", "maml.inner_lr=5E-1"])
+    assert (run.train.lr, run.params.inner_lr) == (3e-4, 0.5)
+
+
+def test_dump_yaml_quotes_strings_that_read_as_numbers() -> None:
+    data = {"keep_best": "3e-4", "lr": 3e-4, "n": "017", "inf": float("inf")}
+    assert load_yaml(dump_yaml(data)) == data
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_non_finite_float_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="must be a finite number") as info:
+        load_run_config(REPO / "configs" / "maml_sinusoid.yaml", [f"train.lr={value}"])
+    assert info.value.key == "train.lr"
+    with pytest.raises(ConfigError, match="too large for a number"):
+        from_dict(TrainConfig, {"lr": 10**400})  # an int beyond the float range
+
+
+def test_a_field_may_allow_infinity() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Limits:
+        budget: float = dataclasses.field(default=math.inf, metadata=allow_inf())
+        rate: float = 1.0
+
+    assert from_dict(Limits, {"budget": math.inf}).budget == math.inf
+    with pytest.raises(ConfigError, match="finite") as info:
+        from_dict(Limits, {"budget": math.nan})  # NaN never
+    assert info.value.key == "budget"
+    assert config_error_of(Limits, {"rate": -math.inf}).key == "rate"
+
+
+def config_error_of(cls: type, data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        from_dict(cls, data)
+    return info.value
+
+
+def test_every_integer_has_a_backstop_limit() -> None:
+    err = config_error({"algo": "maml", "train": {"log_every": INT_LIMIT + 1}})
+    assert err.key == "train.log_every" and str(INT_LIMIT) in str(err)
+    err = config_error({"algo": "maml", "maml": {"inner_steps": 10**5000}})  # too long to print
+    assert err.key == "maml.inner_steps" and "digits" in str(err) and len(str(err)) < 200
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"train": 0}, {"train": [1]}, {"maml": False}, {"eval": "fast"}, {"task": 1.5}],
+    ids=["train=0", "train=[1]", "maml=false", "eval=str", "task=float"],
+)
+def test_a_section_cannot_be_a_scalar(data: dict) -> None:
+    err = config_error({"algo": "maml", **data})
+    assert err.key == next(iter(data)) and "section" in str(err)
+
+
+def test_an_empty_section_means_defaults() -> None:
+    assert run_config_from_dict({"algo": "maml", "train": None}).train == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "bound"),
+    [
+        ({"seed": 2**32}, "seed", "<= 4294967295"),
+        ({"seed": -1}, "seed", ">= 0"),
+        ({"eval": {"seed": -1}}, "eval.seed", ">= 0"),
+        ({"eval": {"seed": 2**32}}, "eval.seed", "<= 4294967295"),
+        ({"eval": {"episodes": 10**12}}, "eval.episodes", "<= 1000000"),
+        ({"eval": {"batch": 10**5}}, "eval.batch", "<= 4096"),
+        ({"train": {"steps": 10**10}}, "train.steps", "<= 1000000000"),
+        ({"train": {"meta_batch": 10**5}}, "train.meta_batch", "<= 10000"),
+        ({"train": {"eval_episodes": 10**7}}, "train.eval_episodes", "<= 1000000"),
+        ({"task": {"dataset": "sinusoid", "ways": 1, "shots": 10**9}}, "task.shots", "<= 10000"),
+        ({"task": {"ways": 10**6}}, "task.ways", "<= 6492"),
+        ({"task": {"image_size": 1000}}, "task.image_size", "<= 105"),
+        ({"maml": {"mlp_hidden": [10**10]}}, "maml.mlp_hidden[0]", "<= 16384"),
+        ({"maml": {"mlp_hidden": [8] * 17}}, "maml.mlp_hidden", "at most 16"),
+        ({"maml": {"mlp_hidden": [16384] * 3}}, "maml.mlp_hidden", "weights"),
+        ({"maml": {"hidden": 5000}}, "maml.hidden", "<= 1024"),
+        ({"maml": {"inner_steps": 10**4}}, "maml.inner_steps", "<= 1000"),
+        ({"algo": "dqn", "dqn": {"hidden": [10**10]}}, "dqn.hidden[0]", "<= 16384"),
+        ({"algo": "dqn", "dqn": {"buffer_size": 10**13}}, "dqn.buffer_size", "<= 10000000"),
+        ({"algo": "dqn", "env": {"n": 10**9}}, "env.n", "<= 1024"),
+        ({"algo": "dqn", "env": {"max_episode_steps": 10**9}}, "env.max_episode_steps", "<= 100000"),
+        ({"algo": "rl2", "rl2": {"buffer_size": 10**8}}, "rl2.buffer_size", "<= 1000000"),
+        ({"algo": "pearl", "pearl": {"buffer_size": 10**8}}, "pearl.buffer_size", "<= 1000000"),
+        ({"algo": "pearl", "pearl": {"sac": {"hidden": [10**6]}}}, "pearl.sac.hidden[0]", "<= 16384"),
+        ({"algo": "mann", "mann": {"hidden": 10**5}}, "mann.hidden", "<= 4096"),
+    ],
+)
+def test_upper_and_lower_bounds_name_the_key_and_bound(data: dict, key: str, bound: str) -> None:
+    err = config_error({"algo": "maml", **data})
+    assert err.key == key
+    assert f"must be {bound}" in str(err) or bound in str(err)
+
+
+def test_examples_per_batch_are_bounded() -> None:
+    task = {"dataset": "sinusoid", "ways": 1, "shots": 5000, "queries": 5000}
+    err = config_error({"algo": "maml", "task": task, "train": {"meta_batch": 100}})
+    assert err.key == "train.meta_batch" and str(MAX_BATCH_EXAMPLES) in str(err)
+    err = config_error({"algo": "maml", "task": task, "train": {"meta_batch": 1}, "eval": {"batch": 100}})
+    assert err.key == "eval.batch"
+
+
+def test_dqn_replay_buffer_memory_is_bounded_on_bitflip() -> None:
+    err = config_error({"algo": "dqn", "env": {"n": 1024}, "dqn": {"buffer_size": 5_000_000}})
+    assert err.key == "dqn.buffer_size" and "GiB" in str(err)
+    run_config_from_dict({"algo": "dqn", "env": {"n": 50}, "dqn": {"buffer_size": 1_000_000}})
+
+
+def test_read_yaml_refuses_non_utf8_oversized_and_deep_files(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    for content, fragment in [
+        (b"algo: maml\n\xff\n", "not UTF-8"),
+        (b"algo: maml\n" + b"#" * MAX_YAML_BYTES, "larger than"),
+        (b"train: " + b"[" * 5000 + b"]" * 5000, "nests deeper than"),
+        (b"a: &a {b: *a}\n", "contains itself"),
+        (b"a: \x07\n", "not valid YAML at character"),
+        (b"a: !!int 123456789012345678901234567890123456789012345\n", "too long"),
+        (b"a: !!bool maybe\n", "cannot be read"),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=fragment) as info:
+            read_yaml(path)
+        assert "\n" not in str(info.value)
+    path.write_bytes("\ufeffalgo: maml\n".encode())  # a byte-order mark is fine
+    assert read_yaml(path) == {"algo": "maml"}
+
+
+def test_override_values_have_the_same_limits() -> None:
+    with pytest.raises(ConfigError, match="nests deeper") as info:
+        parse_overrides(["train.steps=" + "[" * 100])
+    assert info.value.key == "train.steps"
+    assert parse_overrides(["train.keep_best=[unclosed"]) == {"train": {"keep_best": "[unclosed"}}

@@ -38,16 +38,34 @@ def test_registered_sizes_and_env_config() -> None:
         CityGrid(size=7)
 
 
-def test_576_problems_split_53_train_523_test() -> None:
-    train, test = CityGrid.problems("train"), CityGrid.problems("test")
-    assert (len(train), len(test)) == (53, 523)
+def test_576_problems_split_53_train_523_heldout_100_val_423_test() -> None:
+    train, heldout = CityGrid.problems("train"), CityGrid.problems("heldout")
+    val, test = CityGrid.problems("val"), CityGrid.problems("test")
+    assert (len(train), len(heldout), len(val), len(test)) == (53, 523, 100, 423)
     assert train[:4] == [0, 11, 22, 33] and train[-1] == 572
-    assert test[:11] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
-    assert not set(train) & set(test) and sorted(train + test) == list(range(576))
-    assert (CityGrid.problems("train"), CityGrid.problems("test")) == (train, test)  # deterministic
+    assert heldout[:11] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
+    assert not set(train) & set(heldout) and sorted(train + heldout) == list(range(576))
+    assert (
+        not set(val) & set(test) and sorted(val + test) == heldout
+    )  # val and test partition the held-out ids
+    assert val[:3] == [1, 6, 12] and test[:3] == [2, 3, 4]
+    assert (CityGrid.problems("train"), CityGrid.problems("val")) == (train, val)  # deterministic
     assert {p % 24 for p in train} == set(range(24))  # every useful-bus permutation is seen in training
-    with pytest.raises(ValueError, match=r"'train' or 'test'"):
+    with pytest.raises(ValueError, match=r"one of train, val, test, heldout"):
         CityGrid.problems("valid")  # type: ignore[arg-type]
+
+
+def test_walking_return_is_what_walking_earns() -> None:
+    for env_id, size in (("metalab/CityGrid-v0", 9), ("metalab/CityGrid5x5-v0", 5)):
+        env = gym.make(env_id)
+        env.reset(seed=0, options={"problem": 1, "goal": 0})
+        total, done = 0.0, False
+        while not done:  # walk left, then down, to corner 0 = (0, 0)
+            x, _ = env.unwrapped.position
+            action = LEFT if x > 0 else DOWN
+            _, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + reward, terminated or truncated
+        assert terminated and np.isclose(total, env.unwrapped.walking_return), (size, total)
 
 
 def _official_routes(layout: CityLayout, problem: int) -> dict[Cell, Cell]:

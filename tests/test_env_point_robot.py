@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from metalab.envs import POINT_ROBOT_SPARSE_ID, EnvConfig, PointRobotSparse, make_env
-from metalab.envs.point_robot import GOALS, posterior_sampling_success, sparse_reward, tasks
+from metalab.envs.point_robot import GOALS, VAL_GOALS, posterior_sampling_success, sparse_reward, tasks
 
 
 def test_passes_the_gymnasium_env_checker() -> None:
@@ -82,8 +82,24 @@ def test_truncated_after_20_steps_and_tasks_drawn_from_the_seeded_rng() -> None:
     assert set(drawn) <= set(range(80)) and len(set(drawn)) > 10
     assert drawn == [env.reset(seed=s)[1]["task"] for s in range(30)]
     assert {env.reset(seed=s, options={"split": "test"})[1]["task"] for s in range(30)} <= set(range(80, 100))
-    with pytest.raises(ValueError, match=r"task must be an int in \[0, 100\)"):
-        env.reset(options={"task": 100})
+    assert {env.reset(seed=s, options={"split": "val"})[1]["task"] for s in range(30)} <= set(range(100, 120))
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 120\)"):
+        env.reset(options={"task": 120})
+
+
+def test_val_goals_lie_on_the_arc_between_task_goals() -> None:
+    """The 20 val goals are on the unit half circle, each halfway between two neighbouring task angles: never a
+    training or test goal, and no closer than half a step to any of them."""
+    assert VAL_GOALS.shape == (20, 2) and tasks("val") == list(range(100, 120))
+    np.testing.assert_allclose(np.linalg.norm(VAL_GOALS, axis=1), 1.0)
+    step = np.pi / 99
+    val_angles = np.arctan2(VAL_GOALS[:, 1], VAL_GOALS[:, 0])
+    task_angles = np.arctan2(GOALS[:, 1], GOALS[:, 0])
+    gaps = np.abs(val_angles[:, None] - task_angles[None]).min(1)
+    np.testing.assert_allclose(gaps, step / 2, atol=1e-9)
+    env = PointRobotSparse()
+    env.reset(seed=0, options={"task": 105})
+    np.testing.assert_array_equal(env.unwrapped.goal, VAL_GOALS[5])
     with pytest.raises(ValueError, match=r"unknown reset option"):
         env.reset(options={"problem": 1})
 

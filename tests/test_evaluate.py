@@ -11,7 +11,8 @@ import torch
 from metalab.data.episodes import Episode
 from metalab.experiment import run_config_from_dict
 from metalab.meta import maml
-from metalab.train.evaluate import Estimate, evaluate_episodes, mean_ci95
+from metalab.stats import Estimate, mean_ci95
+from metalab.train.evaluate import evaluate_episodes
 
 
 def test_mean_ci95_by_hand() -> None:
@@ -65,10 +66,10 @@ def test_maml_evaluation_is_fixed_and_leaves_parameters_alone(sinusoid_config, t
     learner = maml.build(run, tmp_path, torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in learner.model.named_parameters()}
     first = learner.evaluate("test", 12)
-    assert set(first) == {"eval/test_mse", "eval/test_mse_ci95"}
+    assert set(first) == {"test/mse", "test/mse_ci95"}
     assert first == learner.evaluate("test", 12)  # the same fixed episodes every time
     val = learner.evaluate("val", 12)
-    assert set(val) == {"eval/val_mse", "eval/val_mse_ci95"}
-    assert val["eval/val_mse"] != first["eval/test_mse"]  # validation tasks are not the test tasks
+    assert set(val) == {"val/mse", "val/mse_ci95"}
+    assert val["val/mse"] != first["test/mse"]  # validation tasks are not the test tasks
     for k, v in learner.model.named_parameters():
         assert torch.equal(v, before[k]) and v.grad is None

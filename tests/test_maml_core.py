@@ -340,9 +340,9 @@ def test_maml_learns_sinusoid_regression(sinusoid_config, tmp_path: Path) -> Non
     run = run_config_from_dict(cfg)
     torch.manual_seed(0)
     learner = maml.build(run, tmp_path, torch.device("cpu"))
-    before = learner.evaluate("test", 200)["eval/test_mse"]
+    before = learner.evaluate("test", 200)["test/mse"]
     fit(learner, run.train, tmp_path)
-    after = learner.evaluate("test", 200)["eval/test_mse"]
+    after = learner.evaluate("test", 200)["test/mse"]
     assert after < 0.35 * before, (before, after)
     assert after < 1.0, (before, after)
 
@@ -367,7 +367,7 @@ def test_protonet_learns_omniglot(omniglot_data, omniglot_root: Path, tmp_path: 
     run = load_run_config(REPO / "configs" / "protonet_omniglot_5w1s.yaml", overrides)
     torch.manual_seed(0)
     learner = protonet.build(run, omniglot_root, torch.device("cpu"))
-    before = learner.evaluate("test", 100)["eval/test_acc"]
+    before = learner.evaluate("test", 100)["test/acc"]
     fit(learner, run.train, tmp_path)
-    after = learner.evaluate("test", 100)["eval/test_acc"]
+    after = learner.evaluate("test", 100)["test/acc"]
     assert after > 0.8 and after > before + 0.2, (before, after)

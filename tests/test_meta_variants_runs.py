@@ -65,7 +65,7 @@ def test_variant_trains_from_the_cli(
     rc = main(["train", str(config(name)), *tiny_overrides(name), "--runs-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "eval/test_mse" in out
+    assert "test/mse" in out
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "sinusoid_fits.png").is_file() and (run_dir / "checkpoint.pt").is_file()
     if name == "cavia":
@@ -84,7 +84,7 @@ def test_eval_inner_steps_shortcut(tmp_path: Path, capsys: pytest.CaptureFixture
     for steps in ("1", "2"):
         assert main(["eval", str(run_dir), "--inner-steps", steps]) == 0
         outs[steps] = capsys.readouterr().out
-    assert outs["1"] != outs["2"] and "eval/test_mse" in outs["1"]
+    assert outs["1"] != outs["2"] and "test/mse" in outs["1"]
     assert main(["eval", str(run_dir), "--inner-steps", "0"]) == 2
     assert "metasgd.eval_inner_steps" in capsys.readouterr().err
 
@@ -136,9 +136,9 @@ def short_run(name: str, steps: int, tmp_path: Path) -> tuple[float, float]:
     )
     torch.manual_seed(0)
     learner = algorithm(run.algo).build(run, tmp_path, torch.device("cpu"))
-    before = learner.evaluate("test", 200)["eval/test_mse"]
+    before = learner.evaluate("test", 200)["test/mse"]
     fit(learner, run.train, tmp_path)
-    return before, learner.evaluate("test", 200)["eval/test_mse"]
+    return before, learner.evaluate("test", 200)["test/mse"]
 
 
 @pytest.mark.slow

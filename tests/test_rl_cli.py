@@ -31,15 +31,15 @@ def test_dqn_config_smoke_run_with_env_override(tmp_path: Path, capsys: pytest.C
     assert list(saved) == ["algo", "seed", "env", "train", "eval", "dqn"]  # no unused task section
     assert saved["env"] == {"id": "metalab/BitFlip-v0", "n": 5, "max_episode_steps": None}
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 40 and 0 <= result["eval/success"] <= 1 and result["eval/return"] <= 0
+    assert result["step"] == 40 and 0 <= result["test/success"] <= 1 and result["test/return"] <= 0
     assert (run_dir / "metrics.png").is_file() and (run_dir / "checkpoint.pt").is_file()
-    assert "eval/success" in capsys.readouterr().out
+    assert "test/success" in capsys.readouterr().out
 
     # Continue the finished run for 20 more steps, then evaluate it from the command line.
     assert main(["train", "--resume", str(run_dir), "--set", "train.steps=60"]) == 0
     assert json.loads((run_dir / "result.json").read_text())["step"] == 60
     assert main(["eval", str(run_dir), "--episodes", "7"]) == 0
-    assert "eval/return" in capsys.readouterr().out
+    assert "test/return" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

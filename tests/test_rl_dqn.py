@@ -135,7 +135,7 @@ def test_collects_without_updates_before_learning_starts(tmp_path: Path) -> None
     state = load_checkpoint(tmp_path / CHECKPOINT)
     assert state["optimizer"]["state"] == {}  # Adam never stepped
     keys = {k for _, k, _ in read_metrics(tmp_path / "metrics.csv")}
-    assert "train/loss" not in keys and {"train/epsilon", "eval/success", "eval/return"} <= keys
+    assert "train/loss" not in keys and {"train/epsilon", "val/success", "val/return"} <= keys
     assert state["learner"]["buffer"]["size"] > 0
 
 
@@ -200,7 +200,7 @@ def test_plain_env_without_goals_runs(tmp_path: Path) -> None:
         env={"id": "CartPole-v1", "n": None}, dqn={"her": "none"}, train={"steps": 30, "eval_every": 30}
     )
     result = fit(make(run), run.train, tmp_path)
-    assert set(result.metrics) == {"eval/return", "eval/return_ci95"}  # CartPole reports no success
+    assert set(result.metrics) == {"val/return", "val/return_ci95"}  # CartPole reports no success
 
 
 @pytest.mark.slow
@@ -214,12 +214,12 @@ def test_dqn_her_solves_bitflip_10(tmp_path: Path) -> None:
     learner = make(run)
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 100)
-    assert metrics["eval/success"] >= 0.9, metrics
+    assert metrics["test/success"] >= 0.9, metrics
 
 
 def test_bitflip_without_relabeling_does_not_learn_n_15_quickly(tmp_path: Path) -> None:
     """Sanity of the baseline: without HER, random exploration gets no reward signal at 15 bits."""
     run = tiny(env={"n": 15}, dqn={"her": "none", "buffer_size": 500}, train={"steps": 80, "eval_every": 80})
     result = fit(make(run), run.train, tmp_path)
-    assert result.metrics["eval/success"] <= 0.1
-    assert np.isclose(result.metrics["eval/return"], -15 * (1 - result.metrics["eval/success"]), atol=2)
+    assert result.metrics["val/success"] <= 0.1
+    assert np.isclose(result.metrics["val/return"], -15 * (1 - result.metrics["val/success"]), atol=2)

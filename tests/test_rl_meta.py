@@ -306,31 +306,38 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith(f"{algo}-citygrid5x5-s0-")
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 30 and -3.0 <= result["eval/return"] <= 0.7
-    assert 0 <= result["eval/success"] <= 1
-    assert -3.0 <= result["eval/train_problems_return"] <= 0.7  # what model selection may watch
+    assert result["step"] == 30 and -3.0 <= result["test/return"] <= 0.7
+    assert 0 <= result["test/beats_walking"] <= 1 and -3.0 <= result["test/heldout_return"] <= 0.7
+    assert -3.0 <= result["train/problems_return"] <= 0.7  # what model selection may watch
     if algo == "dream":
-        assert -3.0 <= result["eval/oracle_return"] <= 0.7
+        assert -3.0 <= result["train/oracle_return"] <= 0.7
     strip = Image.open(run_dir / "meta_episode.png")  # exploration row over exploitation row
     assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
-    assert "eval/return" in capsys.readouterr().out
+    assert "test/return" in capsys.readouterr().out
 
 
-def test_evaluate_meta_cycles_the_problems_of_its_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    played: list[int] = []
+def test_evaluate_meta_cycles_the_problems_of_each_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    played: list[tuple[int, int]] = []
     real = meta.play_meta_episode
-    monkeypatch.setattr(meta, "play_meta_episode", lambda env, p, *a: played.append(p) or real(env, p, *a))
+    monkeypatch.setattr(
+        meta, "play_meta_episode", lambda env, p, seed, *a: played.append((p, seed)) or real(env, p, seed, *a)
+    )
     env = gym.make("metalab/CityGrid5x5-v0")
 
     def agent() -> tuple:
         return (lambda *a: 4), (lambda steps: lambda *a: 4)  # noop throughout
 
-    for split, expected in (("train", [0, 11, 22]), ("test", [1, 2, 3])):
-        played.clear()
-        result = meta.evaluate_meta(env, "val", 3, 0, agent, split=split)
-        assert played == expected and result["eval/success"] == 0.0
-        assert np.isclose(result["eval/return"], -0.3 * 10)
+    val = meta.evaluate_meta(env, "val", 3, 0, agent)
+    val_played = list(played)
+    assert [p for p, _ in val_played] == [1, 6, 12, 0, 11, 22]  # val ids, then as many training problems
+    assert val["val/beats_walking"] == 0.0 and np.isclose(val["val/return"], -0.3 * 10)
+    assert np.isclose(val["train/problems_return"], -0.3 * 10)
+    played.clear()
+    test = meta.evaluate_meta(env, "test", 3, 0, agent)
+    assert [p for p, _ in played] == [1, 2, 3, 0, 11, 22]  # all held-out ids in order, val ids among them
+    assert np.isclose(test["test/heldout_return"], -3.0) and np.isclose(test["test/return"], -3.0)
+    assert {s for _, s in played}.isdisjoint(s for _, s in val_played)  # the test never reuses a val seed
 
 
 def test_meta_rl_refuses_an_env_without_problems() -> None:

@@ -226,11 +226,11 @@ def test_training_step_and_evaluation_metrics() -> None:
     first = learner.evaluate("test", 4)
     assert torch.equal(torch_state, torch.get_rng_state())  # evaluation draws from its own generator
     assert first == learner.evaluate("test", 4)  # and is repeatable
-    keys = {f"eval/{m}_after{k}{ci}" for m in ("return", "success") for k in range(3) for ci in ("", "_ci95")}
-    assert keys | {"eval/return", "eval/success", "eval/return_ci95", "eval/success_ci95"} == set(first)
-    assert first["eval/success"] == first["eval/success_after2"]
-    assert first["eval/return_ci95"] == first["eval/return_after2_ci95"]
-    assert set(learner.evaluate("val", 3)) == set(first)
+    keys = {f"test/{m}_after{k}{ci}" for m in ("return", "success") for k in range(3) for ci in ("", "_ci95")}
+    assert keys | {"test/return", "test/success", "test/return_ci95", "test/success_ci95"} == set(first)
+    assert first["test/success"] == first["test/success_after2"]
+    assert first["test/return_ci95"] == first["test/return_after2_ci95"]
+    assert {k.replace("val/", "test/") for k in learner.evaluate("val", 3)} == set(first)
 
 
 def test_config_errors() -> None:
@@ -305,12 +305,12 @@ def test_cli_smoke_run_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture)
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("pearl-pointrobotsparse-s0-")
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 4 and 0 <= result["eval/success_after2"] <= 1
-    assert "eval/success_after1" in capsys.readouterr().out
+    assert result["step"] == 4 and 0 <= result["test/success_after2"] <= 1
+    assert "test/success_after1" in capsys.readouterr().out
     assert main(["train", "--resume", str(run_dir), "--set", "train.steps=6"]) == 0
     assert json.loads((run_dir / "result.json").read_text())["step"] == 6
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
-    assert "eval/return_after2" in capsys.readouterr().out
+    assert "test/return_after2" in capsys.readouterr().out
 
 
 def test_point_robot_config_is_pearls() -> None:
@@ -351,5 +351,5 @@ def test_pearl_learns_the_sparse_point_robot(tmp_path: Path) -> None:
     metrics = learner.evaluate("test", 100)
     random_return, random_success = random_policy(list(range(80, 100)))
     assert random_return == 0 and random_success == 0
-    assert metrics["eval/return_after2"] >= 0.5 and metrics["eval/success_after2"] >= 0.05, metrics
-    assert metrics["eval/return_after2"] >= metrics["eval/return_after0"] + 0.3, metrics
+    assert metrics["test/return_after2"] >= 0.5 and metrics["test/success_after2"] >= 0.05, metrics
+    assert metrics["test/return_after2"] >= metrics["test/return_after0"] + 0.3, metrics

@@ -78,11 +78,11 @@ def test_policy_gradient_matches_hand_formula() -> None:
 @pytest.mark.parametrize(
     ("env", "keys"),
     [
-        ({"id": "CartPole-v1"}, {"eval/return", "eval/return_ci95"}),
-        ({"id": "Pendulum-v1", "max_episode_steps": 20}, {"eval/return", "eval/return_ci95"}),
+        ({"id": "CartPole-v1"}, {"val/return", "val/return_ci95"}),
+        ({"id": "Pendulum-v1", "max_episode_steps": 20}, {"val/return", "val/return_ci95"}),
         (
             {"id": "metalab/BitFlip-v0", "n": 3, "max_episode_steps": None},
-            {"eval/return", "eval/return_ci95", "eval/success", "eval/success_ci95"},
+            {"val/return", "val/return_ci95", "val/success", "val/success_ci95"},
         ),
     ],
 )
@@ -133,4 +133,4 @@ def test_reinforce_learns_cartpole(tmp_path: Path) -> None:
     learner = make(run)
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 50)
-    assert metrics["eval/return"] >= 400, metrics
+    assert metrics["test/return"] >= 400, metrics

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ import torch
 from metalab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from metalab.experiment import RunConfig, run_config_from_dict
 from metalab.meta import maml
+from metalab.train import loop
 from metalab.train.checkpoint import load_checkpoint
 from metalab.train.logger import read_metrics
 from metalab.train.loop import CHECKPOINT, Learner, fit
@@ -88,7 +94,7 @@ def reference(
     learner = make_learner(run)
     result = fit(learner, run.train, run_dir)
     assert (result.step, result.interrupted) == (20, False)
-    assert set(result.metrics) == {"eval/val_mse", "eval/val_mse_ci95"}
+    assert set(result.metrics) == {"val/mse", "val/mse_ci95"}
     return params_of(learner), run_dir
 
 
@@ -102,7 +108,7 @@ def test_training_changes_parameters_and_writes_files(run: RunConfig, reference,
     rows = read_metrics(run_dir / "metrics.csv")
     steps = sorted({s for s, k, _ in rows if k == "train/loss"})
     assert steps == list(range(1, 21))  # log_every = 1
-    assert sorted(s for s, k, _ in rows if k == "eval/val_mse") == [10, 20]
+    assert sorted(s for s, k, _ in rows if k == "val/mse") == [10, 20]
     # The same seed gives the same run.
     again = make_learner(run)
     fit(again, run.train, tmp_path)
@@ -232,7 +238,7 @@ def test_interrupt_on_a_checkpoint_step(run: RunConfig, tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 5
 
 
-def selecting(sinusoid_config, mode: str, metric: str = "eval/val_mse") -> RunConfig:
+def selecting(sinusoid_config, mode: str, metric: str = "val/mse") -> RunConfig:
     """The resume tests' run, evaluated every 2 steps and keeping the best weights by ``metric``."""
     train = {
         "lr_schedule": "cosine",
@@ -245,7 +251,7 @@ def selecting(sinusoid_config, mode: str, metric: str = "eval/val_mse") -> RunCo
 
 
 def evaluations(run_dir: Path) -> dict[int, float]:
-    return {s: v for s, k, v in read_metrics(run_dir / "metrics.csv") if k == "eval/val_mse"}
+    return {s: v for s, k, v in read_metrics(run_dir / "metrics.csv") if k == "val/mse"}
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -301,7 +307,7 @@ def scripted(run: RunConfig, peak_at: int, hook: Hook | None = None) -> Learner:
             hook(step, learner)
 
     learner = make_learner(run, hook=count)
-    learner.evaluate = lambda part, episodes: {"eval/val_mse": 2.0 if done[0] == peak_at else 1.0}
+    learner.evaluate = lambda part, episodes: {"val/mse": 2.0 if done[0] == peak_at else 1.0}
     return learner
 
 
@@ -314,7 +320,7 @@ def test_keep_best_resume_trusts_the_checkpoint_over_best_pt(sinusoid_config, tm
     cut = new_dir(tmp_path / "cut")
     assert fit(scripted(run, peak_at=4, hook=interrupt_at(9)), run.train, cut).interrupted
     stray = {k: torch.zeros_like(v) for k, v in whole.model.state_dict().items()}
-    torch.save({"step": 10, "metric": "eval/val_mse", "value": 3.0, "model": stray}, cut / "best.pt")
+    torch.save({"step": 10, "metric": "val/mse", "value": 3.0, "model": stray}, cut / "best.pt")
     resumed = scripted(run, peak_at=4)
     out = fit(resumed, run.train, cut, resume=True)
     assert (out.best_step, out.best_value) == (4, 2.0)
@@ -342,17 +348,126 @@ def test_keep_best_reads_checkpoints_without_the_selected_weights(sinusoid_confi
 
 
 def test_keep_best_names_a_metric_the_run_evaluates(sinusoid_config, tmp_path: Path) -> None:
-    run = selecting(sinusoid_config, "max", metric="eval/accuracy")
-    with pytest.raises(ConfigError, match=r"'train\.keep_best'.*it has: eval/val_mse"):
+    run = selecting(sinusoid_config, "max", metric="val/accuracy")
+    with pytest.raises(ConfigError, match=r"'train\.keep_best'.*it has: val/mse"):
         fit(make_learner(run), run.train, tmp_path)
-    with pytest.raises(
-        ConfigError, match=r"'train\.keep_best': must name a metric of the periodic evaluation"
-    ):
+    with pytest.raises(ConfigError, match=r"'train\.keep_best': must name a validation or training metric"):
         selecting(sinusoid_config, "max", metric="accuracy")
 
 
 def test_keep_best_ties_go_to_the_later_weights(sinusoid_config, tmp_path: Path) -> None:
     run = selecting(sinusoid_config, "max")
     learner = make_learner(run)
-    learner.evaluate = lambda part, episodes: {"eval/val_mse": 1.0}  # a plateau: every evaluation ties
+    learner.evaluate = lambda part, episodes: {"val/mse": 1.0}  # a plateau: every evaluation ties
     assert fit(learner, run.train, tmp_path).best_step == 20
+
+
+# ------------------------------------------------------------------------------ resuming with changes
+
+
+def rates(run_dir: Path) -> dict[int, float]:
+    """The logged ``train/lr`` of each step: the rate of the update after it."""
+    return {s: v for s, k, v in read_metrics(run_dir / "metrics.csv") if k == "train/lr"}
+
+
+def cosine(lr: float, done: int, length: int) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * min(done, length) / length))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_new_rate_on_resume_is_the_rate_the_optimizer_trains_at(
+    sinusoid_config, tmp_path: Path, schedule: str
+) -> None:
+    run = run_config_from_dict(sinusoid_config(train={"lr_schedule": schedule}))
+    assert fit(make_learner(run, hook=interrupt_at(7)), run.train, tmp_path).step == 8
+    lr = run.train.lr / 4
+    seen: list[int] = []
+    fit(make_learner(run), replace(run.train, lr=lr), tmp_path, resume=True, resumed=seen.append)
+    assert seen == [8]
+    logged_rates = rates(tmp_path)
+    factor = (lambda s: 1.0) if schedule == "constant" else (lambda s: cosine(1.0, s, 20))
+    assert logged_rates[8] == pytest.approx(run.train.lr * factor(8))  # the first session's
+    for s in range(9, 21):
+        assert logged_rates[s] == pytest.approx(lr * factor(s)), s
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [lr]
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(lr * factor(20))]
+    assert state["scheduler"]["base_lrs"] == [lr]
+
+
+@pytest.mark.parametrize("how", ["continue", "restart"])
+def test_extending_a_finished_cosine_run(run: RunConfig, reference, tmp_path: Path, how: str) -> None:
+    _, ref_dir = reference
+    lr, longer = run.train.lr, replace(run.train, steps=30)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    shutil.copytree(ref_dir, whole)
+    shutil.copytree(ref_dir, cut)
+    fit(make_learner(run), longer, whole, resume=True, extend=how)
+    got = rates(whole)
+    assert {s: got[s] for s in range(1, 21)} == rates(ref_dir)  # the finished part is as it was
+    added = [got[s] for s in range(21, 31)]
+    if how == "continue":  # the cosine ended at update 20: hold the rate of its last update (the 20th)
+        assert added == pytest.approx([cosine(lr, 19, 20)] * 10)
+        assert 0 < added[0] < lr / 100
+    else:  # a new cosine from lr over the 10 added steps; after k of them the next rate is cosine(lr, k, 10)
+        assert added == pytest.approx([cosine(lr, k, 10) for k in range(1, 11)])
+    # The choice is saved: a later resume (no extend given) follows the same rates.
+    assert fit(make_learner(run, hook=interrupt_at(24)), longer, cut, resume=True, extend=how).interrupted
+    fit(make_learner(run), longer, cut, resume=True)
+    assert rates(cut) == got
+
+
+def test_extending_a_cosine_run_needs_a_choice(run: RunConfig, reference, tmp_path: Path) -> None:
+    _, ref_dir = reference
+    before = (ref_dir / CHECKPOINT).read_bytes()
+    seen: list[int] = []
+    with pytest.raises(ConfigError, match=r"'train\.steps'.*continue.*restart"):
+        fit(make_learner(run), replace(run.train, steps=30), ref_dir, resume=True, resumed=seen.append)
+    with pytest.raises(ConfigError, match=r"'train\.steps': 10 is below the 20 steps"):
+        fit(make_learner(run), replace(run.train, steps=10), ref_dir, resume=True, resumed=seen.append)
+    with pytest.raises(ConfigError, match=r"'train\.lr_schedule'"):
+        fit(make_learner(run), replace(run.train, lr_schedule="constant"), ref_dir, resume=True)
+    assert seen == [] and (ref_dir / CHECKPOINT).read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ torn metrics, progress
+
+
+def test_resume_drops_a_torn_last_metrics_row(
+    run: RunConfig, reference, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, ref_dir = reference
+    assert fit(make_learner(run, hook=interrupt_at(7)), run.train, tmp_path).interrupted
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("15000,train/lo")  # the process died in the middle of a row
+    assert max(s for s, _, _ in read_metrics(tmp_path / "metrics.csv")) == 8  # reading skips it
+    with caplog.at_level(logging.WARNING, logger="metalab.train.logger"):
+        fit(make_learner(run), run.train, tmp_path, resume=True)
+    assert any(
+        "torn last row" in r.getMessage() and "15000,train/lo" in r.getMessage() for r in caplog.records
+    )
+    assert "train/lo\n" not in (tmp_path / "metrics.csv").read_text()
+    assert logged(tmp_path) == logged(ref_dir)
+
+
+def test_a_bad_metrics_row_before_the_last_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,key,value\n1,train/loss,0.5\n2,train/lo\n3,train/loss,0.25\n")
+    with pytest.raises(CheckpointError, match=r"metrics\.csv line 3 is not a step,key,value row"):
+        read_metrics(path)
+    path.write_text("step,key,value\n1,train/loss,0.5\n2,train/loss,0.2")  # no newline: cut short
+    assert read_metrics(path) == [(1, "train/loss", 0.5)]
+
+
+def test_progress_lines_without_a_terminal(
+    run: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(loop, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.delenv("METALAB_PROGRESS", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    with caplog.at_level(logging.INFO, logger="metalab.progress"):
+        fit(make_learner(run), run.train, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metalab.progress"]
+    assert len(lines) >= 19, lines
+    middle = next(line for line in lines if re.search(r"\b10/20 step\b", line))
+    assert tmp_path.name in middle and "step/s" in middle and "ETA" in middle and "loss=" in middle

@@ -15,11 +15,11 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from metalab.errors import ChecksumError, DataError, UnsafeArchiveError
+from metalab.progress import progress
 from metalab.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
             with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 desc = f"download {dest.name}"
-                with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+                with progress(total, desc, "B", unit_scale=True) as bar:
                     while block := response.read(1 << 16):
                         out.write(block)
                         bar.update(len(block))
@@ -90,16 +90,34 @@ def open_zip(path: Path) -> zipfile.ZipFile:
         raise DataError(f"{path} is not a readable zip file ({e}); re-download or re-install it") from None
 
 
+# What zipfile raises on a damaged member (bad CRC, broken deflate stream, truncated data, unknown method).
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """The bytes of member ``name``; a damaged member raises DataError naming the archive and the member."""
+    try:
+        return archive.read(name)
+    except ZIP_MEMBER_ERRORS as e:
+        raise DataError(f"{archive.filename}: member {name!r} is corrupt ({e}); the zip is damaged") from None
+
+
 def safe_extract(path: Path, dest: Path) -> Path:
     """Extract zip ``path`` into ``dest`` after checking every member path; a corrupt member raises DataError."""
     with open_zip(path) as archive:
         names = safe_member_names(archive)
-        bad = archive.testzip()
+        try:
+            bad = archive.testzip()
+        except ZIP_MEMBER_ERRORS as e:
+            raise DataError(f"{path}: the zip is damaged ({e})") from None
         if bad is not None:
             raise DataError(f"{path}: member {bad!r} fails its CRC check; the zip is corrupt")
         dest.mkdir(parents=True, exist_ok=True)
         for name in names:
-            archive.extract(name, dest)
+            try:
+                archive.extract(name, dest)
+            except ZIP_MEMBER_ERRORS as e:
+                raise DataError(f"{path}: member {name!r} cannot be extracted ({e})") from None
     return dest
 
 

@@ -6,15 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from metalab.config import require
+from metalab.config import require, require_between
 from metalab.data import omniglot
 from metalab.data.episodes import EpisodeSampler
 from metalab.data.sinusoid import SinusoidTasks
 from metalab.errors import ConfigError
+from metalab.train.evaluate import PARTS, part_seed
 
 Part = Literal["train", "val", "trainval", "test"]
+
+MAX_WAYS = 4 * 1623
+"""Most classes per episode: Omniglot's 1623 characters in four rotations."""
+MAX_EXAMPLES = 10_000
+"""Most shots or queries per class (sinusoid points; Omniglot allows 20 drawings in all)."""
+MAX_IMAGE_SIZE = 105
+"""Largest Omniglot image side: the drawings' own size (larger would only upsample)."""
 
 
 @dataclass(frozen=True)
@@ -38,19 +44,22 @@ class TaskConfig:
     image_size: int = 28
     """Omniglot images are resized to this side once, when decoded."""
     train_part: Literal["train", "trainval"] = "train"
-    """Omniglot part to train on (``trainval`` for final Vinyals numbers)."""
+    """Omniglot part to train on. ``trainval`` also trains on the val classes (as the ProtoNet and Matching
+    papers did for their final numbers): the periodic val evaluation is then on trained classes, and
+    ``train.keep_best`` refuses val metrics."""
     data_root: str | None = None
     """Data root; null: ``--data-root``, else ``$METALAB_DATA``, else ``~/.cache/metalab``."""
 
     def __post_init__(self) -> None:
-        require(self.ways >= 1, "ways", "must be >= 1")
-        require(self.shots >= 1, "shots", "must be >= 1")
-        require(self.queries >= 1, "queries", "must be >= 1")
-        require(self.train_ways is None or self.train_ways >= 1, "train_ways", "must be >= 1 or null")
-        require(
-            self.train_queries is None or self.train_queries >= 1, "train_queries", "must be >= 1 or null"
-        )
+        require_between(self.ways, "ways", 1, MAX_WAYS)
+        require_between(self.shots, "shots", 1, MAX_EXAMPLES)
+        require_between(self.queries, "queries", 1, MAX_EXAMPLES)
+        if self.train_ways is not None:
+            require_between(self.train_ways, "train_ways", 1, MAX_WAYS, " or null")
+        if self.train_queries is not None:
+            require_between(self.train_queries, "train_queries", 1, MAX_EXAMPLES, " or null")
         require(self.image_size >= 16, "image_size", "must be >= 16 (four 2x downsamplings)")
+        require_between(self.image_size, "image_size", 16, MAX_IMAGE_SIZE, " (the drawings' own size)")
         if self.dataset == "sinusoid":
             require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
             return
@@ -72,15 +81,16 @@ class TaskConfig:
 
 
 def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
-    """A sampler over ``part`` ("train", "val" or "test"; "train" means ``cfg.train_part``)."""
+    """A sampler over ``part``: ``train`` (meaning ``cfg.train_part``) with the run's ``seed``, or ``val`` /
+    ``test`` with the evaluation seed ``seed`` (each part then draws from its own :func:`part_seed`)."""
+    if part in PARTS:
+        seed = part_seed(seed, part)
+    elif part != "train":
+        raise ValueError(f"unknown part {part!r}")
     if cfg.dataset == "sinusoid":  # one infinite task family: parts differ only by seed
-        if part == "val":  # callers pass one evaluation seed for val and test: val must not be the test tasks
-            seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
         return SinusoidTasks(cfg.shots, cfg.queries, seed=seed)
     if part == "train":
         part = cfg.train_part
-    if cfg.split == "lake" and part in ("val", "trainval"):
-        part = "test" if part == "val" else "train"  # Lake has no val part: validate on evaluation alphabets
     data = omniglot.load(root, cfg.image_size)
     classes = omniglot.split_classes(data, root, cfg.split, part)  # type: ignore[arg-type]
     training = part in ("train", "trainval")

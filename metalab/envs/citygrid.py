@@ -79,7 +79,10 @@ CITYGRID5X5_PLAIN_ID = "metalab/CityGrid5x5NoDistractors-v0"
 Cell = tuple[int, int]
 """A grid cell ``(x, y)``; ``x`` grows to the right, ``y`` upwards (``up`` adds 1 to ``y``)."""
 
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test", "heldout"]
+SPLITS = ("train", "val", "test", "heldout")
+N_VAL, VAL_EVERY = 100, 5
+"""The val problems: every 5th held-out id, 100 of them."""
 
 ACTIONS = ("left", "up", "right", "down", "noop", "ride")
 """Action names by index (the official code's first six actions, same numbering)."""
@@ -118,6 +121,14 @@ class CityLayout:
     distractor_destinations: tuple[Cell, ...]
     """Where the distracting buses go, permuted by the problem."""
 
+    @property
+    def walking_return(self) -> float:
+        """The exploitation return of walking straight to a goal (the corners are equidistant from the start):
+        what an agent gets without knowing any bus. 0.3 on 9x9, 0.1 on 5x5."""
+        x, y = self.start
+        distance = max(abs(gx - x) + abs(gy - y) for gx, gy in self.goals)
+        return 1.0 - self.step_penalty * (distance - 1)
+
 
 LAYOUTS: dict[int, CityLayout] = {
     9: CityLayout(
@@ -147,12 +158,20 @@ LAYOUTS: dict[int, CityLayout] = {
 
 
 def problems(split: Split) -> list[int]:
-    """Problem ids of ``split``: ``"train"`` (every 11th: 53 ids) or ``"test"`` (the other 523)."""
+    """Problem ids of ``split``: ``"train"`` (every 11th: 53 ids), ``"heldout"`` (the other 523, DREAM's test
+    set), split into ``"val"`` (every 5th held-out id, the first 100 of them: for learning curves and any
+    decision) and ``"test"`` (the remaining 423, evaluated once)."""
+    heldout = [p for p in range(N_PROBLEMS) if p % TRAIN_EVERY]
+    val = heldout[: VAL_EVERY * N_VAL : VAL_EVERY]
     if split == "train":
         return list(range(0, N_PROBLEMS, TRAIN_EVERY))
+    if split == "heldout":
+        return heldout
+    if split == "val":
+        return val
     if split == "test":
-        return [p for p in range(N_PROBLEMS) if p % TRAIN_EVERY]
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return [p for p in heldout if p not in set(val)]
+    raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
 def decode_problem(problem: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -220,12 +239,18 @@ class CityGrid(gym.Env):
 
     @staticmethod
     def problems(split: Split) -> list[int]:
-        """Problem ids of ``split`` (``"train"``: 53, ``"test"``: 523); see :func:`problems`."""
+        """Problem ids of ``split`` (``"train"``: 53, ``"val"``: 100, ``"test"``: 423, ``"heldout"``: 523 = val +
+        test); see :func:`problems`."""
         return problems(split)
 
     def bus_routes(self, problem: int) -> dict[Cell, Cell]:
         """Where ``ride`` goes from each bus cell in ``problem`` (ground truth, for planners and tests)."""
         return bus_routes(self.layout, problem, self.distractors)
+
+    @property
+    def walking_return(self) -> float:
+        """The exploitation return of walking to the goal; see :attr:`CityLayout.walking_return`."""
+        return self.layout.walking_return
 
     @property
     def max_steps(self) -> int:

@@ -7,10 +7,14 @@ from typing import Any
 
 import gymnasium as gym
 
-from metalab.config import require
+from metalab.config import require, require_between
 from metalab.errors import ConfigError
 
 BITFLIP_ID = "metalab/BitFlip-v0"
+MAX_BITS = 1_024
+"""Most BitFlip bits (inputs, actions and replay rows all grow with them)."""
+MAX_EPISODE_STEPS = 100_000
+"""Longest step limit (meta-RL stores whole episodes per replay row)."""
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,10 @@ class EnvConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.id), "id", "must name a gymnasium environment id")
-        require(self.n is None or self.n >= 1, "n", "must be >= 1 or null")
-        require(self.max_episode_steps is None or self.max_episode_steps >= 1, "max_episode_steps",
-                "must be >= 1 or null")  # fmt: skip
+        if self.n is not None:
+            require_between(self.n, "n", 1, MAX_BITS, " or null")
+        if self.max_episode_steps is not None:
+            require_between(self.max_episode_steps, "max_episode_steps", 1, MAX_EPISODE_STEPS, " or null")
 
     @property
     def name(self) -> str:

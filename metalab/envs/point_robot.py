@@ -33,7 +33,7 @@ from gymnasium import spaces
 
 POINT_ROBOT_SPARSE_ID = "metalab/PointRobotSparse-v0"
 
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test"]
 
 N_TASKS = 100
 N_TRAIN_TASKS = 80
@@ -55,11 +55,33 @@ def _goals() -> np.ndarray:
 GOALS = _goals()
 """``(100, 2)`` goal of each task, in PEARL's task order."""
 
+N_VAL_TASKS = 20
+
+
+def _val_goals() -> np.ndarray:
+    # Midpoints between neighbouring task angles: on the same arc, never a training or test goal; 20 of the 99,
+    # chosen once by a fixed generator, so PEARL's training and test tasks stay exactly PEARL's.
+    step = np.pi / (N_TASKS - 1)
+    chosen = np.sort(np.random.RandomState(2019).choice(N_TASKS - 1, N_VAL_TASKS, replace=False))
+    angles = (chosen + 0.5) * step
+    goals = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (20, 2)
+    goals.setflags(write=False)
+    return goals
+
+
+VAL_GOALS = _val_goals()
+"""``(20, 2)`` goals of the val tasks (ids 100-119): metalab's, not PEARL's, for learning curves and choices
+made without the 20 test goals."""
+_ALL_GOALS = np.concatenate([GOALS, VAL_GOALS])
+
 
 def tasks(split: Split) -> list[int]:
-    """Task ids of ``split``: ``"train"`` (0-79) or ``"test"`` (80-99, PEARL's eval tasks)."""
+    """Task ids of ``split``: ``"train"`` (0-79), ``"test"`` (80-99, PEARL's eval tasks) or ``"val"`` (100-119,
+    :data:`VAL_GOALS`)."""
     if split == "train":
         return list(range(N_TRAIN_TASKS))
+    if split == "val":
+        return list(range(N_TASKS, N_TASKS + N_VAL_TASKS))
     if split == "test":
         return list(range(N_TRAIN_TASKS, N_TASKS))
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -109,7 +131,7 @@ class PointRobotSparse(gym.Env):
     @property
     def goal(self) -> np.ndarray:
         """The current task's goal ``(2,)``."""
-        return GOALS[self.task]
+        return _ALL_GOALS[self.task]
 
     @property
     def position(self) -> np.ndarray:
@@ -126,8 +148,8 @@ class PointRobotSparse(gym.Env):
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self._OPTIONS)}")
         if "task" in options:
             task = operator.index(options["task"])
-            if not 0 <= task < N_TASKS:
-                raise ValueError(f"task must be an int in [0, {N_TASKS}), got {options['task']!r}")
+            if not 0 <= task < len(_ALL_GOALS):
+                raise ValueError(f"task must be an int in [0, {len(_ALL_GOALS)}), got {options['task']!r}")
             self.task = task
         else:
             pool = tasks(options.get("split", "train"))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metalab.config import require
+from metalab.config import MAX_UNITS, require_between
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
@@ -48,7 +48,7 @@ class Config(gbml.InnerLoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.context_dim >= 1, "context_dim", "must be >= 1")
+        require_between(self.context_dim, "context_dim", 1, MAX_UNITS)
 
 
 class ContextMLP(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, MAX_TASKS, require, require_between, require_widths
 from metalab.data.episodes import Episode
 from metalab.data.sinusoid import sinusoid
 from metalab.data.tasks import make_sampler
@@ -63,11 +63,11 @@ class InnerLoopConfig:
 
     def __post_init__(self) -> None:
         require(self.inner_lr > 0, "inner_lr", "must be > 0")
-        require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
-        require(self.eval_inner_steps >= 1, "eval_inner_steps", "must be >= 1")
-        require(self.chunk_size >= 1, "chunk_size", "must be >= 1 (tasks per vmap call)")
-        require(self.hidden >= 1, "hidden", "must be >= 1")
-        require(all(h >= 1 for h in self.mlp_hidden), "mlp_hidden", "sizes must be >= 1")
+        require_between(self.inner_steps, "inner_steps", 1, MAX_INNER_STEPS)
+        require_between(self.eval_inner_steps, "eval_inner_steps", 1, MAX_INNER_STEPS)
+        require_between(self.chunk_size, "chunk_size", 1, MAX_TASKS, " (tasks per vmap call)")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
+        require_widths(self.mlp_hidden, "mlp_hidden")
 
 
 def network(run: RunConfig, cfg: InnerLoopConfig) -> nn.Module:
@@ -335,7 +335,7 @@ def build_learner(
                 return map_tasks(one_task, ep, batching, detached(meta()))
 
         est = evaluate_episodes(per_task, evals[part], n, run.eval.batch, device)
-        return {f"eval/{part}_{score}": est.mean, f"eval/{part}_{score}_ci95": est.ci95}
+        return {f"{part}/{score}": est.mean, f"{part}/{score}_ci95": est.ci95}
 
     def figures(run_dir: Path) -> list[Path]:
         if not regression:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 
-from metalab.config import require
+from metalab.config import MAX_INNER_STEPS, require, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
@@ -51,7 +51,7 @@ class Config(gbml.InnerLoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lam > 0, "lam", "must be > 0")
-        require(self.cg_steps >= 1, "cg_steps", "must be >= 1")
+        require_between(self.cg_steps, "cg_steps", 1, MAX_INNER_STEPS)
 
 
 def proximal_loss(

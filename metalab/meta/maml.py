@@ -3,6 +3,9 @@
 The meta-parameters are an initialisation ``theta``; for each task, ``adapt`` takes a few gradient steps from
 ``theta`` on the support set, and the query loss at the adapted parameters is minimised over ``theta``,
 differentiating through the inner steps (``first_order=True`` drops those second-order terms).
+
+Evaluation protocol: BatchNorm is transductive, as in MAML's code: every forward normalises with the statistics
+of the batch it is applied to, at test time too (no running statistics); the whole MAML family shares it.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import MAX_UNITS, require, require_between
 from metalab.data.episodes import Episode, ShuffledSampler
 from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
@@ -59,8 +59,9 @@ class Config:
     """Decay gamma of slot usage."""
 
     def __post_init__(self) -> None:
-        for key in ("hidden", "memory_slots", "memory_width", "read_heads"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+        for key, high in (("hidden", MAX_UNITS), ("memory_slots", 65_536), ("memory_width", MAX_UNITS),
+                          ("read_heads", 64)):  # fmt: skip
+            require_between(getattr(self, key), key, 1, high)
         require(0 < self.usage_decay < 1, "usage_decay", "must be in (0, 1)")
 
 
@@ -204,11 +205,11 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
 
         model.eval()
         ests = evaluate_episode_columns(per_task, evals[part], episodes, run.eval.batch, device)
-        out = {f"eval/{part}_acc": ests[0].mean, f"eval/{part}_acc_ci95": ests[0].ci95}
+        out = {f"{part}/acc": ests[0].mean, f"{part}/acc_ci95": ests[0].ci95}
         for i, est in zip(REPORTED_INSTANCES, ests[1:], strict=True):
             if est.n:
-                out[f"eval/{part}_acc_inst{i}"] = est.mean
-                out[f"eval/{part}_acc_inst{i}_ci95"] = est.ci95
+                out[f"{part}/acc_inst{i}"] = est.mean
+                out[f"{part}/acc_inst{i}_ci95"] = est.ci95
         return out
 
     return Learner(model, loss, evaluate)

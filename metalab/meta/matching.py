@@ -13,6 +13,10 @@ training stalls (88.99% on 5-way 1-shot Omniglot in 22 minutes here, against the
 are therefore multiplied by a scale (an inverse temperature, learned by default, starting at ``scale``), as in
 later cosine-similarity classifiers (e.g. Gidaris & Komodakis, CVPR 2018; Chen et al., ICLR 2019). ``scale: 1``
 with ``learn_scale: false`` is the paper's formula.
+
+Evaluation protocol: BatchNorm is inductive by default (running statistics; ``matching.batchnorm``), as the
+Matching Networks setting (and the ProtoNet code that reproduced it) evaluates; ``transductive`` normalises
+with the episode's statistics.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, require, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta.episodic import build_episodic, embed_tasks
-from metalab.models import Conv4
+from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
 
 
@@ -48,11 +52,14 @@ class Config:
     """Initial inverse temperature multiplying the cosine similarities before the attention softmax."""
     learn_scale: bool = True
     """Meta-learn the scale (as a log) with the network; false keeps it at ``scale``."""
+    batchnorm: BatchNormMode = "inductive"
+    """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
+    (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
 
     def __post_init__(self) -> None:
-        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
         require(self.scale > 0, "scale", "must be > 0")
-        require(self.fce_steps >= 1, "fce_steps", "must be >= 1")
+        require_between(self.fce_steps, "fce_steps", 1, MAX_INNER_STEPS)
 
 
 class MatchingNet(nn.Module):

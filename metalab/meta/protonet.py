@@ -3,6 +3,9 @@
 A class prototype is the mean embedding of its support examples; a query is classified by a softmax over
 negative squared Euclidean distances to the prototypes. Training may use more ways than testing (60-way
 training for Omniglot in the paper): set ``task.train_ways``.
+
+Evaluation protocol: BatchNorm is inductive by default (running statistics; ``protonet.batchnorm``), as the
+official ProtoNet code evaluates; ``transductive`` normalises with the episode's statistics.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta.episodic import build_episodic, embed_tasks
-from metalab.models import Conv4
+from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
 
 
@@ -29,9 +32,12 @@ class Config:
 
     hidden: int = 64
     """Conv-4 filters."""
+    batchnorm: BatchNormMode = "inductive"
+    """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
+    (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
 
     def __post_init__(self) -> None:
-        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
 
 
 def class_means(support: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:

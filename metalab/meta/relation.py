@@ -5,6 +5,9 @@ a relation module scores each (class, query) pair of concatenated feature maps i
 mean squared error against the one-hot match. On 28x28 Omniglot the embedding is 4 conv blocks (64 filters,
 padding 1, max-pool after the first two): 64x7x7 maps; the relation module is 2 conv blocks with max-pool
 (7 -> 3 -> 1) then 64 -> 8 -> 1 fully connected with a sigmoid, as in the paper's Omniglot architecture.
+
+Evaluation protocol: BatchNorm is inductive by default (running statistics; ``relation.batchnorm``), as the
+official Relation Network code evaluates; ``transductive`` normalises with the episode's statistics.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, MAX_WIDTH, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta.episodic import build_episodic, embed_tasks
-from metalab.models.conv4 import conv_block
+from metalab.models.conv4 import BatchNormMode, conv_block
 from metalab.train.loop import Learner
 
 
@@ -32,10 +35,13 @@ class Config:
     """Filters of both modules."""
     relation_dim: int = 8
     """Width of the relation module's hidden fully connected layer."""
+    batchnorm: BatchNormMode = "inductive"
+    """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
+    (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
 
     def __post_init__(self) -> None:
-        require(self.hidden >= 1, "hidden", "must be >= 1")
-        require(self.relation_dim >= 1, "relation_dim", "must be >= 1")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
+        require_between(self.relation_dim, "relation_dim", 1, MAX_WIDTH)
 
 
 class RelationNet(nn.Module):

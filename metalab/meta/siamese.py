@@ -5,6 +5,9 @@ that two images show the same class. It is trained on pairs (binary cross-entrop
 (query, support) pair of a training episode, with positives weighted ``N - 1`` so both classes count equally.
 At test time a query takes the label of the support example it most probably matches (with K shots, the class
 score is the mean of its K match logits). The embedding is Conv-4, not the paper's larger 105x105 network.
+
+Evaluation protocol: BatchNorm is inductive by default (running statistics; ``siamese.batchnorm``), each pair
+scored on its own as a verification network does; ``transductive`` normalises with the episode's statistics.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta.episodic import build_episodic, embed_tasks
-from metalab.models import Conv4
+from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
 
 
@@ -30,9 +33,12 @@ class Config:
 
     hidden: int = 64
     """Conv-4 filters."""
+    batchnorm: BatchNormMode = "inductive"
+    """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
+    (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
 
     def __post_init__(self) -> None:
-        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
 
 
 class SiameseNet(nn.Module):

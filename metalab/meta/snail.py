@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import MAX_FILTERS, require, require_between
 from metalab.data.episodes import Episode, ShuffledSampler, generator_for
 from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
@@ -62,8 +62,8 @@ class Config:
     (only the init changes; every weight stays free). 0: the default random init."""
 
     def __post_init__(self) -> None:
-        require(self.hidden >= 1, "hidden", "must be >= 1")
-        require(self.tc_filters >= 1, "tc_filters", "must be >= 1")
+        require_between(self.hidden, "hidden", 1, MAX_FILTERS)
+        require_between(self.tc_filters, "tc_filters", 1, MAX_FILTERS)
         require(self.label_head_init >= 0, "label_head_init", "must be >= 0")
 
 
@@ -257,6 +257,6 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
             return (query_logits(model, ep).argmax(-1) == ep.query_y).float().mean(-1)
 
         est = evaluate_episodes(per_task, evals[part], episodes, run.eval.batch, device)
-        return {f"eval/{part}_acc": est.mean, f"eval/{part}_acc_ci95": est.ci95}
+        return {f"{part}/acc": est.mean, f"{part}/acc_ci95": est.ci95}
 
     return Learner(model, loss, evaluate)

@@ -21,9 +21,20 @@ except ImportError:  # a torch without these internals: always take the form tha
         return True
 
 
+BatchNormMode = Literal["inductive", "transductive"]
+"""How BatchNorm normalises at evaluation. ``transductive``: with the statistics of the batch at hand (support
+and query of an episode together), as MAML's code does at test time. ``inductive``: with running statistics
+gathered during training, so each query is classified on its own (the ProtoNet and Matching code evaluate in
+this mode). Training always normalises with the batch's statistics."""
+
+
 class BatchNorm2d(nn.Module):
-    """Batch normalisation of ``(N, C, H, W)`` with the statistics of the batch at hand (no running statistics)
-    and a learned per-channel scale ``weight`` and shift ``bias``: ``nn.BatchNorm2d(track_running_stats=False)``.
+    """Batch normalisation of ``(N, C, H, W)`` with a learned per-channel scale ``weight`` and shift ``bias``.
+
+    By default it keeps no running statistics (``nn.BatchNorm2d(track_running_stats=False)``): every forward
+    normalises with the batch at hand, the module has no buffers, and its gradients of every order stay exact
+    under ``functional_call`` + ``vmap`` (the MAML family). :func:`set_batchnorm_mode` gives it running
+    statistics (updated in training mode, momentum 0.1) and, for ``inductive``, uses them in eval mode.
 
     Outside ``torch.func.vmap`` it runs torch's fused kernel, the fastest form. Under vmap it runs the same
     function in elementary ops: second derivatives through the fused kernel come out wrong when it is vmapped
@@ -32,22 +43,53 @@ class BatchNorm2d(nn.Module):
     images took 1.4x (strided) to 1.6x (max-pool) as long on a CPU.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        self.num_features, self.eps = num_features, eps
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", None)  # None: not in the state dict until tracked
+        self.register_buffer("running_var", None)
+        self.inductive = False
+
+    def track_running_stats(self) -> None:
+        """Add running statistics (buffers, so they are checkpointed) if the module has none yet."""
+        if self.running_mean is None:
+            self.running_mean = torch.zeros(self.num_features, device=self.weight.device)
+            self.running_var = torch.ones(self.num_features, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracked = self.running_mean is not None
+        if tracked and self.inductive and not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+            )
         if not _under_vmap():
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            mean, var = (self.running_mean, self.running_var) if tracked and self.training else (None, None)
+            return F.batch_norm(
+                x, mean, var, self.weight, self.bias, training=True, momentum=self.momentum, eps=self.eps
+            )
         mean = x.mean((0, 2, 3), keepdim=True)
         var = x.var((0, 2, 3), unbiased=False, keepdim=True)
         scale, shift = self.weight.view(-1, 1, 1), self.bias.view(-1, 1, 1)
         return (x - mean) * torch.rsqrt(var + self.eps) * scale + shift
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}, inductive={self.inductive}"
+
+
+def set_batchnorm_mode(model: nn.Module, mode: BatchNormMode) -> nn.Module:
+    """Give every :class:`BatchNorm2d` of ``model`` running statistics and evaluate with them (``inductive``) or
+    with the batch's (``transductive``). Both modes train alike and keep the statistics, so one trained model can
+    be evaluated either way (``--set <algo>.batchnorm=...`` at ``metalab eval``)."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm2d):
+            module.track_running_stats()
+            module.inductive = mode == "inductive"
+    return model
 
 
 def conv_block(
@@ -55,9 +97,9 @@ def conv_block(
 ) -> nn.Sequential:
     """3x3 conv (padding 1), normalisation, ReLU, and an optional 2x2 max-pool.
 
-    BatchNorm (:class:`BatchNorm2d`) keeps no running statistics: every forward normalises with the batch at
-    hand (transductive, as in MAML and ProtoNets), so the module has no buffers, and its gradients of every
-    order stay exact under functional_call + vmap. ``layer``
+    BatchNorm (:class:`BatchNorm2d`) keeps no running statistics unless :func:`set_batchnorm_mode` adds them:
+    every forward normalises with the batch at hand (transductive, MAML's protocol), so the module has no
+    buffers, and its gradients of every order stay exact under functional_call + vmap. ``layer``
     normalises each image on its own (GroupNorm with one group), for sequence models whose outputs must not
     depend on later inputs through batch statistics.
     """

@@ -23,7 +23,7 @@ from gymnasium import spaces
 from torch import nn
 from torch.func import functional_call
 
-from metalab.config import require
+from metalab.config import MAX_BATCH, require, require_between, require_widths
 from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
@@ -40,11 +40,17 @@ from metalab.rl.rollout import (
     is_goal_env,
     run_episodes,
 )
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
 
 Params = dict[str, torch.Tensor]
-EVAL_PARTS = {"val": 0, "test": 1}  # each part evaluates on its own fixed episode seeds
+
+
+MAX_TRANSITIONS = 10_000_000
+"""Largest replay buffer, in transitions."""
+MAX_HER_K = 64
+"""Most relabeled goals per stored transition."""
 
 
 @dataclass(frozen=True)
@@ -88,19 +94,26 @@ class Config:
     before the Q-network. Zero-mean inputs make per-bit comparisons of state and goal (an XOR) far easier to learn:
     on BitFlip n = 50 a supervised 128x128 MLP learns which bit differs in 1500 steps from -1/+1 bits and does not
     in 3000 from 0/1 bits."""
+    achieved_goal_input: bool = False
+    """Feed the Q-network ``[achieved goal, desired goal, observation]`` (3 blocks) instead of ``[observation,
+    desired goal]``: the input Stable-Baselines3's ``MultiInputPolicy`` builds from a goal env's dict observation
+    (its keys concatenated in sorted order), for a like-for-like comparison with SB3 (``benchmarks/bitflip.py``).
+    metalab's policies are handed the observation and the desired goal only, so the observation stands in for
+    the achieved goal: only for envs whose achieved goal is their observation (BitFlip), checked when the run is
+    built; not with ``center_inputs`` (SB3 feeds raw values)."""
 
     def __post_init__(self) -> None:
         require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
-        require(self.buffer_size >= 1, "buffer_size", "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require_between(self.buffer_size, "buffer_size", 1, MAX_TRANSITIONS)
+        require_between(self.batch_size, "batch_size", 1, MAX_BATCH)
         require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
         require(self.train_frequency >= 1, "train_frequency", "must be >= 1")
         require(0 < self.tau <= 1, "tau", "must be in (0, 1]")
         require(self.target_every >= 1, "target_every", "must be >= 1")
         for key in ("eps_start", "eps_end", "eps_fraction"):
             require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
-        require(self.her_k >= 1, "her_k", "must be >= 1")
-        require(all(h >= 1 for h in self.hidden), "hidden", "widths must be >= 1")
+        require_between(self.her_k, "her_k", 1, MAX_HER_K)
+        require_widths(self.hidden, "hidden")
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -145,11 +158,17 @@ Affine = tuple[torch.Tensor, torch.Tensor]
 
 
 def q_values(
-    q_net: nn.Module, params: Params, obs: torch.Tensor, goal: torch.Tensor, centering: Affine | None = None
+    q_net: nn.Module,
+    params: Params,
+    obs: torch.Tensor,
+    goal: torch.Tensor,
+    centering: Affine | None = None,
+    achieved_input: bool = False,
 ) -> torch.Tensor:
     """``Q(s, g, .)``, ``(B, A)``, for observations ``(B, obs_dim)`` and goals ``(B, goal_dim)``; the input is
-    ``(x - shift) * scale`` when ``centering = (shift, scale)`` is given."""
-    x = torch.cat([obs, goal], -1)
+    ``(x - shift) * scale`` when ``centering = (shift, scale)`` is given. ``achieved_input``: the input is
+    ``[achieved goal, goal, observation]`` with the observation as achieved goal (:attr:`Config.achieved_goal_input`)."""
+    x = torch.cat([obs, goal, obs] if achieved_input else [obs, goal], -1)
     if centering is not None:
         x = (x - centering[0]) * centering[1]
     return mlp_forward(params, x) if isinstance(q_net, MLP) else functional_call(q_net, params, (x,))
@@ -164,14 +183,17 @@ def td_loss(
     centering: Affine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TD loss on ``batch`` and the mean Q of its actions."""
+    sb3 = cfg.achieved_goal_input
     q = (
-        q_values(q_net, online, batch.obs, batch.goal, centering)
+        q_values(q_net, online, batch.obs, batch.goal, centering, sb3)
         .gather(-1, batch.action[:, None])
         .squeeze(-1)
     )
     with torch.no_grad():
-        next_target = q_values(q_net, target, batch.next_obs, batch.goal, centering)  # (B, A)
-        next_online = q_values(q_net, online, batch.next_obs, batch.goal, centering) if cfg.double else None
+        next_target = q_values(q_net, target, batch.next_obs, batch.goal, centering, sb3)  # (B, A)
+        next_online = (
+            q_values(q_net, online, batch.next_obs, batch.goal, centering, sb3) if cfg.double else None
+        )
         clip = feasible_return_range(cfg.gamma) if cfg.clip_target else None
         y = td_target(batch.reward, batch.done, next_target, cfg.gamma, next_online, clip)
     loss = F.smooth_l1_loss(q, y) if cfg.loss == "huber" else F.mse_loss(q, y)
@@ -185,6 +207,22 @@ class _Progress:
     episode: int = 0
     returns: deque = field(default_factory=lambda: deque(maxlen=100))
     successes: deque = field(default_factory=lambda: deque(maxlen=100))
+
+
+def check_achieved_is_observation(run: RunConfig, cfg: Config) -> None:
+    """Refuse :attr:`Config.achieved_goal_input` unless ``run``'s env is a goal env whose achieved goal is its
+    observation (checked on one reset), and with ``center_inputs``."""
+    probe = make_env(run.env)
+    obs, _ = probe.reset(seed=0)
+    same = is_goal_env(probe) and np.array_equal(obs["observation"], obs["achieved_goal"])
+    probe.close()
+    if not same:
+        raise ConfigError(
+            "dqn.achieved_goal_input",
+            f"needs a goal env whose achieved goal is its observation (as BitFlip's); {run.env.id} is not",
+        )
+    if cfg.center_inputs:
+        raise ConfigError("dqn.achieved_goal_input", "is SB3's raw input layout; leave center_inputs off")
 
 
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
@@ -201,7 +239,9 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         )
     obs_dim, goal_dim = dims(env)
     n_actions = int(env.action_space.n)
-    q_net = MLP(obs_dim + goal_dim, cfg.hidden, n_actions).to(device)
+    if cfg.achieved_goal_input:
+        check_achieved_is_observation(run, cfg)
+    q_net = MLP(obs_dim + goal_dim + obs_dim * cfg.achieved_goal_input, cfg.hidden, n_actions).to(device)
     centering = (
         tuple(torch.from_numpy(a).to(device) for a in input_centering(env)) if cfg.center_inputs else None
     )
@@ -223,7 +263,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
         with torch.no_grad():
             obs_t, goal_t = torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device)
-            q = q_values(q_net, online(), obs_t, goal_t, centering)
+            q = q_values(q_net, online(), obs_t, goal_t, centering, cfg.achieved_goal_input)
         return q.argmax(-1).cpu().numpy()
 
     def store(result: EpisodeResult) -> None:
@@ -269,14 +309,14 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             target.update(polyak_update(target, online(), cfg.tau))
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
-        seeds = [derive_seed(run.eval.seed, EVAL_PARTS[part], i) for i in range(episodes)]
+        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
         results = run_episodes(eval_envs, greedy, seeds)
         metrics: dict[str, float] = {}
         ret = mean_ci95([r.ret for r in results])
-        metrics["eval/return"], metrics["eval/return_ci95"] = ret.mean, ret.ci95
+        metrics[f"{part}/return"], metrics[f"{part}/return_ci95"] = ret.mean, ret.ci95
         if not any(np.isnan(r.success) for r in results):
             success = mean_ci95([r.success for r in results])
-            metrics["eval/success"], metrics["eval/success_ci95"] = success.mean, success.ci95
+            metrics[f"{part}/success"], metrics[f"{part}/success_ci95"] = success.mean, success.ci95
         return metrics
 
     def state() -> dict[str, Any]:

@@ -12,7 +12,7 @@ DREAM breaks the loop with the problem id ``mu``, known during meta-training:
   ``ib_weight * 0.5 * max(||F||^2, ib_cap)`` with the official ``ib_cap = 10`` by default (``ib_cap: 0`` gives
   the plain KL). Without the cap, on CityGrid 5x5 the penalty shrank ``||F||`` below the noise within 10k steps,
   the executor learned to ignore ``z`` and walked (return 0.1, the walking return; 0.7 is optimal). Evaluation
-also reports ``eval/oracle_return``: the executor on training problems given their true ``F(mu)``, which tells
+also reports ``train/oracle_return``: the executor on training problems given their true ``F(mu)``, which tells
 an execution failure from an exploration one.
 - **Decoder**: a GRU ``g`` reads the exploration episode and predicts ``F(mu)`` after every step (squared error
   to the detached ``F(mu)``; a Gaussian ``q(z | tau)`` with fixed variance).
@@ -83,7 +83,7 @@ explorer's replay (the last ``buffer_size`` explorations) holds only converged o
 not tested on the 9x9; on the 5x5, seed 0 continued 45k meta-episodes past its convergence did not dip. Seeds 0
 and 2 were back at 0.80 at 120k; seed 1 ended in the dip (0.59 on the 523 held-out problems, its explorer riding
 only 2 distinct useful buses in a quarter of them). The 9x9 config therefore keeps the weights of the best
-periodic evaluation on the training problems (``train.keep_best: eval/train_problems_return``), which never
+periodic evaluation on the training problems (``train.keep_best: train/problems_return``), which never
 looks at a held-out problem; it selected 0.80 held-out weights on all three seeds.
 """
 
@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import MAX_BATCH, MAX_UNITS, require, require_between
 from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
@@ -111,7 +111,7 @@ from metalab.rl.meta import (
     Progress,
     QLearningConfig,
     Step,
-    evaluate_meta_and_training_problems,
+    evaluate_meta,
     history_dim,
     make_problems,
     play_episode,
@@ -122,7 +122,7 @@ from metalab.rl.meta import (
 )
 from metalab.rl.recurrent import Params, RecurrentNet, Sequences, TransitionNet, sequence_td_loss, to_tensors
 from metalab.rl.rollout import derive_seed
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import mean_ci95
 from metalab.train.loop import Learner
 
 
@@ -171,8 +171,9 @@ class Config(QLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("z_dim", "exec_batch_size"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require_between(self.z_dim, "z_dim", 1, MAX_UNITS)
+        require_between(self.exec_batch_size, "exec_batch_size", 1, MAX_BATCH)
+        require_between(self.reward_folds, "reward_folds", 0, 64)
         for key in (
             "noise",
             "ib_weight",
@@ -437,7 +438,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         # The whole agent (exploration, decoding, execution) on held-out and on training problems: when the latter
         # is high and the former low, decoding does not generalise to new problems (e.g. the encoding F(mu) still
         # carries problem identity, such as the distracting buses, that exploration cannot or should not find).
-        metrics = evaluate_meta_and_training_problems(eval_env, part, episodes, run.eval.seed, agent)
+        metrics = evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
         # The executor alone on training problems, told their true encoding F(mu) (no noise): when this is low
         # too, execution has not learned to use z; when only the held-out return is low, exploration or decoding
         # is what fails.
@@ -451,7 +452,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                                     exec_policy(model, z, n_actions, 0.0, rng, device))  # fmt: skip
             returns.append(sum(s.reward for s in steps))
         oracle = mean_ci95(returns)
-        return {**metrics, "eval/oracle_return": oracle.mean, "eval/oracle_return_ci95": oracle.ci95}
+        return {**metrics, "train/oracle_return": oracle.mean, "train/oracle_return_ci95": oracle.ci95}
 
     def figures(run_dir: Path) -> list[Path]:
         problem = env.unwrapped.problems("test")[0]

@@ -22,15 +22,16 @@ import torch
 from gymnasium import spaces
 from PIL import Image, ImageDraw
 
-from metalab.config import require
+from metalab.config import MAX_BATCH, MAX_UNITS, require, require_between
 from metalab.envs.config import EnvConfig, make_env
 from metalab.errors import ConfigError
 from metalab.rl.recurrent import RecurrentNet, Sequences, one_hot
 from metalab.rl.rollout import derive_seed
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
 
-EVAL_PARTS = {"val": 0, "test": 1}
-"""Both parts evaluate on the held-out (test) problems, each with its own fixed episode seeds."""
+MAX_META_EPISODES = 1_000_000
+"""Largest replay buffer of the recurrent Q-learners, in meta-episodes."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ class QLearningConfig:
     def __post_init__(self) -> None:
         require(0 <= self.gamma < 1, "gamma", "must be in [0, 1)")
         require(self.collect_every >= 1, "collect_every", "must be >= 1")
-        for key in ("buffer_size", "batch_size", "target_every", "hidden"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.target_every >= 1, "target_every", "must be >= 1")
+        require_between(self.buffer_size, "buffer_size", 1, MAX_META_EPISODES)
+        require_between(self.batch_size, "batch_size", 1, MAX_BATCH)
+        require_between(self.hidden, "hidden", 1, MAX_UNITS)
         require(self.learning_starts >= 0, "learning_starts", "must be >= 0")
         for key in ("eps_start", "eps_end", "eps_fraction"):
             require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
@@ -285,38 +288,57 @@ Agent = Callable[[], tuple[Policy, Callable[[list[Step]], Policy]]]
 """Makes the two policies of one meta-episode: ``(explore, exploit)`` with ``exploit(explore steps) -> policy``."""
 
 
-def evaluate_meta(
-    env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent, split: str = "test"
-) -> dict[str, float]:
-    """Meta-episodes on the held-out problems (or those of ``split``), cycling through them: mean exploitation
-    return and success with 95% CIs. ``agent()`` is called once per meta-episode (fresh memory)."""
-    problems = env.unwrapped.problems(split)
+def play_problems(
+    env: gym.Env, problems: list[int], episodes: int, keys: tuple[int, ...], agent: Agent
+) -> list[MetaEpisode]:
+    """``episodes`` meta-episodes cycling through ``problems``, meta-episode ``i`` from ``derive_seed(*keys, i)``.
+    ``agent()`` is called once per meta-episode (fresh memory)."""
     results = []
     for i in range(episodes):
         explore, exploit = agent()
-        seed = derive_seed(eval_seed, EVAL_PARTS[part], i)
+        seed = derive_seed(*keys, i)
         results.append(play_meta_episode(env, problems[i % len(problems)], seed, explore, exploit))
+    return results
+
+
+def summarize(prefix: str, results: list[MetaEpisode], walking: float | None) -> dict[str, float]:
+    """``<prefix>return`` (mean exploitation return) and, where the env knows the return of walking to the goal
+    without any exploration (CityGrid), ``<prefix>beats_walking``: the fraction of meta-episodes whose return
+    beats it, which separates agents that use what they explored from agents that walk (every CityGrid agent
+    that walks reaches its goal, so reaching it says nothing); elsewhere ``<prefix>success``. With 95% CIs."""
     ret = mean_ci95([r.exploit_return for r in results])
-    success = mean_ci95([float(r.success) for r in results])
-    return {
-        "eval/return": ret.mean,
-        "eval/return_ci95": ret.ci95,
-        "eval/success": success.mean,
-        "eval/success_ci95": success.ci95,
-    }
+    out = {f"{prefix}return": ret.mean, f"{prefix}return_ci95": ret.ci95}
+    if walking is None:
+        est, name = mean_ci95([float(r.success) for r in results]), "success"
+    else:
+        est, name = mean_ci95([float(r.exploit_return > walking + 1e-6) for r in results]), "beats_walking"
+    out[f"{prefix}{name}"], out[f"{prefix}{name}_ci95"] = est.mean, est.ci95
+    return out
 
 
-def evaluate_meta_and_training_problems(
-    env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent
-) -> dict[str, float]:
-    """:func:`evaluate_meta` on the held-out problems, and ``eval/train_problems_return`` (with its CI): as many
-    meta-episodes on the training problems. That one is what model selection (``train.keep_best``) may watch, as
-    it never looks at a held-out problem; beside the held-out return it also tells a failure to generalise (high
-    on training problems, low on new ones) from a failure to learn."""
-    held_out = evaluate_meta(env, part, episodes, eval_seed, agent)
-    seen = evaluate_meta(env, part, episodes, eval_seed, agent, split="train")
-    return {**held_out, "eval/train_problems_return": seen["eval/return"],
-            "eval/train_problems_return_ci95": seen["eval/return_ci95"]}  # fmt: skip
+def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent: Agent) -> dict[str, float]:
+    """Meta-episodes on the problems of ``part``, and as many on the training problems.
+
+    ``val``: the val problems (``val/...``). ``test``: all held-out problems (val and test ids), reported as
+    ``test/...`` on the test ids alone and ``test/heldout_...`` on all of them (DREAM's test set, to compare with
+    the paper); the val ids are played with the test seeds, never with those of a periodic evaluation.
+    ``train/problems_return`` (and ``_beats_walking``): on the training problems, what model selection
+    (``train.keep_best``) may watch as it never looks at a held-out problem; beside the held-out return it also
+    tells a failure to generalise (high on training problems, low on new ones) from a failure to learn.
+    """
+    walking = getattr(env.unwrapped, "walking_return", None)
+    keys = (eval_seed, PART_INDEX[part])
+    if part == "val":
+        metrics = summarize(
+            "val/", play_problems(env, env.unwrapped.problems("val"), episodes, keys, agent), walking
+        )
+    else:
+        results = play_problems(env, env.unwrapped.problems("heldout"), episodes, keys, agent)
+        val_ids = set(env.unwrapped.problems("val"))
+        metrics = summarize("test/", [r for r in results if r.problem not in val_ids], walking)
+        metrics.update(summarize("test/heldout_", results, walking))
+    seen = play_problems(env, env.unwrapped.problems("train"), episodes, keys, agent)
+    return {**metrics, **summarize("train/problems_", seen, walking)}
 
 
 def render_meta_episode(

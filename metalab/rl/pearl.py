@@ -22,11 +22,12 @@ with ``z ~ prior`` and ``posterior_steps`` with ``z ~ q(z | c)`` (re-inferred be
 context batch of the encoder buffer), both into the encoder and replay buffers, then ``extra_posterior_steps``
 with ``z ~ q(z | c)`` into the replay buffer only. Collection samples actions, evaluation takes the mean action.
 
-Evaluation (on ``env.unwrapped.tasks("test")``; the ``val`` part uses the training tasks): a trial is
+Evaluation (on ``env.unwrapped.tasks(part)``: the 20 test goals, or the 20 val goals, which are neither
+training nor test goals; see :mod:`metalab.envs.point_robot`): a trial is
 ``eval_adapt_episodes + 1`` episodes on one task, each with one ``z``: from the prior for the first
 ``eval_prior_episodes`` episodes, afterwards from the posterior of all transitions of the trial so far. Metrics
-``eval/return_after{k}`` and ``eval/success_after{k}`` are of the episode after ``k`` earlier episodes
-(``after0``: no context at all); ``eval/return`` and ``eval/success`` are those of the last episode. Success is
+``<part>/return_after{k}`` and ``<part>/success_after{k}`` are of the episode after ``k`` earlier episodes
+(``after0``: no context at all); ``<part>/return`` and ``<part>/success`` are those of the last episode. Success is
 the env's ``info["is_success"]`` at the episode's last step (the point robot: the final position is within 0.2
 of the goal); envs that do not report it get no success metrics.
 
@@ -72,7 +73,7 @@ from gymnasium import spaces
 from torch import nn
 
 import metalab.rl.sac as sac
-from metalab.config import require
+from metalab.config import MAX_BATCH, MAX_UNITS, require, require_between, require_widths
 from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
@@ -80,13 +81,17 @@ from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import Experience, ReplayBuffer, Transitions
 from metalab.rl.rollout import derive_seed, dims, env_action, is_goal_env, split_obs
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
 
 Params = dict[str, torch.Tensor]
 MIN_VARIANCE = 1e-7  # floor of each factor's variance before the product (official code)
-EVAL_PARTS = {"val": 0, "test": 1}  # each part evaluates with its own fixed seeds
-SPLITS = {"val": "train", "test": "test"}  # the env's task split each part evaluates on
+MAX_TASK_TRANSITIONS = 1_000_000
+"""Most transitions a replay or encoder buffer keeps, or a collection makes, per training task (PEARL's own
+replay size)."""
+MAX_TRIAL_EPISODES = 1_000
+"""Most episodes of one evaluation trial."""
 
 
 @dataclass(frozen=True)
@@ -131,23 +136,26 @@ class Config:
     eval_prior_episodes: int = 1
     """Evaluation: episodes of a trial with ``z`` from the prior before the posterior is used."""
     eval_adapt_episodes: int = 2
-    """Evaluation: episodes of a trial after the first one (metrics ``eval/*_after1`` ... ``_after{this}``)."""
+    """Evaluation: episodes of a trial after the first one (metrics ``<part>/*_after1`` ... ``_after{this}``)."""
     sac: sac.Config = field(default_factory=sac.Config)
     """The soft actor-critic (``sac.hidden`` are the widths of the policy and of each critic)."""
 
     def __post_init__(self) -> None:
-        require(self.latent_dim >= 1, "latent_dim", "must be >= 1")
-        require(all(h >= 1 for h in self.encoder_hidden), "encoder_hidden", "widths must be >= 1")
+        require_between(self.latent_dim, "latent_dim", 1, MAX_UNITS)
+        require_widths(self.encoder_hidden, "encoder_hidden")
         require(self.kl_lambda >= 0, "kl_lambda", "must be >= 0")
-        for key in ("context_batch", "batch_size", "buffer_size", "initial_steps", "collect_every"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.collect_every >= 1, "collect_every", "must be >= 1")
+        for key in ("context_batch", "batch_size"):
+            require_between(getattr(self, key), key, 1, MAX_BATCH)
+        for key in ("buffer_size", "initial_steps"):  # transitions kept per training task
+            require_between(getattr(self, key), key, 1, MAX_TASK_TRANSITIONS)
         require(self.tasks_per_collect >= 0, "tasks_per_collect", "must be >= 0")
         for key in ("prior_steps", "posterior_steps", "extra_posterior_steps"):
-            require(getattr(self, key) >= 0, key, "must be >= 0")
+            require_between(getattr(self, key), key, 0, MAX_TASK_TRANSITIONS)
         require(self.prior_steps + self.posterior_steps >= 1, "posterior_steps",
                 "prior_steps + posterior_steps must be >= 1: a collected task needs encoder data")  # fmt: skip
-        require(self.eval_prior_episodes >= 1, "eval_prior_episodes", "must be >= 1")
-        require(self.eval_adapt_episodes >= 0, "eval_adapt_episodes", "must be >= 0")
+        require_between(self.eval_prior_episodes, "eval_prior_episodes", 1, MAX_TRIAL_EPISODES)
+        require_between(self.eval_adapt_episodes, "eval_adapt_episodes", 0, MAX_TRIAL_EPISODES)
 
     @property
     def encoder_capacity(self) -> int:
@@ -423,8 +431,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
 
     @torch.no_grad()
     def evaluate(part: str, episodes: int) -> dict[str, float]:
-        tasks = list(probe.unwrapped.tasks(SPLITS[part]))
-        generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, EVAL_PARTS[part]))
+        tasks = list(probe.unwrapped.tasks(part))
+        generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, PART_INDEX[part]))
         encoder = sac.sub_params(params(), "encoder")
         n_episodes = cfg.eval_adapt_episodes + 1
         returns = np.zeros((episodes, n_episodes))
@@ -444,7 +452,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                     else:
                         mu, var = posterior(encoder, torch.cat(contexts[j]), cfg.latent_dim)
                     z[j] = draw_z(mu, var, generator)
-                seeds = [derive_seed(run.eval.seed, EVAL_PARTS[part], i, e) for i in trials]
+                seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i, e) for i in trials]
                 results = run_tasks(eval_envs, trial_tasks, seeds, policy(z, True))
                 for j, (i, r) in enumerate(zip(trials, results, strict=True)):
                     returns[i, e], successes[i, e] = r.ret, r.success
@@ -456,9 +464,12 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         for name, values in columns.items():
             for e in range(n_episodes):
                 est = mean_ci95(values[:, e].tolist())
-                metrics[f"eval/{name}_after{e}"], metrics[f"eval/{name}_after{e}_ci95"] = est.mean, est.ci95
-            # eval/return, eval/success: the trial's last episode
-            metrics[f"eval/{name}"], metrics[f"eval/{name}_ci95"] = est.mean, est.ci95
+                metrics[f"{part}/{name}_after{e}"], metrics[f"{part}/{name}_after{e}_ci95"] = (
+                    est.mean,
+                    est.ci95,
+                )
+            # <part>/return, <part>/success: the trial's last episode
+            metrics[f"{part}/{name}"], metrics[f"{part}/{name}_ci95"] = est.mean, est.ci95
         return metrics
 
     def state() -> dict[str, Any]:

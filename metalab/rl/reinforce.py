@@ -24,17 +24,17 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.func import functional_call
 
-from metalab.config import require
+from metalab.config import require, require_between, require_widths
 from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.rl.rollout import EpisodeResult, derive_seed, dims, run_episodes
-from metalab.train.evaluate import mean_ci95
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
 
 Params = dict[str, torch.Tensor]
-EVAL_PARTS = {"val": 0, "test": 1}  # each part evaluates on its own fixed episode seeds
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ class Config:
     """Continuous actions: initial log standard deviation of the Gaussian policy."""
 
     def __post_init__(self) -> None:
-        require(self.episodes >= 1, "episodes", "must be >= 1")
+        require_between(self.episodes, "episodes", 1, 10_000)
         require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         require(self.value_coef >= 0, "value_coef", "must be >= 0")
         require(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
-        require(all(h >= 1 for h in self.hidden), "hidden", "widths must be >= 1")
+        require_widths(self.hidden, "hidden")
 
 
 class PolicyValue(nn.Module):
@@ -181,13 +181,13 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         return total, metrics
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
-        seeds = [derive_seed(run.eval.seed, EVAL_PARTS[part], i) for i in range(episodes)]
+        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
         results = run_episodes(eval_envs, policy(deterministic=True), seeds)
         ret = mean_ci95([r.ret for r in results])
-        metrics = {"eval/return": ret.mean, "eval/return_ci95": ret.ci95}
+        metrics = {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
         if not any(np.isnan(r.success) for r in results):
             success = mean_ci95([r.success for r in results])
-            metrics["eval/success"], metrics["eval/success_ci95"] = success.mean, success.ci95
+            metrics[f"{part}/success"], metrics[f"{part}/success_ci95"] = success.mean, success.ci95
         return metrics
 
     # Every episode resets from a seed derived from (seed, step, index) and sampling uses torch's global RNG,

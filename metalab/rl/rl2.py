@@ -31,7 +31,7 @@ from metalab.rl.meta import (
     Progress,
     QLearningConfig,
     Step,
-    evaluate_meta_and_training_problems,
+    evaluate_meta,
     history_dim,
     make_problems,
     play_meta_episode,
@@ -87,7 +87,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         return policy, lambda _: policy
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
-        return evaluate_meta_and_training_problems(eval_env, part, episodes, run.eval.seed, agent)
+        return evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
 
     def figures(run_dir: Path) -> list[Path]:
         problem = env.unwrapped.problems("test")[0]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.config import require
+from metalab.config import require, require_widths
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.dqn import polyak_update
@@ -85,7 +85,7 @@ class Config:
         require(self.reward_scale > 0, "reward_scale", "must be > 0")
         require(self.alpha > 0, "alpha", "must be > 0")
         require(self.policy_reg >= 0, "policy_reg", "must be >= 0")
-        require(all(h >= 1 for h in self.hidden), "hidden", "widths must be >= 1")
+        require_widths(self.hidden, "hidden")
 
 
 class ActorCritic(nn.Module):

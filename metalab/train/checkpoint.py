@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,40 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; a missing or corrupt file raises CheckpointError."""
+    """Read a checkpoint with ``weights_only=True``; a missing or unreadable file raises a one-line CheckpointError.
+
+    The message names the file and the cause in our words: torch's own text is several lines long and suggests
+    loading with ``weights_only=False``, which would run whatever code the file holds.
+    """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from None
     except Exception as e:  # torch raises several unrelated types for a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(e)}") from None
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def load_failure(error: BaseException) -> str:
+    """Why a weights-only ``torch.load`` failed, in one line that never repeats torch's advice."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+        found = _UNSAFE_GLOBAL.search(text)
+        what = f" (found {found.group(1)})" if found else ""
+        return f"it holds objects other than tensors and plain data; refusing to load it{what}"
+    return "truncated or corrupt"
+
+
+def state_mismatch(error: BaseException) -> str:
+    """One line for a ``load_state_dict`` failure: torch lists every mismatched tensor on lines of its own."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
+    if not details:
+        return lines[0] if lines else type(error).__name__
+    first = details[0].rstrip(".")
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return first + more

@@ -1,16 +1,25 @@
-"""The few-shot evaluation protocol: mean over many fixed test episodes with a 95% confidence interval."""
+"""The evaluation protocol: mean over many fixed episodes of a part (``val`` or ``test``) with a 95% CI.
+
+Metrics are named ``<part>/<metric>`` (``val/acc``, ``test/mse``); metrics measured on training data during
+an evaluation are named ``train/...``. Model selection (``train.keep_best``) may only read those two.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from metalab.config import require
+from metalab.config import MAX_EPISODES, MAX_SEED, require_between
 from metalab.data.episodes import Episode
+from metalab.stats import Estimate, mean_ci95
+
+MAX_EVAL_BATCH = 4_096
+"""Most episodes evaluated together (an RL run makes an environment for each)."""
 
 
 @dataclass(frozen=True)
@@ -25,30 +34,26 @@ class EvalConfig:
     """Seed of the evaluation episodes; differs from training seeds so no batch is shared."""
 
     def __post_init__(self) -> None:
-        require(self.episodes >= 1, "episodes", "must be >= 1")
-        require(self.batch >= 1, "batch", "must be >= 1")
+        require_between(self.episodes, "episodes", 1, MAX_EPISODES)
+        require_between(self.batch, "batch", 1, MAX_EVAL_BATCH)
+        require_between(self.seed, "seed", 0, MAX_SEED)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A mean with its 95% confidence half-width ``1.96 * std / sqrt(n)``."""
-
-    mean: float
-    ci95: float
-    n: int
-
-    def __str__(self) -> str:
-        return f"{self.mean:.4f} ± {self.ci95:.4f} (n={self.n})"
+PARTS = ("val", "test")
+"""The evaluation parts. Training evaluates ``val`` only; ``test`` is evaluated once, after training."""
+PART_INDEX = {"val": 0, "test": 1}
+"""A key per part for deriving per-episode seeds (RL): the two parts never share an episode seed."""
 
 
-def mean_ci95(values: torch.Tensor | Sequence[float]) -> Estimate:
-    """Mean and 95% CI (sample standard deviation); ``ci95`` is NaN for fewer than 2 values."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if v.numel() == 0:
-        raise ValueError("mean_ci95 needs at least one value")
-    n = v.numel()
-    ci = 1.96 * v.std(unbiased=True).item() / math.sqrt(n) if n > 1 else math.nan
-    return Estimate(v.mean().item(), ci, n)
+def part_seed(eval_seed: int, part: str) -> int:
+    """The seed of ``part``'s fixed evaluation episodes: ``test`` uses ``eval.seed`` itself, ``val`` a seed
+    derived from it, so the test episodes are never among the periodic (val) ones, even for a task family
+    that is one infinite distribution (sinusoid) where the parts differ only by seed."""
+    if part == "test":
+        return eval_seed
+    if part == "val":
+        return int(np.random.SeedSequence([eval_seed, 1]).generate_state(1)[0])
+    raise ValueError(f"unknown evaluation part {part!r}; choose one of {', '.join(PARTS)}")
 
 
 class TaskSampler(Protocol):

@@ -24,13 +24,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from metalab.config import require
+from metalab.config import MAX_EPISODES, MAX_STEPS, MAX_TASKS, require, require_between
 from metalab.errors import CheckpointError, ConfigError, NonFiniteLossError
-from metalab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from metalab.progress import progress
+from metalab.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_mismatch,
+)
 from metalab.train.logger import MetricLogger
 
 log = logging.getLogger(__name__)
 
+SELECTABLE = ("val/", "train/")
+"""Metric namespaces model selection may read; ``test/`` is never one of them."""
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 
@@ -59,11 +68,9 @@ class TrainConfig:
     """Log training metrics every this many steps."""
     eval_every: int = 500
     """Evaluate every this many steps (and at the end)."""
-    eval_part: Literal["val", "test"] = "val"
-    """Part evaluated during training: held-out val classes, or test classes for a learning curve (no model
-    selection is made from it)."""
     eval_episodes: int = 100
-    """Episodes of each evaluation during training."""
+    """Episodes of each periodic evaluation. Training evaluates the ``val`` part only (metrics ``val/...``); the
+    ``test`` part is evaluated once, after training, on episodes no periodic evaluation draws."""
     max_minutes: float | None = None
     """Stop (with a checkpoint) after this much training time, counted across resumes; null for no limit."""
     checkpoint_every: int = 500
@@ -71,10 +78,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; ``auto`` takes a GPU when one is present."""
     keep_best: str | None = None
-    """Model selection: a metric of the periodic evaluation (e.g. ``eval/accuracy``, or for meta-RL
-    ``eval/train_problems_return``, measured on training problems only). The weights at the best evaluation so
-    far are kept in the checkpoint and exported to ``best.pt`` (ties go to the later one), and :func:`fit` ends
-    with them loaded, so the final test scores the selected model. Null: the final weights."""
+    """Model selection: a ``val/...`` metric of the periodic evaluation (e.g. ``val/acc``) or one measured on
+    training data (``train/...``, e.g. ``train/problems_return`` of meta-RL, on training problems only); a
+    ``test/...`` metric is refused. The weights at the best evaluation so far are kept in the checkpoint and
+    exported to ``best.pt`` (ties go to the later one), and :func:`fit` ends with them loaded, so the final
+    test scores the selected model. Null: the final weights."""
     keep_best_mode: Literal["max", "min"] = "max"
     """Whether ``keep_best`` is better higher (accuracy, return) or lower (a loss)."""
 
@@ -88,10 +96,14 @@ class TrainConfig:
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
         for key in ("log_every", "eval_every", "eval_episodes", "checkpoint_every"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
+        require_between(self.steps, "steps", 1, MAX_STEPS)
+        require_between(self.meta_batch, "meta_batch", 1, MAX_TASKS)
+        require_between(self.eval_episodes, "eval_episodes", 1, MAX_EPISODES)
         require(
-            self.keep_best is None or self.keep_best.startswith("eval/"),
+            self.keep_best is None or self.keep_best.startswith(SELECTABLE),
             "keep_best",
-            f"must name a metric of the periodic evaluation (eval/...), got {self.keep_best!r}",
+            f"must name a validation or training metric (val/... or train/...), got {self.keep_best!r}: "
+            f"selecting on test data would make the test a validation",
         )
 
 
@@ -100,8 +112,9 @@ class Learner:
     """What an algorithm gives the trainer.
 
     ``loss(step)`` draws batch ``step`` itself (deterministically) and returns the loss to minimise plus
-    metrics to log; ``evaluate(part, episodes)`` returns metrics on a fixed set of ``episodes`` episodes (or
-    evaluation episodes) of a data part, "val" or "test".
+    metrics to log; ``evaluate(part, episodes)`` returns metrics named ``<part>/...`` on a fixed set of
+    ``episodes`` episodes of a data part, "val" or "test" (and may add ``train/...`` metrics measured on
+    training data). :func:`fit` only ever asks for "val".
 
     A loss of ``None`` means "no update this step": the step still counts (an RL learner may only collect
     experience before its learning starts), but the optimizer and the schedule are left untouched, so the
@@ -140,18 +153,171 @@ class FitResult:
     """With ``keep_best``: that step's value of the metric."""
 
 
+Extend = Literal["continue", "restart"]
+"""How a cosine schedule goes on when a resume changes ``train.steps`` (see :meth:`LrPlan.extend`)."""
+
+
+def _phase_factor(phase: list, update: int) -> float:
+    """The factor of one :class:`LrPlan` phase ``[first_update, length, scale]`` at ``update``."""
+    first, length, scale = phase
+    if length == 0:
+        return float(scale)
+    return float(scale) * 0.5 * (1 + math.cos(math.pi * min(update - first, length) / length))
+
+
+@dataclass
+class LrPlan:
+    """The learning-rate schedule: the factor of ``train.lr`` as a function of the number of updates made.
+
+    ``phases`` are ``[first_update, length, scale]``: a cosine from ``scale`` down to 0 over ``length`` updates,
+    or, with ``length`` 0, the constant factor ``scale``. The factor at update ``u`` comes from the phase added
+    last among those begun by ``u``. A run starts with one phase (``constant``: ``[0, 0, 1]``; ``cosine``:
+    ``[0, steps, 1]``); a resume that changes ``train.steps`` adds one (:meth:`extend`). The plan is saved in
+    the checkpoint, so later resumes follow the same rates.
+    """
+
+    kind: str
+    steps: int
+    """The ``train.steps`` the plan is made for."""
+    phases: list[list] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, steps: int | None = None) -> LrPlan:
+        """The plan of a new run: ``cfg.lr_schedule`` over ``steps`` (default ``cfg.steps``)."""
+        steps = cfg.steps if steps is None else steps
+        return cls(cfg.lr_schedule, steps, [[0, steps if cfg.lr_schedule == "cosine" else 0, 1.0]])
+
+    def factor(self, update: int) -> float:
+        """The factor of ``train.lr`` for the update after ``update`` updates."""
+        phase = next((p for p in reversed(self.phases) if p[0] <= update), self.phases[0])
+        return _phase_factor(phase, update)
+
+    def extend(self, steps: int, step: int, update: int, how: Extend | None) -> str | None:
+        """Re-plan for ``steps`` in all, at step ``step`` after ``update`` updates; a line for the log, or None
+        when nothing changes.
+
+        A constant schedule just goes on. A cosine one needs ``how``: ``continue`` keeps the old cosine to its
+        planned end and then holds the rate of its last update there (``lr * (1 + cos(pi * (n - 1) / n)) / 2``
+        for a cosine of ``n`` updates); ``restart`` begins a new cosine from ``train.lr`` now, down to 0 at the
+        new ``steps``.
+        """
+        if steps == self.steps:
+            return None
+        old, self.steps = self.steps, steps
+        if self.kind != "cosine":
+            return None
+        if how is None:
+            self.steps = old
+            raise ConfigError(
+                "train.steps",
+                f"changing it from {old} to {steps} on a cosine schedule needs a choice of how the schedule goes "
+                f"on: continue (hold the rate the old cosine ends with) or restart (a new cosine over the "
+                f"remaining steps); metalab train --schedule, or fit(extend=...)",
+            )
+        last = self.phases[-1]
+        if how == "restart":
+            if steps > step:
+                self.phases.append([update, steps - step, 1.0])
+            return f"train.steps {old} -> {steps}: a new cosine from train.lr over the {steps - step} remaining steps"
+        if last[1] == 0:
+            return f"train.steps {old} -> {steps}: the schedule goes on holding {last[2]:.4g} x train.lr"
+        end = last[0] + last[1]
+        hold = _phase_factor(last, end - 1)
+        self.phases.append([end, 0, hold])
+        return (
+            f"train.steps {old} -> {steps}: the cosine ends at update {end} as planned, then holds "
+            f"{hold:.4g} x train.lr (the rate of its last update)"
+        )
+
+    def state(self) -> dict:
+        """Plain data for the checkpoint."""
+        return {"kind": self.kind, "steps": self.steps, "phases": [list(p) for p in self.phases]}
+
+    def load_state(self, state: dict) -> None:
+        """Take the plan a checkpoint saved (in place: the scheduler holds this object)."""
+        self.kind, self.steps = str(state["kind"]), int(state["steps"])
+        self.phases = [[int(p[0]), int(p[1]), float(p[2])] for p in state["phases"]]
+
+
 def _make_optimizer(
     learner: Learner, cfg: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, LrPlan]:
+    """Adam over the learner's parameters and a scheduler that follows an :class:`LrPlan` of ``cfg``."""
     params = learner.parameters if learner.parameters is not None else list(learner.model.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    plan = LrPlan.start(cfg)
+    # A plain function (not the bound method): LambdaLR then keeps it out of its state dict.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda update: plan.factor(update))
+    return opt, sched, plan
+
+
+def _restore_schedule(
+    cfg: TrainConfig,
+    state: dict,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    plan: LrPlan,
+    step: int,
+    extend: Extend | None,
+) -> None:
+    """After the optimizer and scheduler states are loaded: bring in the checkpoint's plan, re-plan for a
+    changed ``cfg.steps``, and set the rate ``cfg.lr`` (which may differ from the checkpoint's) in every place
+    torch keeps it, so the next update uses it."""
+    if cfg.steps < step:
+        raise ConfigError("train.steps", f"{cfg.steps} is below the {step} steps the checkpoint has done")
+    saved = state.get("lr_plan")
+    if saved is not None:
+        plan.load_state(saved)
+    else:  # checkpoints written before plans were saved: their schedule spanned the steps they were run for
+        plan.load_state(LrPlan.start(cfg, cfg.steps if extend is None else step).state())
+    if plan.kind != cfg.lr_schedule:
+        raise ConfigError(
+            "train.lr_schedule", f"the checkpoint's schedule is {plan.kind!r}; it cannot change on resume"
         )
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return opt, sched
+    update = sched.last_epoch
+    change = plan.extend(cfg.steps, step, update, extend)
+    if change is not None:
+        log.info("%s", change)
+    before = sched.base_lrs[0]
+    opt = sched.optimizer
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * plan.factor(update)
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]
+    sched._last_lr = [
+        group["lr"] for group in opt.param_groups
+    ]  # what get_last_lr() reports until the next step
+    if not math.isclose(before, cfg.lr):
+        log.info("train.lr %g -> %g from step %d (the optimizer's moments are kept)", before, cfg.lr, step)
+
+
+PROGRESS_SECONDS = 30.0
+"""Seconds between the plain progress lines of training when stderr is no terminal (CI logs, pipes)."""
+
+
+class _TrainProgress:
+    """Training progress through :func:`metalab.progress.progress`: a tqdm bar on a terminal, else a log line
+    every :data:`PROGRESS_SECONDS` with the step, steps/s, loss and ETA. A resumed run counts the steps of this
+    session (so the rate and the ETA are this session's), and says which step it started from."""
+
+    def __init__(self, steps: int, step: int, name: str):
+        desc = name if step == 0 else f"{name} from step {step}"
+        self._bar = progress(steps - step, desc, unit="step", every=PROGRESS_SECONDS)
+
+    def update(self) -> None:
+        self._bar.update(1)
+
+    def set_postfix(self, **values: str) -> None:
+        self._bar.set_postfix(**values)
+
+    def write(self, message: str) -> None:
+        """A line of its own: above a tqdm bar, or a log line."""
+        if isinstance(self._bar, tqdm):
+            self._bar.write(message)
+        else:
+            log.info("%s", message)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class _StopFlag:
@@ -237,11 +403,24 @@ def _resumed_best(cfg: TrainConfig, state: dict, run_dir: Path) -> Best | None:
     return best
 
 
-def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
-    """Train ``learner`` for ``cfg.steps`` steps in ``run_dir``, resuming from its checkpoint if ``resume``."""
+def fit(
+    learner: Learner,
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    extend: Extend | None = None,
+    resumed: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``learner`` for ``cfg.steps`` steps in ``run_dir``, resuming from its checkpoint if ``resume``.
+
+    On resume, ``cfg`` may differ from the checkpoint's run in its bookkeeping, in ``lr`` (the restored optimizer
+    then uses the new rate) and in ``steps`` (a cosine schedule then needs ``extend``, see
+    :meth:`LrPlan.extend`); a change the checkpoint does not fit raises before anything is written.
+    ``resumed(step)`` is called once the checkpoint's state is restored and checked, before training goes on.
+    """
     ckpt_path = run_dir / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
-    opt, sched = _make_optimizer(learner, cfg)
+    opt, sched, plan = _make_optimizer(learner, cfg)
     step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
     skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
     best: Best | None = None
@@ -255,13 +434,18 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             if learner.load_state is not None:
                 learner.load_state(state["learner"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt_path} does not fit this run's model/config: {e}") from None
+            raise CheckpointError(
+                f"{ckpt_path} does not fit this run's model/config: {state_mismatch(e)}"
+            ) from None
         step = int(state["step"])
+        _restore_schedule(cfg, state, sched, plan, step, extend)
         elapsed = float(state.get("elapsed", 0.0))
         skipped, in_a_row = state.get("skipped", (0, 0))
         if cfg.keep_best is not None:
             best = _resumed_best(cfg, state, run_dir)
         log.info("resumed from %s at step %d", ckpt_path, step)
+        if resumed is not None:
+            resumed(step)
 
     def checkpoint() -> None:
         state = {
@@ -269,6 +453,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
             "model": learner.model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
+            "lr_plan": plan.state(),
             "rng": rng_state(),
             "elapsed": seconds(),
             "skipped": (skipped, in_a_row),
@@ -286,9 +471,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
 
     logger = MetricLogger(run_dir, resume_step=step if resume else None)
     metrics: dict[str, float] = {}
-    bar = tqdm(
-        total=cfg.steps, initial=step, desc=run_dir.name, unit="step", disable=None, dynamic_ncols=True
-    )
+    bar = _TrainProgress(cfg.steps, step, run_dir.name)
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
@@ -336,7 +519,7 @@ def fit(learner: Learner, cfg: TrainConfig, run_dir: Path, resume: bool = False)
                 last = step == cfg.steps or out_of_time
                 if step % cfg.eval_every == 0 or last:
                     learner.model.eval()
-                    metrics = learner.evaluate(cfg.eval_part, cfg.eval_episodes)
+                    metrics = learner.evaluate("val", cfg.eval_episodes)
                     logger.log(step, {**metrics, "time/train_seconds": seconds()})
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                     if cfg.keep_best is not None:
