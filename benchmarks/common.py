@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import math
 import os
 import subprocess
@@ -225,6 +226,8 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
     """Parse a benchmark's arguments (``argv``, default the command line), check provenance
     (:func:`check_provenance`: a dirty tree is refused here, before any training) and apply ``--threads``."""
     args = p.parse_args(argv)
+    # Progress and the trainer's messages: plain lines in a log file (nohup), a bar on a terminal.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     check_provenance(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,14 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import yaml
 
 from benchmarks.common import RESULTS, device_name, note_no_curve, record
 from metalab.data.root import data_root
-from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
+from metalab.experiment import RunConfig, algorithm, load_run_config, write_run_config
 from metalab.train.logger import read_metrics
 from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
-from metalab.utils import atomic_path, resolve_device, seed_everything
+from metalab.utils import resolve_device, seed_everything
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 RUNS_ROOT = Path("runs/bench")
@@ -77,8 +76,7 @@ def train(config: str | Path, overrides: list[str], run_dir: Path) -> Trained:
     """
     learner, run, device = build(config, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / CONFIG_NAME) as tmp:
-        tmp.write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+    write_run_config(run, run_dir)
     fitted = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
     if fitted.interrupted:
         raise SystemExit(

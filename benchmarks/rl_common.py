@@ -22,10 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import yaml
 
 from benchmarks.common import PROTOCOL, current_label, note_no_curve, record
-from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, run_config_from_dict
+from metalab.experiment import RunConfig, algorithm, run_config_from_dict, write_run_config
 from metalab.stats import seed_interval
 from metalab.train.loop import CHECKPOINT, FitResult, Learner, fit
 from metalab.utils import atomic_path, seed_everything
@@ -83,7 +82,7 @@ def train(run: RunConfig, run_dir: Path) -> tuple[Learner, FitResult]:
         run_dir, run.to_yaml_dict(), lambda saved: run_config_from_dict(saved).to_yaml_dict()
     )
     if not same:  # config.yaml too, for `metalab eval <run_dir>`
-        (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+        write_run_config(run, run_dir)
     seed_everything(run.seed)
     learner = algorithm(run.algo).build(run, Path("unused"), torch.device(run.train.device))
     result = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())

@@ -26,11 +26,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import yaml
 
 from benchmarks.common import RESULTS, current_label, merge_results, parse_args, parser, record
 from metalab.errors import NonFiniteLossError
-from metalab.experiment import CONFIG_NAME, RunConfig, algorithm, load_run_config
+from metalab.experiment import RunConfig, algorithm, load_run_config, write_run_config
 from metalab.train.loop import CHECKPOINT, fit
 from metalab.utils import resolve_device, seed_everything
 
@@ -69,7 +68,7 @@ def train_and_test(
     learner = algorithm(run.algo).build(run, Path("."), device)
     run_dir = (runs or RUNS) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+    write_run_config(run, run_dir)
     try:
         result = fit(learner, run.train, run_dir, resume=(run_dir / CHECKPOINT).is_file())
     except NonFiniteLossError as e:

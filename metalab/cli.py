@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from metalab.errors import ConfigError, MetalabError
 
@@ -20,8 +20,15 @@ log = logging.getLogger("metalab")
 DATASETS = ("omniglot",)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``metalab: error: ...`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"metalab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="metalab",
         description="Meta-learning and meta-RL on PyTorch. Each command has its own --help.",
     )
@@ -316,7 +323,7 @@ def _describe(metrics: dict[str, float]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metalab.config import merge, parse_overrides
+    from metalab.config import MAX_EPISODES, merge, parse_overrides
     from metalab.errors import CheckpointError
     from metalab.experiment import algorithm, load_run_dir_config, run_config_from_dict
     from metalab.train.checkpoint import load_checkpoint, state_mismatch
@@ -342,8 +349,8 @@ def _eval(args: argparse.Namespace) -> int:
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{weights} does not fit the run's model: {state_mismatch(e)}") from None
     learner.model.eval()
-    if args.episodes is not None and args.episodes < 1:
-        raise MetalabError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.episodes is not None and not 1 <= args.episodes <= MAX_EPISODES:
+        raise MetalabError(f"--episodes must be in [1, {MAX_EPISODES}], got {args.episodes}")
     metrics = learner.evaluate(args.part, args.episodes or run.eval.episodes)
     which = f"step {state['step']}" + (f", selected by {run.train.keep_best}" if selected else "")
     print(f"{run_dir} ({which}): {_describe(metrics)}")

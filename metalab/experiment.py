@@ -26,10 +26,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
-
 from metalab.config import (
     MAX_SEED,
+    dump_yaml,
     from_dict,
     merge,
     parse_overrides,
@@ -258,7 +257,7 @@ def write_run_config(run: RunConfig, run_dir: Path) -> Path:
     """Write ``run`` resolved to ``run_dir/config.yaml`` atomically (a crash leaves the previous file whole)."""
     path = run_dir / CONFIG_NAME
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(run.to_yaml_dict(), sort_keys=False))
+        tmp.write_text(dump_yaml(run.to_yaml_dict()))
     return path
 
 

@@ -507,3 +507,20 @@ def test_eval_help_shows_a_plain_percent_sign(capsys) -> None:
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "95% CI" in text and "%%" not in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "x.yaml", "--bogus"],
+        ["frob"],
+        ["eval"],
+        ["data", "install", "omniglot"],
+        ["eval", "r", "--episodes", "x"],
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("metalab: error: ") and err.count("\n") == 1, err

@@ -354,6 +354,7 @@ LISTED = [
     (SINUSOID, ["train.steps=1" + "0" * 5000], "'train.steps'"),
     (SINUSOID, ["train.steps=&a [*a]"], "contains itself"),
     (SINUSOID, ["tra\nin\u2028.lr=1"], "unknown key"),  # line breaks in a key are escaped
+    (SINUSOID, ["\udcff.lr=1"], "unknown key"),  # an undecodable argv byte (a lone surrogate)
     (b"algo: maml\n\xff\xfe: 1\n", [], "is not UTF-8 text"),
     (bytes(range(256)) * 4, [], "is not UTF-8 text"),
     (b"algo: maml\x00\n", [], "is not valid YAML"),
