@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 test: export METALAB_DATA ?= $(abspath ../shared/data)
 test: export METALAB_CACHE ?= $(abspath .cache)
 
-.PHONY: demo test lint format bench-sampler clean
+.PHONY: demo test lint format report bench-sampler clean
 
 $(BIN)/metalab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(BIN)/metalab
 format: $(BIN)/metalab
 	$(BIN)/ruff format metalab tests benchmarks
 	$(BIN)/ruff check --fix metalab tests benchmarks
+
+report: $(BIN)/metalab
+	$(BIN)/metalab report
 
 bench-sampler: $(BIN)/metalab
 	$(BIN)/python -m benchmarks.sampler

@@ -108,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw a run's learning curves to RUN_DIR/metrics.png")
     pl.add_argument("run_dir")
 
+    r = sub.add_parser(
+        "report",
+        help="write docs/results.md and README.md's headline table from benchmarks/results/*.json",
+        description="Generate the results pages of a metalab checkout from its benchmark records: only records "
+        "from committed code under the evaluation protocol are quoted, the rest listed as pending.",
+    )
+    r.add_argument("--repo", default=".", help="the checkout (default: the current folder)")
+    r.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a page differs from the records"
+    )
+
     d = sub.add_parser("data", help="install data sets and show what is installed")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     di = dsub.add_parser(
@@ -357,6 +368,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from metalab.report import report
+
+    paths = report(Path(args.repo), check=args.check)
+    if args.check:
+        for path in paths:
+            print(f"{path} differs from the benchmark records: run `metalab report`", file=sys.stderr)
+        return 1 if paths else 0
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from metalab.train.plots import plot_metrics
 
@@ -472,7 +495,7 @@ def _allocation_failure(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    commands = {"train": _train, "eval": _eval, "plot": _plot, "data": _data}
+    commands = {"train": _train, "eval": _eval, "plot": _plot, "report": _report, "data": _data}
     try:
         return commands[args.command](args)
     except MetalabError as e:
