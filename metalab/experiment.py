@@ -49,6 +49,7 @@ from metalab.utils import atomic_path
 # `build(run, data_root, device) -> Learner`. Python users import the modules directly.
 ALGORITHMS = {
     "maml": "metalab.meta.maml",
+    "mr_maml": "metalab.meta.mr_maml",
     "metasgd": "metalab.meta.metasgd",
     "anil": "metalab.meta.anil",
     "mamlpp": "metalab.meta.mamlpp",
@@ -67,8 +68,9 @@ ALGORITHMS = {
     "pearl": "metalab.rl.pearl",
     "rl2": "metalab.rl.rl2",
     "dream": "metalab.rl.dream",
+    "mbrl": "metalab.rl.mbrl",
 }
-RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream"})
+RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"

@@ -7,7 +7,7 @@ tensor indexing on the pre-decoded class pool; there is no per-image Python on t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +57,28 @@ def generator_for(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
+LabelAssignment = Literal["shuffled", "fixed", "fixed_labels"]
+"""How a task's classes get their labels ``0..N-1`` (Yin et al., "Meta-Learning without Memorization", ICLR
+2020, call tasks *mutually exclusive* when no single function solves them all).
+
+- ``shuffled``: N classes drawn at random per task, labelled in the order drawn, so a class takes every label
+  across tasks: mutually exclusive, the usual few-shot protocol.
+- ``fixed``: the classes are split once into fixed groups of N; a task is one group, and a class always has
+  the same label (its place in its group). Non-mutually-exclusive: one classifier solves every task.
+- ``fixed_labels``: each class owns one label for good (the classes are split once into N sets of equal size,
+  set ``i`` being label ``i``); a task draws one class from each set. Non-mutually-exclusive too, with far
+  more distinct tasks than ``fixed``.
+
+Yin et al. make few-shot classification non-mutually-exclusive by not randomising the class-to-label
+assignment per task; ``fixed`` and ``fixed_labels`` are two ways of fixing it (``fixed``: a finite set of
+tasks, the easiest to memorise). Evaluation episodes should stay ``shuffled`` on held-out classes
+(:func:`metalab.data.tasks.make_sampler` does so).
+"""
+NME_GROUPING_SEED = 0
+"""Seed of the one random split of the class pool behind ``fixed`` and ``fixed_labels``: it is part of the data
+set's definition (like a class split), the same for every run and every sampler seed."""
+
+
 class EpisodeSampler:
     """Draws batches of N-way K-shot Q-query episodes from a class pool of uint8 images.
 
@@ -64,9 +86,20 @@ class EpisodeSampler:
         pool: ``(n_classes, n_per_class, C, H, W)`` uint8 images (e.g. :attr:`ClassSplit.images`).
         n_way, k_shot, q_query: episode shape; ``k_shot + q_query`` must not exceed ``n_per_class``.
         seed: the sampler's stream; batch ``index`` of seed ``s`` is always the same episodes.
+        label_assignment: see :data:`LabelAssignment`; ``shuffled`` (the default) draws exactly the episodes
+            it always has. With ``fixed`` the ``n_classes mod N`` classes left over by the grouping are never
+            drawn; with ``fixed_labels`` neither are those beyond ``N * (n_classes // N)``.
     """
 
-    def __init__(self, pool: torch.Tensor, n_way: int, k_shot: int, q_query: int, seed: int = 0):
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        label_assignment: LabelAssignment = "shuffled",
+    ):
         n_classes, per_class = pool.shape[:2]
         if pool.dtype != torch.uint8 or pool.dim() != 5:
             raise ValueError(
@@ -78,15 +111,28 @@ class EpisodeSampler:
             raise ValueError(
                 f"k_shot={k_shot} + q_query={q_query} must fit in the {per_class} examples per class"
             )
+        if label_assignment not in ("shuffled", "fixed", "fixed_labels"):
+            raise ValueError(f"unknown label_assignment {label_assignment!r}")
         self.pool, self.n_way, self.k_shot, self.q_query, self.seed = pool, n_way, k_shot, q_query, seed
+        self.label_assignment = label_assignment
+        # (N, n_classes // N): column j of fixed's groups is group j; row i of fixed_labels' sets is label i.
+        self.groups = label_groups(n_classes, n_way) if label_assignment != "shuffled" else None
 
     def sample(self, index: int, tasks: int) -> Episode:
         """Episode batch number ``index`` with ``tasks`` tasks; images as float in [0, 1]."""
         g = generator_for(self.seed, index)
         n_classes, per_class = self.pool.shape[:2]
         n, k, q = self.n_way, self.k_shot, self.q_query
-        weights = torch.ones(tasks, n_classes)
-        classes = torch.multinomial(weights, n, replacement=False, generator=g)  # (T, N) distinct per task
+        if self.groups is None:
+            weights = torch.ones(tasks, n_classes)
+            # (T, N) distinct per task
+            classes = torch.multinomial(weights, n, replacement=False, generator=g)
+        elif self.label_assignment == "fixed":
+            group = torch.randint(self.groups.shape[1], (tasks,), generator=g)  # (T,)
+            classes = self.groups[:, group].T  # (T, N): label i is always the group's i-th class
+        else:
+            member = torch.randint(self.groups.shape[1], (tasks, n), generator=g)  # (T, N)
+            classes = self.groups[torch.arange(n), member]  # (T, N): class of label i from set i
         picks = torch.rand(tasks, n, per_class, generator=g).argsort(-1)[..., : k + q]  # (T, N, K+Q)
         images = self.pool[classes[..., None], picks]  # (T, N, K+Q, C, H, W) uint8
         images = images.float().div_(255.0)
@@ -97,6 +143,17 @@ class EpisodeSampler:
         support_y = labels.repeat_interleave(k).expand(tasks, -1).contiguous()
         query_y = labels.repeat_interleave(q).expand(tasks, -1).contiguous()
         return Episode(support_x, support_y, query_x, query_y, n, k, q)
+
+
+def label_groups(n_classes: int, n_way: int) -> torch.Tensor:
+    """``(N, n_classes // N)`` class indices: one fixed random split of the pool (:data:`NME_GROUPING_SEED`).
+
+    Column ``j`` is ``fixed``'s task ``j`` (its class in row ``i`` has label ``i``); row ``i`` is the set of
+    classes that ``fixed_labels`` always labels ``i``. Leftover classes (``n_classes mod N``) are dropped.
+    """
+    order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(NME_GROUPING_SEED))
+    per_label = n_classes // n_way
+    return order[: per_label * n_way].reshape(per_label, n_way).T.contiguous()
 
 
 def shuffle_order(ep: Episode, g: torch.Generator) -> Episode:

@@ -8,8 +8,8 @@ from typing import Literal
 
 from metalab.config import require, require_between
 from metalab.data import omniglot
-from metalab.data.episodes import EpisodeSampler
-from metalab.data.sinusoid import SinusoidTasks
+from metalab.data.episodes import EpisodeSampler, LabelAssignment
+from metalab.data.sinusoid import NME_FEATURES, SinusoidTasks
 from metalab.errors import ConfigError
 from metalab.train.evaluate import PARTS, part_seed
 
@@ -49,6 +49,14 @@ class TaskConfig:
     ``train.keep_best`` refuses val metrics."""
     data_root: str | None = None
     """Data root; null: ``--data-root``, else ``$METALAB_DATA``, else ``~/.cache/metalab``."""
+    label_assignment: LabelAssignment = "shuffled"
+    """Training tasks: ``shuffled`` (mutually exclusive, the usual protocol) or non-mutually-exclusive, where
+    one function of the input solves every training task (Yin et al., ICLR 2020). Omniglot: ``fixed`` splits
+    the training classes once into fixed groups of N, each group a task and each class always the same
+    label; ``fixed_labels`` gives each class one label for good and draws a class per label (see
+    :data:`metalab.data.episodes.LabelAssignment`). Sinusoid: ``fixed`` is the NME family of 20 functions
+    with a one-hot task code appended to ``x`` (:mod:`metalab.data.sinusoid`). Val and test tasks are always
+    mutually exclusive (Omniglot: shuffled labels on the held-out classes; sinusoid: new functions)."""
 
     def __post_init__(self) -> None:
         require_between(self.ways, "ways", 1, MAX_WAYS)
@@ -62,6 +70,12 @@ class TaskConfig:
         require_between(self.image_size, "image_size", 16, MAX_IMAGE_SIZE, " (the drawings' own size)")
         if self.dataset == "sinusoid":
             require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
+            require(
+                self.label_assignment != "fixed_labels",
+                "label_assignment",
+                "sinusoid tasks are 'shuffled' (MAML's family) or 'fixed' (the NME family); fixed_labels is "
+                "for classification",
+            )
             return
         for key in ("queries", "train_queries"):
             queries = getattr(self, key) or self.queries
@@ -75,9 +89,15 @@ class TaskConfig:
     @property
     def name(self) -> str:
         """Short task tag for run names, e.g. ``omniglot-5w1s`` or ``sinusoid-10s``."""
+        nme = "" if self.label_assignment == "shuffled" else "-nme"
         if self.dataset == "sinusoid":
-            return f"sinusoid-{self.shots}s"
-        return f"omniglot-{self.ways}w{self.shots}s"
+            return f"sinusoid{nme}-{self.shots}s"
+        return f"omniglot-{self.ways}w{self.shots}s{nme}"
+
+    @property
+    def input_features(self) -> int:
+        """Width of a sinusoid task's inputs: 1, or ``x`` and a one-hot task code for the NME family."""
+        return NME_FEATURES if self.label_assignment == "fixed" else 1
 
 
 def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
@@ -88,7 +108,10 @@ def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidT
     elif part != "train":
         raise ValueError(f"unknown part {part!r}")
     if cfg.dataset == "sinusoid":  # one infinite task family: parts differ only by seed
-        return SinusoidTasks(cfg.shots, cfg.queries, seed=seed)
+        if cfg.label_assignment == "shuffled":
+            return SinusoidTasks(cfg.shots, cfg.queries, seed=seed)
+        family = "nme_train" if part == "train" else "nme_eval"
+        return SinusoidTasks(cfg.shots, cfg.queries, seed=seed, family=family)
     if part == "train":
         part = cfg.train_part
     data = omniglot.load(root, cfg.image_size)
@@ -100,4 +123,5 @@ def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidT
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
         )
-    return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed=seed)
+    assignment = cfg.label_assignment if training else "shuffled"  # evaluation stays mutually exclusive
+    return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed, assignment)

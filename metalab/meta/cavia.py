@@ -86,7 +86,7 @@ class ContextConv4(nn.Module):
 
 def context_model(run: RunConfig, cfg: Config) -> nn.Module:
     if run.task.dataset == "sinusoid":
-        return ContextMLP(1, cfg.context_dim, cfg.mlp_hidden, 1)
+        return ContextMLP(run.task.input_features, cfg.context_dim, cfg.mlp_hidden, 1)
     gbml.check_ways(run)
     return ContextConv4(cfg.context_dim, cfg.hidden, run.task.ways, run.task.image_size)
 

@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 
 from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, MAX_TASKS, require, require_between, require_widths
 from metalab.data.episodes import Episode
-from metalab.data.sinusoid import sinusoid
+from metalab.data.sinusoid import sinusoid, with_task_code
 from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
@@ -71,9 +71,10 @@ class InnerLoopConfig:
 
 
 def network(run: RunConfig, cfg: InnerLoopConfig) -> nn.Module:
-    """MAML's architectures: a 1-in 1-out MLP for sinusoid, a strided Conv-4 with ``task.ways`` logits otherwise."""
+    """MAML's architectures: an MLP for sinusoid (1 input, or ``x`` and the task code of the NME family), a
+    strided Conv-4 with ``task.ways`` logits otherwise."""
     if run.task.dataset == "sinusoid":
-        return MLP(1, cfg.mlp_hidden, 1)
+        return MLP(run.task.input_features, cfg.mlp_hidden, 1)
     check_ways(run)
     return Conv4(1, cfg.hidden, n_classes=run.task.ways, strided=True, image_size=run.task.image_size)
 
@@ -361,7 +362,7 @@ def sinusoid_figure(
         for s in [0, *steps]:
 
             def fit(sx: torch.Tensor, sy: torch.Tensor, xs: torch.Tensor, s: int = s) -> torch.Tensor:
-                return predict(meta, sx, sy, xs, s)
+                return predict(meta, sx, sy, with_task_code(xs, sx), s)  # NME tasks: x and the task's code
 
             label = "before adaptation" if s == 0 else f"after {s} step{'s' * (s > 1)}"
             curves[label] = vmap(fit)(ep.support_x, ep.support_y, x).cpu()

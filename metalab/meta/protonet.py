@@ -6,6 +6,11 @@ training for Omniglot in the paper): set ``task.train_ways``.
 
 Evaluation protocol: BatchNorm is inductive by default (running statistics; ``protonet.batchnorm``), as the
 official ProtoNet code evaluates; ``transductive`` normalises with the episode's statistics.
+
+MR-ProtoNet (``protonet.bottleneck: D``): meta-regularization on activations, form (A) of Yin et al.,
+"Meta-Learning without Memorization" (ICLR 2020), for non-mutually-exclusive tasks: the embedding passes
+through a Gaussian bottleneck (:class:`metalab.meta.metareg.GaussianBottleneck`), sampled in training, its mean
+at evaluation, and ``bottleneck_beta * KL(q(z|x) || N(0, I))`` joins the loss. Off by default.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from metalab.config import MAX_FILTERS, require_between
+from metalab.config import MAX_FILTERS, MAX_UNITS, require, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import build_episodic, embed_tasks
+from metalab.meta.episodic import build_episodic, cross_entropy, embed_tasks
+from metalab.meta.metareg import Bottleneck, GaussianBottleneck
 from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
 
@@ -35,9 +41,17 @@ class Config:
     batchnorm: BatchNormMode = "inductive"
     """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
     (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
+    bottleneck: int = 0
+    """MR-ProtoNet: width D of a Gaussian bottleneck on the embedding (meta-regularization on activations);
+    0: none, plain ProtoNet."""
+    bottleneck_beta: float = 0.01
+    """Weight of the bottleneck's KL to ``N(0, I)`` (summed over D, averaged over images); with
+    ``bottleneck`` only."""
 
     def __post_init__(self) -> None:
         require_between(self.hidden, "hidden", 1, MAX_FILTERS)
+        require_between(self.bottleneck, "bottleneck", 0, MAX_UNITS, " (0: no bottleneck)")
+        require(self.bottleneck_beta >= 0, "bottleneck_beta", f"must be >= 0, got {self.bottleneck_beta}")
 
 
 def class_means(support: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -58,14 +72,57 @@ def prototype_logits(
 
 def episode_logits(encoder: nn.Module, ep: Episode) -> torch.Tensor:
     """Query logits ``(T, N*Q, N)`` of a batched episode."""
-    n_support = ep.support_x.shape[1]
     z = embed_tasks(encoder, torch.cat([ep.support_x, ep.query_x], dim=1))  # (T, N*(K+Q), D)
+    return embedding_logits(z, ep)
+
+
+def embedding_logits(z: torch.Tensor, ep: Episode) -> torch.Tensor:
+    """Query logits ``(T, N*Q, N)`` from the embeddings ``(T, N*(K+Q), D)`` of an episode's support then query."""
+    n_support = ep.support_x.shape[1]
     logits = vmap(prototype_logits, in_dims=(0, 0, 0, None))
     return logits(z[:, :n_support], ep.support_y, z[:, n_support:], ep.n_way)
+
+
+class BottleneckEncoder(nn.Module):
+    """MR-ProtoNet's embedding: a Conv-4, then a :class:`GaussianBottleneck` of ``features`` dimensions. Its
+    forward is the code ``z``: a sample in training mode, the mean in eval mode."""
+
+    def __init__(self, conv: Conv4, features: int):
+        super().__init__()
+        self.conv = conv
+        self.bottleneck = GaussianBottleneck(conv.embedding_dim, features)
+
+    def encode(self, x: torch.Tensor) -> Bottleneck:
+        return self.bottleneck(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).z
+
+
+def regularized_loss(model: BottleneckEncoder, beta: float, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+    """MR-ProtoNet's training loss: cross-entropy of the sampled codes' logits plus ``beta`` times the mean KL
+    of the codes to ``N(0, I)``. Returns (loss, logits)."""
+    images = torch.cat([ep.support_x, ep.query_x], dim=1)  # (T, N*(K+Q), C, H, W)
+    # One forward per task (BatchNorm statistics per task), channels-last, as embed_tasks does.
+    codes = [model.encode(x.contiguous(memory_format=torch.channels_last)) for x in images]
+    z = torch.stack([c.z for c in codes])  # (T, N*(K+Q), D)
+    kl = torch.stack([c.kl() for c in codes]).mean()
+    logits = embedding_logits(z, ep)
+    return cross_entropy(logits, ep) + beta * kl, logits
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     """Model, training loss and evaluation for a ProtoNet run."""
     cfg: Config = run.params
     model = Conv4(1, cfg.hidden, image_size=run.task.image_size)
+    if cfg.bottleneck:
+        encoder = BottleneckEncoder(model, cfg.bottleneck)
+        return build_episodic(
+            run,
+            root,
+            device,
+            encoder,
+            lambda ep: episode_logits(encoder, ep),
+            lambda ep: regularized_loss(encoder, cfg.bottleneck_beta, ep),
+        )
     return build_episodic(run, root, device, model, lambda ep: episode_logits(model, ep))
