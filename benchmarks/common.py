@@ -31,16 +31,27 @@ selects on val or training data; the test part is evaluated once, after training
 predate it (protocol 1: periodic evaluations, and some choices, on test data)."""
 
 
+OUTPUTS = "benchmarks/results/"
+"""What benchmarks write: changes there are results, not code, so they never make a tree dirty (benchmarks
+running side by side in one checkout would otherwise mark each other's records)."""
+
+
+def changed_code(porcelain: str) -> list[str]:
+    """The changed tracked paths of ``git status --porcelain`` output, outside :data:`OUTPUTS`."""
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in porcelain.splitlines() if line.strip()]
+    return [p for p in paths if not p.startswith(OUTPUTS)]
+
+
 def commit() -> str:
-    """The current git commit (with ``+dirty`` when the tree has uncommitted changes), or ``unknown``."""
+    """The current git commit (with ``+dirty`` when tracked code has uncommitted changes), or ``unknown``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
         )
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        return sha.stdout.strip() + ("+dirty" if changed_code(status.stdout) else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -133,3 +133,11 @@ def test_device_smoke_runs_and_reports_failures(common, omniglot_root: Path, tmp
             r for r in json.loads((tmp_path / "device_smoke.json").read_text()) if r["device"] == "cuda"
         ]
         assert failed[0]["value"] == 0.0 and "train.device" in failed[0]["error"]
+
+
+def test_results_written_by_other_benchmarks_do_not_make_a_tree_dirty(common) -> None:
+    """Benchmarks side by side in one checkout write benchmarks/results/: outputs, not code."""
+    porcelain = " M benchmarks/results/omniglot_metric.json\n M benchmarks/results/omniglot_metric.png\n"
+    assert common.changed_code(porcelain) == []
+    assert common.changed_code(porcelain + " M metalab/meta/protonet.py\n") == ["metalab/meta/protonet.py"]
+    assert common.changed_code('R  old.py -> "metalab/new name.py"\n') == ["metalab/new name.py"]
