@@ -471,3 +471,16 @@ def test_progress_lines_without_a_terminal(
     assert len(lines) >= 19, lines
     middle = next(line for line in lines if re.search(r"\b10/20 step\b", line))
     assert tmp_path.name in middle and "step/s" in middle and "ETA" in middle and "loss=" in middle
+
+
+def test_resuming_a_run_whose_time_budget_is_spent_takes_no_step(sinusoid_config, tmp_path: Path) -> None:
+    """A run that stopped on train.max_minutes stays where it stopped when resumed (a benchmark re-testing it
+    tests the weights it trained), and goes on once the budget is raised."""
+    run = run_config_from_dict(sinusoid_config(train={"max_minutes": 1e-9, "steps": 50}))
+    first = fit(make_learner(run), run.train, tmp_path)
+    assert first.step == 1  # the budget is checked after each step
+    again = make_learner(run)
+    resumed = fit(again, run.train, tmp_path, resume=True)
+    assert resumed.step == 1 and resumed.metrics == {}
+    saved = load_checkpoint(tmp_path / CHECKPOINT)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in again.model.state_dict().items())  # the checkpoint's weights

@@ -472,9 +472,12 @@ def fit(
     logger = MetricLogger(run_dir, resume_step=step if resume else None)
     metrics: dict[str, float] = {}
     bar = _TrainProgress(cfg.steps, step, run_dir.name)
+    spent = resume and cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
+    if spent:  # a run that stopped on its time budget: resuming it takes no further step
+        log.info("train.max_minutes=%s was spent at step %d: nothing to train", cfg.max_minutes, step)
     try:
         with _StopFlag() as stop:
-            while step < cfg.steps:
+            while step < cfg.steps and not spent:
                 learner.model.train()
                 loss, train_metrics = learner.loss(step)
                 if loss is not None:
