@@ -483,4 +483,6 @@ def test_resuming_a_run_whose_time_budget_is_spent_takes_no_step(sinusoid_config
     resumed = fit(again, run.train, tmp_path, resume=True)
     assert resumed.step == 1 and resumed.metrics == {}
     saved = load_checkpoint(tmp_path / CHECKPOINT)["model"]
-    assert all(torch.equal(v, saved[k]) for k, v in again.model.state_dict().items())  # the checkpoint's weights
+    assert all(
+        torch.equal(v, saved[k]) for k, v in again.model.state_dict().items()
+    )  # the checkpoint's weights
