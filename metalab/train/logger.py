@@ -1,4 +1,5 @@
-"""Metrics to a long-format CSV (``step,key,value``) and TensorBoard, with grouped keys (``train/``, ``eval/``)."""
+"""Metrics to a long-format CSV (``step,key,value``) and TensorBoard, with grouped keys (``train/``, ``val/``,
+``test/``)."""
 
 from __future__ import annotations
 
