@@ -93,7 +93,9 @@ def load_records(results: Path) -> list[Record]:
     return [r for path in sorted(results.glob("*.json")) for r in json.loads(path.read_text())]
 
 
-def _number(value: float | None, unit: str) -> str:
+def _number(value: Any, unit: str) -> str:
+    if isinstance(value, str):  # a record's note in place of a number (e.g. a paper's figure read off a plot)
+        return value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if unit in ("%", "accuracy %"):
@@ -125,7 +127,7 @@ def _label(rec: Record) -> str:
 def _met(rec: Record) -> str:
     """Whether the record reaches its ``target`` (higher is better unless the unit is an error or MSE)."""
     target, value = rec.get("target"), rec.get("value")
-    if target is None or value is None:
+    if not isinstance(target, int | float) or not isinstance(value, int | float):
         return ""
     lower = "mse" in rec["metric"] or "error" in rec["metric"]
     return (
@@ -227,6 +229,8 @@ def render_headlines(records: list[Record]) -> str:
             lines.append(f"| {family} | {pick.task} | pending rerun ({pick.method}) | | | |")
             continue
         paper = rec.get("published")
+        if isinstance(paper, str) and len(paper) > 40:  # a sentence, not a figure: the page quotes it in full
+            paper = "see docs/results.md"
         peer_cell = f"{other['method']}: {_cell(other)}" if other else ("pending" if peer else "")
         lines.append(
             f"| {family} | {pick.task}, {pick.metric} | {pick.method}: {_cell(rec)} | "
