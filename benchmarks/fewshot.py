@@ -130,12 +130,19 @@ def accuracy_record(
         target=target,
         test_episodes=run.eval.episodes,
         budget_minutes=run.train.max_minutes,
-        curve=eval_curve(trained.run_dir, val_key(key)),  # the figure can be redrawn from the record alone
-        curve_metric=val_key(key),
+        **curve_fields(trained.run_dir, key),
         metric_key=key,  # the evaluation's name of the recorded metric
         **extra,
         threads=torch.get_num_threads(),
     )
+
+
+def curve_fields(run_dir: Path, key: str) -> dict[str, Any]:
+    """The val learning curve of a ``val/`` or ``test/`` metric, so the figure can be redrawn from the record
+    alone (none for the diagnostic ``train/`` and ``probe/`` evaluations)."""
+    if not key.startswith(("val/", "test/")):
+        return {}
+    return {"curve": eval_curve(run_dir, val_key(key)), "curve_metric": val_key(key)}
 
 
 def val_key(key: str) -> str:

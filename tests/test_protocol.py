@@ -52,9 +52,10 @@ def test_selecting_on_val_classes_that_are_trained_on_is_refused() -> None:
 
 def test_part_seeds_differ() -> None:
     for seed in (0, 1, 1_000_003):
-        assert part_seed(seed, "test") == seed and part_seed(seed, "val") != seed
+        derived = {part_seed(seed, p) for p in ("val", "train")}
+        assert part_seed(seed, "test") == seed and seed not in derived and len(derived) == 2
     with pytest.raises(ValueError, match="unknown evaluation part"):
-        part_seed(0, "train")
+        part_seed(0, "trainval")
 
 
 def test_training_evaluates_val_only_and_tests_once_on_unseen_episodes(

@@ -178,3 +178,25 @@ class ShuffledSampler:
 
     def sample(self, index: int, tasks: int) -> Episode:
         return shuffle_order(self.base.sample(index, tasks), generator_for(self.seed, index))
+
+
+PROBE_OFFSET = 1 << 40
+"""Index offset of the episodes whose support sets :class:`SupportSwapped` borrows (never a drawn index)."""
+
+
+class SupportSwapped:
+    """Wraps a sampler so that each task's support set is another task's: the memorisation probe.
+
+    Batch ``index`` is the base batch ``index`` with its support examples and labels replaced by those of the
+    base batch ``index + PROBE_OFFSET`` (other classes, or another function). The query set is untouched. A
+    learner that adapts to its support set falls to chance on these tasks; one that memorised the training
+    tasks (Yin et al., ICLR 2020: non-mutually-exclusive tasks) answers the queries as well as with the true
+    support set, because it never looked at it.
+    """
+
+    def __init__(self, base: EpisodeSampler):
+        self.base = base
+
+    def sample(self, index: int, tasks: int) -> Episode:
+        ep, other = self.base.sample(index, tasks), self.base.sample(index + PROBE_OFFSET, tasks)
+        return ep._replace(support_x=other.support_x, support_y=other.support_y)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from metalab.config import require, require_between
 from metalab.data import omniglot
-from metalab.data.episodes import EpisodeSampler, LabelAssignment
+from metalab.data.episodes import EpisodeSampler, LabelAssignment, SupportSwapped
 from metalab.data.sinusoid import NME_FEATURES, SinusoidTasks
 from metalab.errors import ConfigError
 from metalab.train.evaluate import PARTS, part_seed
@@ -125,3 +125,36 @@ def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidT
         )
     assignment = cfg.label_assignment if training else "shuffled"  # evaluation stays mutually exclusive
     return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed, assignment)
+
+
+EVAL_PARTS = ("val", "test", "train", "probe")
+"""What a few-shot learner's ``evaluate`` accepts: the protocol's ``val`` and ``test`` parts, and two views of
+the training tasks for diagnosis (never evaluated during training): ``train`` (new episodes of the training
+task family, labels assigned as in training, metrics ``train/...``) and ``probe`` (the same episodes with
+another task's support set, :class:`~metalab.data.episodes.SupportSwapped`, metrics ``probe/...``)."""
+
+
+def eval_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
+    """The sampler of evaluation ``part`` (one of :data:`EVAL_PARTS`) from the evaluation seed ``seed``.
+
+    ``train`` and ``probe`` draw training tasks from a stream of their own (derived from ``seed``), so they
+    share no batch with training itself (which draws from the run's seed)."""
+    if part in PARTS:
+        return make_sampler(cfg, part, seed, root)
+    if part not in EVAL_PARTS:
+        raise ValueError(f"unknown evaluation part {part!r}; choose one of {', '.join(EVAL_PARTS)}")
+    train = make_sampler(cfg, "train", part_seed(seed, "train"), root)
+    return SupportSwapped(train) if part == "probe" else train
+
+
+class EvalSamplers(dict):
+    """``part -> sampler`` for a run's evaluation: ``val`` and ``test`` built at once (a missing split fails
+    early), ``train`` and ``probe`` on first use (:func:`eval_sampler`)."""
+
+    def __init__(self, cfg: TaskConfig, seed: int, root: Path):
+        super().__init__({part: eval_sampler(cfg, part, seed, root) for part in PARTS})
+        self.cfg, self.seed, self.root = cfg, seed, root
+
+    def __missing__(self, part: str) -> SinusoidTasks | EpisodeSampler | SupportSwapped:
+        sampler = self[part] = eval_sampler(self.cfg, part, self.seed, self.root)
+        return sampler

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.data.episodes import Episode
-from metalab.data.tasks import make_sampler
+from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.experiment import RunConfig
 from metalab.models import set_batchnorm_mode
 from metalab.train.evaluate import evaluate_episodes
@@ -61,7 +61,7 @@ def build_episodic(
     set_batchnorm_mode(model, run.params.batchnorm)
     model.to(device, memory_format=torch.channels_last)  # see embed_tasks
     train = make_sampler(run.task, "train", run.seed, root)
-    evals = {part: make_sampler(run.task, part, run.eval.seed, root) for part in ("val", "test")}
+    evals = EvalSamplers(run.task, run.eval.seed, root)
 
     def train_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ep = train.sample(step, run.train.meta_batch).to(device)

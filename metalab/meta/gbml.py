@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, MAX_TASKS, require, require_between, require_widths
 from metalab.data.episodes import Episode
 from metalab.data.sinusoid import sinusoid, with_task_code
-from metalab.data.tasks import make_sampler
+from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta.adapt import Params
@@ -321,7 +321,7 @@ def build_learner(
     cfg: InnerLoopConfig = run.params
     regression = run.task.dataset == "sinusoid"
     train = make_sampler(run.task, "train", run.seed, root)
-    evals = {part: make_sampler(run.task, part, run.eval.seed, root) for part in ("val", "test")}
+    evals = EvalSamplers(run.task, run.eval.seed, root)
     score = "mse" if regression else "acc"
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:

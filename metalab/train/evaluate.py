@@ -42,6 +42,9 @@ class EvalConfig:
 PARTS = ("val", "test")
 """The evaluation parts. Training evaluates ``val`` only; ``test`` is evaluated once, after training."""
 PART_INDEX = {"val": 0, "test": 1}
+SEED_KEYS = {"val": 1, "train": 2}
+"""Keys of the seeds derived from ``eval.seed``: ``val``, and ``train`` (episodes of the training tasks drawn
+for diagnosis after training, :data:`metalab.data.tasks.EVAL_PARTS`)."""
 """A key per part for deriving per-episode seeds (RL): the two parts never share an episode seed."""
 
 
@@ -51,9 +54,9 @@ def part_seed(eval_seed: int, part: str) -> int:
     that is one infinite distribution (sinusoid) where the parts differ only by seed."""
     if part == "test":
         return eval_seed
-    if part == "val":
-        return int(np.random.SeedSequence([eval_seed, 1]).generate_state(1)[0])
-    raise ValueError(f"unknown evaluation part {part!r}; choose one of {', '.join(PARTS)}")
+    if part in SEED_KEYS:
+        return int(np.random.SeedSequence([eval_seed, SEED_KEYS[part]]).generate_state(1)[0])
+    raise ValueError(f"unknown evaluation part {part!r}; choose one of {', '.join([*PARTS, *SEED_KEYS])}")
 
 
 class TaskSampler(Protocol):
