@@ -15,7 +15,9 @@ Configurations ``<method>-<family>``:
   training classes, each class always the same label); ``maml`` is the same config with no posterior
   (``mr_maml.stochastic=[]``: MAML exactly, same loss and batches); ``protonet`` is
   ``configs/protonet_omniglot_20w1s.yaml`` on the same NME training tasks (a metric learner compares queries
-  with the support set, so it should not be able to ignore it: the control).
+  with the support set, so it should not be able to ignore it: the control); ``mr_protonet`` adds the
+  activation form (A) of meta-regularization, a 64-d Gaussian bottleneck on the embedding
+  (``protonet.bottleneck``).
 - ``sinusoid``: the NME sinusoid family (``configs/mr_maml_sinusoid.yaml``: 20 amplitudes, a one-hot task code
   on each input), MR-MAML vs MAML.
 
@@ -54,10 +56,12 @@ from benchmarks.fewshot import (
 
 BENCH = "memorization"
 PLAIN = ["mr_maml.stochastic=[]"]
+NME_PROTONET = ["task.label_assignment=fixed", "train.steps=2000"]  # about 20 minutes on one core
 CELLS: dict[str, tuple[str, list[str]]] = {
     "maml-omniglot": ("mr_maml_omniglot_20w1s_nme", PLAIN),
     "mr_maml-omniglot": ("mr_maml_omniglot_20w1s_nme", []),
-    "protonet-omniglot": ("protonet_omniglot_20w1s", ["task.label_assignment=fixed"]),
+    "protonet-omniglot": ("protonet_omniglot_20w1s", NME_PROTONET),
+    "mr_protonet-omniglot": ("protonet_omniglot_20w1s", [*NME_PROTONET, "protonet.bottleneck=64"]),
     "maml-sinusoid": ("mr_maml_sinusoid", PLAIN),
     "mr_maml-sinusoid": ("mr_maml_sinusoid", []),
 }

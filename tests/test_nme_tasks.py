@@ -10,7 +10,7 @@ import torch
 
 from metalab.data import omniglot
 from metalab.data import tasks as tasks_module
-from metalab.data.episodes import EpisodeSampler, generator_for, label_groups
+from metalab.data.episodes import PROBE_OFFSET, EpisodeSampler, SupportSwapped, generator_for, label_groups
 from metalab.data.sinusoid import (
     AMPLITUDE,
     NME_AMPLITUDE,
@@ -283,3 +283,29 @@ def test_the_maml_family_runs_on_nme_sinusoid_tasks(algo: str, tmp_path: Path) -
     assert main(["train", str(config), "--runs-dir", str(tmp_path), *(f"--set={s}" for s in sets)]) == 0
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith(f"{algo}-sinusoid-nme-") and (run_dir / "sinusoid_fits.png").is_file()
+
+
+def test_probe_swaps_the_support_set_for_another_tasks_and_keeps_the_queries() -> None:
+    base = EpisodeSampler(id_pool(200), 5, 2, 3, seed=7, label_assignment="fixed")  # 40 fixed tasks
+    probe = SupportSwapped(base)
+    ep, swapped, lender = base.sample(3, 6), probe.sample(3, 6), base.sample(3 + PROBE_OFFSET, 6)
+    assert torch.equal(swapped.query_x, ep.query_x) and torch.equal(swapped.query_y, ep.query_y)
+    assert torch.equal(swapped.support_x, lender.support_x)
+    # Other tasks' classes: a probe's support image is rarely from one of its own query classes.
+    own = class_ids(ep.query_x)
+    shared = (class_ids(swapped.support_x)[:, :, None] == own[:, None, :]).any(-1).float().mean()
+    assert shared < 0.2
+    assert torch.equal(probe.sample(3, 6).support_x, swapped.support_x)  # a pure function of the index
+
+
+def test_train_and_probe_evaluations_draw_training_tasks_from_their_own_stream() -> None:
+    cfg = TaskConfig(dataset="sinusoid", ways=1, shots=5, queries=5, label_assignment="fixed")
+    training = make_sampler(cfg, "train", 0, Path("."))
+    evals = tasks_module.EvalSamplers(cfg, 0, Path("."))
+    train, probe = evals["train"], evals["probe"]
+    assert isinstance(probe, SupportSwapped) and evals["probe"] is probe  # built once
+    assert train.family == "nme_train" and evals["test"].family == "nme_eval"
+    assert not torch.equal(train.sample(0, 4).support_x, training.sample(0, 4).support_x)
+    assert torch.equal(probe.sample(0, 4).query_y, train.sample(0, 4).query_y)
+    with pytest.raises(ValueError, match="unknown evaluation part"):
+        tasks_module.eval_sampler(cfg, "trainval", 0, Path("."))
