@@ -8,6 +8,7 @@ from typing import Literal
 
 from metalab.config import require, require_between
 from metalab.data import omniglot
+from metalab.data.augment import AugmentedTasks
 from metalab.data.episodes import EpisodeSampler, LabelAssignment, SupportSwapped
 from metalab.data.sinusoid import NME_FEATURES, SinusoidTasks
 from metalab.errors import ConfigError
@@ -57,6 +58,12 @@ class TaskConfig:
     :data:`metalab.data.episodes.LabelAssignment`). Sinusoid: ``fixed`` is the NME family of 20 functions
     with a one-hot task code appended to ``x`` (:mod:`metalab.data.sinusoid`). Val and test tasks are always
     mutually exclusive (Omniglot: shuffled labels on the held-out classes; sinusoid: new functions)."""
+    construction: Literal["labeled", "augmented"] = "labeled"
+    """How training tasks are built. ``labeled``: from the classes of the training part. ``augmented``
+    (Omniglot only, UMTRA / AAL): from the training part's images with their labels ignored, each task N
+    random images as its classes, the query set (and shots after the first) augmented views of them
+    (:class:`metalab.data.augment.AugmentedTasks`); labels are random per task, so it needs
+    ``label_assignment: shuffled``. Val and test tasks are always the labelled held-out classes."""
 
     def __post_init__(self) -> None:
         require_between(self.ways, "ways", 1, MAX_WAYS)
@@ -68,6 +75,15 @@ class TaskConfig:
             require_between(self.train_queries, "train_queries", 1, MAX_EXAMPLES, " or null")
         require(self.image_size >= 16, "image_size", "must be >= 16 (four 2x downsamplings)")
         require_between(self.image_size, "image_size", 16, MAX_IMAGE_SIZE, " (the drawings' own size)")
+        if self.construction != "labeled":
+            require(
+                self.dataset == "omniglot", "construction", "augmented tasks are built from Omniglot images"
+            )
+            require(
+                self.label_assignment == "shuffled",
+                "construction",
+                "augmented tasks label their images at random per task: label_assignment must be 'shuffled'",
+            )
         if self.dataset == "sinusoid":
             require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
             require(
@@ -92,7 +108,8 @@ class TaskConfig:
         nme = "" if self.label_assignment == "shuffled" else "-nme"
         if self.dataset == "sinusoid":
             return f"sinusoid{nme}-{self.shots}s"
-        return f"omniglot-{self.ways}w{self.shots}s{nme}"
+        aug = "-aug" if self.construction == "augmented" else ""
+        return f"omniglot-{self.ways}w{self.shots}s{nme}{aug}"
 
     @property
     def input_features(self) -> int:
@@ -100,7 +117,9 @@ class TaskConfig:
         return NME_FEATURES if self.label_assignment == "fixed" else 1
 
 
-def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidTasks | EpisodeSampler:
+def make_sampler(
+    cfg: TaskConfig, part: str, seed: int, root: Path
+) -> SinusoidTasks | EpisodeSampler | AugmentedTasks:
     """A sampler over ``part``: ``train`` (meaning ``cfg.train_part``) with the run's ``seed``, or ``val`` /
     ``test`` with the evaluation seed ``seed`` (each part then draws from its own :func:`part_seed`)."""
     if part in PARTS:
@@ -123,6 +142,8 @@ def make_sampler(cfg: TaskConfig, part: str, seed: int, root: Path) -> SinusoidT
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
         )
+    if training and cfg.construction == "augmented":  # unlabeled: the images only, never their classes
+        return AugmentedTasks(classes.images, ways, cfg.shots, queries, seed)
     assignment = cfg.label_assignment if training else "shuffled"  # evaluation stays mutually exclusive
     return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed, assignment)
 
