@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("metalab")
 
 DATASETS = ("omniglot",)
+MAX_PROCESSES = 256
+"""Most processes ``metalab train --nproc`` starts on one machine."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         help="with --resume of a finished run: test it again (and rewrite result.json) instead of stopping",
     )
     t.add_argument("--runs-dir", default="runs", help="where new run directories go (default: runs)")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel in N processes on this machine (the meta-batch split over them): runs "
+        "`torchrun --standalone --nproc-per-node N -m metalab train ...`; for several machines call torchrun "
+        "yourself (README, Scaling out)",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -248,13 +258,18 @@ def _resume_changes(run_dir: Path, overrides: list[str]) -> tuple[RunConfig, Cha
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metalab.experiment import algorithm, load_run_config, new_run_dir, write_run_config
+    import torch
+
+    from metalab.experiment import RL_ALGORITHMS, algorithm, load_run_config, new_run_dir, write_run_config
+    from metalab.train import distributed
     from metalab.train.loop import fit
     from metalab.train.plots import plot_metrics
     from metalab.utils import resolve_device, seed_everything
 
     if bool(args.config) == bool(args.resume):
         raise MetalabError("train needs either CONFIG or --resume RUN_DIR (not both)")
+    if args.nproc is not None and not distributed.launched():
+        return _launch(args.nproc, args.argv)
     if not args.resume and (args.schedule or args.retest):
         raise MetalabError("--schedule and --retest only apply with --resume RUN_DIR")
     changes: Changes = {}
@@ -276,29 +291,42 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run = load_run_config(args.config, args.overrides)
     device = resolve_device(run.train.device)
+    world = distributed.init(device)
+    if world.distributed:
+        if run.algo in RL_ALGORITHMS:
+            raise ConfigError(
+                "algo", f"{run.algo} trains in one process; --nproc is for the few-shot learners"
+            )
+        device = torch.device("cuda", world.local_rank) if device.type == "cuda" else device
     seed_everything(run.seed)
     learner = algorithm(run.algo).build(run, _data_root(args, run.task.data_root), device)
     if not args.resume:
-        run_dir = new_run_dir(run, Path(args.runs_dir))
-    log.info("run directory: %s (device %s)", run_dir, device)
+        run_dir = distributed.broadcast(new_run_dir(run, Path(args.runs_dir)) if world.main else None)
+    if world.main:
+        ranks = f", {world.size} processes" if world.distributed else ""
+        log.info("run directory: %s (device %s%s)", run_dir, device, ranks)
 
     def resumed(step: int) -> None:
         """The checkpoint took the changes: save them, unless a finished run has nothing to do."""
         if step >= run.train.steps and not args.retest:
             raise _FinishedRun(step)
-        if changes:
+        if changes and world.main:
             write_run_config(run, run_dir)
             log.info("resume: %s", "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
 
     try:
         result = fit(learner, run.train, run_dir, resume=bool(args.resume), extend=extend, resumed=resumed)
     except _FinishedRun as done:
+        if not world.main:
+            return 0
         unsaved = " (the --set changes were not saved)" if changes else ""
         print(
             f"{run_dir} is finished at step {done.step} (train.steps={run.train.steps}): nothing to train{unsaved}. "
             f"Extend it with --set train.steps=N, or test it again with --retest."
         )
         return 0
+    if not world.main:  # rank 0 plots, tests and writes the result
+        return 130 if result.interrupted else 0
     plot_metrics(run_dir)
     if result.interrupted:
         print(
@@ -316,6 +344,32 @@ def _train(args: argparse.Namespace) -> int:
             f"tested the weights of step {result.best_step}, selected by train.keep_best={run.train.keep_best}"
         )
     print(f"run directory: {run_dir} (metrics.png{''.join(', ' + Path(f).name for f in figures)})")
+    return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``metalab train --nproc N ...``: the same command in N processes under torchrun on this machine."""
+    if not 1 <= nproc <= MAX_PROCESSES:
+        raise ConfigError("--nproc", f"must be between 1 and {MAX_PROCESSES}, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    from torch.distributed.run import main as torchrun
+
+    log.info("launching %d processes: torchrun --standalone --nproc-per-node %d -m metalab %s", nproc, nproc,
+             " ".join(rest))  # fmt: skip
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "metalab", *rest])
+    except Exception as e:  # torchrun's ChildFailedError: a rank died; its own traceback is above
+        raise MetalabError(
+            f"a training process failed ({type(e).__name__}); the run directory keeps its last checkpoint: "
+            f"resume it with --resume RUN_DIR"
+        ) from None
     return 0
 
 
@@ -493,7 +547,9 @@ def _allocation_failure(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     commands = {"train": _train, "eval": _eval, "plot": _plot, "report": _report, "data": _data}
     try:

@@ -17,6 +17,7 @@ from metalab.data.episodes import Episode
 from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.experiment import RunConfig
 from metalab.models import set_batchnorm_mode
+from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episodes
 from metalab.train.loop import Learner
 
@@ -64,7 +65,7 @@ def build_episodic(
     evals = EvalSamplers(run.task, run.eval.seed, root)
 
     def train_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ep = train.sample(step, run.train.meta_batch).to(device)
+        ep = shard(train.sample(step, run.train.meta_batch)).to(device)
         if loss is None:
             s = scores(ep)
             value = cross_entropy(s, ep)

@@ -27,6 +27,7 @@ from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta.adapt import Params
 from metalab.models import MLP, Conv4
+from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episodes
 from metalab.train.loop import Learner
 from metalab.train.plots import plot_curves
@@ -325,7 +326,7 @@ def build_learner(
     score = "mse" if regression else "acc"
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return train_loss(step, train.sample(step, run.train.meta_batch).to(device))
+        return train_loss(step, shard(train.sample(step, run.train.meta_batch)).to(device))
 
     def evaluate(part: str, n: int) -> dict[str, float]:
         def one_task(m: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):

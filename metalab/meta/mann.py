@@ -30,6 +30,7 @@ from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import Conv4
+from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episode_columns
 from metalab.train.loop import Learner
 
@@ -189,7 +190,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         return model(x, shown), y, mask, instance_numbers(y, n)
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, y, mask, _ = scored(train.sample(step, run.train.meta_batch).to(device))
+        logits, y, mask, _ = scored(shard(train.sample(step, run.train.meta_batch)).to(device))
         correct = (logits.argmax(-1) == y).float()
         return F.cross_entropy(logits[mask], y[mask]), {"train/acc": correct[mask].mean().item()}
 

@@ -29,6 +29,7 @@ from metalab.data.tasks import make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import Conv4
+from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episodes
 from metalab.train.loop import Learner
 
@@ -244,7 +245,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     }
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ep = train.sample(step, run.train.meta_batch)
+        ep = shard(train.sample(step, run.train.meta_batch))
         if ep.n_way < n:  # fewer train ways: their labels spread over all n label slots, anew every task
             ep = spread_labels(ep, n, generator_for(run.seed + 2, step))
         ep = ep.to(device)

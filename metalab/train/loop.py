@@ -27,6 +27,7 @@ from tqdm import tqdm
 from metalab.config import MAX_EPISODES, MAX_STEPS, MAX_TASKS, require, require_between
 from metalab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from metalab.progress import progress
+from metalab.train import distributed
 from metalab.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -299,15 +300,20 @@ class _TrainProgress:
     every :data:`PROGRESS_SECONDS` with the step, steps/s, loss and ETA. A resumed run counts the steps of this
     session (so the rate and the ETA are this session's), and says which step it started from."""
 
-    def __init__(self, steps: int, step: int, name: str):
+    def __init__(self, steps: int, step: int, name: str | None):
+        """``name`` None: no progress at all (a rank other than 0)."""
         desc = name if step == 0 else f"{name} from step {step}"
-        self._bar = progress(steps - step, desc, unit="step", every=PROGRESS_SECONDS)
+        self._bar = (
+            None if name is None else progress(steps - step, desc, unit="step", every=PROGRESS_SECONDS)
+        )
 
     def update(self) -> None:
-        self._bar.update(1)
+        if self._bar is not None:
+            self._bar.update(1)
 
     def set_postfix(self, **values: str) -> None:
-        self._bar.set_postfix(**values)
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
 
     def write(self, message: str) -> None:
         """A line of its own: above a tqdm bar, or a log line."""
@@ -317,7 +323,18 @@ class _TrainProgress:
             log.info("%s", message)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _NoLogger:
+    """The metric log of a rank other than 0: it writes nothing."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopFlag:
@@ -420,6 +437,8 @@ def fit(
     """
     ckpt_path = run_dir / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.world().main  # with several ranks (metalab.train.distributed), rank 0 logs and writes
+    distributed.check_meta_batch(cfg.meta_batch)
     opt, sched, plan = _make_optimizer(learner, cfg)
     step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
     skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
@@ -448,6 +467,8 @@ def fit(
             resumed(step)
 
     def checkpoint() -> None:
+        if not main:
+            return
         state = {
             "step": step,
             "model": learner.model.state_dict(),
@@ -469,9 +490,9 @@ def fit(
     def seconds() -> float:
         return elapsed + time.perf_counter() - start
 
-    logger = MetricLogger(run_dir, resume_step=step if resume else None)
+    logger = MetricLogger(run_dir, resume_step=step if resume else None) if main else _NoLogger()
     metrics: dict[str, float] = {}
-    bar = _TrainProgress(cfg.steps, step, run_dir.name)
+    bar = _TrainProgress(cfg.steps, step, run_dir.name if main else None)
     spent = resume and cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
     if spent:  # a run that stopped on its time budget: resuming it takes no further step
         log.info("train.max_minutes=%s was spent at step %d: nothing to train", cfg.max_minutes, step)
@@ -481,10 +502,11 @@ def fit(
                 learner.model.train()
                 loss, train_metrics = learner.loss(step)
                 if loss is not None:
-                    finite = bool(torch.isfinite(loss.detach()).all())
+                    (finite,) = distributed.agree([bool(torch.isfinite(loss.detach()).all())], "all")
                     if finite:
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        distributed.average_gradients([p for g in opt.param_groups for p in g["params"]])
                         if cfg.grad_clip is not None:
                             norm = nn.utils.clip_grad_norm_(
                                 [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
@@ -506,6 +528,7 @@ def fit(
                         in_a_row = 0
                         opt.step()
                         sched.step()
+                        distributed.average_buffers(learner.model)
                         if learner.after_update is not None:
                             learner.after_update(step)
                     if skipped:
@@ -515,21 +538,22 @@ def fit(
                 if step % cfg.log_every == 0:
                     logged = {"train/lr": sched.get_last_lr()[0], **train_metrics}
                     if loss is not None:
-                        logged = {"train/loss": loss.item(), **logged}
-                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                        logged = distributed.average_metrics({"train/loss": loss.item(), **logged})
+                        bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
                     logger.log(step, logged)
                 out_of_time = cfg.max_minutes is not None and seconds() >= 60 * cfg.max_minutes
+                out_of_time, stopping = distributed.agree([out_of_time, stop.requested])
                 last = step == cfg.steps or out_of_time
-                if step % cfg.eval_every == 0 or last:
+                if main and (step % cfg.eval_every == 0 or last):
                     learner.model.eval()
                     metrics = learner.evaluate("val", cfg.eval_episodes)
                     logger.log(step, {**metrics, "time/train_seconds": seconds()})
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                     if cfg.keep_best is not None:
                         best = _select(cfg, metrics, step, best, learner, run_dir)
-                if step % cfg.checkpoint_every == 0 or last or stop.requested:
+                if step % cfg.checkpoint_every == 0 or last or stopping:
                     checkpoint()
-                if stop.requested:
+                if stopping:
                     return FitResult(step, True, metrics, seconds())
                 if out_of_time:
                     log.info("train.max_minutes=%s reached at step %d", cfg.max_minutes, step)
