@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 test: export METALAB_DATA ?= $(abspath ../shared/data)
 test: export METALAB_CACHE ?= $(abspath .cache)
 
-.PHONY: demo test lint format report bench-sampler clean
+.PHONY: demo test lint format report bench-sampler docs clean
 
 $(BIN)/metalab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ lint: $(BIN)/metalab
 format: $(BIN)/metalab
 	$(BIN)/ruff format metalab tests benchmarks
 	$(BIN)/ruff check --fix metalab tests benchmarks
+
+# API pages from the docstrings into site/; --strict fails on any warning (a broken link or cross-reference).
+$(BIN)/mkdocs: pyproject.toml $(BIN)/metalab
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/mkdocs
+	$(BIN)/mkdocs build --strict
 
 report: $(BIN)/metalab
 	$(BIN)/metalab report

@@ -83,8 +83,10 @@ class EpisodeSampler:
     """Draws batches of N-way K-shot Q-query episodes from a class pool of uint8 images.
 
     Args:
-        pool: ``(n_classes, n_per_class, C, H, W)`` uint8 images (e.g. :attr:`ClassSplit.images`).
-        n_way, k_shot, q_query: episode shape; ``k_shot + q_query`` must not exceed ``n_per_class``.
+        pool: ``(n_classes, n_per_class, C, H, W)`` uint8 images (e.g. :attr:`metalab.data.omniglot.ClassSplit.images`).
+        n_way: classes per episode (N).
+        k_shot: support examples per class (K).
+        q_query: query examples per class; ``k_shot + q_query`` must not exceed ``n_per_class``.
         seed: the sampler's stream; batch ``index`` of seed ``s`` is always the same episodes.
         label_assignment: see :data:`LabelAssignment`; ``shuffled`` (the default) draws exactly the episodes
             it always has. With ``fixed`` the ``n_classes mod N`` classes left over by the grouping are never
