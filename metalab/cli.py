@@ -316,6 +316,13 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         result = fit(learner, run.train, run_dir, resume=bool(args.resume), extend=extend, resumed=resumed)
+    except RuntimeError as e:  # a collective failed: another rank died (torchrun then stops this job)
+        if not world.distributed:
+            raise
+        detail = _one_line(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)[:200]
+        raise MetalabError(
+            f"rank {world.rank}: lost another training process ({detail}); {run_dir} keeps its last checkpoint"
+        ) from None
     except _FinishedRun as done:
         if not world.main:
             return 0
