@@ -50,3 +50,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+Params = dict[str, torch.Tensor]
+"""Parameters (or any named tensors) of a network by name, as ``torch.func.functional_call`` takes them: the
+one type every functional algorithm passes around."""

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, vjp
 
-Params = dict[str, torch.Tensor]
+from metalab.utils import Params
+
 LossFn = Callable[..., torch.Tensor]  # (params, *data) -> scalar loss
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Params = dict[str, torch.Tensor]
+from metalab.utils import Params
 
 MIN_STD = 1e-6
 """Floor added to a bottleneck's standard deviation, so its KL (which takes ``log std``) stays finite."""

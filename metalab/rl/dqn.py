@@ -43,9 +43,7 @@ from metalab.rl.rollout import (
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
-
-Params = dict[str, torch.Tensor]
-
+from metalab.utils import Params
 
 MAX_TRANSITIONS = 10_000_000
 """Largest replay buffer, in transitions."""

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Params = dict[str, torch.Tensor]
+from metalab.utils import Params
+
 Propagation = Literal["ts1", "tsinf"]
 MIN_STD = 1e-6
 """A normaliser's standard deviation below this (a constant feature) is replaced by 1: the feature is centred

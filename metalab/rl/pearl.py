@@ -84,8 +84,8 @@ from metalab.rl.rollout import derive_seed, dims, env_action, is_goal_env, split
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
+from metalab.utils import Params
 
-Params = dict[str, torch.Tensor]
 MIN_VARIANCE = 1e-7  # floor of each factor's variance before the product (official code)
 MAX_TASK_TRANSITIONS = 1_000_000
 """Most transitions a replay or encoder buffer keeps, or a collection makes, per training task (PEARL's own

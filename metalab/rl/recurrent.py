@@ -25,8 +25,7 @@ from torch.func import functional_call
 
 from metalab.models import MLP
 from metalab.rl.dqn import td_target
-
-Params = dict[str, torch.Tensor]
+from metalab.utils import Params
 
 
 class Sequences(NamedTuple):

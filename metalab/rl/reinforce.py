@@ -33,8 +33,7 @@ from metalab.rl.rollout import EpisodeResult, derive_seed, dims, run_episodes
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
-
-Params = dict[str, torch.Tensor]
+from metalab.utils import Params
 
 
 @dataclass(frozen=True)

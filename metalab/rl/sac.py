@@ -32,6 +32,7 @@ from metalab.config import require, require_widths
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.dqn import polyak_update
+from metalab.utils import Params
 
 __all__ = [
     "ActorCritic",
@@ -51,7 +52,6 @@ __all__ = [
     "temperature_loss",
 ]
 
-Params = dict[str, torch.Tensor]
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the policy's log std is clamped to this range (rlkit, SB3)
 
 
