@@ -10,7 +10,7 @@ buses ("right": all the executor needs), and the exploitation return. Also how `
 distance between training problems with the same useful buses and with different ones. Prints a table and writes
 ``RUN_DIR/probe.json``.
 
-This is the measurement behind the README's account of DREAM on the distracting buses: with the paper's reward the
+This is the measurement behind docs/notes/dream.md's account of DREAM on the distracting buses: with the paper's reward the
 explorer adds distracting rides whose pairing with useful ones it memorised on the training problems, so held-out
 decodings go wrong; with the cross-fitted reward it rides useful buses only.
 """

@@ -1,90 +1,26 @@
 """DREAM: decoupled reward-free exploration and execution in meta-RL (Liu, Raghunathan, Liang & Finn, ICML 2021).
 
 End-to-end meta-RL (:mod:`metalab.rl.rl2`) learns to explore only from the exploitation return, which needs a
-good exploiter, which needs good exploration: a chicken-and-egg problem that leaves it near the walking return.
-DREAM breaks the loop with the problem id ``mu``, known during meta-training:
+good exploiter, which needs good exploration. DREAM breaks that loop with the problem id ``mu``, known during
+meta-training. Four parts train together, one Adam step on the sum of their losses:
 
-- **Execution** (exploitation): a Q-network ``Q_exec(s, z, a)`` on a task encoding ``z ~ N(F(mu), rho^2 I)``,
-  ``F`` a learned embedding of the training problem's id. An information bottleneck limits what ``z`` can carry
-  to what execution needs (here which bus goes where, not the distracting buses): the paper's penalty is the KL of
-  that Gaussian to ``N(0, I)``, ``0.5 ||F(mu)||^2`` up to constants; the official code (ezliu/dream,
-  ``embed.py``) penalises ``max(||F(mu)||^2, 10)``, a cap on the norm at fixed noise 0.1. Both are here:
-  ``ib_weight * 0.5 * max(||F||^2, ib_cap)`` with the official ``ib_cap = 10`` by default (``ib_cap: 0`` gives
-  the plain KL). Without the cap, on CityGrid 5x5 the penalty shrank ``||F||`` below the noise within 10k steps,
-  the executor learned to ignore ``z`` and walked (return 0.1, the walking return; 0.7 is optimal). Evaluation
-also reports ``train/oracle_return``: the executor on training problems given their true ``F(mu)``, which tells
-an execution failure from an exploration one.
-- **Decoder**: a GRU ``g`` reads the exploration episode and predicts ``F(mu)`` after every step (squared error
-  to the detached ``F(mu)``; a Gaussian ``q(z | tau)`` with fixed variance).
-- **Exploration**: a recurrent Q-network rewarded, at each step, by how much that step improved the decoder's
-  prediction, ``||g(tau_{:t}) - F(mu)||^2 - ||g(tau_{:t+1}) - F(mu)||^2``, minus a step cost ``c``: the
-  information gain about ``z`` (paper, eq. 5-6). Rewards are recomputed with the current decoder at every update.
+- **Execution**: a Q-network ``Q_exec(s, z, a)`` on ``z ~ N(F(mu), rho^2 I)``, ``F`` a learned embedding of the
+  training problem's id, behind an information bottleneck ``ib_weight * 0.5 * max(||F||^2, ib_cap)``: the
+  official code's cap (ezliu/dream, ``ib_cap = 10``) by default, the paper's plain KL with ``ib_cap: 0``, and
+  from ``ib_anneal_step`` on the plain KL with weight ``ib_late_weight``.
+- **Decoder**: a GRU ``g`` that reads the exploration episode and predicts ``F(mu)`` after every step.
+- **Exploration**: a recurrent Q-network rewarded by each step's information gain about ``z``,
+  ``||g(tau_{:t}) - F(mu)||^2 - ||g(tau_{:t+1}) - F(mu)||^2`` minus a step cost ``c`` (paper, eq. 5-6),
+  recomputed with the current decoder at every update. With ``reward_folds`` the gain is cross-fitted: each
+  episode is rewarded by a decoder that never learned on its problem, which removes the distracting buses'
+  shortcut (a decoder that reads the distracting rides of the training problems to guess the useful ones).
+- As in the official loop, every ``decoded_every``-th meta-episode also executes on the decoded ``z``, and every
+  ``exec_decoded_every``-th update the execution loss reads ``z`` from the decoder (gradient into it).
 
-At meta-test time (held-out problems, no id) the explorer runs greedily, the decoder turns its episode into
-``z = g(tau)``, and the executor acts greedily on it. As in the official training loop, every
-``decoded_every``-th training meta-episode also executes on the decoded ``z``, so the replay holds what the
-executor does with imperfect decodings; and every ``exec_decoded_every``-th update the execution TD loss reads
-``z`` from the decoder run on each transition's own exploration episode instead of ``F(mu)``, with gradient into
-the decoder (official ``use_ids(False)`` on alternate meta-episodes), so execution learns to act on the encodings
-it gets at meta-test time. Without it, on CityGrid 5x5 after 100k meta-episodes the executor was near optimal on
-``F(mu)`` (0.62) but its held-out return was -0.65: decodings of new problems did not land near any ``F(mu)``
-with the same useful buses (14% of them did, against 89% on training problems). All four parts train together:
-one Adam step on the sum of the execution TD loss, the bottleneck, the decoder loss (with the fold decoders' losses
-when the reward is cross-fitted, see below) and the exploration TD loss (the parts share no parameters except
-``F``, moved by the execution loss and the bottleneck, and the decoder, moved by its own loss and, on decoded
-updates, the execution loss). Both Q-networks use double-DQN targets with hard target copies. One trainer step
-plays one meta-episode on a training problem (exploration with the explorer, execution with ``z`` from ``F(mu)``
-plus noise, both epsilon-greedy) and makes one update.
-
-With the official cap, nothing pushes ``F`` below it, so ``F`` keeps the distracting buses: on CityGrid 5x5
-after 100k meta-episodes, two training problems with the same useful buses sat 2.54 apart on average (noise
-0.1), and greedy explorations of 200 held-out problems decoded nearest to an ``F(mu)`` with the right useful
-buses 36% of the time (77% on training problems). ``ib_anneal_step`` drops the cap once execution relies on
-``z`` (plain KL, weight ``ib_late_weight``): resumed from that run for 50k more meta-episodes with weight 0.01,
-same-useful-bus problems came within 0.08 of each other while different ones stayed 1.0 apart; the held-out
-return rose from -0.30 to -0.20 (523 problems) and the return on training problems from 0.41 to 0.59, but
-held-out decodings landed in the right cluster only 44% of the time (91% on training problems): the decoder,
-fitted on 53 problems, does not yet generalise to new distractor arrangements.
-
-Why, measured on that run's greedy explorer: in each 10-step exploration it rides 1.9 useful and 1.3 distracting
-buses on average (150 training problems and 150 held-out ones alike). On the 53 training problems a distracting
-ride is not useless to the decoder: each of the 24 distracting permutations occurs with only 2 or 3 useful ones
-(19 and 5 of them), so where the distracting buses go narrows down where the useful ones go, as much as a useful
-ride does. The decoder learns that shortcut, the information-gain reward pays the explorer for feeding it, and on
-held-out problems, whose pairs are new, the shortcut points to the wrong useful buses. The bottleneck on ``F``
-cannot remove it: it lives in the decoder's input, not in ``z``.
-
-**Cross-fitted exploration reward** (``reward_folds``, on in ``configs/dream_citygrid5x5.yaml`` and
-``configs/dream_citygrid.yaml``) removes the shortcut at its source: the training problems are split into folds,
-one extra decoder per fold learns on the other folds only, and an exploration episode is rewarded by the
-information gain of the decoder that never learned on its problem, an estimate of the gain on a new problem.
-Together with the annealed bottleneck, which makes ``F(mu)`` a function of the useful buses (so a decoder can
-predict it for a problem it has not seen), a distracting ride then pays nothing and a useful one pays as much as on
-a held-out problem. Measured on CityGrid 5x5 (seed 0, 100k meta-episodes, 3 folds, transition decoder, bottleneck
-annealed at 50k): the greedy explorer rides 2.7 useful buses and no distracting one per exploration, 200 held-out
-explorations all decode nearest to an ``F(mu)`` with the right useful buses, and the held-out return is the optimal
-0.70 (the paper's reward, same budget: -0.30). Cross-fitting alone (no anneal, ``F`` still unclustered) left the
-explorer idle on 5x5; the transition decoder alone changed nothing (-0.35 held-out at 70k, as without it).
-
-Without distracting buses (``metalab/CityGrid5x5NoDistractors-v0``, where every held-out problem is also a
-training one) the paper's reward reaches the optimal 0.70 held-out after 100k meta-episodes (0.68 over 3 seeds).
-On the 9x9 with distractors, 120k meta-episodes with the paper's reward give 0.80 given ``F(mu)`` and 0.75 on the
-training problems but -0.18 held-out: training length is not what is missing, generalisation past the shortcut is.
-With the cross-fitted reward, the transition decoder and the anneal at 60k (seed 0, 120k meta-episodes) the 9x9
-reaches the optimal 0.80 on all 523 held-out problems: the greedy explorer rides exactly 3 distinct useful buses
-(the fourth follows) and no distracting one. Until the anneal it rides nothing (``F`` unclustered: problems with the
-same useful buses 4.2 apart, different ones 4.2); 12k meta-episodes after it ``F`` is clustered (0.08 against 0.67)
-and 24k after it the explorer rides 2.4 useful buses. Annealing from the first step instead collapsed ``F`` before
-the executor learned to read it (all problems within 0.03 of each other at 24k; 0.07 given ``F(mu)``).
-
-Late in training the greedy explorer dips for a few thousand meta-episodes: all three 9x9 seeds held 0.80
-held-out at 108k and fell to 0.52, 0.49 and 0.63 at 114k, about 24k meta-episodes after converging, when the
-explorer's replay (the last ``buffer_size`` explorations) holds only converged ones. That is a possible cause,
-not tested on the 9x9; on the 5x5, seed 0 continued 45k meta-episodes past its convergence did not dip. Seeds 0
-and 2 were back at 0.80 at 120k; seed 1 ended in the dip (0.59 on the 523 held-out problems, its explorer riding
-only 2 distinct useful buses in a quarter of them). The 9x9 config therefore keeps the weights of the best
-periodic evaluation on the training problems (``train.keep_best: train/problems_return``), which never
-looks at a held-out problem; it selected 0.80 held-out weights on all three seeds.
+Both Q-networks use double-DQN targets with hard target copies. At meta-test time (held-out problems, no id) the
+explorer runs greedily, the decoder turns its episode into ``z = g(tau)`` and the executor acts greedily on it;
+``train/oracle_return`` (the executor given the true ``F(mu)``) tells an execution failure from an exploration
+one. What each of these choices fixed, measured on CityGrid: ``docs/notes/dream.md``.
 """
 
 from __future__ import annotations
