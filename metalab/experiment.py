@@ -57,6 +57,7 @@ ALGORITHMS = {
     "cavia": "metalab.meta.cavia",
     "imaml": "metalab.meta.imaml",
     "pretrain": "metalab.meta.pretrain",
+    "neural_process": "metalab.meta.neural_process",
     "protonet": "metalab.meta.protonet",
     "matching": "metalab.meta.matching",
     "relation": "metalab.meta.relation",
