@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 
@@ -13,6 +13,8 @@ from metalab.errors import ConfigError
 BITFLIP_ID = "metalab/BitFlip-v0"
 MAX_BITS = 1_024
 """Most BitFlip bits (inputs, actions and replay rows all grow with them)."""
+MAX_ENVS = 1_024
+"""Most envs stepped together (``async`` starts a process for each)."""
 MAX_EPISODE_STEPS = 100_000
 """Longest step limit (meta-RL stores whole episodes per replay row)."""
 
@@ -27,8 +29,22 @@ class EnvConfig:
     """BitFlip only: the number of bits (also its step limit); null: the registered default, 10."""
     max_episode_steps: int | None = None
     """Step limit for an episode (a TimeLimit wrapper); null: the environment's own limit."""
+    vector: Literal["loop", "sync", "async"] = "loop"
+    """How an algorithm that collects several episodes per update runs them (REINFORCE): ``loop``, a list of
+    envs stepped in lockstep in this process; ``sync``, gymnasium's ``SyncVectorEnv`` (the same, through the
+    vector API); ``async``, gymnasium's ``AsyncVectorEnv``, one subprocess per env, for envs whose step is
+    expensive. All three give the same episodes for the same seeds."""
+    num_envs: int | None = None
+    """Envs stepped together; null: as many as the algorithm collects episodes per update."""
 
     def __post_init__(self) -> None:
+        require(
+            self.vector in ("loop", "sync", "async"),
+            "vector",
+            f"must be loop, sync or async, got {self.vector!r}",
+        )
+        if self.num_envs is not None:
+            require_between(self.num_envs, "num_envs", 1, MAX_ENVS, " or null")
         require(bool(self.id), "id", "must name a gymnasium environment id")
         if self.n is not None:
             require_between(self.n, "n", 1, MAX_BITS, " or null")
@@ -61,3 +77,13 @@ def make_env(cfg: EnvConfig) -> gym.Env:
         return gym.make(spec, **kwargs)
     except gym.error.Error as e:  # unknown id / namespace / version, or a missing optional dependency
         raise ConfigError("env.id", f"cannot make {cfg.id!r}: {e}") from None
+
+
+def make_vector_env(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``cfg``'s env behind gymnasium's vector API (``cfg.vector``: ``sync`` or
+    ``async``); episodes end and restart per env (its default next-step autoreset)."""
+    make_env(cfg).close()  # a bad id fails here, with its one-line ConfigError, not inside a subprocess
+    fns = [lambda: make_env(cfg) for _ in range(num_envs)]
+    if cfg.vector == "async":
+        return gym.vector.AsyncVectorEnv(fns)
+    return gym.vector.SyncVectorEnv(fns)

@@ -25,11 +25,11 @@ from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.func import functional_call
 
 from metalab.config import require, require_between, require_widths
-from metalab.envs.config import make_env
+from metalab.envs.config import make_env, make_vector_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
-from metalab.rl.rollout import EpisodeResult, derive_seed, dims, run_episodes
+from metalab.rl.rollout import EpisodeResult, derive_seed, dims, run_episodes, run_vector_episodes
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
@@ -141,7 +141,9 @@ def to_batch(results: list[EpisodeResult], gamma: float, device: torch.device) -
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Policy, baseline and the trainer hooks of a REINFORCE run (``data_root`` is unused)."""
     cfg: Config = run.params
-    envs = [make_env(run.env) for _ in range(cfg.episodes)]
+    num_envs = run.env.num_envs or cfg.episodes
+    envs = [make_env(run.env) for _ in range(num_envs)]
+    venv = make_vector_env(run.env, num_envs) if run.env.vector != "loop" else None
     eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
     space = envs[0].action_space
     if isinstance(space, spaces.Discrete):
@@ -171,7 +173,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         seeds = [derive_seed(run.seed, step, i) for i in range(cfg.episodes)]
-        results = run_episodes(envs, policy(deterministic=False), seeds)
+        act = policy(deterministic=False)
+        results = run_episodes(envs, act, seeds) if venv is None else run_vector_episodes(venv, act, seeds)
         total, metrics = reinforce_loss(model, params(), to_batch(results, cfg.gamma, device), cfg)
         metrics["train/return"] = float(np.mean([r.ret for r in results]))
         metrics["train/episode_length"] = float(np.mean([r.experience.rows for r in results]))

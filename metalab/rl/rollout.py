@@ -159,3 +159,57 @@ def run_episodes(
                     done[i] = result
         results += [done[i] for i in range(len(chunk))]
     return results
+
+
+def run_vector_episodes(
+    venv: gym.vector.VectorEnv, act: Callable[[np.ndarray, np.ndarray], np.ndarray], seeds: Sequence[int]
+) -> list[EpisodeResult]:
+    """:func:`run_episodes` through a gymnasium vector env: one episode per seed, ``venv.num_envs`` at a time,
+    the same episodes for the same seeds (the envs are reset with them).
+
+    All envs step together; one whose episode has ended is given a placeholder action until the others end
+    (its autoreset episode is discarded), and ``act`` sees only the running ones. A last chunk smaller than
+    ``num_envs`` fills the spare envs with episodes that are discarded too.
+    """
+    n = venv.num_envs
+    space = venv.single_action_space
+    results: list[EpisodeResult] = []
+    for start in range(0, len(seeds), n):
+        chunk = list(seeds[start : start + n])
+        raw, _ = venv.reset(seed=chunk + [chunk[-1]] * (n - len(chunk)))
+        rows: list[list[tuple]] = [[] for _ in chunk]
+        current = [split_obs(_row(raw, i)) for i in range(n)]
+        done: dict[int, EpisodeResult] = {}
+        while len(done) < len(chunk):
+            live = [i for i in range(len(chunk)) if i not in done]
+            chosen = act(np.stack([current[i][0] for i in live]), np.stack([current[i][2] for i in live]))
+            actions = [placeholder(space)] * n
+            for i, a in zip(live, chosen, strict=True):
+                actions[i] = env_action(space, a)
+            raw, reward, terminated, truncated, info = venv.step(np.stack(actions))
+            for j, i in enumerate(live):
+                nxt = split_obs(_row(raw, i))
+                obs, achieved, goal = current[i]
+                rows[i].append((obs, achieved, goal, chosen[j], np.float32(reward[i]), nxt[0], nxt[1],
+                                bool(terminated[i])))  # fmt: skip
+                current[i] = nxt
+                if terminated[i] or truncated[i]:
+                    experience = Experience(*(np.stack(column) for column in zip(*rows[i], strict=True)))
+                    has = "is_success" in info and bool(info.get("_is_success", np.ones(n, bool))[i])
+                    success = float(info["is_success"][i]) if has else float("nan")
+                    done[i] = EpisodeResult(experience, float(experience.reward.sum()), success)
+        results += [done[i] for i in range(len(chunk))]
+    return results
+
+
+def placeholder(space: spaces.Space) -> Any:
+    """A valid action for an env whose episode is over (it is ignored): the first action, or zeros clipped into
+    the box."""
+    if isinstance(space, spaces.Discrete):
+        return int(space.start)
+    return env_action(space, np.zeros(space.shape, dtype=np.float32))
+
+
+def _row(raw: Any, i: int) -> Any:
+    """Env ``i``'s observation in a vector env's batched observation (an array, or a dict of arrays)."""
+    return {k: v[i] for k, v in raw.items()} if isinstance(raw, dict) else raw[i]
