@@ -29,7 +29,8 @@ def test_dqn_config_smoke_run_with_env_override(tmp_path: Path, capsys: pytest.C
     assert run_dir.name.startswith("dqn-bitflip5-s0-")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert list(saved) == ["algo", "seed", "env", "train", "eval", "dqn"]  # no unused task section
-    assert saved["env"] == {"id": "metalab/BitFlip-v0", "n": 5, "max_episode_steps": None}
+    assert saved["env"] == {"id": "metalab/BitFlip-v0", "n": 5, "max_episode_steps": None, "vector": "loop",
+                            "num_envs": None}  # fmt: skip
     result = json.loads((run_dir / "result.json").read_text())
     assert result["step"] == 40 and 0 <= result["test/success"] <= 1 and result["test/return"] <= 0
     assert (run_dir / "metrics.png").is_file() and (run_dir / "checkpoint.pt").is_file()
