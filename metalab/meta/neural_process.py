@@ -250,7 +250,14 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
 
 
 def bands_figure(
-    model: NeuralProcess, cfg: Config, tasks, path: Path, device: torch.device, name: str, contexts=(2, 5, 10)
+    model: NeuralProcess,
+    cfg: Config,
+    tasks,
+    path: Path,
+    device: torch.device,
+    name: str,
+    *,
+    contexts=(2, 5, 10),
 ) -> Path:
     """Predictive mean, 90% band and (NP) sampled functions on 4 test tasks, conditioned on the first 2, 5 and
     10 of its points: where a point estimate is confidently wrong at K = 2, a Bayesian learner's band should
