@@ -70,8 +70,9 @@ ALGORITHMS = {
     "rl2": "metalab.rl.rl2",
     "dream": "metalab.rl.dream",
     "mbrl": "metalab.rl.mbrl",
+    "sac": "metalab.rl.sac",
 }
-RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl"})
+RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "sac"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"

@@ -137,7 +137,7 @@ class Config:
     """Evaluation: episodes of a trial with ``z`` from the prior before the posterior is used."""
     eval_adapt_episodes: int = 2
     """Evaluation: episodes of a trial after the first one (metrics ``<part>/*_after1`` ... ``_after{this}``)."""
-    sac: sac.Config = field(default_factory=sac.Config)
+    sac: sac.AgentConfig = field(default_factory=sac.AgentConfig)
     """The soft actor-critic (``sac.hidden`` are the widths of the policy and of each critic)."""
 
     def __post_init__(self) -> None:

@@ -16,31 +16,65 @@ log-probabilities): one backward pass and one Adam over all parameters then equa
 rate, except that the actor is differentiated through the critics as they were before this update (PEARL's code
 steps the critics first). Observations handed to :func:`sac_losses` may carry gradient into an upstream
 network (PEARL's context encoder); only the critic loss backpropagates into them.
+
+SAC on its own (``algo: sac``, :func:`build`; ``configs/sac_pendulum.yaml``) trains one agent in one env with a
+replay buffer, as Stable-Baselines3's SAC does with its defaults: one trainer step is one env step followed by
+one gradient update on a uniformly sampled minibatch (SB3's ``train_freq=1, gradient_steps=1``); the first
+``learning_starts`` env steps take uniformly random actions and make no update (``loss`` returns None); the
+target critics move by Polyak averaging after every update. The env's action box is rescaled to ``[-1, 1]``
+(gymnasium's ``RescaleAction``), so the replay buffer, the policy and the recorded actions all live in
+``[-1, 1]``. Evaluation (``val/return``, ``test/return``) plays the deterministic policy ``tanh(mean)`` on fixed
+episodes. The trainer's ``train.lr`` is the learning rate of actor, critics and temperature (one Adam; SB3 has
+three Adams with one rate) and ``train.meta_batch`` is unused (``batch_size`` is the minibatch). Where this
+differs from SB3's SAC: the actor is differentiated through the critics before their update (SB3: after), the
+output layers start near zero (:class:`ActorCritic`; SB3: torch's default), and the critic loss is the sum of
+the two mean squared errors (SB3: half of it; Adam makes the scale irrelevant). Resume is exact: everything
+random comes from seeds derived from the run seed and the step (random actions, minibatches) or from torch's
+global generator (policy and loss noise), which the trainer checkpoints, and the replay buffer and the episode
+in progress are in the checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import gymnasium as gym
+import numpy as np
 import torch
 import torch.nn.functional as F
+from gymnasium import spaces
 from torch import nn
 
-from metalab.config import require, require_widths
+from metalab.config import MAX_BATCH, MAX_STEPS, require, require_between, require_widths
+from metalab.envs.config import make_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
+from metalab.rl.buffer import ReplayBuffer
 from metalab.rl.dqn import polyak_update
+from metalab.rl.rollout import Recorder, derive_seed, dims, run_episodes
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
+from metalab.train.loop import Learner
 from metalab.utils import Params
 
 __all__ = [
     "ActorCritic",
+    "AgentConfig",
     "Batch",
     "Config",
+    "LastStep",
     "Losses",
+    "Transition",
     "actor_loss",
+    "build",
     "critic_loss",
+    "deterministic_action",
     "policy_head",
     "polyak_update",
     "q_value",
@@ -50,14 +84,21 @@ __all__ = [
     "tanh_gaussian_log_prob",
     "tanh_gaussian_sample",
     "temperature_loss",
+    "unit_box_env",
 ]
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the policy's log std is clamped to this range (rlkit, SB3)
+MAX_TRANSITIONS = 10_000_000
+"""Largest replay buffer of ``algo: sac``, in transitions."""
+RECENT_EPISODES = 10
+"""``train/return`` averages the returns of this many most recent training episodes."""
+_RANDOM, _MINIBATCH = 2, 3  # keys of the seeds derived from the run seed (0: episode resets)
 
 
 @dataclass(frozen=True)
-class Config:
-    """SAC hyperparameters; defaults as in SAC v2 (Haarnoja et al. 2018b, its Table 1)."""
+class AgentConfig:
+    """SAC's networks and losses: what an algorithm built on SAC nests as its ``sac`` section (PEARL); defaults
+    as in SAC v2 (Haarnoja et al. 2018b, its Table 1), which are also Stable-Baselines3's."""
 
     gamma: float = 0.99
     """Discount factor."""
@@ -86,6 +127,26 @@ class Config:
         require(self.alpha > 0, "alpha", "must be > 0")
         require(self.policy_reg >= 0, "policy_reg", "must be >= 0")
         require_widths(self.hidden, "hidden")
+
+
+@dataclass(frozen=True)
+class Config(AgentConfig):
+    """The ``sac`` section of ``algo: sac``: the agent's settings (:class:`AgentConfig`) and the run's; defaults
+    are Stable-Baselines3's SAC defaults."""
+
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity in transitions (the oldest are overwritten beyond it)."""
+    batch_size: int = 256
+    """Transitions per update, drawn uniformly with replacement."""
+    learning_starts: int = 100
+    """Env steps of uniformly random actions, without updates, before the first update (SB3's meaning: the
+    update after env step ``learning_starts + 1`` is the first)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_between(self.buffer_size, "buffer_size", 1, MAX_TRANSITIONS)
+        require_between(self.batch_size, "batch_size", 1, MAX_BATCH)
+        require_between(self.learning_starts, "learning_starts", 0, MAX_STEPS)
 
 
 class ActorCritic(nn.Module):
@@ -205,7 +266,7 @@ def temperature_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_ent
 
 
 def sac_losses(
-    params: Params, target: Params, batch: Batch, cfg: Config, act_dim: int
+    params: Params, target: Params, batch: Batch, cfg: AgentConfig, act_dim: int
 ) -> tuple[Losses, dict[str, float]]:
     """Critic, actor and temperature losses of ``batch``; each reaches only its own parameters.
 
@@ -246,3 +307,144 @@ def sac_losses(
         temperature = temperature_loss(log_alpha, log_prob, target_entropy)
         metrics["loss/alpha"] = temperature.item()
     return Losses(critic, actor, temperature), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAC on its own: ``algo: sac``.
+
+
+class Transition(NamedTuple):
+    """Replay rows of ``algo: sac`` (NumPy, ``T`` rows; the fields of :class:`Batch`)."""
+
+    obs: np.ndarray  # (T, obs_dim) float32
+    action: np.ndarray  # (T, A) float32 in [-1, 1]
+    reward: np.ndarray  # (T,) float32
+    next_obs: np.ndarray  # (T, obs_dim) the true next observation, also at a time limit
+    done: np.ndarray  # (T,) float32 1.0 where next_obs is terminal; a time limit is not
+
+
+class LastStep(gym.Wrapper):
+    """Keeps the reward and ``terminated`` flag of the latest step: :class:`~metalab.rl.rollout.Recorder`
+    reports them per finished episode, SAC stores each transition as it happens."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.reward, self.terminated = 0.0, False
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.reward, self.terminated = float(reward), bool(terminated)
+        return obs, reward, terminated, truncated, info
+
+
+def deterministic_action(params: Params, obs: torch.Tensor) -> torch.Tensor:
+    """The policy's deterministic action ``tanh(mean(s))``, ``(B, A)`` in ``[-1, 1]``, for ``(B, obs_dim)``."""
+    return torch.tanh(policy_head(params, obs)[0])
+
+
+def unit_box_env(run: RunConfig) -> gym.Env:
+    """``run``'s env with its action box rescaled to ``[-1, 1]``; refuses what SAC cannot act in."""
+    env = make_env(run.env)
+    space = env.action_space
+    if not isinstance(space, spaces.Box):
+        raise ConfigError("env.id", f"SAC needs continuous (Box) actions; {run.env.id} has {space}")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise ConfigError("env.id", f"SAC squashes actions into a bounded box; {run.env.id}'s is {space}")
+    if dims(env)[1]:
+        raise ConfigError("env.id", f"SAC does not take goal envs (dict observations); {run.env.id} is one")
+    return gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
+
+
+@dataclass
+class _Progress:
+    """Mutable training state besides networks and buffer: episode count and recent episode returns."""
+
+    episode: int = 0
+    returns: deque = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Actor-critic, target critics, replay buffer, env and the trainer hooks of a SAC run (``data_root`` is
+    unused)."""
+    cfg: Config = run.params
+    env = LastStep(unit_box_env(run))
+    eval_envs = [unit_box_env(run) for _ in range(min(run.eval.batch, run.eval.episodes))]
+    obs_dim, _ = dims(env)
+    act_dim = int(np.prod(env.action_space.shape))
+    model = ActorCritic(obs_dim, act_dim, cfg.hidden, cfg.alpha).to(device)
+    model.log_alpha.requires_grad_(cfg.auto_alpha)
+    target: Params = {k: v.detach().clone() for k, v in model.critic_params().items()}
+    buffer = ReplayBuffer(cfg.buffer_size, Transition)
+    recorder = Recorder(env)
+    recorder.reset(derive_seed(run.seed, 0, 0))
+    progress = _Progress()
+
+    def params() -> Params:
+        return dict(model.named_parameters())
+
+    def explore(step: int) -> np.ndarray:
+        """The action of env step ``step``, ``(A,)``: uniform before ``learning_starts``, then a policy sample."""
+        if step < cfg.learning_starts:
+            rng = np.random.default_rng(derive_seed(run.seed, _RANDOM, step))
+            return rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+        with torch.no_grad():
+            mean, log_std = policy_head(params(), torch.from_numpy(recorder.obs).to(device)[None])  # (1, A)
+            action, _ = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))
+        return action[0].cpu().numpy()
+
+    def env_step(step: int) -> None:
+        obs, action = recorder.obs, explore(step)
+        result = recorder.step(action)
+        done = np.float32(env.terminated)
+        buffer.add(
+            Transition(obs[None], action[None], np.float32([env.reward]), recorder.obs[None], done[None])
+        )
+        if result is not None:
+            progress.returns.append(result.ret)
+            progress.episode += 1
+            recorder.reset(derive_seed(run.seed, 0, progress.episode))
+
+    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        env_step(step)
+        metrics = {"train/env_steps": float(step + 1), "train/episodes": float(progress.episode)}
+        if progress.returns:
+            metrics["train/return"] = float(np.mean(progress.returns))
+        if step < cfg.learning_starts:
+            return None, metrics
+        rows = buffer.sample_rows(
+            cfg.batch_size, np.random.default_rng(derive_seed(run.seed, _MINIBATCH, step))
+        )
+        batch = Batch(*(torch.from_numpy(column).to(device) for column in rows))
+        losses, loss_metrics = sac_losses(params(), target, batch, cfg, act_dim)
+        return losses.total(), metrics | loss_metrics
+
+    def after_update(step: int) -> None:
+        target.update(polyak_update(target, model.critic_params(), cfg.tau))
+
+    def greedy(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return deterministic_action(params(), torch.from_numpy(obs).to(device)).cpu().numpy()
+
+    def evaluate(part: str, episodes: int) -> dict[str, float]:
+        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
+        ret = mean_ci95([r.ret for r in run_episodes(eval_envs, greedy, seeds)])
+        return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
+
+    def state() -> dict[str, Any]:
+        return {
+            "target": {k: v.detach().clone() for k, v in target.items()},
+            "buffer": buffer.state(),
+            "recorder": recorder.state(),
+            "episode": progress.episode,
+            "returns": torch.tensor(list(progress.returns), dtype=torch.float64),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        target.update({k: v.to(device) for k, v in saved["target"].items()})
+        buffer.load_state(saved["buffer"])
+        progress.episode = int(saved["episode"])
+        progress.returns.clear()
+        progress.returns.extend(saved["returns"].tolist())
+        recorder.load_state(saved["recorder"])
+
+    return Learner(model, loss, evaluate, state=state, load_state=load_state, after_update=after_update)
