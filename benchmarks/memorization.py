@@ -19,7 +19,9 @@ Configurations ``<method>-<family>``:
   activation form (A) of meta-regularization, a 64-d Gaussian bottleneck on the embedding
   (``protonet.bottleneck``).
 - ``sinusoid``: the NME sinusoid family (``configs/mr_maml_sinusoid.yaml``: 20 amplitudes, a one-hot task code
-  on each input), MR-MAML vs MAML.
+  on each input), MR-MAML vs MAML; and a conditional neural process (``configs/cnp_sinusoid_nme.yaml``), whose
+  decoder can read the task from the target inputs. (MR-CNP, a Gaussian bottleneck on those inputs,
+  ``neural_process.bottleneck``, is not a configuration here: on val, no weight in 0.01-1 made it adapt.)
 
 Each configuration trains for ``--minutes`` (or ``--steps``) in a resumable run directory and is then
 evaluated once on three sets, all with the config's eval inner steps:
@@ -64,6 +66,7 @@ CELLS: dict[str, tuple[str, list[str]]] = {
     "mr_protonet-omniglot": ("protonet_omniglot_20w1s", [*NME_PROTONET, "protonet.bottleneck=64"]),
     "maml-sinusoid": ("mr_maml_sinusoid", PLAIN),
     "mr_maml-sinusoid": ("mr_maml_sinusoid", []),
+    "cnp-sinusoid": ("cnp_sinusoid_nme", []),
 }
 CONFIGS = list(CELLS)
 TASKS = {"omniglot": "omniglot-vinyals-20w1s-nme", "sinusoid": "sinusoid-nme-10s"}

@@ -95,9 +95,23 @@ def test_a_short_run_learns(model: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("params", "key"),
     [({"model": "gp"}, "neural_process.model"), ({"min_std": 0.0}, "neural_process.min_std"),
-     ({"min_context": 9}, "neural_process.min_context")],
+     ({"min_context": 9}, "neural_process.min_context"),
+     ({"bottleneck_beta": -1.0}, "neural_process.bottleneck_beta")],
 )  # fmt: skip
 def test_bad_values_name_the_key(params: dict, key: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run = run_config_from_dict(config(**params))
         algorithm(run.algo).build(run, tmp_path, torch.device("cpu"))
+
+
+def test_the_input_bottleneck_adds_beta_times_its_kl_and_is_its_mean_at_evaluation() -> None:
+    torch.manual_seed(0)
+    model = npm.NeuralProcess(3, 16, 2, 0, 0.1, bottleneck=4)
+    x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 1)
+    plain, metrics = npm.training_loss(model, x, y, x, y, torch.Generator().manual_seed(0), beta=0.0)
+    weighted, _ = npm.training_loss(model, x, y, x, y, torch.Generator().manual_seed(0), beta=2.0)
+    assert metrics["train/bottleneck_kl"] > 0
+    torch.testing.assert_close(weighted - plain, torch.tensor(2.0 * metrics["train/bottleneck_kl"]))
+    model.eval()
+    codes, _ = model.inputs(x)
+    torch.testing.assert_close(codes, model.bottleneck(x).mean)

@@ -44,7 +44,7 @@ from metalab.data.sinusoid import sinusoid
 from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
-from metalab.meta.metareg import gaussian_kl
+from metalab.meta.metareg import GaussianBottleneck, gaussian_kl
 from metalab.models import MLP
 from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episode_columns
@@ -79,6 +79,14 @@ class Config:
     """``np``: draws of ``z ~ q(z | C)`` whose predictions make the predictive mixture at evaluation."""
     interval_samples: int = 256
     """``np``: draws of ``y`` from the mixture per query point for its 90% interval."""
+    bottleneck: int = 0
+    """MR-CNP / MR-NP, the activation form (A) of meta-regularization (Yin et al., ICLR 2020): width D of a
+    Gaussian bottleneck between each target input and the decoder (sampled in training, its mean at
+    evaluation), with ``bottleneck_beta * KL(q(b | x) || N(0, I))`` in the loss, so that what a task needs
+    comes from the context rather than from its target inputs (on non-mutually-exclusive tasks, whose inputs
+    identify the task). 0: none."""
+    bottleneck_beta: float = 0.01
+    """Weight of the bottleneck's KL (summed over D, averaged over target points); with ``bottleneck`` only."""
 
     def __post_init__(self) -> None:
         require(self.model in ("cnp", "np"), "model", f"must be cnp or np, got {self.model!r}")
@@ -89,6 +97,8 @@ class Config:
         require_between(self.min_context, "min_context", 1, 10_000)
         require_between(self.eval_samples, "eval_samples", 1, MAX_SAMPLES)
         require_between(self.interval_samples, "interval_samples", 10, MAX_SAMPLES)
+        require_between(self.bottleneck, "bottleneck", 0, MAX_UNITS, " (0: no bottleneck)")
+        require(self.bottleneck_beta >= 0, "bottleneck_beta", f"must be >= 0, got {self.bottleneck_beta}")
 
 
 class Gaussian(NamedTuple):
@@ -99,13 +109,23 @@ class Gaussian(NamedTuple):
 class NeuralProcess(nn.Module):
     """Encoders and decoder of a CNP (``latent_dim`` 0) or an NP, for ``x_dim``-d inputs and 1-d targets."""
 
-    def __init__(self, x_dim: int, hidden: int, layers: int, latent_dim: int, min_std: float):
+    def __init__(
+        self, x_dim: int, hidden: int, layers: int, latent_dim: int, min_std: float, bottleneck: int = 0
+    ):
         super().__init__()
         width = [hidden] * layers
         self.deterministic = MLP(x_dim + 1, width[:-1], hidden)
         self.latent = MLP(x_dim + 1, width[:-1], 2 * latent_dim) if latent_dim else None
-        self.decoder = MLP(x_dim + hidden + latent_dim, width, 2)
+        self.bottleneck = GaussianBottleneck(x_dim, bottleneck) if bottleneck else None
+        self.decoder = MLP((bottleneck or x_dim) + hidden + latent_dim, width, 2)
         self.min_std = min_std
+
+    def inputs(self, x: torch.Tensor, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder sees of target inputs ``x``, and the bottleneck's KL (0 without one)."""
+        if self.bottleneck is None:
+            return x, x.new_zeros(())
+        code = self.bottleneck(x, g)
+        return code.z, code.kl()
 
     def represent(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(T, K, x_dim), (T, K, 1) -> (T, hidden)``: the mean of the pairs' encodings."""
@@ -118,7 +138,7 @@ class NeuralProcess(nn.Module):
         return Gaussian(mean, 0.1 + 0.9 * torch.sigmoid(raw))
 
     def decode(self, x: torch.Tensor, r: torch.Tensor, z: torch.Tensor | None) -> Gaussian:
-        """``p(y | x, r, z)`` at ``(T, N, x_dim)`` inputs, for ``(T, hidden)`` ``r`` and ``(T, latent)`` ``z``."""
+        """``p(y | x, r, z)`` at ``(T, N, .)`` target inputs (or their bottleneck codes), for ``(T, hidden)`` ``r`` and ``(T, latent)`` ``z``."""
         parts = [x, r[:, None].expand(-1, x.shape[1], -1)]
         if z is not None:
             parts.append(z[:, None].expand(-1, x.shape[1], -1))
@@ -138,20 +158,25 @@ def training_loss(
     tx: torch.Tensor,
     ty: torch.Tensor,
     g: torch.Generator,
+    beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Negative log-likelihood per target point (CNP) or negative ELBO per target point (NP), averaged over the
-    tasks, given context ``(cx, cy)`` and targets ``(tx, ty)`` (which include the context)."""
+    tasks, given context ``(cx, cy)`` and targets ``(tx, ty)`` (which include the context); plus ``beta`` times
+    the input bottleneck's KL when the model has one (MR-CNP / MR-NP)."""
     r = model.represent(cx, cy)
+    xs, kl_x = model.inputs(tx, g)
+    reg = beta * kl_x if model.bottleneck is not None and beta else 0.0
+    extra = {"train/bottleneck_kl": kl_x.item()} if model.bottleneck is not None else {}
     if model.latent is None:
-        nll = -gaussian_log_prob(model.decode(tx, r, None), ty).mean()
-        return nll, {"train/nll": nll.item()}
+        nll = -gaussian_log_prob(model.decode(xs, r, None), ty).mean()
+        return nll + reg, {"train/nll": nll.item(), **extra}
     q_target, q_context = model.posterior(tx, ty), model.posterior(cx, cy)
     noise = torch.randn(q_target.mean.shape, generator=g).to(q_target.mean.device)
     z = q_target.mean + q_target.std * noise  # reparameterised
-    nll = -gaussian_log_prob(model.decode(tx, r, z), ty).mean()
+    nll = -gaussian_log_prob(model.decode(xs, r, z), ty).mean()
     tasks, targets = tx.shape[:2]
     kl = gaussian_kl(q_target.mean, q_target.std, q_context.mean, q_context.std) / (tasks * targets)
-    return nll + kl, {"train/nll": nll.item(), "train/kl": kl.item()}
+    return nll + kl + reg, {"train/nll": nll.item(), "train/kl": kl.item(), **extra}
 
 
 def predictive(
@@ -165,6 +190,7 @@ def predictive(
     """The predictive at ``x`` as ``S`` Gaussians (a mixture with equal weights): ``(S, T, N, 1)`` means and
     standard deviations; ``S = 1`` for a CNP."""
     r = model.represent(cx, cy)
+    x, _ = model.inputs(x)  # in eval mode the bottleneck's mean
     if model.latent is None:
         p = model.decode(x, r, None)
         return Gaussian(p.mean[None], p.std[None])
@@ -209,7 +235,10 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
             f"{cfg.min_context} exceeds task.shots ({run.task.shots}), the most context",
         )
     latent = cfg.latent_dim if cfg.model == "np" else 0
-    model = NeuralProcess(run.task.input_features, cfg.hidden, cfg.layers, latent, cfg.min_std).to(device)
+    model = NeuralProcess(
+        run.task.input_features, cfg.hidden, cfg.layers, latent, cfg.min_std, cfg.bottleneck
+    )
+    model = model.to(device)
     train = make_sampler(run.task, "train", run.seed, root)
     evals = EvalSamplers(run.task, run.eval.seed, root)
 
@@ -217,9 +246,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         ep = shard(train.sample(step, run.train.meta_batch)).to(device)
         k = context_size(step, run.seed, cfg.min_context, run.task.shots)
         tx, ty = torch.cat([ep.support_x, ep.query_x], 1), torch.cat([ep.support_y, ep.query_y], 1)
-        return training_loss(
-            model, ep.support_x[:, :k], ep.support_y[:, :k], tx, ty, generator_for(run.seed, step)
-        )
+        g = generator_for(run.seed, step)
+        return training_loss(model, ep.support_x[:, :k], ep.support_y[:, :k], tx, ty, g, cfg.bottleneck_beta)
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
         g = generator_for(run.eval.seed, episodes)
