@@ -98,3 +98,17 @@ def conv4_problem() -> tuple[nn.Module, Episode]:
     pool = (torch.rand(6, 20, 1, 16, 16) * 255).to(torch.uint8)
     ep = EpisodeSampler(pool, 3, 2, 2, seed=0).sample(0, 2)
     return model, ep._replace(support_x=ep.support_x.double(), query_x=ep.query_x.double())
+
+
+def batched_query(
+    model: nn.Module, regression: bool, cfg, steps: int, first_order: bool, params: Params, ep: Episode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task (query loss, score) of MAML for a batched episode, each ``(T,)``: the pieces ``maml.build``
+    composes, for tests that call them directly."""
+    import functools
+
+    from metalab.meta import gbml, maml
+
+    per_task = functools.partial(maml.adapted_query, model, regression, cfg, steps, first_order)
+    batching = gbml.task_batching("maml", cfg, model, not first_order, grad_loop=True)
+    return gbml.map_tasks(per_task, ep, batching, params)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO
+from gbml_helpers import batched_query
 from torch import nn
 from torch.autograd.functional import hessian
 
@@ -171,7 +172,7 @@ def test_adapt_per_parameter_rates() -> None:
 def _batched(model, regression, ep, batching: str, first_order: bool, inner_lr: float, steps: int = 2):
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
     cfg = maml.Config(inner_lr=inner_lr, batching=batching)  # type: ignore[arg-type]
-    losses, scores = maml.batched_query(model, regression, cfg, steps, first_order, params, ep)
+    losses, scores = batched_query(model, regression, cfg, steps, first_order, params, ep)
     grads = torch.autograd.grad(losses.mean(), list(params.values()))
     return losses.detach(), scores, grads
 
@@ -216,7 +217,7 @@ def test_conv4_second_order_loop_matches_finite_differences() -> None:
     cfg = maml.Config(inner_lr=0.4, batching="loop")
 
     def meta_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return maml.batched_query(model, False, cfg, 1, False, params, ep)[0].mean()
+        return batched_query(model, False, cfg, 1, False, params, ep)[0].mean()
 
     leaves = {k: v.clone().requires_grad_(True) for k, v in base.items()}
     grads = dict(zip(leaves, torch.autograd.grad(meta_loss(leaves), list(leaves.values())), strict=True))
@@ -242,7 +243,7 @@ def test_batched_tasks_equal_single_tasks() -> None:
     cfg = maml.Config(inner_lr=0.1, batching="vmap")
     xs, xq = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
     ep = Episode(xs, xs.sum(-1, keepdim=True), xq, xq.sum(-1, keepdim=True), 1, 4, 4)
-    losses, _ = maml.batched_query(model, True, cfg, 2, False, params, ep)
+    losses, _ = batched_query(model, True, cfg, 2, False, params, ep)
     for t in range(3):
         single, _ = maml.adapted_query(model, True, cfg, 2, False, params, *ep.task(t)[:4])
         torch.testing.assert_close(losses[t], single, rtol=1e-10, atol=1e-12)

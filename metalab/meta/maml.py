@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
@@ -65,21 +64,6 @@ def adapted_query(
     score: accuracy or MSE)."""
     fit = functools.partial(predict, model, regression, cfg.inner_lr, first_order)
     return gbml.query_loss(fit, regression, steps, params, *task)
-
-
-def batched_query(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    steps: int,
-    first_order: bool,
-    params: Params,
-    ep: Episode,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task (query loss, score) for a batched episode, each ``(T,)``."""
-    per_task = functools.partial(adapted_query, model, regression, cfg, steps, first_order)
-    batching = gbml.task_batching("maml", cfg, model, not first_order, grad_loop=True)
-    return gbml.map_tasks(per_task, ep, batching, params)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
