@@ -109,8 +109,8 @@ def query_loss(
     model: nn.Module, regression: bool, cfg: Config, params: Params, *task: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adapting the head, query score)."""
-    fit = functools.partial(predict, model, regression, cfg.inner_lr, cfg.first_order)
-    return gbml.query_loss(fit, regression, cfg.inner_steps, params, *task)
+    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, cfg.first_order)
+    return gbml.query_loss(adapt_predict, regression, cfg.inner_steps, params, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -125,5 +125,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     train_loss = gbml.mean_query_loss(
         functools.partial(query_loss, model, regression, cfg), batching, params, regression
     )
-    fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
+    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, True)
+    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

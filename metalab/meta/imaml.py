@@ -203,5 +203,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         g, losses, scores = gbml.map_tasks(per_task, ep, batching, gbml.detached(theta))
         return surrogate(theta, g, losses), {f"train/{score}": scores.mean().item()}
 
-    fit = functools.partial(predict, model, regression, cfg)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
+    adapt_predict = functools.partial(predict, model, regression, cfg)
+    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

@@ -62,8 +62,8 @@ def adapted_query(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task ``(support_x, support_y, query_x, query_y)``: adapt on the support set, return (query loss, query
     score: accuracy or MSE)."""
-    fit = functools.partial(predict, model, regression, cfg.inner_lr, first_order)
-    return gbml.query_loss(fit, regression, steps, params, *task)
+    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, first_order)
+    return gbml.query_loss(adapt_predict, regression, steps, params, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -76,5 +76,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     per_task = functools.partial(adapted_query, model, regression, cfg, cfg.inner_steps, cfg.first_order)
     params = gbml.params_of(model)
     train_loss = gbml.mean_query_loss(per_task, batching, params, regression)
-    fit = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
+    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, True)
+    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

@@ -189,7 +189,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
             "train/final_step_loss": losses[:, -1].mean().item(),
         }
 
-    fit = functools.partial(predict, model.net, regression)
+    adapt_predict = functools.partial(predict, model.net, regression)
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, fit, batching, parameters=model.trained()
+        run, root, device, model, model.meta, train_loss, adapt_predict, batching, parameters=model.trained()
     )

@@ -69,8 +69,8 @@ def query_loss(
     *task: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adaptation, query score), differentiable in ``theta`` and ``alpha``."""
-    fit = functools.partial(predict, net, regression, first_order)
-    return gbml.query_loss(fit, regression, steps, meta, *task)
+    adapt_predict = functools.partial(predict, net, regression, first_order)
+    return gbml.query_loss(adapt_predict, regression, steps, meta, *task)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -87,8 +87,16 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         alpha = torch.cat([a.detach().flatten() for a in model.inner_lr.as_dict().values()])
         return loss, {**metrics, "train/alpha_mean": alpha.mean().item()}
 
-    fit = functools.partial(predict, model.net, regression, True)
+    adapt_predict = functools.partial(predict, model.net, regression, True)
     # The optimizer must see the rates as well as the weights: both are parameters of the model.
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, fit, batching, parameters=list(model.parameters())
+        run,
+        root,
+        device,
+        model,
+        model.meta,
+        train_loss,
+        adapt_predict,
+        batching,
+        parameters=list(model.parameters()),
     )

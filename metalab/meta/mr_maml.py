@@ -152,8 +152,8 @@ def query_loss(
     net: nn.Module, regression: bool, cfg: Config, meta: dict[str, Params], *task: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adaptation, query score), differentiable in both parts of ``meta``."""
-    fit = functools.partial(predict, net, regression, cfg.inner_lr, cfg.first_order)
-    return gbml.query_loss(fit, regression, cfg.inner_steps, meta, *task)
+    adapt_predict = functools.partial(predict, net, regression, cfg.inner_lr, cfg.first_order)
+    return gbml.query_loss(adapt_predict, regression, cfg.inner_steps, meta, *task)
 
 
 def noise_seed(seed: int) -> int:
@@ -191,11 +191,21 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         # beta = 0 adds nothing, not 0 * KL (a float32 std that underflows to 0 makes the KL infinite).
         return (loss + cfg.beta * kl if cfg.beta else loss), {**metrics, **extra}
 
-    def fit(meta: dict[str, Params], sx: torch.Tensor, sy: torch.Tensor, x: torch.Tensor, steps: int):
+    def adapt_predict(
+        meta: dict[str, Params], sx: torch.Tensor, sy: torch.Tensor, x: torch.Tensor, steps: int
+    ):
         # The sinusoid figure queries plain x; NME inputs need the task's code beside it.
         return predict(model.net, regression, cfg.inner_lr, True, meta, sx, sy, with_task_code(x, sx), steps)
 
     # The optimizer must see the scales as well as the network: both are parameters of the model.
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, fit, batching, parameters=list(model.parameters())
+        run,
+        root,
+        device,
+        model,
+        model.meta,
+        train_loss,
+        adapt_predict,
+        batching,
+        parameters=list(model.parameters()),
     )

@@ -44,5 +44,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         loss = F.mse_loss(functional_call(model, params(), (x,)), y)
         return loss, {"train/mse": loss.item()}
 
-    fit = functools.partial(maml.predict, model, True, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
+    adapt_predict = functools.partial(maml.predict, model, True, cfg.inner_lr, True)
+    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

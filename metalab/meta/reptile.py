@@ -87,5 +87,5 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         return surrogate(theta, phi), {f"train/{score}": scores.mean().item()}
 
     # Test-time adaptation is plain SGD with the inner rate, as in MAML.
-    fit = functools.partial(maml.predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, fit, batching)
+    adapt_predict = functools.partial(maml.predict, model, regression, cfg.inner_lr, True)
+    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)
