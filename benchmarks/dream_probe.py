@@ -30,7 +30,7 @@ from metalab.envs.citygrid import CityLayout, decode_problem
 from metalab.errors import CheckpointError, MetalabError
 from metalab.experiment import CONFIG_NAME, load_run_config
 from metalab.rl import dream
-from metalab.rl.meta import (
+from metalab.rl.meta_episodes import (
     Policy,
     Step,
     make_problems,

@@ -13,7 +13,7 @@ from benchmarks import dream_probe
 from benchmarks.rl_common import train
 from metalab.envs import CITYGRID_ID, EnvConfig, make_env
 from metalab.experiment import load_run_config
-from metalab.rl.meta import play_episode
+from metalab.rl.meta_episodes import play_episode
 
 LEFT, UP, RIGHT, DOWN, NOOP, RIDE = range(6)
 

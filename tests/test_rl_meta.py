@@ -16,7 +16,8 @@ from PIL import Image
 
 from metalab.cli import main
 from metalab.experiment import RunConfig, load_run_config
-from metalab.rl import dream, meta, rl2
+from metalab.rl import dream, rl2
+from metalab.rl import meta_episodes as meta
 from metalab.rl.recurrent import RecurrentNet, TransitionNet
 from metalab.train.checkpoint import load_checkpoint
 from metalab.train.logger import read_metrics

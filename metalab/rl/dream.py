@@ -42,7 +42,7 @@ from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import ReplayBuffer
 from metalab.rl.dqn import linear_schedule, td_target
-from metalab.rl.meta import (
+from metalab.rl.meta_episodes import (
     Policy,
     Progress,
     QLearningConfig,
@@ -65,7 +65,7 @@ from metalab.train.loop import Learner
 @dataclass(frozen=True)
 class Config(QLearningConfig):
     """DREAM hyperparameters (the ``dream`` section of a config); the Q-learning fields are documented in
-    :class:`~metalab.rl.meta.QLearningConfig` (``batch_size``: exploration sequences per update, also the
+    :class:`~metalab.rl.meta_episodes.QLearningConfig` (``batch_size``: exploration sequences per update, also the
     decoder's batch)."""
 
     z_dim: int = 16

@@ -55,7 +55,7 @@ class RecurrentNet(nn.Module):
 
 
 class TransitionNet(nn.Module):
-    """``(B, T+1, D)`` history inputs (:func:`metalab.rl.meta.history_input` rows: ``[obs, one_hot(prev action),
+    """``(B, T+1, D)`` history inputs (:func:`metalab.rl.meta_episodes.history_input` rows: ``[obs, one_hot(prev action),
     prev reward, first]``) -> ``(B, T+1, out)``: at each step the transition that led there,
     ``(s_{t-1}, a_{t-1}, s_t)`` (nothing before the first step), through a two-layer MLP, then a GRU and a linear
     head. Observation dimensions whose bounds are integers at most 64 apart are one-hot (grid coordinates, flags);

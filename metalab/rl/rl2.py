@@ -3,7 +3,7 @@ recurrent Q-network trained end to end on meta-episodes.
 
 One GRU Q-network reads ``[obs, previous action, previous reward, first step of an episode]`` through a whole
 meta-episode (an exploration episode, then an exploitation episode on the same hidden problem; see
-:mod:`metalab.rl.meta`), its hidden state carried across the episode boundary and reset between meta-episodes.
+:mod:`metalab.rl.meta_episodes`), its hidden state carried across the episode boundary and reset between meta-episodes.
 Exploration earns no reward, so the only signal for how to explore is the exploitation return bootstrapped back
 across the boundary: the chicken-and-egg problem DREAM (Liu et al., ICML 2021) removes. The Q-learning is
 :func:`metalab.rl.recurrent.sequence_td_loss` (double DQN, hard target copies) on whole stored meta-episodes.
@@ -26,7 +26,7 @@ import torch
 from metalab.experiment import RunConfig
 from metalab.rl.buffer import ReplayBuffer
 from metalab.rl.dqn import linear_schedule
-from metalab.rl.meta import (
+from metalab.rl.meta_episodes import (
     Policy,
     Progress,
     QLearningConfig,
@@ -47,7 +47,7 @@ from metalab.train.loop import Learner
 @dataclass(frozen=True)
 class Config(QLearningConfig):
     """RL² hyperparameters (the ``rl2`` section of a config); all shared with DREAM's, see
-    :class:`~metalab.rl.meta.QLearningConfig`."""
+    :class:`~metalab.rl.meta_episodes.QLearningConfig`."""
 
 
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
