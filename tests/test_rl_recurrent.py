@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from metalab.rl import recurrent
-from metalab.rl.dqn import td_target
+from metalab.rl.common import td_target
 
 
 def test_recurrent_q_is_causal_and_carries_state() -> None:

@@ -41,7 +41,7 @@ from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import ReplayBuffer
-from metalab.rl.dqn import linear_schedule, td_target
+from metalab.rl.common import linear_schedule, td_target
 from metalab.rl.meta_episodes import (
     Policy,
     Progress,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalab.models import MLP
-from metalab.rl.dqn import td_target
+from metalab.rl.common import td_target
 from metalab.utils import Params
 
 

@@ -25,7 +25,7 @@ import torch
 
 from metalab.experiment import RunConfig
 from metalab.rl.buffer import ReplayBuffer
-from metalab.rl.dqn import linear_schedule
+from metalab.rl.common import linear_schedule
 from metalab.rl.meta_episodes import (
     Policy,
     Progress,

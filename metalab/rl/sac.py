@@ -56,7 +56,7 @@ from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import ReplayBuffer
-from metalab.rl.dqn import polyak_update
+from metalab.rl.common import polyak_update
 from metalab.rl.rollout import Recorder, derive_seed, dims, run_episodes
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
