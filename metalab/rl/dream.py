@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as nnf  # not F: F is the paper's problem embedding
 
 from metalab.config import MAX_BATCH, MAX_UNITS, require, require_between
 from metalab.experiment import RunConfig
@@ -188,7 +188,7 @@ def exec_td_loss(
         nxt = torch.cat([next_obs, z.detach()], -1)
         online_next = mlp_forward(executor, nxt) if cfg.double else None
         y = td_target(reward, terminated.to(reward.dtype), mlp_forward(target, nxt), cfg.gamma, online_next)
-    return F.smooth_l1_loss(q, y), q.detach().mean()
+    return nnf.smooth_l1_loss(q, y), q.detach().mean()
 
 
 def final_predictions(model: DREAM, explorations: Sequences, device: torch.device) -> torch.Tensor:
@@ -200,16 +200,20 @@ def final_predictions(model: DREAM, explorations: Sequences, device: torch.devic
 
 
 def exec_encodings(
-    model: DREAM, code: torch.Tensor, explorations: Sequences, live: np.ndarray, device: torch.device
+    model: DREAM,
+    task_code: torch.Tensor,
+    explorations: Sequences,
+    still_stored: np.ndarray,
+    device: torch.device,
 ) -> torch.Tensor:
     """Execution encodings ``(B, Z)``: :func:`final_predictions` of the ``B`` rows of ``explorations`` (with
-    gradient into the decoder) where ``live``, ``code`` elsewhere (rows whose exploration has left the buffer)."""
-    if not live.any():
-        return code
-    rows = np.flatnonzero(live)
+    gradient into the decoder) where ``still_stored``, ``task_code`` elsewhere (rows whose exploration has left the buffer)."""
+    if not still_stored.any():
+        return task_code
+    rows = np.flatnonzero(still_stored)
     chosen = Sequences(*(column[rows] for column in explorations))
     decoded = final_predictions(model, chosen, device)  # (L, Z)
-    return code.index_put((torch.from_numpy(rows).to(device),), decoded)
+    return task_code.index_put((torch.from_numpy(rows).to(device),), decoded)
 
 
 def cross_fitted(
@@ -285,8 +289,10 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         z = encoding(index)
 
         def exploit(steps: list[Step]) -> Policy:
-            code = decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device) if decoded else z
-            return exec_policy(model, code, n_actions, eps, rng, device)
+            task_code = (
+                decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device) if decoded else z
+            )
+            return exec_policy(model, task_code, n_actions, eps, rng, device)
 
         explore = recurrent_policy(model.explorer, n_actions, eps, rng, device)
         seed = derive_seed(run.seed, 0, progress.episodes)
@@ -319,12 +325,14 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         batch = tuple(torch.from_numpy(a).to(device) for a in rows[:5])
         f = model.embedding(torch.from_numpy(rows.task).to(device))  # (B, Z)
         noise = torch.from_numpy(rng.standard_normal(f.shape).astype(np.float32)).to(device)
-        code = f + cfg.noise * noise
+        task_code = f + cfg.noise * noise
         decoded = cfg.exec_decoded_every > 0 and step % cfg.exec_decoded_every == cfg.exec_decoded_every - 1
         if decoded:
-            live = explore_episode[rows.explore_slot] == rows.episode
-            code = exec_encodings(model, code, explore_buffer.rows(rows.explore_slot), live, device)
-        exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], code, batch, cfg)
+            still_stored = explore_episode[rows.explore_slot] == rows.episode
+            task_code = exec_encodings(
+                model, task_code, explore_buffer.rows(rows.explore_slot), still_stored, device
+            )
+        exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], task_code, batch, cfg)
         late = cfg.ib_anneal_step > 0 and step >= cfg.ib_anneal_step
         ib = bottleneck(f, 0.0 if late else cfg.ib_cap)
         ib_weight = cfg.ib_late_weight if late else cfg.ib_weight
@@ -337,11 +345,11 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         errors = (predictions - z[:, None]).pow(2).sum(-1)  # (B, T+1)
         decoder_loss = (errors * weight).sum() / weight.sum()
         if cfg.reward_folds:
-            fold_loss, judges = cross_fitted(model, inputs, z, weight, seq.task, device)
+            fold_loss, decoded_predictions = cross_fitted(model, inputs, z, weight, seq.task, device)
             decoder_loss = decoder_loss + fold_loss
         else:
-            judges = predictions.detach()
-        reward = information_gain_rewards(judges, z, cfg.step_cost) * mask
+            decoded_predictions = predictions.detach()
+        reward = information_gain_rewards(decoded_predictions, z, cfg.step_cost) * mask
         explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), targets["explorer"],
                                                    inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
         total = exec_loss + ib_weight * ib + decoder_loss + explore_loss
