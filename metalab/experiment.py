@@ -70,9 +70,10 @@ ALGORITHMS = {
     "rl2": "metalab.rl.rl2",
     "dream": "metalab.rl.dream",
     "mbrl": "metalab.rl.mbrl",
+    "mt_mbrl": "metalab.rl.multitask_mbrl",
     "sac": "metalab.rl.sac",
 }
-RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "sac"})
+RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "mt_mbrl", "sac"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"

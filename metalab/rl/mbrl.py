@@ -59,7 +59,7 @@ from metalab.rl.dynamics import (
     trajectory_sampling,
 )
 from metalab.rl.planners import Bounds, PlannerConfig, RewardFn, initial_mean, plan
-from metalab.rl.rollout import Recorder, derive_seed, dims
+from metalab.rl.rollout import EpisodeResult, Recorder, derive_seed, dims
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
@@ -177,16 +177,40 @@ def phase(step: int, cfg: Config) -> Phase:
     return Phase("act", env_step + offset - cfg.fit_updates, cycle + 1, 0)
 
 
+def loop_step(
+    step: int,
+    cfg: Config,
+    fit_loss: Callable[[Phase, int], tuple[Tensor, dict[str, float]]],
+    env_step: Callable[[Phase], None],
+    episodes: Callable[[], int],
+) -> tuple[Tensor | None, dict[str, float]]:
+    """Trainer step ``step`` of the loop (:func:`phase`): a model update, ``fit_loss(phase, step)`` (its loss and
+    metrics), or an env step, ``env_step(phase)`` (no loss); with the loop's counters ``train/env_steps``,
+    ``train/episodes`` (``episodes()`` after the step) and ``train/fits``."""
+    now = phase(step, cfg)
+    total, metrics = None, {}
+    if now.kind == "fit":
+        total, metrics = fit_loss(now, step)
+    else:
+        env_step(now)
+    metrics |= {
+        "train/env_steps": float(now.env_step + (now.kind != "fit")),
+        "train/episodes": float(episodes()),
+        "train/fits": float(now.fit),
+    }
+    return total, metrics
+
+
 ActFn = Callable[[np.ndarray, torch.Tensor, torch.Generator], tuple[np.ndarray, torch.Tensor]]
 """``(obs (S, D), warm start (S, H, A), generator) -> (actions (S, A), next warm start (S, H, A))``."""
 
 
 def mpc_episodes(
     envs: Sequence[gym.Env], act: ActFn, seeds: Sequence[int], start: torch.Tensor, generator: torch.Generator
-) -> list[float]:
-    """The return of one MPC episode per seed, ``len(envs)`` at a time in lockstep, each episode keeping its own
-    warm start (``start`` ``(1, H, A)`` at its first step)."""
-    returns: list[float] = []
+) -> list[EpisodeResult]:
+    """One MPC episode per seed, ``len(envs)`` at a time in lockstep, each episode keeping its own warm start
+    (``start`` ``(1, H, A)`` at its first step)."""
+    results: list[EpisodeResult] = []
     recorders = [Recorder(env) for env in envs]
     for first in range(0, len(seeds), len(envs)):
         chunk = seeds[first : first + len(envs)]
@@ -194,16 +218,16 @@ def mpc_episodes(
         for recorder, seed in zip(running, chunk, strict=True):
             recorder.reset(seed)
         means = start.expand(len(chunk), -1, -1).clone()  # (E, H, A)
-        done: dict[int, float] = {}
+        done: dict[int, EpisodeResult] = {}
         while len(done) < len(chunk):
             live = [i for i in range(len(chunk)) if i not in done]
             actions, means[live] = act(np.stack([running[i].obs for i in live]), means[live], generator)
             for i, action in zip(live, actions, strict=True):
                 result = running[i].step(action)
                 if result is not None:
-                    done[i] = result.ret
-        returns += [done[i] for i in range(len(chunk))]
-    return returns
+                    done[i] = result
+        results += [done[i] for i in range(len(chunk))]
+    return results
 
 
 @dataclass
@@ -290,17 +314,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         return model_loss(model.params(), model.normalizer(), batch, cfg.bound_reg)
 
     def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        now = phase(step, cfg)
-        total, metrics = None, {}
-        if now.kind == "fit":
-            total, metrics = fit_loss(now, step)
-        else:
-            env_step(now)
-        metrics |= {
-            "train/env_steps": float(now.env_step + (now.kind != "fit")),
-            "train/episodes": float(progress.episode),
-            "train/fits": float(now.fit),
-        }
+        total, metrics = loop_step(step, cfg, fit_loss, env_step, lambda: progress.episode)
         if progress.returns:
             metrics["train/return"] = float(np.mean(progress.returns))
         return total, metrics
@@ -310,7 +324,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         plan_seed = derive_seed(run.eval.seed, PART_INDEX[part], _PLAN, 0)
         generator = torch.Generator(device).manual_seed(plan_seed)
         start = initial_mean(bounds, 1, cfg.planner.horizon)
-        ret = mean_ci95(mpc_episodes(eval_envs, act, seeds, start, generator))
+        ret = mean_ci95([r.ret for r in mpc_episodes(eval_envs, act, seeds, start, generator)])
         return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
 
     def state() -> dict[str, Any]:

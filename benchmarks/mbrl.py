@@ -1,0 +1,140 @@
+"""Model-based RL: multi-task planning on held-out goals (known vs learned reward), and PETS on Pendulum.
+
+    python -m benchmarks.mbrl                                      # both configurations, seeds 0 1 2
+    python -m benchmarks.mbrl --only multitask-point-mass --seeds 0
+    python -m benchmarks.mbrl --only pets-pendulum --seeds 0 --set train.steps=1400 --results-dir /tmp/mb \\
+        --runs-dir /tmp/mb/runs --allow-dirty                      # a smoke run
+
+``multitask-point-mass`` trains ``configs/mt_mbrl_point_mass.yaml`` (:mod:`metalab.rl.multitask_mbrl`: one
+dynamics ensemble for the point-mass goal family, a reward model ``r_theta(s, a, s', z)`` with a learned
+embedding per training goal) and tests it once on the 20 held-out test goals, one episode each, planned two
+ways with the same dynamics model: against the goal's true reward (``known``) and against the learned reward
+with ``z`` inferred from a few random transitions in the new task (``learned``). ``pets-pendulum`` trains
+``configs/mbrl_pendulum.yaml`` (:mod:`metalab.rl.mbrl`, PETS) and tests it on ``eval.episodes`` episodes.
+Each run trains in ``<runs-dir>/<config>-s<seed>``, resuming it when rerun (a changed config is refused);
+``--set KEY=VALUE`` overrides a key of every selected configuration (pair it with ``--only``).
+
+Records, merged into ``<results-dir>/mbrl.json``: per seed (metric ``..._s<seed>``, ``ci95`` over the test
+goals or episodes, ``seconds`` the training wall-clock time with its periodic val evaluations) and the
+aggregate over the seeds recorded so far (mean with a Student-t 95% CI over seeds, ``per_seed``, ``n``):
+``test_return_known``, ``test_success_known``, ``test_return_learned``, ``test_success_learned``,
+``test_reward_rmse`` and ``test_reward_rmse_mean_z`` (the learned reward's error on the known episodes'
+transitions with the inferred and with the mean embedding) for the point mass; ``test_return`` for Pendulum.
+Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
+
+References: success is the final position within 0.1 of the goal (:mod:`metalab.envs.point_mass`); a planner
+that stays at the origin scores a return of about -35 and never succeeds. Pendulum-v1 has no reward threshold;
+a return above about -200 is what "solved" usually means.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.rl_common import aggregate, seed_metric, train
+from metalab.experiment import RunConfig, load_run_config
+
+BENCH = "mbrl"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+RUNS = Path("runs/bench/mbrl")
+SEEDS = (0, 1, 2)
+
+
+class Setup(NamedTuple):
+    """One benchmark configuration."""
+
+    config: str
+    """File in ``configs/``."""
+    task: str
+    method: str
+    metrics: dict[str, str]
+    """Record metric -> the learner's ``test/...`` key (its ``_ci95`` key, when it has one, gives the CI)."""
+    units: dict[str, str]
+    """Record metric -> unit."""
+
+
+POINT_MASS_METRICS = ("return_known", "success_known", "return_learned", "success_learned", "reward_rmse",
+                      "reward_rmse_mean_z")  # fmt: skip
+SETUPS = {
+    "multitask-point-mass": Setup(
+        "mt_mbrl_point_mass.yaml",
+        "point-mass-goals",
+        "metalab-mt-mbrl",
+        {f"test_{key}": f"test/{key}" for key in POINT_MASS_METRICS},
+        {"return": "return", "success": "success rate", "reward": "reward units (RMSE)"},
+    ),
+    "pets-pendulum": Setup(
+        "mbrl_pendulum.yaml", "pendulum", "metalab-pets", {"test_return": "test/return"}, {"return": "return"}
+    ),
+}
+CONFIGS = list(SETUPS)
+
+
+def unit(setup: Setup, metric: str) -> str:
+    """The unit of ``metric`` (``test_success_known`` -> ``success rate``)."""
+    return setup.units[metric.removeprefix("test_").split("_")[0]]
+
+
+def run_config(name: str, seed: int, overrides: list[str]) -> RunConfig:
+    """Configuration ``name``'s config for ``seed``, on the CPU, with ``overrides`` last."""
+    path = CONFIGS_DIR / SETUPS[name].config
+    return load_run_config(path, [f"seed={seed}", "train.device=cpu", *overrides])
+
+
+def benchmark(name: str, seed: int, overrides: list[str], runs: Path) -> list[dict[str, Any]]:
+    """Train (or resume, or reload a finished) run of configuration ``name``, test it once; its records."""
+    setup = SETUPS[name]
+    run = run_config(name, seed, overrides)
+    learner, fitted = train(run, runs / f"{name}-s{seed}")
+    test = learner.evaluate("test", run.eval.episodes)
+    print(f"{name}-s{seed} ({fitted.step} steps, {fitted.seconds:.0f} s): "
+          + ", ".join(f"{m} {test[k]:.3f}" for m, k in setup.metrics.items()))  # fmt: skip
+    common = {"seed": seed, "config": f"configs/{setup.config}", "env": run.env.id,
+              "test_episodes": run.eval.episodes, "overrides": overrides, "threads": torch.get_num_threads()}  # fmt: skip
+    return [
+        record(BENCH, setup.task, setup.method, seed_metric(metric, seed), test[key],
+               ci95=test.get(f"{key}_ci95"), unit=unit(setup, metric), steps=fitted.step,
+               seconds=fitted.seconds, metric_key=key, **common)
+        for metric, key in setup.metrics.items()
+    ]  # fmt: skip
+
+
+def over_seeds(name: str, path: Path, run: RunConfig) -> list[dict[str, Any]]:
+    """The aggregate records over the seeds of ``name`` recorded in ``path``."""
+    setup = SETUPS[name]
+    records = json.loads(path.read_text())
+    found = [
+        aggregate(records, BENCH, setup.task, setup.method, metric, unit(setup, metric),
+                  config=f"configs/{setup.config}", env=run.env.id, test_episodes=run.eval.episodes)
+        for metric in setup.metrics
+    ]  # fmt: skip
+    return [r for r in found if r is not None]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0], CONFIGS)
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds of each configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every selected configuration (repeatable)")  # fmt: skip
+    p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where mbrl.json goes")
+    p.set_defaults(threads=1)  # small networks, one env at a time: one thread is fastest
+    args = parse_args(p, argv)  # a dirty tree is refused here, before any training
+    for name in args.only or CONFIGS:
+        for seed in args.seeds:
+            path = merge_results(
+                BENCH, benchmark(name, seed, args.overrides, args.runs_dir), args.results_dir
+            )
+            merge_results(
+                BENCH, over_seeds(name, path, run_config(name, seed, args.overrides)), args.results_dir
+            )
+    print(args.results_dir / f"{BENCH}.json")
+
+
+if __name__ == "__main__":
+    main()
