@@ -23,7 +23,7 @@ from metalab.errors import MetalabError
 
 Record = dict[str, Any]
 START, END = "<!-- results:start (metalab report) -->", "<!-- results:end -->"
-NO_TEST_SPLIT = frozenset({"maml_speed", "sampler", "device_smoke"})
+NO_TEST_SPLIT = frozenset({"maml_speed", "sampler", "device_smoke", "distributed"})
 """Benchmarks that measure speed or that code runs: no test data, so no protocol to predate."""
 SHOWN = {
     "omniglot_metric": {"test_accuracy", "speedup_vs_plain-loop"},
@@ -42,6 +42,11 @@ SHOWN = {
     },
     "sampler": {"speedup_vs_dataloader-png"},
     "maml_speed": {"speedup_vs_higher"},
+    "memorization": {"test_accuracy", "probe_accuracy", "test_mse", "probe_mse", "train_mse"},
+    "unsupervised": {"test_accuracy"},
+    "bayesian": {"test_mse_k5", "test_nll_k5", "test_coverage90_k2", "test_coverage90_k5"},
+    "sac": {"test_return", "seconds_ratio"},
+    "distributed": {"speedup_vs_1x1"},
 }
 """The metrics each benchmark's table shows (per-seed records, ``*_s0`` ..., are folded into their aggregate)."""
 SHOWN_METHODS = {"maml_speed": {"metalab-vmap", "metalab-grad_loop", "metalab-loop"}}
