@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from metalab.errors import ConfigError, MetalabError
 
@@ -258,13 +258,9 @@ def _resume_changes(run_dir: Path, overrides: list[str]) -> tuple[RunConfig, Cha
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
-
-    from metalab.experiment import RL_ALGORITHMS, algorithm, load_run_config, new_run_dir, write_run_config
+    from metalab.experiment import load_run_config
     from metalab.train import distributed
-    from metalab.train.loop import fit
-    from metalab.train.plots import plot_metrics
-    from metalab.utils import resolve_device, seed_everything
+    from metalab.utils import resolve_device
 
     if bool(args.config) == bool(args.resume):
         raise MetalabError("train needs either CONFIG or --resume RUN_DIR (not both)")
@@ -292,6 +288,30 @@ def _train(args: argparse.Namespace) -> int:
         run = load_run_config(args.config, args.overrides)
     device = resolve_device(run.train.device)
     world = distributed.init(device)
+    try:
+        return _train_ranks(args, run, changes, extend, device, world)
+    finally:  # every rank leaves the group together (rank 0 may still be testing), else gloo can abort at exit
+        if world.distributed:
+            try:
+                distributed.barrier()
+            except RuntimeError:  # a peer died: torchrun is stopping the job anyway
+                pass
+            distributed.shutdown()
+
+
+def _train_ranks(
+    args: argparse.Namespace, run: RunConfig, changes: Changes, extend: str | None, device: Any, world: Any
+) -> int:
+    """The part of ``metalab train`` after the process group is joined (one rank, or each of several)."""
+    import torch
+
+    from metalab.experiment import RL_ALGORITHMS, algorithm, new_run_dir, write_run_config
+    from metalab.train import distributed
+    from metalab.train.loop import fit
+    from metalab.train.plots import plot_metrics
+    from metalab.utils import seed_everything
+
+    run_dir = Path(args.resume) if args.resume else None
     if world.distributed:
         if run.algo in RL_ALGORITHMS:
             raise ConfigError(
