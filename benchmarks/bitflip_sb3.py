@@ -100,7 +100,7 @@ def evaluator(run: RunConfig, model: Any) -> Callable[[str, int], Estimate]:
     """Greedy success of ``model`` on the evaluation episodes metalab's DQN uses for the same part."""
     envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
 
-    def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         # BitFlip's achieved goal is its state, so the observation doubles as the achieved goal.
         dict_obs = {"observation": obs, "achieved_goal": obs, "desired_goal": goal}  # (E, n) each
         return model.predict(dict_obs, deterministic=True)[0]

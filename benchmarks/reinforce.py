@@ -69,7 +69,7 @@ def sampled_return(learner: Learner, run: RunConfig, episodes: int) -> Estimate:
     generator_state = torch.get_rng_state()
     torch.manual_seed(run.eval.seed)
 
-    def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         with torch.no_grad():
             out, _ = model(torch.cat([torch.from_numpy(obs), torch.from_numpy(goal)], -1))  # (E, A)
             return reinforce.distribution(model, params, out).sample().numpy()

@@ -159,7 +159,7 @@ def train_sb3(run: RunConfig) -> Trained:
         seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
         return mean_ci95([r.ret for r in run_episodes(envs, act, seeds)])
 
-    def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         return model.predict(obs, deterministic=True)[0]  # (E, A) in the env's box
 
     curve: list[tuple[int, float]] = []

@@ -20,6 +20,7 @@ from torch.distributions.transforms import TanhTransform
 from metalab.cli import main
 from metalab.config import merge
 from metalab.envs import EnvConfig, make_env
+from metalab.envs.config import make_vector_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig, load_run_config, run_config_from_dict
 from metalab.rl import pearl, sac
@@ -194,25 +195,63 @@ def test_fixed_temperature_has_no_temperature_loss() -> None:
 # --- episodes and evaluation ------------------------------------------------------------------------------
 
 
-def test_lockstep_episodes_equal_one_at_a_time() -> None:
-    def act(obs: np.ndarray, live: list[int]) -> np.ndarray:  # a fixed policy of the position
-        return np.tanh(np.stack([np.cos(3 * obs[:, 1] + 1), np.sin(5 * obs[:, 0] + 2)], -1)).astype(
-            np.float32
-        )
+def position_policy(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
+    """A fixed policy of the position, in [-1, 1]."""
+    return np.tanh(np.stack([np.cos(3 * obs[:, 1] + 1), np.sin(5 * obs[:, 0] + 2)], -1)).astype(np.float32)
 
+
+def test_lockstep_episodes_equal_one_at_a_time() -> None:
     tasks, seeds = [0, 5, 17, 80], [derive_seed(3, i) for i in range(4)]
     envs = [make_env(EnvConfig(id="metalab/PointRobotSparse-v0")) for _ in range(4)]
-    batched = pearl.run_tasks(envs, tasks, seeds, act, "dense_reward")
+    batched = pearl.run_tasks(envs, tasks, seeds, position_policy, "dense_reward")
     for i, task in enumerate(tasks):
-        (single,) = pearl.run_tasks(envs[:1], [task], [seeds[i]], act, "dense_reward")
+        (single,) = pearl.run_tasks(envs[:1], [task], [seeds[i]], position_policy, "dense_reward")
         assert all(
             np.array_equal(x, y) for x, y in zip(single.experience, batched[i].experience, strict=True)
         )
-        assert np.array_equal(single.rl_reward, batched[i].rl_reward)
+        assert np.array_equal(single.info, batched[i].info)
     ep = batched[0].experience
     assert ep.rows == 20 and not ep.terminated.any() and np.abs(ep.action).max() <= 1
     assert np.allclose(ep.next_obs - ep.obs, ep.action * 0.1, atol=1e-6)  # [-1, 1] actions drive a 0.1 box
-    assert (batched[0].rl_reward < 0).all() and batched[0].ret == ep.reward.sum()  # dense for the critic only
+    critic = pearl.critic_reward(batched[0])
+    assert (critic < 0).all() and batched[0].ret == ep.reward.sum()  # dense for the critic only
+    assert (ep.reward >= 0).all() and not np.array_equal(critic, ep.reward)
+
+
+@pytest.mark.parametrize("vector", ["sync", "async"])
+def test_vector_env_runs_the_same_task_episodes(vector: str) -> None:
+    """Through a gymnasium vector env of 3 (each env reset on its own task), 5 episodes on 5 tasks: the loop's
+    transitions, critic rewards and successes."""
+    cfg = EnvConfig(id="metalab/PointRobotSparse-v0", vector=vector)  # type: ignore[arg-type]
+    tasks, seeds = [3, 0, 41, 17, 80], [derive_seed(5, i) for i in range(5)]
+    looped = pearl.run_tasks([make_env(cfg) for _ in range(3)], tasks, seeds, position_policy, "dense_reward")
+    venv = make_vector_env(cfg, 3)
+    try:
+        vectored = pearl.run_tasks(venv, tasks, seeds, position_policy, "dense_reward")
+    finally:
+        venv.close()
+    for a, b in zip(looped, vectored, strict=True):
+        assert a.ret == b.ret and a.success == b.success and np.array_equal(a.info, b.info)
+        assert all(np.array_equal(x, y) for x, y in zip(a.experience, b.experience, strict=True))
+    # different tasks really were run: the same path (a policy of the position) earns a different dense reward
+    assert len({float(pearl.critic_reward(r).sum()) for r in looped}) == 5
+
+
+def test_pearl_trains_the_same_with_a_vector_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """env.vector sync with 3 envs (the initial collection on 80 tasks takes 27 chunks) collects the episodes
+    of 3 looped envs: the same weights after 12 steps (3 collection rounds)."""
+    vector_calls = []
+    real = pearl.run_vector_episodes
+    monkeypatch.setattr(pearl, "run_vector_episodes", lambda *a: vector_calls.append(1) or real(*a))
+    weights = {}
+    for vector in ("loop", "sync"):
+        run = tiny(env={"vector": vector, "num_envs": 3})
+        learner = make(run)
+        fit(learner, run.train, tmp_path / vector)
+        assert bool(vector_calls) == (vector == "sync")  # collection went through the vector env
+        weights[vector] = learner.model.state_dict()
+    for k, v in weights["loop"].items():
+        assert torch.equal(v, weights["sync"][k]), k
 
 
 def test_training_step_and_evaluation_metrics() -> None:
@@ -334,7 +373,7 @@ def random_policy(tasks: list[int], episodes: int = 5) -> tuple[float, float]:
     for e in range(episodes):
         seeds = [derive_seed(e, i) for i in range(len(tasks))]
         results += pearl.run_tasks(envs, tasks, seeds,
-                                   lambda obs, live: rng.uniform(-1, 1, (len(live), 2)).astype(np.float32))  # fmt: skip
+                                   lambda obs, goal, live: rng.uniform(-1, 1, (len(live), 2)).astype(np.float32))  # fmt: skip
     return float(np.mean([r.ret for r in results])), float(np.mean([r.success for r in results]))
 
 

@@ -21,7 +21,8 @@ def test_split_obs_and_dims() -> None:
 
 
 def test_lockstep_batches_equal_one_episode_at_a_time() -> None:
-    def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:  # a fixed policy of (state, goal) bits
+    # a fixed policy of (state, goal) bits
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         code = (obs.astype(int) @ [1, 2, 4, 8]) * 3 + goal.astype(int) @ [1, 2, 4, 8]
         return code % 4
 

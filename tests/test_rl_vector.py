@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def random_policy(space, seed: int):
     rng = np.random.default_rng(seed)
 
-    def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         if hasattr(space, "n"):
             return rng.integers(space.n, size=len(obs))
         return rng.uniform(space.low, space.high, size=(len(obs), *space.shape)).astype(np.float32)

@@ -30,12 +30,13 @@ class EnvConfig:
     max_episode_steps: int | None = None
     """Step limit for an episode (a TimeLimit wrapper); null: the environment's own limit."""
     vector: Literal["loop", "sync", "async"] = "loop"
-    """How an algorithm that collects several episodes per update runs them (REINFORCE): ``loop``, a list of
-    envs stepped in lockstep in this process; ``sync``, gymnasium's ``SyncVectorEnv`` (the same, through the
-    vector API); ``async``, gymnasium's ``AsyncVectorEnv``, one subprocess per env, for envs whose step is
-    expensive. All three give the same episodes for the same seeds."""
+    """How an algorithm that collects several episodes at a time runs them (REINFORCE, PEARL): ``loop``, a
+    list of envs stepped in lockstep in this process; ``sync``, gymnasium's ``SyncVectorEnv`` (the same,
+    through the vector API); ``async``, gymnasium's ``AsyncVectorEnv``, one subprocess per env, for envs whose
+    step is expensive. With the same ``num_envs``, all three give the same episodes for the same seeds."""
     num_envs: int | None = None
-    """Envs stepped together; null: as many as the algorithm collects episodes per update."""
+    """Envs stepped together; null: REINFORCE's episodes per update, PEARL's tasks per collection round
+    (``loop``: as many as it collects on at once)."""
 
     def __post_init__(self) -> None:
         require(
@@ -79,11 +80,27 @@ def make_env(cfg: EnvConfig) -> gym.Env:
         raise ConfigError("env.id", f"cannot make {cfg.id!r}: {e}") from None
 
 
+class PerEnvOptions(gym.Wrapper):
+    """Env ``index`` of a vector env: reset with ``options={"per_env": [options_0, options_1, ...]}`` passes it
+    its own ``options_<index>`` (gymnasium's vector envs give every env the same options; a multi-task env
+    needs a task each)."""
+
+    def __init__(self, env: gym.Env, index: int):
+        super().__init__(env)
+        self.index = index
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        if options is not None and "per_env" in options:
+            options = options["per_env"][self.index]
+        return self.env.reset(seed=seed, options=options)
+
+
 def make_vector_env(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``cfg``'s env behind gymnasium's vector API (``cfg.vector``: ``sync`` or
-    ``async``); episodes end and restart per env (its default next-step autoreset)."""
+    ``async``), each wrapped in :class:`PerEnvOptions`; episodes end and restart per env (its default
+    next-step autoreset)."""
     make_env(cfg).close()  # a bad id fails here, with its one-line ConfigError, not inside a subprocess
-    fns = [lambda: make_env(cfg) for _ in range(num_envs)]
+    fns = [lambda i=i: PerEnvOptions(make_env(cfg), i) for i in range(num_envs)]
     if cfg.vector == "async":
         return gym.vector.AsyncVectorEnv(fns)
     return gym.vector.SyncVectorEnv(fns)

@@ -225,7 +225,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def online() -> Params:
         return dict(q_net.named_parameters())
 
-    def greedy(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def greedy(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
         with torch.no_grad():
             obs_t, goal_t = torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device)
@@ -251,7 +251,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             if rng.random() < eps:
                 action = rng.integers(n_actions)
             else:
-                action = greedy(recorder.obs[None], recorder.goal[None])[0]
+                action = greedy(recorder.obs[None], recorder.goal[None], [0])[0]
             result = recorder.step(np.int64(action))
             if result is not None:
                 store(result)

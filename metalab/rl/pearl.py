@@ -60,7 +60,7 @@ module's defaults, ``configs/sparse-point-robot.json`` the point robot's ``confi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -74,13 +74,22 @@ from torch import nn
 
 import metalab.rl.sac as sac
 from metalab.config import MAX_BATCH, MAX_UNITS, require, require_between, require_widths
-from metalab.envs.config import make_env
+from metalab.envs.config import make_env, make_vector_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.buffer import Experience, ReplayBuffer, Transitions
-from metalab.rl.rollout import derive_seed, dims, env_action, is_goal_env, split_obs
+from metalab.rl.rollout import (
+    Act,
+    EpisodeResult,
+    derive_seed,
+    dims,
+    env_action,
+    is_goal_env,
+    run_episodes,
+    run_vector_episodes,
+)
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
@@ -245,63 +254,34 @@ def pearl_losses(
     return losses, kl, metrics
 
 
-class Rollout(NamedTuple):
-    """A finished episode on one task."""
-
-    experience: Experience  # env rewards (what the context holds); actions in [-1, 1]
-    rl_reward: np.ndarray  # (T,) float32 the critic's reward (info[rl_reward] or the env reward)
-    ret: float
-    """Undiscounted env return."""
-    success: float
-    """``info["is_success"]`` at the last step; NaN if the env does not report it."""
-
-
 def to_box(space: spaces.Box, action: np.ndarray) -> np.ndarray:
     """An action in ``[-1, 1]^A`` mapped linearly onto the box (and clipped into it)."""
     return env_action(space, space.low + (action + 1.0) * 0.5 * (space.high - space.low))
 
 
 def run_tasks(
-    envs: Sequence[gym.Env],
+    envs: Sequence[gym.Env] | gym.vector.VectorEnv,
     tasks: Sequence[int],
     seeds: Sequence[int],
-    act: Callable[[np.ndarray, list[int]], np.ndarray],
+    act: Act,
     rl_reward: str | None = None,
-) -> list[Rollout]:
-    """One episode on each task, ``envs[i]`` reset with ``options={"task": tasks[i]}``, all in lockstep.
+) -> list[EpisodeResult]:
+    """One episode on each task (``options={"task": tasks[i]}``), all in lockstep: through a list of envs or a
+    vector env (:func:`metalab.envs.config.make_vector_env`), the same episodes either way.
 
-    ``act(obs (E, obs_dim), live) -> actions (E, A)`` in ``[-1, 1]`` is called once per time step with the
-    observations of the episodes still running and their indices ``live``.
+    The policy acts in ``[-1, 1]`` (:func:`to_box` maps it onto the env's box); with ``rl_reward`` each result's
+    ``info`` holds that info key's value at every step (:func:`critic_reward`).
     """
-    n = len(tasks)
-    obs = [split_obs(envs[i].reset(seed=seeds[i], options={"task": tasks[i]})[0])[0] for i in range(n)]
-    rows: list[list[tuple]] = [[] for _ in range(n)]
-    done: list[Rollout | None] = [None] * n
-    while live := [i for i in range(n) if done[i] is None]:
-        actions = act(np.stack([obs[i] for i in live]), live)
-        for i, action in zip(live, actions, strict=True):
-            action = np.asarray(action, dtype=np.float32)
-            raw, reward, terminated, truncated, info = envs[i].step(to_box(envs[i].action_space, action))
-            if rl_reward is not None and rl_reward not in info:
-                raise ConfigError(
-                    "pearl.rl_reward", f"the env's info has no {rl_reward!r}; keys: {sorted(info)}"
-                )
-            critic_reward = info[rl_reward] if rl_reward is not None else reward
-            next_obs = split_obs(raw)[0]
-            rows[i].append((obs[i], action, np.float32(reward), next_obs, bool(terminated),
-                            np.float32(critic_reward)))  # fmt: skip
-            obs[i] = next_obs
-            if terminated or truncated:
-                o, a, r, o2, term, r_rl = (np.stack(column) for column in zip(*rows[i], strict=True))
-                empty = np.zeros((len(r), 0), dtype=np.float32)
-                success = float(info["is_success"]) if "is_success" in info else math.nan
-                done[i] = Rollout(
-                    Experience(o, empty, empty, a, r, o2, empty, term), r_rl, float(r.sum()), success
-                )
-    return [r for r in done if r is not None]
+    run = run_vector_episodes if isinstance(envs, gym.vector.VectorEnv) else run_episodes
+    return run(envs, act, seeds, tasks, rl_reward, to_box)  # type: ignore[arg-type]
 
 
-def _summary(results: Sequence[Rollout], key: str) -> dict[str, float]:
+def critic_reward(result: EpisodeResult) -> np.ndarray:
+    """``(T,)`` the reward the critic regresses on: the ``rl_reward`` info values, or the env reward."""
+    return result.experience.reward if result.info is None else result.info
+
+
+def _summary(results: Sequence[EpisodeResult], key: str) -> dict[str, float]:
     """Mean return (and success, if reported) of ``results`` under ``train/{return,success}_{key}``."""
     out = {f"train/return_{key}": float(np.mean([r.ret for r in results]))}
     if not any(math.isnan(r.success) for r in results):
@@ -330,7 +310,17 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     replay = [ReplayBuffer(cfg.buffer_size) for _ in train_tasks]
     encoder_data = [ReplayBuffer(cfg.encoder_capacity) for _ in train_tasks]
     rng = np.random.default_rng(derive_seed(run.seed, 1))  # task choice, context and RL batches
+    if cfg.rl_reward is not None:  # a typo fails here, not at the first collection
+        probe.reset(seed=0)
+        info = probe.step(probe.action_space.sample())[4]
+        if cfg.rl_reward not in info:
+            raise ConfigError(
+                "pearl.rl_reward", f"the env's info has no {cfg.rl_reward!r}; keys: {sorted(info)}"
+            )
+    # Collection: a list of envs stepped in lockstep (env.vector: loop), or one gymnasium vector env.
     envs: list[gym.Env] = [probe]
+    vector = run.env.vector != "loop"
+    venv = make_vector_env(run.env, run.env.num_envs or cfg.tasks_per_collect) if vector else None
     eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
     # Episodes and env steps so far, and the returns of the last collection round (logged until the next one).
     progress: dict[str, Any] = {"episodes": 0, "env_steps": 0, "collected": {}}
@@ -352,10 +342,10 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         noise = torch.randn(mu.shape, generator=generator).to(device) if generator else torch.randn_like(mu)
         return mu + var.sqrt() * noise
 
-    def policy(z: torch.Tensor, deterministic: bool) -> Callable[[np.ndarray, list[int]], np.ndarray]:
+    def policy(z: torch.Tensor, deterministic: bool) -> Act:
         """Acts with task variable ``z[i]`` in episode ``i``: a sample (collection) or the mean action (evaluation)."""
 
-        def act(obs: np.ndarray, live: list[int]) -> np.ndarray:
+        def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
             x = torch.cat([torch.from_numpy(obs).to(device), z[live]], -1)  # (E, obs_dim + L)
             mean, log_std = sac.policy_head(sac.sub_params(params(), "agent"), x)
             if deterministic:
@@ -365,10 +355,10 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         return act
 
     @torch.no_grad()
-    def collect(indices: list[int], steps: int, use_posterior: bool, to_encoder: bool) -> list[Rollout]:
+    def collect(indices: list[int], steps: int, use_posterior: bool, to_encoder: bool) -> list[EpisodeResult]:
         """At least ``steps`` transitions (whole episodes) on each task, one episode per task at a time."""
         remaining = dict.fromkeys(indices, steps)
-        results: list[Rollout] = []
+        results: list[EpisodeResult] = []
         while active := [k for k in indices if remaining[k] > 0]:
             z = torch.randn(len(active), cfg.latent_dim, device=device)  # the prior
             informed = [j for j, k in enumerate(active) if use_posterior and len(encoder_data[k]) > 0]
@@ -376,15 +366,15 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
                 mu, var = posterior(sac.sub_params(params(), "encoder"),
                                     sample_context([active[j] for j in informed]), cfg.latent_dim)  # fmt: skip
                 z[informed] = draw_z(mu, var)
-            while len(envs) < len(active):
+            while venv is None and len(envs) < (run.env.num_envs or len(active)):
                 envs.append(make_env(run.env))
             seeds = [derive_seed(run.seed, 0, progress["episodes"] + j) for j in range(len(active))]
             progress["episodes"] += len(active)
             rollouts = run_tasks(
-                envs, [train_tasks[k] for k in active], seeds, policy(z, False), cfg.rl_reward
+                venv or envs, [train_tasks[k] for k in active], seeds, policy(z, False), cfg.rl_reward
             )
             for k, r in zip(active, rollouts, strict=True):
-                replay[k].add(r.experience._replace(reward=r.rl_reward))
+                replay[k].add(r.experience._replace(reward=critic_reward(r)))
                 if to_encoder:
                     encoder_data[k].add(r.experience)
                 remaining[k] -= r.experience.rows

@@ -11,7 +11,6 @@ makes one update of policy and baseline together (``train.lr`` is their Adam lea
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +28,7 @@ from metalab.envs.config import make_env, make_vector_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.models import MLP
-from metalab.rl.rollout import EpisodeResult, derive_seed, dims, run_episodes, run_vector_episodes
+from metalab.rl.rollout import Act, EpisodeResult, derive_seed, dims, run_episodes, run_vector_episodes
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
@@ -158,8 +157,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def params() -> Params:
         return dict(model.named_parameters())
 
-    def policy(deterministic: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        def act(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def policy(deterministic: bool) -> Act:
+        def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
             x = torch.cat([torch.from_numpy(obs), torch.from_numpy(goal)], -1).to(device)  # (E, in)
             with torch.no_grad():
                 out, _ = model(x)

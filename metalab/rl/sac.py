@@ -421,7 +421,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     def after_update(step: int) -> None:
         target.update(polyak_update(target, model.critic_params(), cfg.tau))
 
-    def greedy(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    def greedy(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
         with torch.no_grad():
             return deterministic_action(params(), torch.from_numpy(obs).to(device)).cpu().numpy()
 
