@@ -10,7 +10,9 @@ dynamics ensemble for the point-mass goal family, a reward model ``r_theta(s, a,
 embedding per training goal) and tests it once on the 20 held-out test goals, one episode each, planned two
 ways with the same dynamics model: against the goal's true reward (``known``) and against the learned reward
 with ``z`` inferred from a few random transitions in the new task (``learned``). ``pets-pendulum`` trains
-``configs/mbrl_pendulum.yaml`` (:mod:`metalab.rl.mbrl`, PETS) and tests it on ``eval.episodes`` episodes.
+``configs/mbrl_pendulum.yaml`` (:mod:`metalab.rl.mbrl`, PETS) and tests it on ``eval.episodes`` episodes;
+``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
+many episodes (the sample-efficiency comparison).
 Each run trains in ``<runs-dir>/<config>-s<seed>``, resuming it when rerun (a changed config is refused);
 ``--set KEY=VALUE`` overrides a key of every selected configuration (pair it with ``--only``).
 
@@ -20,6 +22,7 @@ aggregate over the seeds recorded so far (mean with a Student-t 95% CI over seed
 ``test_return_known``, ``test_success_known``, ``test_return_learned``, ``test_success_learned``,
 ``test_reward_rmse`` and ``test_reward_rmse_mean_z`` (the learned reward's error on the known episodes'
 transitions with the inferred and with the mean embedding) for the point mass; ``test_return`` for Pendulum.
+The planner ablation and planning speed: :mod:`benchmarks.planning`.
 Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 
 References: success is the final position within 0.1 of the goal (:mod:`metalab.envs.point_mass`); a planner
@@ -56,6 +59,8 @@ class Setup(NamedTuple):
     """Record metric -> the learner's ``test/...`` key (its ``_ci95`` key, when it has one, gives the CI)."""
     units: dict[str, str]
     """Record metric -> unit."""
+    overrides: tuple[str, ...] = ()
+    """Config overrides of this configuration (before ``--set``'s)."""
 
 
 POINT_MASS_METRICS = ("return_known", "success_known", "return_learned", "success_learned", "reward_rmse",
@@ -71,6 +76,21 @@ SETUPS = {
     "pets-pendulum": Setup(
         "mbrl_pendulum.yaml", "pendulum", "metalab-pets", {"test_return": "test/return"}, {"return": "return"}
     ),
+    # Our SAC at PETS's env steps (200 random + 10 MPC episodes = 2,200), tested on as many episodes.
+    "sac-pendulum-2200": Setup(
+        "sac_pendulum.yaml",
+        "pendulum",
+        "metalab-sac-2200",
+        {"test_return": "test/return"},
+        {"return": "return"},
+        (
+            "train.steps=2200",
+            "train.eval_every=1100",
+            "train.checkpoint_every=1100",
+            "eval.episodes=10",
+            "eval.batch=10",
+        ),
+    ),
 }
 CONFIGS = list(SETUPS)
 
@@ -82,8 +102,9 @@ def unit(setup: Setup, metric: str) -> str:
 
 def run_config(name: str, seed: int, overrides: list[str]) -> RunConfig:
     """Configuration ``name``'s config for ``seed``, on the CPU, with ``overrides`` last."""
-    path = CONFIGS_DIR / SETUPS[name].config
-    return load_run_config(path, [f"seed={seed}", "train.device=cpu", *overrides])
+    setup = SETUPS[name]
+    return load_run_config(CONFIGS_DIR / setup.config, [f"seed={seed}", "train.device=cpu", *setup.overrides,
+                                                        *overrides])  # fmt: skip
 
 
 def benchmark(name: str, seed: int, overrides: list[str], runs: Path) -> list[dict[str, Any]]:

@@ -47,6 +47,8 @@ SHOWN = {
     "bayesian": {"test_mse_k5", "test_nll_k5", "test_coverage90_k2", "test_coverage90_k5"},
     "sac": {"test_return", "seconds_ratio"},
     "distributed": {"speedup_vs_1x1"},
+    "mbrl": {"test_return", "test_success_known", "test_success_learned", "test_reward_rmse"},
+    "planning": {"test_return", "seconds_per_env_step", "planning_calls_per_s", "speedup_vs_python_loop"},
 }
 """The metrics each benchmark's table shows (per-seed records, ``*_s0`` ..., are folded into their aggregate)."""
 SHOWN_METHODS = {"maml_speed": {"metalab-vmap", "metalab-grad_loop", "metalab-loop"}}
