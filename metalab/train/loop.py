@@ -420,6 +420,133 @@ def _resumed_best(cfg: TrainConfig, state: dict, run_dir: Path) -> Best | None:
     return best
 
 
+@dataclass
+class _Session:
+    """What :func:`fit` carries from step to step, and what a checkpoint saves besides model and optimizer."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    plan: LrPlan
+    step: int = 0
+    elapsed: float = 0.0
+    """Training seconds of earlier sessions of this run."""
+    skipped: int = 0
+    """Updates skipped for a non-finite loss, in all."""
+    in_a_row: int = 0
+    """Updates skipped since the last good one."""
+    best: Best | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run so far."""
+        return self.elapsed + time.perf_counter() - self.start
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+
+def _restore(learner: Learner, cfg: TrainConfig, run: _Session, run_dir: Path, extend: Extend | None) -> None:
+    """Load ``run_dir``'s checkpoint into ``learner`` and ``run`` (raises CheckpointError when it does not fit)."""
+    ckpt_path = run_dir / CHECKPOINT
+    state = load_checkpoint(ckpt_path)
+    try:
+        learner.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if learner.load_state is not None:
+            learner.load_state(state["learner"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"{ckpt_path} does not fit this run's model/config: {state_mismatch(e)}"
+        ) from None
+    run.step = int(state["step"])
+    _restore_schedule(cfg, state, run.sched, run.plan, run.step, extend)
+    run.elapsed = float(state.get("elapsed", 0.0))
+    run.skipped, run.in_a_row = state.get("skipped", (0, 0))
+    if cfg.keep_best is not None:
+        run.best = _resumed_best(cfg, state, run_dir)
+    log.info("resumed from %s at step %d", ckpt_path, run.step)
+
+
+def _checkpoint(learner: Learner, run: _Session, run_dir: Path) -> None:
+    """Write the run's state to ``run_dir``'s checkpoint (atomically; rank 0 only)."""
+    if not distributed.world().main:
+        return
+    best = run.best
+    state = {
+        "step": run.step,
+        "model": learner.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "lr_plan": run.plan.state(),
+        "rng": rng_state(),
+        "elapsed": run.seconds(),
+        "skipped": (run.skipped, run.in_a_row),
+        "best": None if best is None else best[:2],
+        "best_model": None if best is None else best[2],
+    }
+    if learner.state is not None:
+        state["learner"] = learner.state()
+    save_checkpoint(run_dir / CHECKPOINT, state)
+
+
+def _update(
+    learner: Learner,
+    cfg: TrainConfig,
+    run: _Session,
+    loss: torch.Tensor,
+    metrics: dict[str, float],
+    ckpt: Path,
+) -> None:
+    """One optimizer step on ``loss`` (gradients averaged over ranks, clipped), or a skipped one when the loss or
+    the gradient is not finite on some rank; too many skipped in a row raise NonFiniteLossError."""
+    (finite,) = distributed.agree([bool(torch.isfinite(loss.detach()).all())], "all")
+    if finite:
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(run.params())
+        if cfg.grad_clip is not None:
+            norm = nn.utils.clip_grad_norm_(run.params(), cfg.grad_clip)
+            metrics["train/grad_norm"] = float(norm)
+            finite = bool(torch.isfinite(norm))
+    if not finite:
+        run.opt.zero_grad(set_to_none=True)
+        run.skipped, run.in_a_row = run.skipped + 1, run.in_a_row + 1
+        if run.in_a_row > cfg.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {run.step} ({run.in_a_row} non-finite in a row, "
+                f"train.skip_nonfinite={cfg.skip_nonfinite}); training stopped. The last good "
+                f"checkpoint ({ckpt if ckpt.exists() else 'none yet'}) is kept. Try "
+                f"a lower train.lr, set train.grad_clip, or raise train.skip_nonfinite."
+            )
+        log.warning("non-finite loss or gradient at step %d: update skipped", run.step)
+    else:
+        run.in_a_row = 0
+        run.opt.step()
+        run.sched.step()
+        distributed.average_buffers(learner.model)
+        if learner.after_update is not None:
+            learner.after_update(run.step)
+    if run.skipped:
+        metrics["train/skipped_steps"] = run.skipped
+
+
+def _finish(learner: Learner, cfg: TrainConfig, run: _Session, metrics: dict[str, float]) -> FitResult:
+    """The result of a finished run; with ``train.keep_best``, the learner gets the selected weights back."""
+    best = run.best
+    if cfg.keep_best is None:
+        return FitResult(run.step, False, metrics, run.seconds())
+    if best is None:
+        log.warning(
+            "train.keep_best: no evaluation recorded %s; the learner keeps its last weights", cfg.keep_best
+        )
+        return FitResult(run.step, False, metrics, run.seconds())
+    learner.model.load_state_dict(best[2])
+    log.info("train.keep_best: weights of step %d (%s = %.4f)", best[0], cfg.keep_best, best[1])
+    return FitResult(run.step, False, metrics, run.seconds(), best_step=best[0], best_value=best[1])
+
+
 def fit(
     learner: Learner,
     cfg: TrainConfig,
@@ -435,139 +562,54 @@ def fit(
     :meth:`LrPlan.extend`); a change the checkpoint does not fit raises before anything is written.
     ``resumed(step)`` is called once the checkpoint's state is restored and checked, before training goes on.
     """
-    ckpt_path = run_dir / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
     main = distributed.world().main  # with several ranks (metalab.train.distributed), rank 0 logs and writes
     distributed.check_meta_batch(cfg.meta_batch)
-    opt, sched, plan = _make_optimizer(learner, cfg)
-    step, elapsed = 0, 0.0  # elapsed: training seconds of earlier sessions of this run
-    skipped, in_a_row = 0, 0  # updates skipped for a non-finite loss: in all, and since the last good one
-    best: Best | None = None
+    run = _Session(*_make_optimizer(learner, cfg))
     if resume:
-        state = load_checkpoint(ckpt_path)
-        try:
-            learner.model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            if learner.load_state is not None:
-                learner.load_state(state["learner"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(
-                f"{ckpt_path} does not fit this run's model/config: {state_mismatch(e)}"
-            ) from None
-        step = int(state["step"])
-        _restore_schedule(cfg, state, sched, plan, step, extend)
-        elapsed = float(state.get("elapsed", 0.0))
-        skipped, in_a_row = state.get("skipped", (0, 0))
-        if cfg.keep_best is not None:
-            best = _resumed_best(cfg, state, run_dir)
-        log.info("resumed from %s at step %d", ckpt_path, step)
+        _restore(learner, cfg, run, run_dir, extend)
         if resumed is not None:
-            resumed(step)
-
-    def checkpoint() -> None:
-        if not main:
-            return
-        state = {
-            "step": step,
-            "model": learner.model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "lr_plan": plan.state(),
-            "rng": rng_state(),
-            "elapsed": seconds(),
-            "skipped": (skipped, in_a_row),
-            "best": None if best is None else best[:2],
-            "best_model": None if best is None else best[2],
-        }
-        if learner.state is not None:
-            state["learner"] = learner.state()
-        save_checkpoint(ckpt_path, state)
-
-    start = time.perf_counter()
-
-    def seconds() -> float:
-        return elapsed + time.perf_counter() - start
-
-    logger = MetricLogger(run_dir, resume_step=step if resume else None) if main else _NoLogger()
+            resumed(run.step)
+    run.start = time.perf_counter()
+    logger = MetricLogger(run_dir, resume_step=run.step if resume else None) if main else _NoLogger()
     metrics: dict[str, float] = {}
-    bar = _TrainProgress(cfg.steps, step, run_dir.name if main else None)
-    spent = resume and cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
+    bar = _TrainProgress(cfg.steps, run.step, run_dir.name if main else None)
+    spent = resume and cfg.max_minutes is not None and run.elapsed >= 60 * cfg.max_minutes
     if spent:  # a run that stopped on its time budget: resuming it takes no further step
-        log.info("train.max_minutes=%s was spent at step %d: nothing to train", cfg.max_minutes, step)
+        log.info("train.max_minutes=%s was spent at step %d: nothing to train", cfg.max_minutes, run.step)
     try:
         with _StopFlag() as stop:
-            while step < cfg.steps and not spent:
+            while run.step < cfg.steps and not spent:
                 learner.model.train()
-                loss, train_metrics = learner.loss(step)
+                loss, train_metrics = learner.loss(run.step)
                 if loss is not None:
-                    (finite,) = distributed.agree([bool(torch.isfinite(loss.detach()).all())], "all")
-                    if finite:
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        distributed.average_gradients([p for g in opt.param_groups for p in g["params"]])
-                        if cfg.grad_clip is not None:
-                            norm = nn.utils.clip_grad_norm_(
-                                [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
-                            )
-                            train_metrics["train/grad_norm"] = float(norm)
-                            finite = bool(torch.isfinite(norm))
-                    if not finite:
-                        opt.zero_grad(set_to_none=True)
-                        skipped, in_a_row = skipped + 1, in_a_row + 1
-                        if in_a_row > cfg.skip_nonfinite:
-                            raise NonFiniteLossError(
-                                f"loss is {loss.item()} at step {step} ({in_a_row} non-finite in a row, "
-                                f"train.skip_nonfinite={cfg.skip_nonfinite}); training stopped. The last good "
-                                f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try "
-                                f"a lower train.lr, set train.grad_clip, or raise train.skip_nonfinite."
-                            )
-                        log.warning("non-finite loss or gradient at step %d: update skipped", step)
-                    else:
-                        in_a_row = 0
-                        opt.step()
-                        sched.step()
-                        distributed.average_buffers(learner.model)
-                        if learner.after_update is not None:
-                            learner.after_update(step)
-                    if skipped:
-                        train_metrics["train/skipped_steps"] = skipped
-                step += 1
+                    _update(learner, cfg, run, loss, train_metrics, run_dir / CHECKPOINT)
+                run.step += 1
                 bar.update()
-                if step % cfg.log_every == 0:
-                    logged = {"train/lr": sched.get_last_lr()[0], **train_metrics}
+                if run.step % cfg.log_every == 0:
+                    logged = {"train/lr": run.sched.get_last_lr()[0], **train_metrics}
                     if loss is not None:
                         logged = distributed.average_metrics({"train/loss": loss.item(), **logged})
                         bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
-                    logger.log(step, logged)
-                out_of_time = cfg.max_minutes is not None and seconds() >= 60 * cfg.max_minutes
+                    logger.log(run.step, logged)
+                out_of_time = cfg.max_minutes is not None and run.seconds() >= 60 * cfg.max_minutes
                 out_of_time, stopping = distributed.agree([out_of_time, stop.requested])
-                last = step == cfg.steps or out_of_time
-                if main and (step % cfg.eval_every == 0 or last):
+                last = run.step == cfg.steps or out_of_time
+                if main and (run.step % cfg.eval_every == 0 or last):
                     learner.model.eval()
                     metrics = learner.evaluate("val", cfg.eval_episodes)
-                    logger.log(step, {**metrics, "time/train_seconds": seconds()})
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    logger.log(run.step, {**metrics, "time/train_seconds": run.seconds()})
+                    bar.write(f"step {run.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                     if cfg.keep_best is not None:
-                        best = _select(cfg, metrics, step, best, learner, run_dir)
-                if step % cfg.checkpoint_every == 0 or last or stopping:
-                    checkpoint()
+                        run.best = _select(cfg, metrics, run.step, run.best, learner, run_dir)
+                if run.step % cfg.checkpoint_every == 0 or last or stopping:
+                    _checkpoint(learner, run, run_dir)
                 if stopping:
-                    return FitResult(step, True, metrics, seconds())
+                    return FitResult(run.step, True, metrics, run.seconds())
                 if out_of_time:
-                    log.info("train.max_minutes=%s reached at step %d", cfg.max_minutes, step)
+                    log.info("train.max_minutes=%s reached at step %d", cfg.max_minutes, run.step)
                     break
     finally:
         bar.close()
         logger.close()
-    if cfg.keep_best is None:
-        return FitResult(step, False, metrics, seconds())
-    if best is None:
-        log.warning(
-            "train.keep_best: no evaluation recorded %s; the learner keeps its last weights", cfg.keep_best
-        )
-        return FitResult(step, False, metrics, seconds())
-    learner.model.load_state_dict(best[2])
-    log.info("train.keep_best: weights of step %d (%s = %.4f)", best[0], cfg.keep_best, best[1])
-    return FitResult(step, False, metrics, seconds(), best_step=best[0], best_value=best[1])
+    return _finish(learner, cfg, run, metrics)
