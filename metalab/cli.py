@@ -42,7 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(add_help=False)
     root.add_argument("--data-root", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub, root)
+    _add_eval(sub, root)
+    pl = sub.add_parser("plot", help="draw a run's learning curves to RUN_DIR/metrics.png")
+    pl.add_argument("run_dir")
+    _add_report(sub)
+    _add_data(sub, root)
+    return p
 
+
+Subparsers = argparse._SubParsersAction
+
+
+def _add_train(sub: Subparsers, root: argparse.ArgumentParser) -> None:
     t = sub.add_parser(
         "train",
         parents=[root],
@@ -85,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "yourself (README, Scaling out)",
     )
 
+
+def _add_eval(sub: Subparsers, root: argparse.ArgumentParser) -> None:
     e = sub.add_parser(
         "eval",
         parents=[root],
@@ -115,9 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         help="adapt with N inner gradient steps (gradient-based algorithms; short for --set <algo>.eval_inner_steps=N)",
     )
 
-    pl = sub.add_parser("plot", help="draw a run's learning curves to RUN_DIR/metrics.png")
-    pl.add_argument("run_dir")
 
+def _add_report(sub: Subparsers) -> None:
     r = sub.add_parser(
         "report",
         help="write docs/results.md and README.md's headline table from benchmarks/results/*.json",
@@ -129,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 if a page differs from the records"
     )
 
+
+def _add_data(sub: Subparsers, root: argparse.ArgumentParser) -> None:
     d = sub.add_parser("data", help="install data sets and show what is installed")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     di = dsub.add_parser(
@@ -175,7 +190,6 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         help="PNG to write (default: <cache root>/show/omniglot-<split>-<part>-<ways>w<shots>s-seed<seed>.png)",
     )
-    return p
 
 
 def _data_root(args: argparse.Namespace, configured: str | None = None) -> Path:
