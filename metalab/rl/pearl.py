@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -289,8 +290,47 @@ def _summary(results: Sequence[EpisodeResult], key: str) -> dict[str, float]:
     return out
 
 
-def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
-    """Networks, per-task buffers, envs and the trainer hooks of a PEARL run (``data_root`` is unused)."""
+@dataclass
+class Progress:
+    """Episodes and env steps so far, and the metrics of the last collection round (logged until the next)."""
+
+    episodes: int = 0
+    env_steps: int = 0
+    collected: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PEARL:
+    """Everything a PEARL run holds: networks, target critics, per-task buffers, envs and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    probe: gym.Env
+    """The first env: its ``tasks(split)`` name the training, val and test tasks."""
+    train_tasks: list[int]
+    act_dim: int
+    nets: PEARLNets
+    target: Params
+    replay: list[ReplayBuffer]
+    """Per training task: every transition, with the critic's reward."""
+    encoder_data: list[ReplayBuffer]
+    """Per training task: the recent transitions the encoder's context is drawn from."""
+    rng: np.random.Generator
+    """Task choice, context and RL batches."""
+    envs: list[gym.Env]
+    """Collection envs stepped in lockstep (``env.vector: loop``); unused with ``venv``."""
+    venv: gym.vector.VectorEnv | None
+    eval_envs: list[gym.Env]
+    progress: Progress = field(default_factory=Progress)
+
+    def params(self) -> Params:
+        return dict(self.nets.named_parameters())
+
+
+def _checked_env(run: RunConfig) -> gym.Env:
+    """``run``'s env, refused by name unless it is a multi-task env with Box actions (and ``rl_reward`` in its
+    info)."""
     cfg: Config = run.params
     probe = make_env(run.env)
     if not isinstance(probe.action_space, spaces.Box):
@@ -300,16 +340,6 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     if is_goal_env(probe) or not callable(getattr(probe.unwrapped, "tasks", None)):
         raise ConfigError("env.id", f"PEARL needs a multi-task env with tasks(split) and reset(options={{'task': "
                           f"i}}), observations a plain Box; {run.env.id} is not one")  # fmt: skip
-    train_tasks = list(probe.unwrapped.tasks("train"))
-    obs_dim, _ = dims(probe)
-    act_dim = int(np.prod(probe.action_space.shape))
-    context_dim = 2 * obs_dim + act_dim + 1 if cfg.next_obs_in_context else obs_dim + act_dim + 1
-    nets = PEARLNets(obs_dim, act_dim, context_dim, cfg).to(device)
-    nets.agent.log_alpha.requires_grad_(cfg.sac.auto_alpha)
-    target: Params = {k: v.detach().clone() for k, v in nets.agent.critic_params().items()}
-    replay = [ReplayBuffer(cfg.buffer_size) for _ in train_tasks]
-    encoder_data = [ReplayBuffer(cfg.encoder_capacity) for _ in train_tasks]
-    rng = np.random.default_rng(derive_seed(run.seed, 1))  # task choice, context and RL batches
     if cfg.rl_reward is not None:  # a typo fails here, not at the first collection
         probe.reset(seed=0)
         info = probe.step(probe.action_space.sample())[4]
@@ -317,173 +347,218 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             raise ConfigError(
                 "pearl.rl_reward", f"the env's info has no {cfg.rl_reward!r}; keys: {sorted(info)}"
             )
-    # Collection: a list of envs stepped in lockstep (env.vector: loop), or one gymnasium vector env.
-    envs: list[gym.Env] = [probe]
-    vector = run.env.vector != "loop"
-    venv = make_vector_env(run.env, run.env.num_envs or cfg.tasks_per_collect) if vector else None
-    eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
-    # Episodes and env steps so far, and the returns of the last collection round (logged until the next one).
-    progress: dict[str, Any] = {"episodes": 0, "env_steps": 0, "collected": {}}
+    return probe
 
-    def params() -> Params:
-        return dict(nets.named_parameters())
 
-    def context_of(rows: Transitions | Experience) -> torch.Tensor:
-        """Encoder input ``(N, context_dim)`` of sampled or recorded transitions."""
-        obs, action, reward, next_obs = (torch.as_tensor(x) for x in (rows.obs, rows.action, rows.reward,
-                                                                       rows.next_obs))  # fmt: skip
-        return context_features(obs, action, reward, next_obs if cfg.next_obs_in_context else None).to(device)
+def context_of(pearl: PEARL, rows: Transitions | Experience) -> torch.Tensor:
+    """Encoder input ``(N, context_dim)`` of sampled or recorded transitions."""
+    obs, action, reward, next_obs = (torch.as_tensor(x) for x in (rows.obs, rows.action, rows.reward,
+                                                                   rows.next_obs))  # fmt: skip
+    next_obs = next_obs if pearl.cfg.next_obs_in_context else None
+    return context_features(obs, action, reward, next_obs).to(pearl.device)
 
-    def sample_context(indices: Sequence[int]) -> torch.Tensor:
-        """``(len(indices), C, context_dim)`` context of training tasks (indices into ``train_tasks``)."""
-        return torch.stack([context_of(encoder_data[k].sample(cfg.context_batch, rng)) for k in indices])
 
-    def draw_z(mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(mu.shape, generator=generator).to(device) if generator else torch.randn_like(mu)
-        return mu + var.sqrt() * noise
+def sample_context(pearl: PEARL, indices: Sequence[int]) -> torch.Tensor:
+    """``(len(indices), C, context_dim)`` context of training tasks (indices into ``train_tasks``)."""
+    return torch.stack(
+        [context_of(pearl, pearl.encoder_data[k].sample(pearl.cfg.context_batch, pearl.rng)) for k in indices]
+    )
 
-    def policy(z: torch.Tensor, deterministic: bool) -> Act:
-        """Acts with task variable ``z[i]`` in episode ``i``: a sample (collection) or the mean action (evaluation)."""
 
-        def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
-            x = torch.cat([torch.from_numpy(obs).to(device), z[live]], -1)  # (E, obs_dim + L)
-            mean, log_std = sac.policy_head(sac.sub_params(params(), "agent"), x)
-            if deterministic:
-                return torch.tanh(mean).cpu().numpy()
-            return sac.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0].cpu().numpy()
+def draw_z(
+    mu: torch.Tensor, var: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``z ~ N(mu, var)``, from ``generator`` (evaluation) or torch's global RNG (collection)."""
+    noise = torch.randn(mu.shape, generator=generator).to(device) if generator else torch.randn_like(mu)
+    return mu + var.sqrt() * noise
 
-        return act
 
-    @torch.no_grad()
-    def collect(indices: list[int], steps: int, use_posterior: bool, to_encoder: bool) -> list[EpisodeResult]:
-        """At least ``steps`` transitions (whole episodes) on each task, one episode per task at a time."""
-        remaining = dict.fromkeys(indices, steps)
-        results: list[EpisodeResult] = []
-        while active := [k for k in indices if remaining[k] > 0]:
-            z = torch.randn(len(active), cfg.latent_dim, device=device)  # the prior
-            informed = [j for j, k in enumerate(active) if use_posterior and len(encoder_data[k]) > 0]
-            if informed:
-                mu, var = posterior(sac.sub_params(params(), "encoder"),
-                                    sample_context([active[j] for j in informed]), cfg.latent_dim)  # fmt: skip
-                z[informed] = draw_z(mu, var)
-            while venv is None and len(envs) < (run.env.num_envs or len(active)):
-                envs.append(make_env(run.env))
-            seeds = [derive_seed(run.seed, 0, progress["episodes"] + j) for j in range(len(active))]
-            progress["episodes"] += len(active)
-            rollouts = run_tasks(
-                venv or envs, [train_tasks[k] for k in active], seeds, policy(z, False), cfg.rl_reward
-            )
-            for k, r in zip(active, rollouts, strict=True):
-                replay[k].add(r.experience._replace(reward=critic_reward(r)))
-                if to_encoder:
-                    encoder_data[k].add(r.experience)
-                remaining[k] -= r.experience.rows
-                progress["env_steps"] += r.experience.rows
-            results += rollouts
-        return results
+def policy(pearl: PEARL, z: torch.Tensor, deterministic: bool) -> Act:
+    """Acts with task variable ``z[i]`` in episode ``i``: a sample (collection) or the mean action (evaluation)."""
 
-    def collection_round(step: int) -> None:
-        stats: dict[str, float] = {}
-        if step == 0:
-            everything = collect(list(range(len(train_tasks))), cfg.initial_steps, False, True)
-            stats.update(_summary(everything, "initial"))
-        n_picks = min(cfg.tasks_per_collect, len(train_tasks))
-        picks = [int(k) for k in rng.choice(len(train_tasks), n_picks, replace=False)]
-        for k in picks:
-            encoder_data[k] = ReplayBuffer(cfg.encoder_capacity)  # the encoder trains on recent data only
-        phases = (  # (metric key, steps, z from the posterior, into the encoder buffer too)
-            ("prior", cfg.prior_steps, False, True),
-            ("posterior", cfg.posterior_steps, True, True),
-            ("extra", cfg.extra_posterior_steps, True, False),
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
+        x = torch.cat([torch.from_numpy(obs).to(pearl.device), z[live]], -1)  # (E, obs_dim + L)
+        mean, log_std = sac.policy_head(sac.sub_params(pearl.params(), "agent"), x)
+        if deterministic:
+            return torch.tanh(mean).cpu().numpy()
+        return sac.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0].cpu().numpy()
+
+    return act
+
+
+@torch.no_grad()
+def collect(
+    pearl: PEARL, indices: list[int], steps: int, use_posterior: bool, to_encoder: bool
+) -> list[EpisodeResult]:
+    """At least ``steps`` transitions (whole episodes) on each task, one episode per task at a time."""
+    cfg, run, progress = pearl.cfg, pearl.run, pearl.progress
+    remaining = dict.fromkeys(indices, steps)
+    results: list[EpisodeResult] = []
+    while active := [k for k in indices if remaining[k] > 0]:
+        z = torch.randn(len(active), cfg.latent_dim, device=pearl.device)  # the prior
+        informed = [j for j, k in enumerate(active) if use_posterior and len(pearl.encoder_data[k]) > 0]
+        if informed:
+            mu, var = posterior(sac.sub_params(pearl.params(), "encoder"),
+                                sample_context(pearl, [active[j] for j in informed]), cfg.latent_dim)  # fmt: skip
+            z[informed] = draw_z(mu, var, pearl.device)
+        while pearl.venv is None and len(pearl.envs) < (run.env.num_envs or len(active)):
+            pearl.envs.append(make_env(run.env))
+        seeds = [derive_seed(run.seed, 0, progress.episodes + j) for j in range(len(active))]
+        progress.episodes += len(active)
+        tasks = [pearl.train_tasks[k] for k in active]
+        rollouts = run_tasks(pearl.venv or pearl.envs, tasks, seeds, policy(pearl, z, False), cfg.rl_reward)
+        for k, r in zip(active, rollouts, strict=True):
+            pearl.replay[k].add(r.experience._replace(reward=critic_reward(r)))
+            if to_encoder:
+                pearl.encoder_data[k].add(r.experience)
+            remaining[k] -= r.experience.rows
+            progress.env_steps += r.experience.rows
+        results += rollouts
+    return results
+
+
+def collection_round(pearl: PEARL, step: int) -> None:
+    """The paper's data collection: on the first step every training task with ``z ~ prior``; then, on
+    ``tasks_per_collect`` tasks, the prior, posterior and extra-posterior phases."""
+    cfg, n_tasks = pearl.cfg, len(pearl.train_tasks)
+    stats: dict[str, float] = {}
+    if step == 0:
+        stats.update(
+            _summary(collect(pearl, list(range(n_tasks)), cfg.initial_steps, False, True), "initial")
         )
-        for key, steps, use_posterior, to_encoder in phases:
-            if picks and steps > 0:
-                stats.update(_summary(collect(picks, steps, use_posterior, to_encoder), key))
-        progress["collected"] = stats
+    picks = [int(k) for k in pearl.rng.choice(n_tasks, min(cfg.tasks_per_collect, n_tasks), replace=False)]
+    for k in picks:
+        pearl.encoder_data[k] = ReplayBuffer(cfg.encoder_capacity)  # the encoder trains on recent data only
+    phases = (  # (metric key, steps, z from the posterior, into the encoder buffer too)
+        ("prior", cfg.prior_steps, False, True),
+        ("posterior", cfg.posterior_steps, True, True),
+        ("extra", cfg.extra_posterior_steps, True, False),
+    )
+    for key, steps, use_posterior, to_encoder in phases:
+        if picks and steps > 0:
+            stats.update(_summary(collect(pearl, picks, steps, use_posterior, to_encoder), key))
+    pearl.progress.collected = stats
 
-    def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        if step % cfg.collect_every == 0:
-            collection_round(step)
-        indices = rng.integers(0, len(train_tasks), size=run.train.meta_batch)  # with replacement, as PEARL
-        context = sample_context(indices)  # (T, C, context_dim)
-        rows = [replay[k].sample(cfg.batch_size, rng) for k in indices]
-        batch = TaskBatch(*(torch.stack([getattr(r, name) for r in rows]).to(device)
-                            for name in ("obs", "action", "reward", "next_obs", "done")))  # fmt: skip
-        losses, kl, metrics = pearl_losses(params(), target, context, batch, cfg, act_dim)
-        metrics.update(progress["collected"])
-        metrics.update(
-            {"train/episodes": float(progress["episodes"]), "train/env_steps": float(progress["env_steps"])}
-        )
-        return losses.total() + cfg.kl_lambda * kl, metrics
 
-    def after_update(step: int) -> None:
-        target.update(sac.polyak_update(target, nets.agent.critic_params(), cfg.sac.tau))
+def loss(pearl: PEARL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One trainer step: collect when due, then the SAC and KL losses of ``train.meta_batch`` training tasks."""
+    cfg = pearl.cfg
+    if step % cfg.collect_every == 0:
+        collection_round(pearl, step)
+    indices = pearl.rng.integers(
+        0, len(pearl.train_tasks), size=pearl.run.train.meta_batch
+    )  # with replacement
+    context = sample_context(pearl, indices)  # (T, C, context_dim)
+    rows = [pearl.replay[k].sample(cfg.batch_size, pearl.rng) for k in indices]
+    batch = TaskBatch(*(torch.stack([getattr(r, name) for r in rows]).to(pearl.device)
+                        for name in ("obs", "action", "reward", "next_obs", "done")))  # fmt: skip
+    losses, kl, metrics = pearl_losses(pearl.params(), pearl.target, context, batch, cfg, pearl.act_dim)
+    metrics.update(pearl.progress.collected)
+    metrics["train/episodes"] = float(pearl.progress.episodes)
+    metrics["train/env_steps"] = float(pearl.progress.env_steps)
+    return losses.total() + cfg.kl_lambda * kl, metrics
 
-    @torch.no_grad()
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        tasks = list(probe.unwrapped.tasks(part))
-        generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, PART_INDEX[part]))
-        encoder = sac.sub_params(params(), "encoder")
-        n_episodes = cfg.eval_adapt_episodes + 1
-        returns = np.zeros((episodes, n_episodes))
-        successes = np.zeros((episodes, n_episodes))
-        for start in range(0, episodes, len(eval_envs)):
-            trials = list(range(start, min(start + len(eval_envs), episodes)))
-            trial_tasks = [tasks[i % len(tasks)] for i in trials]
-            contexts: list[list[torch.Tensor]] = [[] for _ in trials]
-            for e in range(n_episodes):
-                z = torch.empty(len(trials), cfg.latent_dim, device=device)
-                for j in range(len(trials)):
-                    if e < cfg.eval_prior_episodes:
-                        mu, var = (
-                            torch.zeros(cfg.latent_dim, device=device),
-                            torch.ones(cfg.latent_dim, device=device),
-                        )
-                    else:
-                        mu, var = posterior(encoder, torch.cat(contexts[j]), cfg.latent_dim)
-                    z[j] = draw_z(mu, var, generator)
-                seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i, e) for i in trials]
-                results = run_tasks(eval_envs, trial_tasks, seeds, policy(z, True))
-                for j, (i, r) in enumerate(zip(trials, results, strict=True)):
-                    returns[i, e], successes[i, e] = r.ret, r.success
-                    contexts[j].append(context_of(r.experience))
-        metrics: dict[str, float] = {}
-        columns = {"return": returns, "success": successes}
-        if np.isnan(successes).any():  # the env does not report success
-            del columns["success"]
-        for name, values in columns.items():
-            for e in range(n_episodes):
-                est = mean_ci95(values[:, e].tolist())
-                metrics[f"{part}/{name}_after{e}"], metrics[f"{part}/{name}_after{e}_ci95"] = (
-                    est.mean,
-                    est.ci95,
-                )
-            # <part>/return, <part>/success: the trial's last episode
-            metrics[f"{part}/{name}"], metrics[f"{part}/{name}_ci95"] = est.mean, est.ci95
-        return metrics
 
-    def state() -> dict[str, Any]:
-        return {
-            "target": {k: v.detach().clone() for k, v in target.items()},
-            "replay": [b.state() for b in replay],
-            "encoder_data": [b.state() for b in encoder_data],
-            "rng": rng.bit_generator.state,
-            "episodes": progress["episodes"],
-            "env_steps": progress["env_steps"],
-            "collected": dict(progress["collected"]),
-        }
+def after_update(pearl: PEARL, step: int) -> None:
+    """Polyak-average the target critics toward the critics."""
+    pearl.target.update(sac.polyak_update(pearl.target, pearl.nets.agent.critic_params(), pearl.cfg.sac.tau))
 
-    def load_state(saved: dict[str, Any]) -> None:
-        target.update({k: v.to(device) for k, v in saved["target"].items()})
-        for buffers, key in ((replay, "replay"), (encoder_data, "encoder_data")):
-            if len(saved[key]) != len(buffers):
-                raise ValueError(f"checkpoint has {len(saved[key])} task buffers, this run {len(buffers)}")
-            for b, s in zip(buffers, saved[key], strict=True):
-                b.load_state(s)
-        rng.bit_generator.state = saved["rng"]
-        progress.update(episodes=int(saved["episodes"]), env_steps=int(saved["env_steps"]),
-                        collected=dict(saved["collected"]))  # fmt: skip
 
+@torch.no_grad()
+def trial_returns(pearl: PEARL, part: str, episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and successes ``(episodes, eval_adapt_episodes + 1)`` of ``episodes`` trials on ``part``'s tasks."""
+    cfg, run, device = pearl.cfg, pearl.run, pearl.device
+    tasks = list(pearl.probe.unwrapped.tasks(part))
+    generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, PART_INDEX[part]))
+    encoder = sac.sub_params(pearl.params(), "encoder")
+    n_episodes, batch = cfg.eval_adapt_episodes + 1, len(pearl.eval_envs)
+    returns, successes = np.zeros((episodes, n_episodes)), np.zeros((episodes, n_episodes))
+    for start in range(0, episodes, batch):
+        trials = list(range(start, min(start + batch, episodes)))
+        trial_tasks = [tasks[i % len(tasks)] for i in trials]
+        contexts: list[list[torch.Tensor]] = [[] for _ in trials]
+        for e in range(n_episodes):
+            z = torch.empty(len(trials), cfg.latent_dim, device=device)
+            for j in range(len(trials)):
+                if e < cfg.eval_prior_episodes:
+                    mu, var = (
+                        torch.zeros(cfg.latent_dim, device=device),
+                        torch.ones(cfg.latent_dim, device=device),
+                    )
+                else:
+                    mu, var = posterior(encoder, torch.cat(contexts[j]), cfg.latent_dim)
+                z[j] = draw_z(mu, var, device, generator)
+            seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i, e) for i in trials]
+            results = run_tasks(pearl.eval_envs, trial_tasks, seeds, policy(pearl, z, True))
+            for j, (i, r) in enumerate(zip(trials, results, strict=True)):
+                returns[i, e], successes[i, e] = r.ret, r.success
+                contexts[j].append(context_of(pearl, r.experience))
+    return returns, successes
+
+
+def evaluate(pearl: PEARL, part: str, episodes: int) -> dict[str, float]:
+    """``<part>/{return,success}_after{k}`` (mean and 95% CI over trials), and the last episode's as
+    ``<part>/return`` and ``<part>/success``."""
+    returns, successes = trial_returns(pearl, part, episodes)
+    metrics: dict[str, float] = {}
+    columns = {"return": returns, "success": successes}
+    if np.isnan(successes).any():  # the env does not report success
+        del columns["success"]
+    for name, values in columns.items():
+        for e in range(values.shape[1]):
+            est = mean_ci95(values[:, e].tolist())
+            metrics[f"{part}/{name}_after{e}"], metrics[f"{part}/{name}_after{e}_ci95"] = est.mean, est.ci95
+        # <part>/return, <part>/success: the trial's last episode
+        metrics[f"{part}/{name}"], metrics[f"{part}/{name}_ci95"] = est.mean, est.ci95
+    return metrics
+
+
+def state(pearl: PEARL) -> dict[str, Any]:
+    """What a checkpoint needs beyond the networks: target critics, buffers, RNG and counters."""
+    return {
+        "target": {k: v.detach().clone() for k, v in pearl.target.items()},
+        "replay": [b.state() for b in pearl.replay],
+        "encoder_data": [b.state() for b in pearl.encoder_data],
+        "rng": pearl.rng.bit_generator.state,
+        "episodes": pearl.progress.episodes,
+        "env_steps": pearl.progress.env_steps,
+        "collected": dict(pearl.progress.collected),
+    }
+
+
+def load_state(pearl: PEARL, saved: dict[str, Any]) -> None:
+    pearl.target.update({k: v.to(pearl.device) for k, v in saved["target"].items()})
+    for buffers, key in ((pearl.replay, "replay"), (pearl.encoder_data, "encoder_data")):
+        if len(saved[key]) != len(buffers):
+            raise ValueError(f"checkpoint has {len(saved[key])} task buffers, this run {len(buffers)}")
+        for b, s in zip(buffers, saved[key], strict=True):
+            b.load_state(s)
+    pearl.rng.bit_generator.state = saved["rng"]
+    pearl.progress = Progress(int(saved["episodes"]), int(saved["env_steps"]), dict(saved["collected"]))
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Networks, per-task buffers, envs and the trainer hooks of a PEARL run (``data_root`` is unused)."""
+    cfg: Config = run.params
+    probe = _checked_env(run)
+    train_tasks = list(probe.unwrapped.tasks("train"))
+    obs_dim, _ = dims(probe)
+    act_dim = int(np.prod(probe.action_space.shape))
+    context_dim = 2 * obs_dim + act_dim + 1 if cfg.next_obs_in_context else obs_dim + act_dim + 1
+    nets = PEARLNets(obs_dim, act_dim, context_dim, cfg).to(device)
+    nets.agent.log_alpha.requires_grad_(cfg.sac.auto_alpha)
+    vector = run.env.vector != "loop"  # collection through one gymnasium vector env, or a list of envs
+    pearl = PEARL(
+        run, cfg, device, probe, train_tasks, act_dim, nets,
+        target={k: v.detach().clone() for k, v in nets.agent.critic_params().items()},
+        replay=[ReplayBuffer(cfg.buffer_size) for _ in train_tasks],
+        encoder_data=[ReplayBuffer(cfg.encoder_capacity) for _ in train_tasks],
+        rng=np.random.default_rng(derive_seed(run.seed, 1)),
+        envs=[probe],
+        venv=make_vector_env(run.env, run.env.num_envs or cfg.tasks_per_collect) if vector else None,
+        eval_envs=[make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))],
+    )  # fmt: skip
     trainable = [p for p in nets.parameters() if p.requires_grad]
-    return Learner(nets, loss, evaluate, parameters=trainable, state=state, load_state=load_state,
-                   after_update=after_update)  # fmt: skip
+    return Learner(nets, partial(loss, pearl), partial(evaluate, pearl), parameters=trainable,
+                   state=partial(state, pearl), load_state=partial(load_state, pearl),
+                   after_update=partial(after_update, pearl))  # fmt: skip
