@@ -5,7 +5,11 @@ all-reduce, Adam step) is timed in three layouts on this machine, one after the 
 
 - ``1x1``: one process, one torch thread (the baseline of the ratios);
 - ``1xT``: one process, T threads (T = ``--procs``: the cores a single process could use instead);
-- ``Px1``: P processes under torchrun (``--standalone``), one thread each, the meta-batch split over them.
+- ``Px1``: P processes under torchrun (``--standalone``), one thread each, the meta-batch split over them;
+- ``Px1-independent``: P processes started together, one thread each, each training alone on its share of the
+  meta-batch, no communication at all: the most P processes can get out of this machine, so the gap between it
+  and ``Px1`` is what data-parallel training itself costs, and its gap to P times ``1x1`` is the machine's
+  (cores sharing memory bandwidth and caches).
 
 ::
 
@@ -43,9 +47,11 @@ WORKLOADS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def time_steps(config: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
+def time_steps(
+    config: str, overrides: list[str], warmup: int, steps: int, share: int = 1
+) -> dict[str, float]:
     """In this process (one rank of a torchrun job, or alone): seconds for ``steps`` training steps after
-    ``warmup`` untimed ones, and the meta-batch."""
+    ``warmup`` untimed ones, and the meta-batch (divided by ``share``: one of ``share`` independent processes)."""
     from metalab.data.root import data_root
     from metalab.experiment import algorithm, load_run_config
     from metalab.train import distributed
@@ -53,6 +59,10 @@ def time_steps(config: str, overrides: list[str], warmup: int, steps: int) -> di
 
     distributed.init(torch.device("cpu"))
     run = load_run_config(REPO / config, overrides)
+    if share > 1:
+        run = load_run_config(
+            REPO / config, [*overrides, f"train.meta_batch={run.train.meta_batch // share}"]
+        )
     distributed.check_meta_batch(run.train.meta_batch)
     seed_everything(run.seed)
     learner = algorithm(run.algo).build(run, data_root(), torch.device("cpu"))
@@ -74,6 +84,32 @@ def time_steps(config: str, overrides: list[str], warmup: int, steps: int) -> di
     seconds = time.perf_counter() - start
     distributed.shutdown()
     return {"seconds": seconds, "meta_batch": run.train.meta_batch, "threads": torch.get_num_threads()}
+
+
+def independent(name: str, procs: int, args: argparse.Namespace) -> dict[str, float]:
+    """Run ``procs`` one-thread processes of workload ``name`` side by side, each on ``1 / procs`` of the
+    meta-batch, without communication; their summed throughput."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"timing{i}.json" for i in range(procs)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        running = [
+            subprocess.Popen([sys.executable, "-m", "benchmarks.distributed", "--worker", name, "--out", str(out),
+                              "--warmup", str(args.warmup), "--steps", str(args.steps), "--share", str(procs)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for out in outs
+        ]  # fmt: skip
+        for proc in running:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} {procs}x1-independent failed:\n{err[-3000:]}")
+        timings = [json.loads(out.read_text()) for out in outs]
+    tasks_per_s = sum(t["meta_batch"] * args.steps / t["seconds"] for t in timings)
+    seconds = max(t["seconds"] for t in timings)
+    print(
+        f"{name} {procs}x1-independent: {seconds:.1f} s for {args.steps} steps of 1/{procs} meta-batch each"
+    )
+    return {"seconds": seconds, "meta_batch": sum(t["meta_batch"] for t in timings), "threads": 1,
+            "tasks_per_s": tasks_per_s}  # fmt: skip
 
 
 def layout(name: str, procs: int, threads: int, args: argparse.Namespace) -> dict[str, float]:
@@ -104,6 +140,7 @@ def measure(name: str, args: argparse.Namespace) -> list[dict]:
     p = args.procs
     layouts = {"1x1": (1, 1), f"1x{p}": (1, p), f"{p}x1": (p, 1)}
     timings = {label: layout(name, procs, threads, args) for label, (procs, threads) in layouts.items()}
+    timings[f"{p}x1-independent"] = independent(name, p, args)
     base = timings["1x1"]["tasks_per_s"]
     records = []
     for label, t in timings.items():
@@ -134,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         w.add_argument("--out", type=Path)
         w.add_argument("--warmup", type=int)
         w.add_argument("--steps", type=int)
+        w.add_argument("--share", type=int, default=1)
         a = w.parse_args(argv)
-        timing = time_steps(*WORKLOADS[a.worker], a.warmup, a.steps)
+        timing = time_steps(*WORKLOADS[a.worker], a.warmup, a.steps, a.share)
         if int(os.environ.get("RANK", "0")) == 0:
             a.out.write_text(json.dumps(timing))
         return
