@@ -26,7 +26,8 @@ one. What each of these choices fixed, measured on CityGrid: ``docs/notes/dream.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -257,171 +258,223 @@ def exec_policy(
     return act
 
 
+@dataclass
+class Dream:
+    """Everything a DREAM run holds: the model, target copies, the two replay buffers, envs and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    env: gym.Env
+    eval_env: gym.Env
+    n_actions: int
+    horizon: int
+    train_problems: list
+    model: DREAM
+    targets: dict[str, Params]
+    """Hard target copies of the ``executor`` and ``explorer`` parameters."""
+    explore_buffer: ReplayBuffer[Sequences]
+    exec_buffer: ReplayBuffer[ExecRows]
+    explore_episode: np.ndarray
+    """``(buffer_size,)`` the meta-episode each exploration row holds (-1: none yet)."""
+    rng: np.random.Generator
+    progress: Progress = field(default_factory=Progress)
+
+    def sequence(self, steps: list[Step], task: int = -1) -> Sequences:
+        """One exploration episode as a padded sequence row."""
+        return steps_to_sequence([steps], self.n_actions, task, self.horizon)
+
+
+def params(part: nn.Module) -> Params:
+    return dict(part.named_parameters())
+
+
+def noisy_encoding(dream: Dream, index: int) -> torch.Tensor:
+    """``z ~ N(F(mu), rho^2 I)`` for training problem ``index`` (no gradient)."""
+    with torch.no_grad():
+        f = dream.model.embedding.weight[index]
+        noise = dream.rng.standard_normal(dream.cfg.z_dim).astype(np.float32)
+        return f + dream.cfg.noise * torch.from_numpy(noise).to(dream.device)
+
+
+def collect(dream: Dream, eps: float) -> dict[str, float]:
+    """Play one meta-episode on a random training problem (epsilon-greedy) into both buffers."""
+    cfg, progress, model = dream.cfg, dream.progress, dream.model
+    index = int(dream.rng.integers(len(dream.train_problems)))
+    decoded = cfg.decoded_every > 0 and progress.episodes % cfg.decoded_every == cfg.decoded_every - 1
+    z = noisy_encoding(dream, index)
+
+    def exploit(steps: list[Step]) -> Policy:
+        task_code = decode(model, dream.sequence(steps), dream.device) if decoded else z
+        return exec_policy(model, task_code, dream.n_actions, eps, dream.rng, dream.device)
+
+    explore = recurrent_policy(model.explorer, dream.n_actions, eps, dream.rng, dream.device)
+    seed = derive_seed(dream.run.seed, 0, progress.episodes)
+    episode = play_meta_episode(dream.env, dream.train_problems[index], seed, explore, exploit)
+    slot = dream.explore_buffer.pos
+    dream.explore_buffer.add(dream.sequence(episode.explore, index))
+    dream.explore_episode[slot] = progress.episodes
+    steps = episode.exploit
+    dream.exec_buffer.add(ExecRows(
+        obs=np.stack([s.obs for s in steps]).astype(np.float32),
+        action=np.array([s.action for s in steps], np.int64),
+        reward=np.array([s.reward for s in steps], np.float32),
+        next_obs=np.stack([s.next_obs for s in steps]).astype(np.float32),
+        terminated=np.array([s.terminated for s in steps], bool),
+        task=np.full(len(steps), index, np.int64),
+        explore_slot=np.full(len(steps), slot, np.int64),
+        episode=np.full(len(steps), progress.episodes, np.int64),
+    ))  # fmt: skip
+    progress.record(episode)
+    return {"train/decoded": float(decoded)}
+
+
+def execution_losses(dream: Dream, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Execution on ``z ~ N(F(mu), rho^2 I)`` (or on the decoder's ``z`` every ``exec_decoded_every``-th
+    update) and the bottleneck on ``F(mu)``, weighted: their sum and metrics."""
+    cfg, model, device = dream.cfg, dream.model, dream.device
+    rows = dream.exec_buffer.sample_rows(cfg.exec_batch_size, dream.rng)
+    batch = tuple(torch.from_numpy(a).to(device) for a in rows[:5])
+    f = model.embedding(torch.from_numpy(rows.task).to(device))  # (B, Z)
+    noise = torch.from_numpy(dream.rng.standard_normal(f.shape).astype(np.float32)).to(device)
+    task_code = f + cfg.noise * noise
+    decoded = cfg.exec_decoded_every > 0 and step % cfg.exec_decoded_every == cfg.exec_decoded_every - 1
+    if decoded:
+        still_stored = dream.explore_episode[rows.explore_slot] == rows.episode
+        explorations = dream.explore_buffer.rows(rows.explore_slot)
+        task_code = exec_encodings(model, task_code, explorations, still_stored, device)
+    exec_loss, q_exec = exec_td_loss(params(model.executor), dream.targets["executor"], task_code, batch, cfg)
+    late = cfg.ib_anneal_step > 0 and step >= cfg.ib_anneal_step
+    ib = bottleneck(f, 0.0 if late else cfg.ib_cap)
+    ib_weight = cfg.ib_late_weight if late else cfg.ib_weight
+    metrics = {"loss/exec": exec_loss.item(), "loss/bottleneck": ib.item(), "train/ib_weight": ib_weight,
+               "train/q_exec": q_exec.item()}  # fmt: skip
+    return exec_loss + ib_weight * ib, metrics
+
+
+def exploration_losses(dream: Dream) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The decoder and the explorer on the same exploration sequences: their losses and metrics."""
+    cfg, model, device = dream.cfg, dream.model, dream.device
+    seq = dream.explore_buffer.sample_rows(cfg.batch_size, dream.rng)
+    inputs, action, _, terminal, mask = to_tensors(seq, device)
+    z = model.embedding(torch.from_numpy(seq.task).to(device)).detach()  # (B, Z)
+    predictions = model.decoder(inputs)[0]  # (B, T+1, Z)
+    weight = torch.cat([torch.ones_like(mask[:, :1]), mask], 1).to(predictions.dtype)  # prefixes 0..T
+    errors = (predictions - z[:, None]).pow(2).sum(-1)  # (B, T+1)
+    decoder_loss = (errors * weight).sum() / weight.sum()
+    if cfg.reward_folds:
+        fold_loss, decoded_predictions = cross_fitted(model, inputs, z, weight, seq.task, device)
+        decoder_loss = decoder_loss + fold_loss
+    else:
+        decoded_predictions = predictions.detach()
+    reward = information_gain_rewards(decoded_predictions, z, cfg.step_cost) * mask
+    explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), dream.targets["explorer"],
+                                               inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
+    metrics = {"loss/decoder": decoder_loss.item(), "loss/explore": explore_loss.item(),
+               "train/q_explore": q_explore.item(), "train/decoder_error_final": errors[:, -1].mean().item(),
+               "train/explore_reward": (reward.sum(1)).mean().item()}  # fmt: skip
+    return decoder_loss, explore_loss, metrics
+
+
+def loss(dream: Dream, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """One trainer step: a meta-episode when due, then one update of all four parts (none before
+    ``learning_starts`` meta-episodes)."""
+    cfg = dream.cfg
+    eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * dream.run.train.steps, step)
+    collected = collect(dream, eps) if step % cfg.collect_every == 0 else {}
+    metrics = {"train/epsilon": eps, **collected, **dream.progress.metrics()}
+    if dream.progress.episodes < max(cfg.learning_starts, 1):
+        return None, metrics
+    execution, exec_metrics = execution_losses(dream, step)
+    decoder_loss, explore_loss, explore_metrics = exploration_losses(dream)
+    return execution + decoder_loss + explore_loss, {**metrics, **exec_metrics, **explore_metrics}
+
+
+def after_update(dream: Dream, step: int) -> None:
+    """Hard target copies every ``target_every`` updates."""
+    if (step + 1) % dream.cfg.target_every == 0:
+        for name, target in dream.targets.items():
+            target.update({k: v.detach().clone() for k, v in params(getattr(dream.model, name)).items()})
+
+
+def agent(dream: Dream) -> tuple[Policy, Callable[[list[Step]], Policy]]:
+    """The meta-test agent: the greedy explorer, and the greedy executor on the decoder's ``z``."""
+
+    def exploit(steps: list[Step]) -> Policy:
+        z = decode(dream.model, dream.sequence(steps), dream.device)
+        return exec_policy(dream.model, z, dream.n_actions, 0.0, dream.rng, dream.device)
+
+    return recurrent_policy(dream.model.explorer, dream.n_actions, 0.0, dream.rng, dream.device), exploit
+
+
+def evaluate(dream: Dream, part: str, episodes: int) -> dict[str, float]:
+    """The whole agent on ``part``'s problems, and ``train/oracle_return``: the executor on training problems."""
+    # The whole agent (exploration, decoding, execution) on held-out and on training problems: when the latter
+    # is high and the former low, decoding does not generalise to new problems (e.g. the encoding F(mu) still
+    # carries problem identity, such as the distracting buses, that exploration cannot or should not find).
+    metrics = evaluate_meta(dream.eval_env, part, episodes, dream.run.eval.seed, lambda: agent(dream))
+    # The executor alone on training problems, told their true encoding F(mu) (no noise): when this is low
+    # too, execution has not learned to use z; when only the held-out return is low, exploration or decoding
+    # is what fails.
+    returns = []
+    for i in range(episodes):
+        index = i % len(dream.train_problems)
+        with torch.no_grad():
+            z = dream.model.embedding.weight[index]
+        seed = derive_seed(dream.run.eval.seed, 2, i)
+        policy = exec_policy(dream.model, z, dream.n_actions, 0.0, dream.rng, dream.device)
+        steps, _ = play_episode(dream.eval_env, seed, {"problem": dream.train_problems[index]}, policy)
+        returns.append(sum(s.reward for s in steps))
+    oracle = mean_ci95(returns)
+    return {**metrics, "train/oracle_return": oracle.mean, "train/oracle_return_ci95": oracle.ci95}
+
+
+def figures(dream: Dream, run_dir: Path) -> list[Path]:
+    """A rendered meta-episode on the first test problem."""
+    problem = dream.env.unwrapped.problems("test")[0]
+    filmed = gym.make(dream.run.env.id, render_mode="rgb_array")
+    return [
+        render_meta_episode(filmed, problem, dream.run.eval.seed, *agent(dream), run_dir / "meta_episode.png")
+    ]
+
+
+def state(dream: Dream) -> dict[str, Any]:
+    """What a checkpoint needs beyond the model: targets, buffers, RNG and counters."""
+    return {
+        "targets": {n: {k: v.detach().clone() for k, v in t.items()} for n, t in dream.targets.items()},
+        "explore_buffer": dream.explore_buffer.state(),
+        "explore_episode": torch.from_numpy(dream.explore_episode.copy()),
+        "exec_buffer": dream.exec_buffer.state(),
+        "rng": dream.rng.bit_generator.state,
+        "progress": dream.progress.state(),
+    }
+
+
+def load_state(dream: Dream, saved: dict[str, Any]) -> None:
+    for name, target in dream.targets.items():
+        target.update({k: v.to(dream.device) for k, v in saved["targets"][name].items()})
+    dream.explore_buffer.load_state(saved["explore_buffer"])
+    dream.explore_episode[:] = saved["explore_episode"].numpy()
+    dream.exec_buffer.load_state(saved["exec_buffer"])
+    dream.rng.bit_generator.state = saved["rng"]
+    dream.progress.load_state(saved["progress"])
+
+
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """DREAM's networks, replay buffers and trainer hooks (``data_root`` unused)."""
     cfg: Config = run.params
     env, eval_env, n_actions, _, horizon, train_problems = make_problems(run.env, "DREAM")
-    model = DREAM(len(train_problems), env.observation_space, n_actions, cfg, derive_seed(run.seed, 3)).to(
-        device
-    )
-
-    def params(part: nn.Module) -> Params:
-        return dict(part.named_parameters())
-
-    targets = {name: {k: v.detach().clone() for k, v in params(getattr(model, name)).items()}
-               for name in ("executor", "explorer")}  # fmt: skip
-    explore_buffer: ReplayBuffer[Sequences] = ReplayBuffer(cfg.buffer_size, Sequences)
-    exec_buffer: ReplayBuffer[ExecRows] = ReplayBuffer(cfg.buffer_size * horizon, ExecRows)
-    explore_episode = np.full(cfg.buffer_size, -1, np.int64)  # meta-episode held by each exploration row
-    rng = np.random.default_rng(derive_seed(run.seed, 1))
-    progress = Progress()
-
-    def encoding(index: int) -> torch.Tensor:
-        with torch.no_grad():
-            f = model.embedding.weight[index]
-            return f + cfg.noise * torch.from_numpy(rng.standard_normal(cfg.z_dim).astype(np.float32)).to(
-                device
-            )
-
-    def collect(eps: float) -> dict[str, float]:
-        index = int(rng.integers(len(train_problems)))
-        decoded = cfg.decoded_every > 0 and progress.episodes % cfg.decoded_every == cfg.decoded_every - 1
-        z = encoding(index)
-
-        def exploit(steps: list[Step]) -> Policy:
-            task_code = (
-                decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device) if decoded else z
-            )
-            return exec_policy(model, task_code, n_actions, eps, rng, device)
-
-        explore = recurrent_policy(model.explorer, n_actions, eps, rng, device)
-        seed = derive_seed(run.seed, 0, progress.episodes)
-        episode = play_meta_episode(env, train_problems[index], seed, explore, exploit)
-        slot = explore_buffer.pos
-        explore_buffer.add(steps_to_sequence([episode.explore], n_actions, index, horizon))
-        explore_episode[slot] = progress.episodes
-        steps = episode.exploit
-        exec_buffer.add(ExecRows(
-            obs=np.stack([s.obs for s in steps]).astype(np.float32),
-            action=np.array([s.action for s in steps], np.int64),
-            reward=np.array([s.reward for s in steps], np.float32),
-            next_obs=np.stack([s.next_obs for s in steps]).astype(np.float32),
-            terminated=np.array([s.terminated for s in steps], bool),
-            task=np.full(len(steps), index, np.int64),
-            explore_slot=np.full(len(steps), slot, np.int64),
-            episode=np.full(len(steps), progress.episodes, np.int64),
-        ))  # fmt: skip
-        progress.record(episode)
-        return {"train/decoded": float(decoded)}
-
-    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction * run.train.steps, step)
-        collected = collect(eps) if step % cfg.collect_every == 0 else {}
-        metrics = {"train/epsilon": eps, **collected, **progress.metrics()}
-        if progress.episodes < max(cfg.learning_starts, 1):
-            return None, metrics
-        # execution on z ~ N(F(mu), rho^2 I), and the bottleneck on F(mu)
-        rows = exec_buffer.sample_rows(cfg.exec_batch_size, rng)
-        batch = tuple(torch.from_numpy(a).to(device) for a in rows[:5])
-        f = model.embedding(torch.from_numpy(rows.task).to(device))  # (B, Z)
-        noise = torch.from_numpy(rng.standard_normal(f.shape).astype(np.float32)).to(device)
-        task_code = f + cfg.noise * noise
-        decoded = cfg.exec_decoded_every > 0 and step % cfg.exec_decoded_every == cfg.exec_decoded_every - 1
-        if decoded:
-            still_stored = explore_episode[rows.explore_slot] == rows.episode
-            task_code = exec_encodings(
-                model, task_code, explore_buffer.rows(rows.explore_slot), still_stored, device
-            )
-        exec_loss, q_exec = exec_td_loss(params(model.executor), targets["executor"], task_code, batch, cfg)
-        late = cfg.ib_anneal_step > 0 and step >= cfg.ib_anneal_step
-        ib = bottleneck(f, 0.0 if late else cfg.ib_cap)
-        ib_weight = cfg.ib_late_weight if late else cfg.ib_weight
-        # decoder and explorer on the same exploration sequences
-        seq = explore_buffer.sample_rows(cfg.batch_size, rng)
-        inputs, action, _, terminal, mask = to_tensors(seq, device)
-        z = model.embedding(torch.from_numpy(seq.task).to(device)).detach()  # (B, Z)
-        predictions = model.decoder(inputs)[0]  # (B, T+1, Z)
-        weight = torch.cat([torch.ones_like(mask[:, :1]), mask], 1).to(predictions.dtype)  # prefixes 0..T
-        errors = (predictions - z[:, None]).pow(2).sum(-1)  # (B, T+1)
-        decoder_loss = (errors * weight).sum() / weight.sum()
-        if cfg.reward_folds:
-            fold_loss, decoded_predictions = cross_fitted(model, inputs, z, weight, seq.task, device)
-            decoder_loss = decoder_loss + fold_loss
-        else:
-            decoded_predictions = predictions.detach()
-        reward = information_gain_rewards(decoded_predictions, z, cfg.step_cost) * mask
-        explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), targets["explorer"],
-                                                   inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
-        total = exec_loss + ib_weight * ib + decoder_loss + explore_loss
-        return total, {
-            **metrics,
-            "loss/exec": exec_loss.item(),
-            "loss/bottleneck": ib.item(),
-            "train/ib_weight": ib_weight,
-            "loss/decoder": decoder_loss.item(),
-            "loss/explore": explore_loss.item(),
-            "train/q_exec": q_exec.item(),
-            "train/q_explore": q_explore.item(),
-            "train/decoder_error_final": errors[:, -1].mean().item(),
-            "train/explore_reward": (reward.sum(1)).mean().item(),
-        }
-
-    def after_update(step: int) -> None:
-        if (step + 1) % cfg.target_every == 0:
-            for name, target in targets.items():
-                target.update({k: v.detach().clone() for k, v in params(getattr(model, name)).items()})
-
-    def agent() -> tuple[Policy, Callable[[list[Step]], Policy]]:
-        def exploit(steps: list[Step]) -> Policy:
-            z = decode(model, steps_to_sequence([steps], n_actions, -1, horizon), device)
-            return exec_policy(model, z, n_actions, 0.0, rng, device)
-
-        return recurrent_policy(model.explorer, n_actions, 0.0, rng, device), exploit
-
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        # The whole agent (exploration, decoding, execution) on held-out and on training problems: when the latter
-        # is high and the former low, decoding does not generalise to new problems (e.g. the encoding F(mu) still
-        # carries problem identity, such as the distracting buses, that exploration cannot or should not find).
-        metrics = evaluate_meta(eval_env, part, episodes, run.eval.seed, agent)
-        # The executor alone on training problems, told their true encoding F(mu) (no noise): when this is low
-        # too, execution has not learned to use z; when only the held-out return is low, exploration or decoding
-        # is what fails.
-        returns = []
-        for i in range(episodes):
-            index = i % len(train_problems)
-            with torch.no_grad():
-                z = model.embedding.weight[index]
-            seed = derive_seed(run.eval.seed, 2, i)
-            steps, _ = play_episode(eval_env, seed, {"problem": train_problems[index]},
-                                    exec_policy(model, z, n_actions, 0.0, rng, device))  # fmt: skip
-            returns.append(sum(s.reward for s in steps))
-        oracle = mean_ci95(returns)
-        return {**metrics, "train/oracle_return": oracle.mean, "train/oracle_return_ci95": oracle.ci95}
-
-    def figures(run_dir: Path) -> list[Path]:
-        problem = env.unwrapped.problems("test")[0]
-        filmed = gym.make(run.env.id, render_mode="rgb_array")
-        return [render_meta_episode(filmed, problem, run.eval.seed, *agent(), run_dir / "meta_episode.png")]
-
-    def state() -> dict[str, Any]:
-        return {
-            "targets": {n: {k: v.detach().clone() for k, v in t.items()} for n, t in targets.items()},
-            "explore_buffer": explore_buffer.state(),
-            "explore_episode": torch.from_numpy(explore_episode.copy()),
-            "exec_buffer": exec_buffer.state(),
-            "rng": rng.bit_generator.state,
-            "progress": progress.state(),
-        }
-
-    def load_state(saved: dict[str, Any]) -> None:
-        for name, target in targets.items():
-            target.update({k: v.to(device) for k, v in saved["targets"][name].items()})
-        explore_buffer.load_state(saved["explore_buffer"])
-        explore_episode[:] = saved["explore_episode"].numpy()
-        exec_buffer.load_state(saved["exec_buffer"])
-        rng.bit_generator.state = saved["rng"]
-        progress.load_state(saved["progress"])
-
-    return Learner(
-        model, loss, evaluate, state=state, load_state=load_state, after_update=after_update, figures=figures
-    )
+    model = DREAM(len(train_problems), env.observation_space, n_actions, cfg, derive_seed(run.seed, 3))
+    model = model.to(device)
+    dream = Dream(
+        run, cfg, device, env, eval_env, n_actions, horizon, train_problems, model,
+        targets={name: {k: v.detach().clone() for k, v in params(getattr(model, name)).items()}
+                 for name in ("executor", "explorer")},
+        explore_buffer=ReplayBuffer(cfg.buffer_size, Sequences),
+        exec_buffer=ReplayBuffer(cfg.buffer_size * horizon, ExecRows),
+        explore_episode=np.full(cfg.buffer_size, -1, np.int64),
+        rng=np.random.default_rng(derive_seed(run.seed, 1)),
+    )  # fmt: skip
+    return Learner(model, partial(loss, dream), partial(evaluate, dream), state=partial(state, dream),
+                   load_state=partial(load_state, dream), after_update=partial(after_update, dream),
+                   figures=partial(figures, dream))  # fmt: skip
