@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -370,6 +371,240 @@ def _estimates(prefix: str, values: Sequence[float]) -> dict[str, float]:
     return {prefix: est.mean, f"{prefix}_ci95": est.ci95}
 
 
+@dataclass
+class _Fit:
+    """The fit in progress: its number, its data and bootstrap resamples (fixed for the whole fit)."""
+
+    fit: int = -1
+    rows: TaskTransition | None = None
+    data: Data | None = None
+    boot: np.ndarray | None = None
+
+
+@dataclass
+class MultiTask:
+    """Everything a multi-task model-based run holds: models, buffer, envs, actors and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    family: gym.Env
+    """The goal family (``tasks(split)``, ``goal_of(task)``)."""
+    bounds: Bounds
+    obs_dim: int
+    train_tasks: list[int]
+    goals: dict[int, np.ndarray]
+    """Every task's goal (the known reward's context)."""
+    dynamics: Ensemble
+    reward_model: RewardModel
+    buffer: ReplayBuffer
+    env: InTask
+    recorder: Recorder
+    eval_envs: list[InTask]
+    context_env: InTask
+    """Collects the random transitions a held-out task's embedding is inferred from."""
+    known_actor: ActFn
+    learned_actor: ActFn
+    progress: _Progress
+    fitting: _Fit = field(default_factory=_Fit)
+
+    @property
+    def box(self) -> tuple[np.ndarray, np.ndarray]:
+        """The action box as float32 ``(low, high)``."""
+        return self.bounds.low.cpu().numpy(), self.bounds.high.cpu().numpy()
+
+
+def learned_reward(model: RewardModel) -> GoalReward:
+    """``r_theta(s, a, s', z)`` with the reward model's current parameters."""
+
+    def reward(obs: Tensor, action: Tensor, next_obs: Tensor, z: Tensor) -> Tensor:
+        return predict_reward(model.net_params(), model.normalizer(), obs, action, next_obs, z)
+
+    return reward
+
+
+def start_episode(mt: MultiTask) -> None:
+    """Reset the training env into the next episode's task (the training tasks take turns)."""
+    mt.env.set_task(mt.train_tasks[mt.progress.episode % len(mt.train_tasks)], np.zeros(0))
+    mt.recorder.reset(derive_seed(mt.run.seed, 0, mt.progress.episode))
+
+
+def mpc_action(mt: MultiTask, now: Phase) -> np.ndarray:
+    """The MPC action of a training episode, against the task's known reward or, every ``learned_every``-th
+    episode, against the learned reward with the task's own (current) embedding."""
+    progress = mt.progress
+    task = progress.episode % len(mt.train_tasks)
+    generator = torch.Generator(mt.device).manual_seed(derive_seed(mt.run.seed, _PLAN, now.env_step))
+    if plans_learned(mt.cfg, progress.episode):
+        actor, context = mt.learned_actor, mt.reward_model.embedding.weight[task].detach().cpu().numpy()
+    else:
+        actor, context = mt.known_actor, mt.goals[mt.train_tasks[task]]
+    state = np.concatenate([mt.recorder.obs, context]).astype(np.float32)[None]  # (1, D + C)
+    actions, progress.mean = actor(state, progress.mean, generator)
+    return actions[0]
+
+
+def env_step(mt: MultiTask, now: Phase) -> None:
+    """One env step of a training episode (random, held for ``random_hold`` steps, or MPC) into the buffer."""
+    progress, recorder = mt.progress, mt.recorder
+    if now.kind == "random" and len(recorder.actions) % mt.cfg.random_hold:
+        action = recorder.actions[-1]  # held
+    elif now.kind == "random":
+        low, high = mt.box
+        action = np.random.default_rng(derive_seed(mt.run.seed, _RANDOM, now.env_step)).uniform(low, high)
+        action = action.astype(np.float32)
+    else:
+        action = mpc_action(mt, now)
+    obs = recorder.obs
+    result = recorder.step(action)
+    task = np.array([progress.episode % len(mt.train_tasks)])
+    reward = np.array([mt.env.last_reward], dtype=np.float32)
+    mt.buffer.add(TaskTransition(obs[None], action[None], recorder.obs[None], reward, task))
+    if result is not None:
+        kind = "random" if now.kind == "random" else MODES[plans_learned(mt.cfg, progress.episode)]
+        progress.recent[kind].append((result.ret, result.success))
+        progress.episode += 1
+        start_episode(mt)
+        progress.mean = initial_mean(mt.bounds, 1, mt.cfg.mbrl.planner.horizon)
+
+
+def fit_loss(mt: MultiTask, now: Phase, step: int) -> tuple[Tensor, dict[str, float]]:
+    """One minibatch update of the dynamics ensemble and of the reward model on the buffer's data."""
+    mb, fitting, device = mt.cfg.mbrl, mt.fitting, mt.device
+    if fitting.fit != now.fit:  # the fit's data and resamples are fixed: derive them once
+        fitting.rows = TaskTransition(*(torch.from_numpy(c).to(device) for c in mt.buffer.filled()))
+        fitting.data = Data(fitting.rows.obs, fitting.rows.action, fitting.rows.next_obs)
+        rng = np.random.default_rng(derive_seed(mt.run.seed, _BOOTSTRAP, now.fit))
+        fitting.boot = bootstrap_indices(len(mt.buffer), mb.members, rng)
+        fitting.fit = now.fit
+    rows, data, boot = fitting.rows, fitting.data, fitting.boot
+    assert rows is not None and data is not None and boot is not None
+    if now.update == 0:
+        mt.dynamics.set_normalizer(fit_normalizer(data))
+        mt.reward_model.set_normalizer(fit_reward_normalizer(RewardRows(*rows[:4])))
+    rng = np.random.default_rng(derive_seed(mt.run.seed, _MINIBATCH, step))
+    batch = minibatch(data, boot, mb.batch_size, rng)
+    dynamics_loss, metrics = model_loss(mt.dynamics.params(), mt.dynamics.normalizer(), batch, mb.bound_reg)
+    pick = torch.from_numpy(rng.integers(0, len(mt.buffer), size=mt.cfg.reward_batch)).to(device)  # (B,)
+    picked = RewardRows(rows.obs[pick], rows.action[pick], rows.next_obs[pick], rows.reward[pick])
+    z = mt.reward_model.embedding(rows.task[pick])  # (B, E)
+    loss_r, metrics_r = reward_loss(mt.reward_model.net_params(), mt.reward_model.normalizer(), picked, z)
+    return dynamics_loss + loss_r, metrics | metrics_r
+
+
+def loss(mt: MultiTask, step: int) -> tuple[Tensor | None, dict[str, float]]:
+    """One trainer step of the model-based loop (:func:`metalab.rl.mbrl.loop_step`)."""
+    total, metrics = loop_step(
+        step, mt.cfg.mbrl, lambda now, s: fit_loss(mt, now, s), lambda now: env_step(mt, now),
+        lambda: mt.progress.episode,
+    )  # fmt: skip
+    for kind, recent in mt.progress.recent.items():
+        if recent:
+            metrics[f"train/return_{kind}"] = float(np.mean([r for r, _ in recent]))
+            metrics[f"train/success_{kind}"] = float(np.mean([s for _, s in recent]))
+    return total, metrics
+
+
+def play(
+    mt: MultiTask,
+    actor: ActFn,
+    tasks: list[int],
+    contexts: Sequence[Any],
+    seeds: list[int],
+    generator: torch.Generator,
+) -> list[EpisodeResult]:
+    """One MPC episode per task, ``len(eval_envs)`` at a time, each state carrying its context."""
+    start = initial_mean(mt.bounds, 1, mt.cfg.mbrl.planner.horizon)
+    envs, results = mt.eval_envs, []
+    for first in range(0, len(tasks), len(envs)):
+        chunk = range(first, min(first + len(envs), len(tasks)))
+        for slot, i in zip(envs, chunk, strict=False):
+            slot.set_task(tasks[i], contexts[i])
+        results += mpc_episodes(envs[: len(chunk)], actor, seeds[first : chunk.stop], start, generator)
+    return results
+
+
+def inferred_embeddings(mt: MultiTask, part: str, tasks: list[int]) -> tuple[Tensor, Tensor]:
+    """Each held-out task's embedding ``(G, E)`` inferred from ``context_transitions`` random transitions in it,
+    and the mean training embedding ``(E,)`` (where inference starts)."""
+    cfg = mt.cfg
+    context = [
+        random_transitions(mt.context_env, t, cfg.context_transitions,
+                           derive_seed(mt.run.eval.seed, PART_INDEX[part], _CONTEXT, i), mt.box, cfg.random_hold)
+        for i, t in enumerate(tasks)
+    ]  # fmt: skip
+    rows = RewardRows(*(torch.from_numpy(np.stack(c)).to(mt.device) for c in zip(*context, strict=True)))
+    params, norm = mt.reward_model.net_params(), mt.reward_model.normalizer()
+    mean_z = mt.reward_model.embedding.weight.detach().mean(0)  # (E,)
+    return infer_embedding(params, norm, mean_z, rows, cfg.infer_steps, cfg.infer_lr), mean_z
+
+
+@torch.no_grad()
+def reward_rmse(mt: MultiTask, episodes: list[EpisodeResult], z: Tensor) -> float:
+    """The learned reward's RMSE on ``episodes``' transitions, episode ``i`` with embedding ``z[i]``."""
+    errors = []
+    for result, z_i in zip(episodes, z, strict=True):
+        e = result.experience
+        held = RewardRows(*(torch.from_numpy(x).to(mt.device) for x in (
+            e.obs[:, : mt.obs_dim], e.action, e.next_obs[:, : mt.obs_dim], e.reward)))  # fmt: skip
+        errors.append(
+            learned_reward(mt.reward_model)(held.obs, held.action, held.next_obs, z_i) - held.reward
+        )
+    return float(torch.cat(errors).pow(2).mean().sqrt())
+
+
+def evaluate(mt: MultiTask, part: str, episodes: int) -> dict[str, float]:
+    """One episode per held-out task (round robin over ``part``'s), planned against the known reward and against
+    the learned one with the inferred embedding; and the learned reward's error on the known episodes."""
+    held_out = list(mt.family.tasks(part))
+    tasks = [held_out[i % len(held_out)] for i in range(episodes)]
+    seeds = [derive_seed(mt.run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
+    z, mean_z = inferred_embeddings(mt, part, tasks)  # (G, E), (E,)
+    metrics: dict[str, float] = {}
+    outcomes = {}
+    for mode, actor, contexts in (
+        ("known", mt.known_actor, [mt.goals[t] for t in tasks]),
+        ("learned", mt.learned_actor, list(z.cpu())),
+    ):
+        plan_seed = derive_seed(mt.run.eval.seed, PART_INDEX[part], _PLAN, MODES.index(mode))
+        outcomes[mode] = play(
+            mt, actor, tasks, contexts, seeds, torch.Generator(mt.device).manual_seed(plan_seed)
+        )
+        metrics |= _estimates(f"{part}/return_{mode}", [r.ret for r in outcomes[mode]])
+        metrics |= _estimates(f"{part}/success_{mode}", [r.success for r in outcomes[mode]])
+    # the learned reward on the known episodes' transitions, with z and with the mean
+    metrics[f"{part}/reward_rmse"] = reward_rmse(mt, outcomes["known"], z)
+    metrics[f"{part}/reward_rmse_mean_z"] = reward_rmse(mt, outcomes["known"], mean_z.expand_as(z))
+    return metrics
+
+
+def state(mt: MultiTask) -> dict[str, Any]:
+    """What a checkpoint needs beyond the models: buffer, the episode in progress, counters, warm start."""
+    progress = mt.progress
+    return {
+        "buffer": mt.buffer.state(),
+        "recorder": mt.recorder.state(),
+        "episode": progress.episode,
+        "recent": {
+            k: torch.tensor(list(v), dtype=torch.float64).reshape(-1, 2) for k, v in progress.recent.items()
+        },
+        "mean": progress.mean.detach().cpu().clone(),
+    }
+
+
+def load_state(mt: MultiTask, saved: dict[str, Any]) -> None:
+    progress = mt.progress
+    mt.buffer.load_state(saved["buffer"])
+    progress.episode = int(saved["episode"])
+    for kind, recent in progress.recent.items():
+        recent.clear()
+        recent.extend(tuple(row) for row in saved["recent"][kind].tolist())
+    progress.mean = saved["mean"].to(mt.device)
+    start_episode(mt)  # into the episode's task; the recorder then replays its actions
+    mt.recorder.load_state(saved["recorder"])
+    mt.fitting.fit = -1
+
+
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Dynamics ensemble, reward model, replay buffer, envs and the trainer hooks of a multi-task model-based
     run (``data_root`` is unused)."""
@@ -381,7 +616,6 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             f"mt_mbrl needs a goal family with a known reward per goal, which {run.env.id} is not (there is one "
             f"for: {', '.join(GOAL_REWARDS)})",
         )
-    true_reward = GOAL_REWARDS[run.env.id]
     probe = make_env(run.env)
     family = probe.unwrapped
     space = probe.action_space
@@ -391,168 +625,24 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     low, high = space.low.reshape(-1).astype(np.float32), space.high.reshape(-1).astype(np.float32)
     bounds = Bounds(torch.from_numpy(low).to(device), torch.from_numpy(high).to(device))
     train_tasks = list(family.tasks("train"))
-    goals = {t: family.goal_of(t) for split in ("train", "val", "test") for t in family.tasks(split)}
-
     dynamics = Ensemble(obs_dim, act_dim, mb.hidden, mb.members, mb.probabilistic)
     reward_model = RewardModel(obs_dim, act_dim, len(train_tasks), cfg.embed_dim, cfg.reward_hidden)
     model = MultiTaskModel(dynamics, reward_model).to(device)
-    buffer = ReplayBuffer(mb.buffer_size, TaskTransition)
     env = InTask(make_env(run.env))
-    recorder = Recorder(env)
-    eval_envs = [InTask(make_env(run.env)) for _ in range(min(run.eval.batch, run.eval.episodes))]
-    context_env = InTask(make_env(run.env))
-    progress = _Progress(initial_mean(bounds, 1, mb.planner.horizon))
-    fitting: dict[str, Any] = {"fit": -1}  # the data and bootstrap resamples of the fit in progress
-    known_actor = mpc_actor(dynamics, mb, split_context(true_reward, obs_dim), bounds, obs_dim, device)
-
-    def learned_reward(obs: Tensor, action: Tensor, next_obs: Tensor, z: Tensor) -> Tensor:
-        return predict_reward(reward_model.net_params(), reward_model.normalizer(), obs, action, next_obs, z)
-
-    learned_actor = mpc_actor(dynamics, mb, split_context(learned_reward, obs_dim), bounds, obs_dim, device)
-
-    def start_episode() -> None:
-        """Reset the training env into the next episode's task (the training tasks take turns)."""
-        env.set_task(train_tasks[progress.episode % len(train_tasks)], np.zeros(0))
-        recorder.reset(derive_seed(run.seed, 0, progress.episode))
-
-    def mpc_action(now: Phase) -> np.ndarray:
-        """The MPC action of a training episode, against the task's known reward or, every ``learned_every``-th
-        episode, against the learned reward with the task's own (current) embedding."""
-        task = progress.episode % len(train_tasks)
-        generator = torch.Generator(device).manual_seed(derive_seed(run.seed, _PLAN, now.env_step))
-        if plans_learned(cfg, progress.episode):
-            actor, context = learned_actor, reward_model.embedding.weight[task].detach().cpu().numpy()
-        else:
-            actor, context = known_actor, goals[train_tasks[task]]
-        state = np.concatenate([recorder.obs, context]).astype(np.float32)[None]  # (1, D + C)
-        actions, progress.mean = actor(state, progress.mean, generator)
-        return actions[0]
-
-    def env_step(now: Phase) -> None:
-        if now.kind == "random" and len(recorder.actions) % cfg.random_hold:
-            action = recorder.actions[-1]  # held
-        elif now.kind == "random":
-            action = np.random.default_rng(derive_seed(run.seed, _RANDOM, now.env_step)).uniform(low, high)
-            action = action.astype(np.float32)
-        else:
-            action = mpc_action(now)
-        obs = recorder.obs
-        result = recorder.step(action)
-        task = np.array([progress.episode % len(train_tasks)])
-        reward = np.array([env.last_reward], dtype=np.float32)
-        buffer.add(TaskTransition(obs[None], action[None], recorder.obs[None], reward, task))
-        if result is not None:
-            kind = "random" if now.kind == "random" else MODES[plans_learned(cfg, progress.episode)]
-            progress.recent[kind].append((result.ret, result.success))
-            progress.episode += 1
-            start_episode()
-            progress.mean = initial_mean(bounds, 1, mb.planner.horizon)
-
-    def fit_loss(now: Phase, step: int) -> tuple[Tensor, dict[str, float]]:
-        if fitting["fit"] != now.fit:  # the fit's data and resamples are fixed: derive them once
-            rows = TaskTransition(*(torch.from_numpy(c).to(device) for c in buffer.filled()))
-            fitting["rows"] = rows
-            fitting["data"] = Data(rows.obs, rows.action, rows.next_obs)
-            rng = np.random.default_rng(derive_seed(run.seed, _BOOTSTRAP, now.fit))
-            fitting["boot"] = bootstrap_indices(len(buffer), mb.members, rng)
-            fitting["fit"] = now.fit
-        rows: TaskTransition = fitting["rows"]
-        if now.update == 0:
-            dynamics.set_normalizer(fit_normalizer(fitting["data"]))
-            reward_model.set_normalizer(fit_reward_normalizer(RewardRows(*rows[:4])))
-        rng = np.random.default_rng(derive_seed(run.seed, _MINIBATCH, step))
-        batch = minibatch(fitting["data"], fitting["boot"], mb.batch_size, rng)
-        dynamics_loss, metrics = model_loss(dynamics.params(), dynamics.normalizer(), batch, mb.bound_reg)
-        pick = torch.from_numpy(rng.integers(0, len(buffer), size=cfg.reward_batch)).to(device)  # (B,)
-        picked = RewardRows(rows.obs[pick], rows.action[pick], rows.next_obs[pick], rows.reward[pick])
-        z = reward_model.embedding(rows.task[pick])  # (B, E)
-        loss_r, metrics_r = reward_loss(reward_model.net_params(), reward_model.normalizer(), picked, z)
-        return dynamics_loss + loss_r, metrics | metrics_r
-
-    def loss(step: int) -> tuple[Tensor | None, dict[str, float]]:
-        total, metrics = loop_step(step, mb, fit_loss, env_step, lambda: progress.episode)
-        for kind, recent in progress.recent.items():
-            if recent:
-                metrics[f"train/return_{kind}"] = float(np.mean([r for r, _ in recent]))
-                metrics[f"train/success_{kind}"] = float(np.mean([s for _, s in recent]))
-        return total, metrics
-
-    def play(
-        actor: ActFn, tasks: list[int], contexts: Sequence[Any], seeds: list[int], generator: torch.Generator
-    ) -> list[EpisodeResult]:
-        """One MPC episode per task, ``len(eval_envs)`` at a time, each state carrying its context."""
-        start = initial_mean(bounds, 1, mb.planner.horizon)
-        results: list[EpisodeResult] = []
-        for first in range(0, len(tasks), len(eval_envs)):
-            chunk = range(first, min(first + len(eval_envs), len(tasks)))
-            for slot, i in zip(eval_envs, chunk, strict=False):
-                slot.set_task(tasks[i], contexts[i])
-            results += mpc_episodes(
-                eval_envs[: len(chunk)], actor, seeds[first : chunk.stop], start, generator
-            )
-        return results
-
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        held_out = list(family.tasks(part))
-        tasks = [held_out[i % len(held_out)] for i in range(episodes)]
-        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
-        context = [
-            random_transitions(context_env, t, cfg.context_transitions,
-                               derive_seed(run.eval.seed, PART_INDEX[part], _CONTEXT, i), (low, high),
-                               cfg.random_hold)
-            for i, t in enumerate(tasks)
-        ]  # fmt: skip
-        rows = RewardRows(*(torch.from_numpy(np.stack(c)).to(device) for c in zip(*context, strict=True)))
-        params, norm = reward_model.net_params(), reward_model.normalizer()
-        mean_z = reward_model.embedding.weight.detach().mean(0)  # (E,)
-        z = infer_embedding(params, norm, mean_z, rows, cfg.infer_steps, cfg.infer_lr)  # (G, E)
-        metrics: dict[str, float] = {}
-        outcomes = {}
-        for mode, actor, contexts in (
-            ("known", known_actor, [goals[t] for t in tasks]),
-            ("learned", learned_actor, list(z.cpu())),
-        ):
-            generator = torch.Generator(device).manual_seed(
-                derive_seed(run.eval.seed, PART_INDEX[part], _PLAN, MODES.index(mode))
-            )
-            outcomes[mode] = play(actor, tasks, contexts, seeds, generator)
-            metrics |= _estimates(f"{part}/return_{mode}", [r.ret for r in outcomes[mode]])
-            metrics |= _estimates(f"{part}/success_{mode}", [r.success for r in outcomes[mode]])
-        with (
-            torch.no_grad()
-        ):  # the learned reward on the known episodes' transitions, with z and with the mean
-            for key, embedding in (("reward_rmse", z), ("reward_rmse_mean_z", mean_z.expand_as(z))):
-                errors = []
-                for result, z_i in zip(outcomes["known"], embedding, strict=True):
-                    e = result.experience
-                    held = RewardRows(*(torch.from_numpy(x).to(device) for x in (
-                        e.obs[:, :obs_dim], e.action, e.next_obs[:, :obs_dim], e.reward)))  # fmt: skip
-                    errors.append(learned_reward(held.obs, held.action, held.next_obs, z_i) - held.reward)
-                metrics[f"{part}/{key}"] = float(torch.cat(errors).pow(2).mean().sqrt())
-        return metrics
-
-    def state() -> dict[str, Any]:
-        return {
-            "buffer": buffer.state(),
-            "recorder": recorder.state(),
-            "episode": progress.episode,
-            "recent": {
-                k: torch.tensor(list(v), dtype=torch.float64).reshape(-1, 2)
-                for k, v in progress.recent.items()
-            },
-            "mean": progress.mean.detach().cpu().clone(),
-        }
-
-    def load_state(saved: dict[str, Any]) -> None:
-        buffer.load_state(saved["buffer"])
-        progress.episode = int(saved["episode"])
-        for kind, recent in progress.recent.items():
-            recent.clear()
-            recent.extend(tuple(row) for row in saved["recent"][kind].tolist())
-        progress.mean = saved["mean"].to(device)
-        start_episode()  # into the episode's task; the recorder then replays its actions
-        recorder.load_state(saved["recorder"])
-        fitting["fit"] = -1
-
-    start_episode()
-    return Learner(model, loss, evaluate, state=state, load_state=load_state)
+    known = split_context(GOAL_REWARDS[run.env.id], obs_dim)
+    learned = split_context(learned_reward(reward_model), obs_dim)
+    mt = MultiTask(
+        run, cfg, device, family, bounds, obs_dim, train_tasks,
+        goals={t: family.goal_of(t) for split in ("train", "val", "test") for t in family.tasks(split)},
+        dynamics=dynamics, reward_model=reward_model,
+        buffer=ReplayBuffer(mb.buffer_size, TaskTransition),
+        env=env, recorder=Recorder(env),
+        eval_envs=[InTask(make_env(run.env)) for _ in range(min(run.eval.batch, run.eval.episodes))],
+        context_env=InTask(make_env(run.env)),
+        known_actor=mpc_actor(dynamics, mb, known, bounds, obs_dim, device),
+        learned_actor=mpc_actor(dynamics, mb, learned, bounds, obs_dim, device),
+        progress=_Progress(initial_mean(bounds, 1, mb.planner.horizon)),
+    )  # fmt: skip
+    start_episode(mt)
+    return Learner(model, partial(loss, mt), partial(evaluate, mt), state=partial(state, mt),
+                   load_state=partial(load_state, mt))  # fmt: skip
