@@ -12,7 +12,17 @@ ways with the same dynamics model: against the goal's true reward (``known``) an
 with ``z`` inferred from a few random transitions in the new task (``learned``). ``pets-pendulum`` trains
 ``configs/mbrl_pendulum.yaml`` (:mod:`metalab.rl.mbrl`, PETS) and tests it on ``eval.episodes`` episodes;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
-many episodes (the sample-efficiency comparison).
+many episodes (the sample-efficiency comparison); ``mbrl-lib-pets-pendulum`` is the peer of ``pets-pendulum``:
+mbrl-lib's PETS (:mod:`benchmarks.mbrl_lib_pets`) at the same env steps, tested on the same test episodes
+(reset seeds). mbrl-lib does not install beside metalab: ``mbrl`` 0.2.0 pins ``hydra-core==1.0.3``, whose
+dataclasses fail to import on Python 3.11 ("mutable default ... for field override_dirname is not allowed"),
+``omegaconf<2.1`` and ``gymnasium==0.26.3`` (metalab needs gymnasium 1.x), which needs ``numpy<2`` (it uses
+``np.bool8``). It runs in its own environment, with hydra-core and omegaconf raised past the pins (mbrl-lib's
+code runs unchanged with them)::
+
+    python3 -m venv .venv-mbrl
+    .venv-mbrl/bin/pip install torch==2.13.0 mbrl==0.2.0 hydra-core==1.3.2 omegaconf==2.3.0 "numpy<2"
+    python -m benchmarks.mbrl --only mbrl-lib-pets-pendulum --mbrl-python .venv-mbrl/bin/python
 Each run trains in ``<runs-dir>/<config>-s<seed>``, resuming it when rerun (a changed config is refused);
 ``--set KEY=VALUE`` overrides a key of every selected configuration (pair it with ``--only``).
 
@@ -33,6 +43,8 @@ a return above about -200 is what "solved" usually means.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,6 +53,9 @@ import torch
 from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
 from benchmarks.rl_common import aggregate, seed_metric, train
 from metalab.experiment import RunConfig, load_run_config
+from metalab.rl.rollout import derive_seed
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
 
 BENCH = "mbrl"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -92,7 +107,8 @@ SETUPS = {
         ),
     ),
 }
-CONFIGS = list(SETUPS)
+PEER = "mbrl-lib-pets-pendulum"
+CONFIGS = [*SETUPS, PEER]
 
 
 def unit(setup: Setup, metric: str) -> str:
@@ -137,6 +153,37 @@ def over_seeds(name: str, path: Path, run: RunConfig) -> list[dict[str, Any]]:
     return [r for r in found if r is not None]
 
 
+def peer(seed: int, python: Path) -> list[dict[str, Any]]:
+    """mbrl-lib's PETS on Pendulum (:mod:`benchmarks.mbrl_lib_pets`, run by ``python``) tested on the episodes
+    ``pets-pendulum`` is tested on; its records."""
+    run = run_config("pets-pendulum", seed, [])
+    seeds = [derive_seed(run.eval.seed, PART_INDEX["test"], i) for i in range(run.eval.episodes)]
+    command = [
+        str(python),
+        "-m",
+        "benchmarks.mbrl_lib_pets",
+        "--seed",
+        str(seed),
+        "--test-seeds",
+        *map(str, seeds),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{PEER} seed {seed} failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    test = mean_ci95(out["test_returns"])
+    print(
+        f"{PEER}-s{seed} ({out['env_steps']} env steps, {out['seconds']:.0f} s): test_return {test.mean:.3f}"
+    )
+    return [record(BENCH, "pendulum", "mbrl-lib-pets", seed_metric("test_return", seed), test.mean,
+                   ci95=test.ci95, unit="return", steps=out["env_steps"], seconds=out["seconds"], seed=seed,
+                   env=run.env.id, test_episodes=len(seeds), train_returns=out["train_returns"],
+                   package="mbrl==0.2.0", metric_key="test/return")]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], CONFIGS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds of each configuration")
@@ -144,10 +191,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a config key of every selected configuration (repeatable)")  # fmt: skip
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where mbrl.json goes")
+    p.add_argument("--mbrl-python", type=Path, default=Path(".venv-mbrl/bin/python"),
+                   help=f"the Python of an environment with mbrl-lib, for {PEER} (see above)")  # fmt: skip
     p.set_defaults(threads=1)  # small networks, one env at a time: one thread is fastest
     args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     for name in args.only or CONFIGS:
         for seed in args.seeds:
+            if name == PEER:
+                path = merge_results(BENCH, peer(seed, args.mbrl_python), args.results_dir)
+                records = json.loads(path.read_text())
+                found = aggregate(records, BENCH, "pendulum", "mbrl-lib-pets", "test_return", "return",
+                                  env="Pendulum-v1", package="mbrl==0.2.0")  # fmt: skip
+                merge_results(BENCH, [found] if found else [], args.results_dir)
+                continue
             path = merge_results(
                 BENCH, benchmark(name, seed, args.overrides, args.runs_dir), args.results_dir
             )
