@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -239,6 +240,129 @@ class _Progress:
     returns: deque = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
 
 
+@dataclass
+class _Fit:
+    """The fit in progress: its number and its data and bootstrap resamples (fixed for the whole fit)."""
+
+    fit: int = -1
+    data: Data | None = None
+    boot: np.ndarray | None = None
+
+
+@dataclass
+class MBRL:
+    """Everything a model-based run holds: the ensemble, replay buffer, envs, planner bounds and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    reward: RewardFn
+    bounds: Bounds
+    model: Ensemble
+    buffer: ReplayBuffer
+    recorder: Recorder
+    """Steps the training env through the episode in progress."""
+    eval_envs: list[gym.Env]
+    progress: _Progress
+    fitting: _Fit = field(default_factory=_Fit)
+
+
+def mpc_act(mb: MBRL, obs: np.ndarray, mean: Tensor, generator: torch.Generator) -> tuple[np.ndarray, Tensor]:
+    """MPC's actions ``(S, A)`` in states ``obs`` ``(S, D)`` from warm starts ``mean``, and the next ones."""
+    cfg = mb.cfg
+    params = {k: v.detach() for k, v in mb.model.params().items()}
+    norm = mb.model.normalizer()
+
+    def rollout(state: Tensor, actions: Tensor, g: torch.Generator | None) -> Tensor:
+        return trajectory_sampling(params, norm, state, actions, cfg.particles, cfg.propagation, g).states
+
+    with torch.no_grad():
+        state = torch.from_numpy(obs).to(mb.device)  # (S, D)
+        chosen = plan(rollout, mb.reward, state, mb.bounds, cfg.planner, mean, generator)
+    return chosen.actions[:, 0].cpu().numpy(), chosen.mean
+
+
+def env_step(mb: MBRL, now: Phase) -> None:
+    """One env step of a training episode (uniformly random, or MPC) into the buffer."""
+    progress, recorder, seed = mb.progress, mb.recorder, mb.run.seed
+    if now.kind == "random":
+        low, high = mb.bounds.low.cpu().numpy(), mb.bounds.high.cpu().numpy()
+        action = np.random.default_rng(derive_seed(seed, _RANDOM, now.env_step)).uniform(low, high)
+        action = action.astype(np.float32)
+    else:
+        generator = torch.Generator(mb.device).manual_seed(derive_seed(seed, _PLAN, now.env_step))
+        actions, progress.mean = mpc_act(mb, recorder.obs[None], progress.mean, generator)
+        action = actions[0]
+    obs = recorder.obs
+    result = recorder.step(action)
+    mb.buffer.add(Transition(obs[None], action[None], recorder.obs[None]))  # recorder.obs: the next obs
+    if result is not None:
+        progress.returns.append(result.ret)
+        progress.episode += 1
+        recorder.reset(derive_seed(seed, 0, progress.episode))
+        progress.mean = initial_mean(mb.bounds, 1, mb.cfg.planner.horizon)
+
+
+def fit_loss(mb: MBRL, now: Phase, step: int) -> tuple[Tensor, dict[str, float]]:
+    """One minibatch update of the ensemble (each member on its bootstrap resample of the fit's data)."""
+    fitting = mb.fitting
+    if fitting.fit != now.fit:  # the fit's data and resamples are fixed: derive them once
+        fitting.data = Data(*(torch.from_numpy(c).to(mb.device) for c in mb.buffer.filled()))
+        rng = np.random.default_rng(derive_seed(mb.run.seed, _BOOTSTRAP, now.fit))
+        fitting.boot = bootstrap_indices(len(mb.buffer), mb.cfg.members, rng)
+        fitting.fit = now.fit
+    assert fitting.data is not None and fitting.boot is not None
+    if now.update == 0:
+        mb.model.set_normalizer(fit_normalizer(fitting.data))
+    rng = np.random.default_rng(derive_seed(mb.run.seed, _MINIBATCH, step))
+    batch = minibatch(fitting.data, fitting.boot, mb.cfg.batch_size, rng)
+    return model_loss(mb.model.params(), mb.model.normalizer(), batch, mb.cfg.bound_reg)
+
+
+def loss(mb: MBRL, step: int) -> tuple[Tensor | None, dict[str, float]]:
+    """One trainer step of the loop (:func:`loop_step`), with the recent training episodes' mean return."""
+    total, metrics = loop_step(
+        step, mb.cfg, lambda now, s: fit_loss(mb, now, s), lambda now: env_step(mb, now),
+        lambda: mb.progress.episode,
+    )  # fmt: skip
+    if mb.progress.returns:
+        metrics["train/return"] = float(np.mean(mb.progress.returns))
+    return total, metrics
+
+
+def evaluate(mb: MBRL, part: str, episodes: int) -> dict[str, float]:
+    """Mean return (95% CI) of ``episodes`` MPC episodes from ``part``'s reset seeds."""
+    seeds = [derive_seed(mb.run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
+    plan_seed = derive_seed(mb.run.eval.seed, PART_INDEX[part], _PLAN, 0)
+    generator = torch.Generator(mb.device).manual_seed(plan_seed)
+    start = initial_mean(mb.bounds, 1, mb.cfg.planner.horizon)
+    act = partial(mpc_act, mb)
+    ret = mean_ci95([r.ret for r in mpc_episodes(mb.eval_envs, act, seeds, start, generator)])
+    return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
+
+
+def state(mb: MBRL) -> dict[str, Any]:
+    """What a checkpoint needs beyond the ensemble: buffer, the episode in progress, counters, warm start."""
+    return {
+        "buffer": mb.buffer.state(),
+        "recorder": mb.recorder.state(),
+        "episode": mb.progress.episode,
+        "returns": torch.tensor(list(mb.progress.returns), dtype=torch.float64),
+        "mean": mb.progress.mean.detach().cpu().clone(),
+    }
+
+
+def load_state(mb: MBRL, saved: dict[str, Any]) -> None:
+    progress = mb.progress
+    mb.buffer.load_state(saved["buffer"])
+    progress.episode = int(saved["episode"])
+    progress.returns.clear()
+    progress.returns.extend(saved["returns"].tolist())
+    progress.mean = saved["mean"].to(mb.device)
+    mb.recorder.load_state(saved["recorder"])
+    mb.fitting.fit = -1
+
+
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Dynamics ensemble, replay buffer, env and the trainer hooks of a model-based run (``data_root`` is
     unused)."""
@@ -249,9 +373,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
             f"mbrl plans with a known reward function, which {run.env.id} lacks (there is one for: "
             f"{', '.join(REWARDS)})",
         )
-    reward = REWARDS[run.env.id]
     env = make_env(run.env)
-    eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
     space = env.action_space
     if not isinstance(space, spaces.Box):
         raise ConfigError("env.id", f"mbrl needs continuous (Box) actions; {run.env.id} has {space}")
@@ -262,87 +384,12 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     low, high = space.low.reshape(-1).astype(np.float32), space.high.reshape(-1).astype(np.float32)
     bounds = Bounds(torch.from_numpy(low).to(device), torch.from_numpy(high).to(device))
     model = Ensemble(obs_dim, act_dim, cfg.hidden, cfg.members, cfg.probabilistic).to(device)
-    buffer = ReplayBuffer(cfg.buffer_size, Transition)
     recorder = Recorder(env)
     recorder.reset(derive_seed(run.seed, 0, 0))
-    progress = _Progress(initial_mean(bounds, 1, cfg.planner.horizon))
-    fitting: dict[str, Any] = {"fit": -1}  # the data and bootstrap resamples of the fit in progress
-
-    def act(obs: np.ndarray, mean: torch.Tensor, generator: torch.Generator) -> tuple[np.ndarray, Tensor]:
-        """MPC's actions ``(S, A)`` in states ``obs`` ``(S, D)`` from warm starts ``mean``, and the next ones."""
-        params = {k: v.detach() for k, v in model.params().items()}
-        norm = model.normalizer()
-
-        def rollout(state: Tensor, actions: Tensor, g: torch.Generator | None) -> Tensor:
-            return trajectory_sampling(params, norm, state, actions, cfg.particles, cfg.propagation, g).states
-
-        with torch.no_grad():
-            state = torch.from_numpy(obs).to(device)  # (S, D)
-            chosen = plan(rollout, reward, state, bounds, cfg.planner, mean, generator)
-        return chosen.actions[:, 0].cpu().numpy(), chosen.mean
-
-    def env_step(now: Phase) -> None:
-        if now.kind == "random":
-            action = np.random.default_rng(derive_seed(run.seed, _RANDOM, now.env_step)).uniform(low, high)
-            action = action.astype(np.float32)
-        else:
-            generator = torch.Generator(device).manual_seed(derive_seed(run.seed, _PLAN, now.env_step))
-            actions, progress.mean = act(recorder.obs[None], progress.mean, generator)
-            action = actions[0]
-        obs = recorder.obs
-        result = recorder.step(action)
-        buffer.add(Transition(obs[None], action[None], recorder.obs[None]))  # recorder.obs: the next obs
-        if result is not None:
-            progress.returns.append(result.ret)
-            progress.episode += 1
-            recorder.reset(derive_seed(run.seed, 0, progress.episode))
-            progress.mean = initial_mean(bounds, 1, cfg.planner.horizon)
-
-    def fit_loss(now: Phase, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        if fitting["fit"] != now.fit:  # the fit's data and resamples are fixed: derive them once
-            rows = buffer.filled()
-            fitting["data"] = Data(*(torch.from_numpy(c).to(device) for c in rows))
-            n = len(buffer)
-            fitting["boot"] = bootstrap_indices(
-                n, cfg.members, np.random.default_rng(derive_seed(run.seed, _BOOTSTRAP, now.fit))
-            )
-            fitting["fit"] = now.fit
-        if now.update == 0:
-            model.set_normalizer(fit_normalizer(fitting["data"]))
-        rng = np.random.default_rng(derive_seed(run.seed, _MINIBATCH, step))
-        batch = minibatch(fitting["data"], fitting["boot"], cfg.batch_size, rng)
-        return model_loss(model.params(), model.normalizer(), batch, cfg.bound_reg)
-
-    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        total, metrics = loop_step(step, cfg, fit_loss, env_step, lambda: progress.episode)
-        if progress.returns:
-            metrics["train/return"] = float(np.mean(progress.returns))
-        return total, metrics
-
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
-        plan_seed = derive_seed(run.eval.seed, PART_INDEX[part], _PLAN, 0)
-        generator = torch.Generator(device).manual_seed(plan_seed)
-        start = initial_mean(bounds, 1, cfg.planner.horizon)
-        ret = mean_ci95([r.ret for r in mpc_episodes(eval_envs, act, seeds, start, generator)])
-        return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
-
-    def state() -> dict[str, Any]:
-        return {
-            "buffer": buffer.state(),
-            "recorder": recorder.state(),
-            "episode": progress.episode,
-            "returns": torch.tensor(list(progress.returns), dtype=torch.float64),
-            "mean": progress.mean.detach().cpu().clone(),
-        }
-
-    def load_state(saved: dict[str, Any]) -> None:
-        buffer.load_state(saved["buffer"])
-        progress.episode = int(saved["episode"])
-        progress.returns.clear()
-        progress.returns.extend(saved["returns"].tolist())
-        progress.mean = saved["mean"].to(device)
-        recorder.load_state(saved["recorder"])
-        fitting["fit"] = -1
-
-    return Learner(model, loss, evaluate, state=state, load_state=load_state)
+    mb = MBRL(
+        run, cfg, device, REWARDS[run.env.id], bounds, model, ReplayBuffer(cfg.buffer_size, Transition), recorder,
+        eval_envs=[make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))],
+        progress=_Progress(initial_mean(bounds, 1, cfg.planner.horizon)),
+    )  # fmt: skip
+    return Learner(model, partial(loss, mb), partial(evaluate, mb), state=partial(state, mb),
+                   load_state=partial(load_state, mb))  # fmt: skip
