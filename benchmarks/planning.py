@@ -90,7 +90,9 @@ def speed() -> list[dict[str, Any]]:
     def rollout(
         state: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        return trajectory_sampling(params, norm, state, actions, PARTICLES, "tsinf", generator).states
+        return trajectory_sampling(
+            params, norm, state, actions, PARTICLES, "tsinf", generator=generator
+        ).states
 
     def reward(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs[..., 8] - 0.1 * (action**2).sum(-1)  # HalfCheetah's shape: x-velocity, control cost
@@ -103,7 +105,7 @@ def speed() -> list[dict[str, Any]]:
         for method, fn, min_seconds, min_calls in (("metalab", rollout, 20.0, 5),
                                                    ("python-loop", per_candidate(rollout), 20.0, 2)):  # fmt: skip
             rate, calls, seconds = calls_per_second(
-                lambda fn=fn: cem(fn, reward, state, bounds, SPEED_PLANNER, None, generator),
+                lambda fn=fn: cem(fn, reward, state, bounds, SPEED_PLANNER, None, generator=generator),
                 min_seconds,
                 min_calls,
             )

@@ -170,7 +170,7 @@ def test_trajectory_sampling_moves_each_particle_with_its_member(propagation: dy
     params, norm = model.params(), model.normalizer()
     state, actions = torch.randn(2, 2), torch.rand(2, 4, 5, 1)  # (S, D), (S, N, H, A)
     with torch.no_grad():
-        out = dyn.trajectory_sampling(params, norm, state, actions, 6, propagation, torch.Generator().manual_seed(1),
+        out = dyn.trajectory_sampling(params, norm, state, actions, 6, propagation, generator=torch.Generator().manual_seed(1),
                                       sample=False)  # fmt: skip
     assert out.states.shape == (2, 4, 6, 6, 2) and out.members.shape == (5, 6)
     assert torch.equal(out.states[:, :, :, 0], state[:, None, None].expand(2, 4, 6, 2))
@@ -192,8 +192,8 @@ def test_tsinf_particles_of_one_member_differ_only_by_sampling_noise() -> None:
     state, actions = torch.randn(1, 2), torch.rand(1, 3, 4, 1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        mean = dyn.trajectory_sampling(params, norm, state, actions, 4, "tsinf", g, sample=False)
-        noisy = dyn.trajectory_sampling(params, norm, state, actions, 4, "tsinf", g, sample=True)
+        mean = dyn.trajectory_sampling(params, norm, state, actions, 4, "tsinf", generator=g, sample=False)
+        noisy = dyn.trajectory_sampling(params, norm, state, actions, 4, "tsinf", generator=g, sample=True)
     for out in (mean, noisy):
         pairs = [(p, q) for p in range(4) for q in range(p + 1, 4) if out.members[0, p] == out.members[0, q]]
         assert len(pairs) == 2
@@ -208,7 +208,7 @@ def test_trajectory_sampling_is_differentiable_in_the_actions() -> None:
     model = ensemble(members=2)
     actions = torch.rand(1, 3, 4, 1, requires_grad=True)
     out = dyn.trajectory_sampling(model.params(), model.normalizer(), torch.randn(1, 2), actions, 2, "ts1",
-                                  torch.Generator().manual_seed(0))  # fmt: skip
+                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     (grad,) = torch.autograd.grad(out.states[..., -1, :].sum(), actions)
     assert grad.shape == actions.shape and torch.all(grad[:, :, :-1].abs().sum(-1) > 0)
     assert math.isfinite(float(grad.sum()))

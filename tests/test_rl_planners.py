@@ -134,7 +134,9 @@ def test_cem_starts_from_the_warm_start() -> None:
     """One round with momentum 0.9 stays near a warm start far from the optimum."""
     cfg = pl.PlannerConfig(method="cem", horizon=3, candidates=100, elites=10, iterations=1, momentum=0.9)
     mean = torch.full((1, 3, 1), 0.8)
-    plan = pl.cem(rollout, reward, torch.tensor([[0.9]]), BOUNDS, cfg, mean, torch.Generator().manual_seed(0))
+    plan = pl.cem(
+        rollout, reward, torch.tensor([[0.9]]), BOUNDS, cfg, mean, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.all((plan.actions - 0.8).abs() < 0.2)
 
 
@@ -146,7 +148,7 @@ def test_gradient_planning_differentiates_only_the_actions() -> None:
 
     cfg = pl.PlannerConfig(method="gradient", horizon=3, candidates=50, elites=5, iterations=2, grad_steps=20)
     plan = pl.gradient(
-        model, reward, torch.tensor([[0.9]]), BOUNDS, cfg, None, torch.Generator().manual_seed(0)
+        model, reward, torch.tensor([[0.9]]), BOUNDS, cfg, None, generator=torch.Generator().manual_seed(0)
     )
     assert gain.grad is None and not plan.actions.requires_grad
     _, best = optimum(0.9, 3)
@@ -163,7 +165,9 @@ def test_gradient_planning_uses_common_random_numbers() -> None:
         return rollout(state, actions + 0.1 * noise, generator)
 
     cfg = pl.PlannerConfig(method="gradient", grad_init="mean", horizon=3, grad_steps=4)
-    pl.gradient(noisy, reward, torch.tensor([[0.9]]), BOUNDS, cfg, None, torch.Generator().manual_seed(0))
+    pl.gradient(
+        noisy, reward, torch.tensor([[0.9]]), BOUNDS, cfg, None, generator=torch.Generator().manual_seed(0)
+    )
     assert len(seen) == 5 and all(torch.equal(n, seen[0]) for n in seen)
 
 

@@ -39,7 +39,9 @@ def test_sequence_td_loss_equals_step_by_step_double_dqn_and_ignores_padding() -
     terminal[0, 4] = True
     mask = torch.ones(b, t, dtype=torch.bool)
     mask[1, 3:] = False  # row 1 is 3 steps long
-    loss, _ = recurrent.sequence_td_loss(net, online, target, inputs, action, reward, terminal, mask, 0.9)
+    loss, _ = recurrent.sequence_td_loss(
+        net, online, target, recurrent.SequenceBatch(inputs, action, reward, terminal, mask), 0.9
+    )
 
     total, count = 0.0, 0
     for i in range(b):
@@ -56,7 +58,9 @@ def test_sequence_td_loss_equals_step_by_step_double_dqn_and_ignores_padding() -
     # padded steps carry no gradient: changing their rewards changes nothing
     reward2 = reward.clone()
     reward2[1, 3:] += 100.0
-    loss2, _ = recurrent.sequence_td_loss(net, online, target, inputs, action, reward2, terminal, mask, 0.9)
+    loss2, _ = recurrent.sequence_td_loss(
+        net, online, target, recurrent.SequenceBatch(inputs, action, reward2, terminal, mask), 0.9
+    )
     torch.testing.assert_close(loss, loss2)
     y = td_target(reward, terminal.float(), torch.zeros(b, t, 3), 0.9)
     torch.testing.assert_close(y, reward)  # sanity of the shared target on (B, T, A) values

@@ -356,7 +356,8 @@ def exploration_losses(dream: Dream) -> tuple[torch.Tensor, torch.Tensor, dict[s
     """The decoder and the explorer on the same exploration sequences: their losses and metrics."""
     cfg, model, device = dream.cfg, dream.model, dream.device
     seq = dream.explore_buffer.sample_rows(cfg.batch_size, dream.rng)
-    inputs, action, _, terminal, mask = to_tensors(seq, device)
+    batch = to_tensors(seq, device)
+    inputs, mask = batch.inputs, batch.mask
     z = model.embedding(torch.from_numpy(seq.task).to(device)).detach()  # (B, Z)
     predictions = model.decoder(inputs)[0]  # (B, T+1, Z)
     weight = torch.cat([torch.ones_like(mask[:, :1]), mask], 1).to(predictions.dtype)  # prefixes 0..T
@@ -369,7 +370,7 @@ def exploration_losses(dream: Dream) -> tuple[torch.Tensor, torch.Tensor, dict[s
         decoded_predictions = predictions.detach()
     reward = information_gain_rewards(decoded_predictions, z, cfg.step_cost) * mask
     explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), dream.targets["explorer"],
-                                               inputs, action, reward, terminal, mask, cfg.gamma, cfg.double)  # fmt: skip
+                                               batch._replace(reward=reward), cfg.gamma, cfg.double)  # fmt: skip
     metrics = {"loss/decoder": decoder_loss.item(), "loss/explore": explore_loss.item(),
                "train/q_explore": q_explore.item(), "train/decoder_error_final": errors[:, -1].mean().item(),
                "train/explore_reward": (reward.sum(1)).mean().item()}  # fmt: skip

@@ -253,6 +253,7 @@ def trajectory_sampling(
     actions: torch.Tensor,
     particles: int,
     propagation: Propagation = "tsinf",
+    *,
     generator: torch.Generator | None = None,
     sample: bool = True,
 ) -> Rollout:
@@ -302,6 +303,7 @@ def fit_ensemble(
     updates: int,
     batch_size: int,
     rng: np.random.Generator,
+    *,
     lr: float = 1e-3,
     bound_reg: float = 0.01,
     weight_decay: float = 0.0,

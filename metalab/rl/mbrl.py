@@ -274,11 +274,13 @@ def mpc_act(mb: MBRL, obs: np.ndarray, mean: Tensor, generator: torch.Generator)
     norm = mb.model.normalizer()
 
     def rollout(state: Tensor, actions: Tensor, g: torch.Generator | None) -> Tensor:
-        return trajectory_sampling(params, norm, state, actions, cfg.particles, cfg.propagation, g).states
+        return trajectory_sampling(
+            params, norm, state, actions, cfg.particles, cfg.propagation, generator=g
+        ).states
 
     with torch.no_grad():
         state = torch.from_numpy(obs).to(mb.device)  # (S, D)
-        chosen = plan(rollout, mb.reward, state, mb.bounds, cfg.planner, mean, generator)
+        chosen = plan(rollout, mb.reward, state, mb.bounds, cfg.planner, mean, generator=generator)
     return chosen.actions[:, 0].cpu().numpy(), chosen.mean
 
 

@@ -319,7 +319,7 @@ def mpc_actor(
 
         def rollout(state: Tensor, actions: Tensor, g: torch.Generator | None) -> Tensor:
             moved = trajectory_sampling(params, norm, state[:, :obs_dim], actions, cfg.particles,
-                                        cfg.propagation, g).states  # (S, N, P, H + 1, D)  # fmt: skip
+                                        cfg.propagation, generator=g).states  # (S, N, P, H + 1, D)  # fmt: skip
             context = state[:, None, None, None, obs_dim:].expand(
                 *moved.shape[:-1], -1
             )  # (S, N, P, H + 1, C)
@@ -327,7 +327,13 @@ def mpc_actor(
 
         with torch.no_grad():
             chosen = plan(
-                rollout, reward, torch.from_numpy(obs).to(device), bounds, cfg.planner, mean, generator
+                rollout,
+                reward,
+                torch.from_numpy(obs).to(device),
+                bounds,
+                cfg.planner,
+                mean,
+                generator=generator,
             )
         return chosen.actions[:, 0].cpu().numpy(), chosen.mean
 

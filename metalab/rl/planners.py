@@ -1,6 +1,6 @@
 """Planners for model-predictive control: pick an action sequence that maximises a model's predicted return.
 
-Each planner is a pure function ``planner(rollout, reward, state, bounds, cfg, mean, generator) -> Plan`` over
+Each planner is a pure function ``planner(rollout, reward, state, bounds, cfg, mean, *, generator) -> Plan`` over
 a batch of ``S`` start states, evaluating all candidate sequences of all states (and, inside ``rollout``, all
 particles and ensemble members) in one call per iteration:
 
@@ -155,6 +155,7 @@ def random_shooting(
     bounds: Bounds,
     cfg: PlannerConfig,
     mean: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Plan:
     """The best of ``cfg.candidates`` sequences drawn uniformly from the bounds (``mean`` is not used)."""
@@ -173,6 +174,7 @@ def cem(
     bounds: Bounds,
     cfg: PlannerConfig,
     mean: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Plan:
     """The cross-entropy method from ``mean`` (default: the middle of the bounds); the plan is the final mean,
@@ -197,6 +199,7 @@ def mppi(
     bounds: Bounds,
     cfg: PlannerConfig,
     mean: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Plan:
     """MPPI from ``mean``: ``iterations`` rounds of ``mean <- sum_k w_k x_k`` over ``candidates`` perturbed
@@ -219,6 +222,7 @@ def gradient(
     bounds: Bounds,
     cfg: PlannerConfig,
     mean: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Plan:
     """Gradient ascent (Adam, ``grad_steps`` steps of ``grad_lr``) on the predicted return of one sequence per
@@ -226,7 +230,7 @@ def gradient(
     evaluated (so it never does worse, under the model, than where it started). The model's parameters get no
     gradient: only the actions are differentiated."""
     if cfg.grad_init == "cem":
-        start = cem(rollout, reward, state, bounds, cfg, mean, generator).actions
+        start = cem(rollout, reward, state, bounds, cfg, mean, generator=generator).actions
     else:
         start = _start(mean, bounds, state, cfg)
     x = start.detach().clone().requires_grad_(True)  # (S, H, A)
@@ -271,7 +275,8 @@ def plan(
     bounds: Bounds,
     cfg: PlannerConfig,
     mean: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Plan:
     """The plan of ``cfg.method``'s planner."""
-    return PLANNERS[cfg.method](rollout, reward, state, bounds, cfg, mean, generator)
+    return PLANNERS[cfg.method](rollout, reward, state, bounds, cfg, mean, generator=generator)

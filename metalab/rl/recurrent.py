@@ -102,22 +102,21 @@ def sequence_q(net: nn.Module, params: Params, inputs: torch.Tensor) -> torch.Te
     return functional_call(net, params, (inputs,))[0]
 
 
-def sequence_td_loss(
-    net: nn.Module,
-    online: Params,
-    target: Params,
-    inputs: torch.Tensor,
-    action: torch.Tensor,
-    reward: torch.Tensor,
-    terminal: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    double: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked Huber TD loss over sequences and the mean Q of the actions taken.
+class SequenceBatch(NamedTuple):
+    """A batch of padded sequences as tensors (:func:`to_tensors`)."""
 
-    Shapes: ``inputs (B, T+1, D)``, ``action``/``reward``/``terminal``/``mask`` ``(B, T)``.
-    """
+    inputs: torch.Tensor  # (B, T+1, D) history inputs, the last one after the last step
+    action: torch.Tensor  # (B, T) int64
+    reward: torch.Tensor  # (B, T)
+    terminal: torch.Tensor  # (B, T) bool
+    mask: torch.Tensor  # (B, T) bool: real steps (False on padding)
+
+
+def sequence_td_loss(
+    net: nn.Module, online: Params, target: Params, batch: SequenceBatch, gamma: float, double: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked Huber TD loss over the sequences of ``batch`` and the mean Q of the actions taken."""
+    inputs, action, reward, terminal, mask = batch
     q_all = sequence_q(net, online, inputs)  # (B, T+1, A)
     q = q_all[:, :-1].gather(-1, action[..., None]).squeeze(-1)  # (B, T)
     with torch.no_grad():
@@ -155,6 +154,6 @@ def one_hot(index: int, size: int) -> np.ndarray:
     return out
 
 
-def to_tensors(rows: Sequences, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(inputs, action, reward, terminal, mask)`` as tensors on ``device``."""
-    return tuple(torch.from_numpy(a).to(device) for a in rows[:5])
+def to_tensors(rows: Sequences, device: torch.device) -> SequenceBatch:
+    """The sequences as tensors on ``device``."""
+    return SequenceBatch(*(torch.from_numpy(a).to(device) for a in rows[:5]))

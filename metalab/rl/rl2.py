@@ -73,9 +73,7 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
         if progress.episodes < max(cfg.learning_starts, 1):
             return None, metrics
         batch = to_tensors(buffer.sample_rows(cfg.batch_size, rng), device)
-        td, q_mean = sequence_td_loss(
-            net, dict(net.named_parameters()), target, *batch, cfg.gamma, cfg.double
-        )
+        td, q_mean = sequence_td_loss(net, dict(net.named_parameters()), target, batch, cfg.gamma, cfg.double)
         return td, {**metrics, "train/q": q_mean.item()}
 
     def after_update(step: int) -> None:
