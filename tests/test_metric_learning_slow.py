@@ -28,4 +28,5 @@ def test_learns_5way_1shot_well_above_chance(name: str, omniglot_root: Path, tmp
     learner = algorithm(name).build(run, omniglot_root, torch.device("cpu"))
     fit(learner, run.train, tmp_path)
     acc = learner.evaluate("test", 100)["test/acc"]
+    print(f"measured: {name} acc {acc:.3f}")
     assert acc > 0.6, f"{name}: 5-way 1-shot test accuracy {acc:.3f} after {run.train.steps} steps"

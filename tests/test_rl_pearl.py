@@ -389,6 +389,10 @@ def test_pearl_learns_the_sparse_point_robot(tmp_path: Path) -> None:
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 100)
     random_return, random_success = random_policy(list(range(80, 100)))
+    print(
+        f"measured: pearl return_after0 {metrics['test/return_after0']:.3f} after2 "
+        f"{metrics['test/return_after2']:.3f} success_after2 {metrics['test/success_after2']:.3f}"
+    )
     assert random_return == 0 and random_success == 0
     assert metrics["test/return_after2"] >= 0.5 and metrics["test/success_after2"] >= 0.05, metrics
     assert metrics["test/return_after2"] >= metrics["test/return_after0"] + 0.3, metrics
