@@ -31,8 +31,8 @@ def episode() -> Experience:
 
 
 def do(strategy: str, k: int, pool: np.ndarray | None = None, seed: int = 0) -> Experience:
-    return relabel(episode(), strategy, k, ENV.compute_reward, np.random.default_rng(seed), ENV.compute_terminated,
-                   pool)  # fmt: skip
+    return relabel(episode(), strategy, k, ENV.compute_reward, np.random.default_rng(seed),
+                   compute_terminated=ENV.compute_terminated, pool=pool)  # fmt: skip
 
 
 def check_consistent(out: Experience, k: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,11 +192,136 @@ def check_achieved_is_observation(run: RunConfig, cfg: Config) -> None:
         raise ConfigError("dqn.achieved_goal_input", "is SB3's raw input layout; leave center_inputs off")
 
 
+@dataclass
+class DQN:
+    """Everything a DQN run holds: Q-network, target parameters, replay buffer, envs, RNG and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    q_net: MLP
+    target: Params
+    buffer: ReplayBuffer
+    recorder: Recorder
+    """Steps the training env through the episode in progress."""
+    eval_envs: list
+    rng: np.random.Generator
+    """Exploration, minibatches, relabeling."""
+    centering: tuple[torch.Tensor, torch.Tensor] | None
+    strategy: Strategy | None
+    """HER's relabeling strategy (None: no relabeling)."""
+    compute_reward: Any
+    compute_terminated: Any
+    """The goal env's vectorised termination test (None: goals never terminate)."""
+    progress: _Progress = field(default_factory=_Progress)
+
+    def online(self) -> Params:
+        return dict(self.q_net.named_parameters())
+
+
+def greedy(dqn: DQN, obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
+    """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
+    with torch.no_grad():
+        obs_t, goal_t = torch.from_numpy(obs).to(dqn.device), torch.from_numpy(goal).to(dqn.device)
+        q = q_values(dqn.q_net, dqn.online(), obs_t, goal_t, dqn.centering, dqn.cfg.achieved_goal_input)
+    return q.argmax(-1).cpu().numpy()
+
+
+def store(dqn: DQN, result: EpisodeResult) -> None:
+    """A finished episode into the buffer (with its relabeled copies under HER); the next episode starts."""
+    dqn.buffer.add(result.experience)
+    if dqn.strategy is not None:
+        pool = dqn.buffer.filled().next_achieved_goal if dqn.strategy is Strategy.RANDOM else None
+        dqn.buffer.add(relabel(result.experience, dqn.strategy, dqn.cfg.her_k, dqn.compute_reward, dqn.rng,
+                               compute_terminated=dqn.compute_terminated, pool=pool))  # fmt: skip
+    progress = dqn.progress
+    progress.returns.append(result.ret)
+    progress.successes.append(result.success)
+    progress.episode += 1
+    dqn.recorder.reset(derive_seed(dqn.run.seed, 0, progress.episode))
+
+
+def loss(dqn: DQN, n_actions: int, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """``train_frequency`` epsilon-greedy env steps, then the TD loss of one minibatch (none before
+    ``learning_starts`` env steps)."""
+    cfg, progress, recorder = dqn.cfg, dqn.progress, dqn.recorder
+    env_steps = dqn.run.train.steps * cfg.train_frequency
+    for i in range(cfg.train_frequency):
+        eps = linear_schedule(
+            cfg.eps_start, cfg.eps_end, cfg.eps_fraction * env_steps, step * cfg.train_frequency + i
+        )
+        if dqn.rng.random() < eps:
+            action = dqn.rng.integers(n_actions)
+        else:
+            action = greedy(dqn, recorder.obs[None], recorder.goal[None], [0])[0]
+        result = recorder.step(np.int64(action))
+        if result is not None:
+            store(dqn, result)
+    metrics = {
+        "train/epsilon": eps,
+        "train/episodes": float(progress.episode),
+        "train/buffer": float(len(dqn.buffer)),
+    }
+    if progress.returns:
+        metrics["train/return"] = float(np.mean(progress.returns))
+    if progress.successes and not np.isnan(progress.successes[-1]):  # the env reports success
+        metrics["train/success"] = float(np.mean(progress.successes))
+    if (step + 1) * cfg.train_frequency < cfg.learning_starts or len(dqn.buffer) < cfg.batch_size:
+        return None, metrics
+    batch = dqn.buffer.sample(cfg.batch_size, dqn.rng).to(dqn.device)
+    td, q_mean = td_loss(dqn.q_net, dqn.online(), dqn.target, batch, cfg, dqn.centering)
+    return td, {**metrics, "train/q": q_mean.item()}
+
+
+def after_update(dqn: DQN, step: int) -> None:
+    """Move the target toward the online network every ``target_every`` updates."""
+    if (step + 1) % dqn.cfg.target_every == 0:
+        dqn.target.update(polyak_update(dqn.target, dqn.online(), dqn.cfg.tau))
+
+
+def evaluate(dqn: DQN, part: str, episodes: int) -> dict[str, float]:
+    """Greedy return (and success, where the env reports it) over ``episodes`` episodes of ``part``'s seeds."""
+    seeds = [derive_seed(dqn.run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
+    results = run_episodes(dqn.eval_envs, partial(greedy, dqn), seeds)
+    metrics: dict[str, float] = {}
+    ret = mean_ci95([r.ret for r in results])
+    metrics[f"{part}/return"], metrics[f"{part}/return_ci95"] = ret.mean, ret.ci95
+    if not any(np.isnan(r.success) for r in results):
+        success = mean_ci95([r.success for r in results])
+        metrics[f"{part}/success"], metrics[f"{part}/success_ci95"] = success.mean, success.ci95
+    return metrics
+
+
+def state(dqn: DQN) -> dict[str, Any]:
+    """What a checkpoint needs beyond the Q-network: target, buffer, RNG, the episode in progress, counters."""
+    return {
+        "target": {k: v.detach().clone() for k, v in dqn.target.items()},
+        "buffer": dqn.buffer.state(),
+        "rng": dqn.rng.bit_generator.state,
+        "recorder": dqn.recorder.state(),
+        "episode": dqn.progress.episode,
+        "returns": torch.tensor(list(dqn.progress.returns), dtype=torch.float64),
+        "successes": torch.tensor(list(dqn.progress.successes), dtype=torch.float64),
+    }
+
+
+def load_state(dqn: DQN, saved: dict[str, Any]) -> None:
+    progress = dqn.progress
+    dqn.target.update({k: v.to(dqn.device) for k, v in saved["target"].items()})
+    dqn.buffer.load_state(saved["buffer"])
+    dqn.rng.bit_generator.state = saved["rng"]
+    progress.episode = int(saved["episode"])
+    progress.returns.clear()
+    progress.returns.extend(saved["returns"].tolist())
+    progress.successes.clear()
+    progress.successes.extend(saved["successes"].tolist())
+    dqn.recorder.load_state(saved["recorder"])
+
+
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Q-network, replay buffer, env and the trainer hooks of a DQN run (``data_root`` is unused)."""
     cfg: Config = run.params
     env = make_env(run.env)
-    eval_envs = [make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))]
     if not isinstance(env.action_space, spaces.Discrete):
         raise ConfigError("env.id", f"DQN needs discrete actions; {run.env.id} has {env.action_space}")
     if cfg.her != "none" and not (is_goal_env(env) and hasattr(env.unwrapped, "compute_reward")):
@@ -211,100 +337,18 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     centering = (
         tuple(torch.from_numpy(a).to(device) for a in input_centering(env)) if cfg.center_inputs else None
     )
-    target: Params = {k: v.detach().clone() for k, v in q_net.named_parameters()}
-    buffer = ReplayBuffer(cfg.buffer_size)
-    rng = np.random.default_rng(derive_seed(run.seed, 1))  # exploration, minibatches, relabeling
     recorder = Recorder(env)
     recorder.reset(derive_seed(run.seed, 0, 0))
-    progress = _Progress()
-    env_steps = run.train.steps * cfg.train_frequency
-    strategy = None if cfg.her == "none" else Strategy.parse(cfg.her, "dqn.her")
-    compute_reward = getattr(env.unwrapped, "compute_reward", None)
-    compute_terminated = getattr(env.unwrapped, "compute_terminated", None)  # None: goals never terminate
-
-    def online() -> Params:
-        return dict(q_net.named_parameters())
-
-    def greedy(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
-        """Greedy actions ``(E,)`` for observations ``(E, obs_dim)`` and goals ``(E, goal_dim)``."""
-        with torch.no_grad():
-            obs_t, goal_t = torch.from_numpy(obs).to(device), torch.from_numpy(goal).to(device)
-            q = q_values(q_net, online(), obs_t, goal_t, centering, cfg.achieved_goal_input)
-        return q.argmax(-1).cpu().numpy()
-
-    def store(result: EpisodeResult) -> None:
-        buffer.add(result.experience)
-        if strategy is not None:
-            pool = buffer.filled().next_achieved_goal if strategy is Strategy.RANDOM else None
-            buffer.add(relabel(result.experience, strategy, cfg.her_k, compute_reward, rng, compute_terminated,
-                               pool))  # fmt: skip
-        progress.returns.append(result.ret)
-        progress.successes.append(result.success)
-        progress.episode += 1
-        recorder.reset(derive_seed(run.seed, 0, progress.episode))
-
-    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        for i in range(cfg.train_frequency):
-            eps = linear_schedule(
-                cfg.eps_start, cfg.eps_end, cfg.eps_fraction * env_steps, step * cfg.train_frequency + i
-            )
-            if rng.random() < eps:
-                action = rng.integers(n_actions)
-            else:
-                action = greedy(recorder.obs[None], recorder.goal[None], [0])[0]
-            result = recorder.step(np.int64(action))
-            if result is not None:
-                store(result)
-        metrics = {
-            "train/epsilon": eps,
-            "train/episodes": float(progress.episode),
-            "train/buffer": float(len(buffer)),
-        }
-        if progress.returns:
-            metrics["train/return"] = float(np.mean(progress.returns))
-        if progress.successes and not np.isnan(progress.successes[-1]):  # the env reports success
-            metrics["train/success"] = float(np.mean(progress.successes))
-        if (step + 1) * cfg.train_frequency < cfg.learning_starts or len(buffer) < cfg.batch_size:
-            return None, metrics
-        batch = buffer.sample(cfg.batch_size, rng).to(device)
-        td, q_mean = td_loss(q_net, online(), target, batch, cfg, centering)
-        return td, {**metrics, "train/q": q_mean.item()}
-
-    def after_update(step: int) -> None:
-        if (step + 1) % cfg.target_every == 0:
-            target.update(polyak_update(target, online(), cfg.tau))
-
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
-        results = run_episodes(eval_envs, greedy, seeds)
-        metrics: dict[str, float] = {}
-        ret = mean_ci95([r.ret for r in results])
-        metrics[f"{part}/return"], metrics[f"{part}/return_ci95"] = ret.mean, ret.ci95
-        if not any(np.isnan(r.success) for r in results):
-            success = mean_ci95([r.success for r in results])
-            metrics[f"{part}/success"], metrics[f"{part}/success_ci95"] = success.mean, success.ci95
-        return metrics
-
-    def state() -> dict[str, Any]:
-        return {
-            "target": {k: v.detach().clone() for k, v in target.items()},
-            "buffer": buffer.state(),
-            "rng": rng.bit_generator.state,
-            "recorder": recorder.state(),
-            "episode": progress.episode,
-            "returns": torch.tensor(list(progress.returns), dtype=torch.float64),
-            "successes": torch.tensor(list(progress.successes), dtype=torch.float64),
-        }
-
-    def load_state(saved: dict[str, Any]) -> None:
-        target.update({k: v.to(device) for k, v in saved["target"].items()})
-        buffer.load_state(saved["buffer"])
-        rng.bit_generator.state = saved["rng"]
-        progress.episode = int(saved["episode"])
-        progress.returns.clear()
-        progress.returns.extend(saved["returns"].tolist())
-        progress.successes.clear()
-        progress.successes.extend(saved["successes"].tolist())
-        recorder.load_state(saved["recorder"])
-
-    return Learner(q_net, loss, evaluate, state=state, load_state=load_state, after_update=after_update)
+    dqn = DQN(
+        run, cfg, device, q_net,
+        target={k: v.detach().clone() for k, v in q_net.named_parameters()},
+        buffer=ReplayBuffer(cfg.buffer_size), recorder=recorder,
+        eval_envs=[make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))],
+        rng=np.random.default_rng(derive_seed(run.seed, 1)),
+        centering=centering,  # type: ignore[arg-type]
+        strategy=None if cfg.her == "none" else Strategy.parse(cfg.her, "dqn.her"),
+        compute_reward=getattr(env.unwrapped, "compute_reward", None),
+        compute_terminated=getattr(env.unwrapped, "compute_terminated", None),
+    )  # fmt: skip
+    return Learner(q_net, partial(loss, dqn, n_actions), partial(evaluate, dqn), state=partial(state, dqn),
+                   load_state=partial(load_state, dqn), after_update=partial(after_update, dqn))  # fmt: skip

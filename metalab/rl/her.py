@@ -74,6 +74,7 @@ def relabel(
     k: int,
     compute_reward: GoalFn,
     rng: np.random.Generator,
+    *,
     compute_terminated: GoalFn | None = None,
     pool: np.ndarray | None = None,
 ) -> Experience:
