@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -239,6 +240,7 @@ def soft_target(
     next_q1: torch.Tensor,
     next_q2: torch.Tensor,
     next_log_prob: torch.Tensor,
+    *,
     gamma: float,
     alpha: float | torch.Tensor,
     reward_scale: float = 1.0,
@@ -281,8 +283,8 @@ def sac_losses(
         mean, log_std = policy_head(params, next_obs)
         next_action, next_log_prob = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))
         y = soft_target(batch.reward, batch.done, q_value(target, "q1", next_obs, next_action),
-                        q_value(target, "q2", next_obs, next_action), next_log_prob, cfg.gamma, alpha,
-                        cfg.reward_scale)  # fmt: skip
+                        q_value(target, "q2", next_obs, next_action), next_log_prob, gamma=cfg.gamma,
+                        alpha=alpha, reward_scale=cfg.reward_scale)  # fmt: skip
     q1, q2 = q_value(params, "q1", batch.obs, batch.action), q_value(params, "q2", batch.obs, batch.action)
     critic = critic_loss(q1, q2, y)
 
@@ -363,88 +365,123 @@ class _Progress:
     returns: deque = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
 
 
+@dataclass
+class SAC:
+    """Everything a SAC run holds: actor-critic, target critics, replay buffer, envs and counters."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    model: ActorCritic
+    target: Params
+    buffer: ReplayBuffer
+    env: LastStep
+    """The training env (its last step's reward and termination are what the buffer stores)."""
+    recorder: Recorder
+    eval_envs: list[gym.Env]
+    act_dim: int
+    progress: _Progress = field(default_factory=_Progress)
+
+    def params(self) -> Params:
+        return dict(self.model.named_parameters())
+
+
+def explore(sac: SAC, step: int) -> np.ndarray:
+    """The action of env step ``step``, ``(A,)``: uniform before ``learning_starts``, then a policy sample."""
+    if step < sac.cfg.learning_starts:
+        rng = np.random.default_rng(derive_seed(sac.run.seed, _RANDOM, step))
+        return rng.uniform(-1.0, 1.0, sac.act_dim).astype(np.float32)
+    with torch.no_grad():
+        obs = torch.from_numpy(sac.recorder.obs).to(sac.device)[None]
+        mean, log_std = policy_head(sac.params(), obs)  # (1, A)
+        action, _ = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))
+    return action[0].cpu().numpy()
+
+
+def env_step(sac: SAC, step: int) -> None:
+    """One env step into the buffer; a finished episode is counted and the next one starts."""
+    recorder, progress = sac.recorder, sac.progress
+    obs, action = recorder.obs, explore(sac, step)
+    result = recorder.step(action)
+    done = np.float32(sac.env.terminated)
+    sac.buffer.add(
+        Transition(obs[None], action[None], np.float32([sac.env.reward]), recorder.obs[None], done[None])
+    )
+    if result is not None:
+        progress.returns.append(result.ret)
+        progress.episode += 1
+        recorder.reset(derive_seed(sac.run.seed, 0, progress.episode))
+
+
+def loss(sac: SAC, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """One env step, then (after ``learning_starts``) SAC's losses on one minibatch."""
+    env_step(sac, step)
+    metrics = {"train/env_steps": float(step + 1), "train/episodes": float(sac.progress.episode)}
+    if sac.progress.returns:
+        metrics["train/return"] = float(np.mean(sac.progress.returns))
+    if step < sac.cfg.learning_starts:
+        return None, metrics
+    rng = np.random.default_rng(derive_seed(sac.run.seed, _MINIBATCH, step))
+    rows = sac.buffer.sample_rows(sac.cfg.batch_size, rng)
+    batch = Batch(*(torch.from_numpy(column).to(sac.device) for column in rows))
+    losses, loss_metrics = sac_losses(sac.params(), sac.target, batch, sac.cfg, sac.act_dim)
+    return losses.total(), metrics | loss_metrics
+
+
+def after_update(sac: SAC, step: int) -> None:
+    """Polyak-average the target critics toward the critics."""
+    sac.target.update(polyak_update(sac.target, sac.model.critic_params(), sac.cfg.tau))
+
+
+def greedy(sac: SAC, obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
+    """The deterministic actions ``(E, A)`` for observations ``(E, obs_dim)``."""
+    with torch.no_grad():
+        return deterministic_action(sac.params(), torch.from_numpy(obs).to(sac.device)).cpu().numpy()
+
+
+def evaluate(sac: SAC, part: str, episodes: int) -> dict[str, float]:
+    """Mean return (95% CI) of the deterministic policy over ``episodes`` episodes of ``part``'s seeds."""
+    seeds = [derive_seed(sac.run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
+    ret = mean_ci95([r.ret for r in run_episodes(sac.eval_envs, partial(greedy, sac), seeds)])
+    return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
+
+
+def state(sac: SAC) -> dict[str, Any]:
+    """What a checkpoint needs beyond the networks: targets, buffer, the episode in progress, counters."""
+    return {
+        "target": {k: v.detach().clone() for k, v in sac.target.items()},
+        "buffer": sac.buffer.state(),
+        "recorder": sac.recorder.state(),
+        "episode": sac.progress.episode,
+        "returns": torch.tensor(list(sac.progress.returns), dtype=torch.float64),
+    }
+
+
+def load_state(sac: SAC, saved: dict[str, Any]) -> None:
+    sac.target.update({k: v.to(sac.device) for k, v in saved["target"].items()})
+    sac.buffer.load_state(saved["buffer"])
+    sac.progress.episode = int(saved["episode"])
+    sac.progress.returns.clear()
+    sac.progress.returns.extend(saved["returns"].tolist())
+    sac.recorder.load_state(saved["recorder"])
+
+
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Actor-critic, target critics, replay buffer, env and the trainer hooks of a SAC run (``data_root`` is
     unused)."""
     cfg: Config = run.params
     env = LastStep(unit_box_env(run))
-    eval_envs = [unit_box_env(run) for _ in range(min(run.eval.batch, run.eval.episodes))]
     obs_dim, _ = dims(env)
     act_dim = int(np.prod(env.action_space.shape))
     model = ActorCritic(obs_dim, act_dim, cfg.hidden, cfg.alpha).to(device)
     model.log_alpha.requires_grad_(cfg.auto_alpha)
-    target: Params = {k: v.detach().clone() for k, v in model.critic_params().items()}
-    buffer = ReplayBuffer(cfg.buffer_size, Transition)
     recorder = Recorder(env)
     recorder.reset(derive_seed(run.seed, 0, 0))
-    progress = _Progress()
-
-    def params() -> Params:
-        return dict(model.named_parameters())
-
-    def explore(step: int) -> np.ndarray:
-        """The action of env step ``step``, ``(A,)``: uniform before ``learning_starts``, then a policy sample."""
-        if step < cfg.learning_starts:
-            rng = np.random.default_rng(derive_seed(run.seed, _RANDOM, step))
-            return rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
-        with torch.no_grad():
-            mean, log_std = policy_head(params(), torch.from_numpy(recorder.obs).to(device)[None])  # (1, A)
-            action, _ = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))
-        return action[0].cpu().numpy()
-
-    def env_step(step: int) -> None:
-        obs, action = recorder.obs, explore(step)
-        result = recorder.step(action)
-        done = np.float32(env.terminated)
-        buffer.add(
-            Transition(obs[None], action[None], np.float32([env.reward]), recorder.obs[None], done[None])
-        )
-        if result is not None:
-            progress.returns.append(result.ret)
-            progress.episode += 1
-            recorder.reset(derive_seed(run.seed, 0, progress.episode))
-
-    def loss(step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        env_step(step)
-        metrics = {"train/env_steps": float(step + 1), "train/episodes": float(progress.episode)}
-        if progress.returns:
-            metrics["train/return"] = float(np.mean(progress.returns))
-        if step < cfg.learning_starts:
-            return None, metrics
-        rows = buffer.sample_rows(
-            cfg.batch_size, np.random.default_rng(derive_seed(run.seed, _MINIBATCH, step))
-        )
-        batch = Batch(*(torch.from_numpy(column).to(device) for column in rows))
-        losses, loss_metrics = sac_losses(params(), target, batch, cfg, act_dim)
-        return losses.total(), metrics | loss_metrics
-
-    def after_update(step: int) -> None:
-        target.update(polyak_update(target, model.critic_params(), cfg.tau))
-
-    def greedy(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            return deterministic_action(params(), torch.from_numpy(obs).to(device)).cpu().numpy()
-
-    def evaluate(part: str, episodes: int) -> dict[str, float]:
-        seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i) for i in range(episodes)]
-        ret = mean_ci95([r.ret for r in run_episodes(eval_envs, greedy, seeds)])
-        return {f"{part}/return": ret.mean, f"{part}/return_ci95": ret.ci95}
-
-    def state() -> dict[str, Any]:
-        return {
-            "target": {k: v.detach().clone() for k, v in target.items()},
-            "buffer": buffer.state(),
-            "recorder": recorder.state(),
-            "episode": progress.episode,
-            "returns": torch.tensor(list(progress.returns), dtype=torch.float64),
-        }
-
-    def load_state(saved: dict[str, Any]) -> None:
-        target.update({k: v.to(device) for k, v in saved["target"].items()})
-        buffer.load_state(saved["buffer"])
-        progress.episode = int(saved["episode"])
-        progress.returns.clear()
-        progress.returns.extend(saved["returns"].tolist())
-        recorder.load_state(saved["recorder"])
-
-    return Learner(model, loss, evaluate, state=state, load_state=load_state, after_update=after_update)
+    sac = SAC(
+        run, cfg, device, model,
+        target={k: v.detach().clone() for k, v in model.critic_params().items()},
+        buffer=ReplayBuffer(cfg.buffer_size, Transition), env=env, recorder=recorder,
+        eval_envs=[unit_box_env(run) for _ in range(min(run.eval.batch, run.eval.episodes))], act_dim=act_dim,
+    )  # fmt: skip
+    return Learner(model, partial(loss, sac), partial(evaluate, sac), state=partial(state, sac),
+                   load_state=partial(load_state, sac), after_update=partial(after_update, sac))  # fmt: skip
