@@ -192,9 +192,12 @@ def check_achieved_is_observation(run: RunConfig, cfg: Config) -> None:
         raise ConfigError("dqn.achieved_goal_input", "is SB3's raw input layout; leave center_inputs off")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DQN:
-    """Everything a DQN run holds: Q-network, target parameters, replay buffer, envs, RNG and counters."""
+    """Everything a DQN run holds: Q-network, target parameters, replay buffer, envs, RNG and counters.
+
+    Frozen: the pieces are fixed at :func:`build`; what changes during training is their contents (the target
+    dict, buffer, RNG, recorder and the counters in :class:`_Progress`)."""
 
     run: RunConfig
     cfg: Config
@@ -216,6 +219,7 @@ class DQN:
     progress: _Progress = field(default_factory=_Progress)
 
     def online(self) -> Params:
+        """The Q-network's live parameters (what the optimizer steps)."""
         return dict(self.q_net.named_parameters())
 
 
@@ -306,6 +310,7 @@ def state(dqn: DQN) -> dict[str, Any]:
 
 
 def load_state(dqn: DQN, saved: dict[str, Any]) -> None:
+    """Restore what :func:`state` saved, in place."""
     progress = dqn.progress
     dqn.target.update({k: v.to(dqn.device) for k, v in saved["target"].items()})
     dqn.buffer.load_state(saved["buffer"])

@@ -365,9 +365,12 @@ class _Progress:
     returns: deque = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAC:
-    """Everything a SAC run holds: actor-critic, target critics, replay buffer, envs and counters."""
+    """Everything a SAC run holds: actor-critic, target critics, replay buffer, envs and counters.
+
+    Frozen: the pieces are fixed at :func:`build`; what changes during training is their contents (the target
+    dict, buffer, recorder and the counters in :class:`_Progress`)."""
 
     run: RunConfig
     cfg: Config
@@ -383,6 +386,7 @@ class SAC:
     progress: _Progress = field(default_factory=_Progress)
 
     def params(self) -> Params:
+        """The actor-critic's live parameters (what the optimizer steps)."""
         return dict(self.model.named_parameters())
 
 
@@ -458,6 +462,7 @@ def state(sac: SAC) -> dict[str, Any]:
 
 
 def load_state(sac: SAC, saved: dict[str, Any]) -> None:
+    """Restore what :func:`state` saved, in place."""
     sac.target.update({k: v.to(sac.device) for k, v in saved["target"].items()})
     sac.buffer.load_state(saved["buffer"])
     sac.progress.episode = int(saved["episode"])
