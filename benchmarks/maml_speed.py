@@ -126,8 +126,7 @@ def loss_of(regression: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 def metalab_maml(p: Problem, batching: gbml.TaskBatching, steps: int = 1) -> Step:
     """metalab's MAML training loss (what ``maml.build`` hands the trainer) under ``batching``, then backward."""
-    cfg = maml.Config(inner_lr=p.inner_lr, inner_steps=steps)
-    per_task = functools.partial(maml.adapted_query, p.model, p.regression, cfg, steps, False)
+    per_task = functools.partial(maml.query_loss, gbml.Inner(p.model, p.regression, p.inner_lr, steps))
     train_loss = gbml.mean_query_loss(per_task, batching, gbml.params_of(p.model), p.regression)
 
     def step() -> None:
@@ -140,7 +139,8 @@ def metalab_imaml(p: Problem, steps: int) -> Step:
     """iMAML's surrogate meta-loss, as ``imaml.build``'s training loss computes it, then backward."""
     cfg = imaml.Config(inner_lr=p.inner_lr, inner_steps=steps, lam=1.0, cg_steps=5)
     batching = gbml.task_batching("imaml", cfg, p.model, second_order=True)
-    per_task = functools.partial(imaml.implicit_gradient, p.model, p.regression, cfg)
+    inner = imaml.Proximal(p.model, p.regression, cfg.inner_lr, steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    per_task = functools.partial(imaml.implicit_gradient, inner)
 
     def step() -> None:
         theta = dict(p.model.named_parameters())

@@ -109,6 +109,8 @@ def batched_query(
 
     from metalab.meta import gbml, maml
 
-    per_task = functools.partial(maml.adapted_query, model, regression, cfg, steps, first_order)
+    per_task = functools.partial(
+        maml.query_loss, gbml.Inner(model, regression, cfg.inner_lr, steps, first_order)
+    )
     batching = gbml.task_batching("maml", cfg, model, not first_order, grad_loop=True)
     return gbml.map_tasks(per_task, ep, batching, params)

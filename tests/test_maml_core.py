@@ -17,7 +17,7 @@ from torch.autograd.functional import hessian
 from metalab.data.episodes import Episode, EpisodeSampler
 from metalab.data.sinusoid import SinusoidTasks
 from metalab.experiment import run_config_from_dict
-from metalab.meta import maml, protonet
+from metalab.meta import gbml, maml, protonet
 from metalab.meta.adapt import adapt
 from metalab.models import MLP, Conv4
 
@@ -59,13 +59,12 @@ def unflatten(vec: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, tor
 def meta_grad(model, params, task, steps: int, inner_lr: float, first_order: bool) -> torch.Tensor:
     """The flat gradient of the post-adaptation query loss with respect to the initial parameters."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    cfg = maml.Config(inner_lr=inner_lr)
-    loss, _ = maml.adapted_query(model, True, cfg, steps, first_order, leaves, *task)
+    loss, _ = maml.query_loss(gbml.Inner(model, True, inner_lr, steps, first_order), leaves, *task)
     return flatten(dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True)))
 
 
 def query_loss_after(model, params, task, steps: int, inner_lr: float) -> torch.Tensor:
-    return maml.adapted_query(model, True, maml.Config(inner_lr=inner_lr), steps, False, params, *task)[0]
+    return maml.query_loss(gbml.Inner(model, True, inner_lr, steps), params, *task)[0]
 
 
 # ------------------------------------------------------------------------------------------- adapt
@@ -78,10 +77,10 @@ def test_one_step_meta_gradient_is_closed_form() -> None:
     theta = flatten(params)
 
     def support_loss(vec: torch.Tensor) -> torch.Tensor:
-        return maml.task_loss(model, True, unflatten(vec, params), xs, ys)
+        return gbml.task_loss(model, True, unflatten(vec, params), xs, ys)
 
     def query_loss(vec: torch.Tensor) -> torch.Tensor:
-        return maml.task_loss(model, True, unflatten(vec, params), xq, yq)
+        return gbml.task_loss(model, True, unflatten(vec, params), xq, yq)
 
     theta_leaf = theta.clone().requires_grad_(True)
     g_support = torch.autograd.grad(support_loss(theta_leaf), theta_leaf)[0]
@@ -104,7 +103,7 @@ def test_one_step_meta_gradient_is_closed_form() -> None:
 def test_first_order_is_query_gradient_at_adapted_params_after_several_steps() -> None:
     model, params, task = tiny_problem(1)
     xs, ys, xq, yq = task
-    loss_fn = functools.partial(maml.task_loss, model, True)
+    loss_fn = functools.partial(gbml.task_loss, model, True)
     phi = {k: v.clone().requires_grad_(True) for k, v in adapt(params, loss_fn, (xs, ys), 3, 0.2).items()}
     expected = flatten(
         dict(zip(phi, torch.autograd.grad(loss_fn(phi, xq, yq), list(phi.values())), strict=True))
@@ -132,7 +131,7 @@ def test_meta_gradient_matches_finite_differences(steps: int) -> None:
 
 def test_adapt_plain_gradient_descent() -> None:
     model, params, (xs, ys, _, _) = tiny_problem(3)
-    loss_fn = functools.partial(maml.task_loss, model, True)
+    loss_fn = functools.partial(gbml.task_loss, model, True)
     # One step by hand.
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     grads = torch.autograd.grad(loss_fn(leaves, xs, ys), list(leaves.values()))
@@ -150,7 +149,7 @@ def test_adapt_plain_gradient_descent() -> None:
 
 def test_adapt_per_parameter_rates() -> None:
     model, params, (xs, ys, _, _) = tiny_problem(4)
-    loss_fn = functools.partial(maml.task_loss, model, True)
+    loss_fn = functools.partial(gbml.task_loss, model, True)
     rates = {k: torch.zeros_like(v) for k, v in params.items()}
     rates["head.bias"] = torch.full_like(params["head.bias"], 0.5)
     out = adapt(params, loss_fn, (xs, ys), 1, rates)
@@ -245,7 +244,7 @@ def test_batched_tasks_equal_single_tasks() -> None:
     ep = Episode(xs, xs.sum(-1, keepdim=True), xq, xq.sum(-1, keepdim=True), 1, 4, 4)
     losses, _ = batched_query(model, True, cfg, 2, False, params, ep)
     for t in range(3):
-        single, _ = maml.adapted_query(model, True, cfg, 2, False, params, *ep.task(t)[:4])
+        single, _ = maml.query_loss(gbml.Inner(model, True, cfg.inner_lr, 2), params, *ep.task(t)[:4])
         torch.testing.assert_close(losses[t], single, rtol=1e-10, atol=1e-12)
 
 

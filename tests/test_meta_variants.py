@@ -5,6 +5,7 @@ test_meta_variants_inner.py)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,8 +83,9 @@ def test_imaml_implicit_gradient_is_the_exact_closed_form() -> None:
 
     # Enough proximal GD steps to converge, and CG steps >= dimension: exact in exact arithmetic.
     cfg = imaml.Config(inner_lr=0.1, inner_steps=500, lam=lam, cg_steps=4)
-    g, loss, _ = imaml.implicit_gradient(model, True, cfg, params, xs, ys, xq, yq)
-    torch.testing.assert_close(flat(imaml.inner_solve(model, True, cfg, params, xs, ys, 500)), phi)
+    inner = imaml.Proximal(model, True, cfg.inner_lr, cfg.inner_steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    g, loss, _ = imaml.implicit_gradient(inner, params, xs, ys, xq, yq)
+    torch.testing.assert_close(flat(imaml.inner_solve(replace(inner, steps=500), params, xs, ys)), phi)
     # phi is exact to about sqrt(float64 eps) = 1e-8: the solver accepts a step by comparing objective values,
     # and closer to the minimum their difference is below float64 resolution.
     torch.testing.assert_close(flat(g), expected, rtol=1e-6, atol=1e-8)
@@ -151,7 +153,8 @@ def test_metasgd_rate_gradients_equal_finite_differences() -> None:
     alpha = {k: 0.1 + 0.2 * torch.rand_like(v) for k, v in params.items()}  # distinct rates per weight
 
     def meta_loss(theta: Params, rates: Params) -> torch.Tensor:
-        return metasgd.query_loss(model, True, 2, False, {"theta": theta, "alpha": rates}, *task)[0]
+        inner = gbml.Inner(model, True, lr=0.0, steps=2)  # lr unused: the rates are ``alpha``
+        return metasgd.query_loss(inner, {"theta": theta, "alpha": rates}, *task)[0]
 
     theta_l, alpha_l = requiring_grad(params), requiring_grad(alpha)
     loss = meta_loss(theta_l, alpha_l)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from metalab.models import Conv4
 
 def test_anil_adapts_the_head_only_and_matches_full_model_adaptation() -> None:
     model, params, (xs, ys, _, _) = tiny_problem(2)
-    adapted = anil.adapt_task(model, True, 0.3, False, params, xs, ys, 3)
+    adapted = anil.adapt_task(gbml.Inner(model, True, 0.3, 3), params, xs, ys)
     for k in params:
         if k.startswith("head."):
             assert not torch.equal(adapted[k], params[k]), k
@@ -66,21 +67,19 @@ def test_cavia_context_starts_at_zero_and_network_is_untouched() -> None:
     before = {k: v.clone() for k, v in params.items()}
     ep = SinusoidTasks(5, 5, seed=0).sample(0, 3)
     sx, sy = ep.support_x.double(), ep.support_y.double()
-    cfg = cavia.Config(context_dim=3, inner_lr=0.5)
+    inner = gbml.Inner(model, True, 0.5, 2)
     assert torch.equal(
-        cavia.adapt_context(model, True, cfg, False, params, sx[0], sy[0], 0), torch.zeros(3, dtype=D)
+        cavia.adapt_context(replace(inner, steps=0), params, sx[0], sy[0]), torch.zeros(3, dtype=D)
     )
-    contexts = [cavia.adapt_context(model, True, cfg, False, params, sx[t], sy[t], 2) for t in range(3)]
+    contexts = [cavia.adapt_context(inner, params, sx[t], sy[t]) for t in range(3)]
     assert all(float(c.abs().sum()) > 0 for c in contexts)
     # Each task starts from zero whatever was adapted before it: task 2 alone gives the same context.
-    torch.testing.assert_close(
-        cavia.adapt_context(model, True, cfg, False, params, sx[2], sy[2], 2), contexts[2]
-    )
+    torch.testing.assert_close(cavia.adapt_context(inner, params, sx[2], sy[2]), contexts[2])
     assert all(torch.equal(params[k], before[k]) for k in params)
     # The outer gradient reaches every network weight through the adapted context.
     leaves = requiring_grad(params)
     loss = cavia.query_loss(
-        model, True, cfg, leaves, sx[0], sy[0], ep.query_x[0].double(), ep.query_y[0].double()
+        replace(inner, steps=1), leaves, sx[0], sy[0], ep.query_x[0].double(), ep.query_y[0].double()
     )[0]
     assert all(float(g.abs().sum()) > 0 for g in grads_of(loss, leaves).values())
 
@@ -115,7 +114,7 @@ def test_mamlpp_per_step_batchnorm_and_rates_learn() -> None:
     assert all(v.shape == (2,) for v in meta["lr"].values())
     assert all(v.shape[0] == 3 for v in meta["bn"].values())  # a BatchNorm set per step 0..2
     assert not set(meta["bn"]) & set(meta["weights"])
-    losses, _ = mamlpp.step_losses(model, False, 2, False, meta, *ep.task(0)[:4])
+    losses, _ = mamlpp.step_losses(gbml.Inner(model, False, 0.1, 2), meta, *ep.task(0)[:4])
     assert losses.shape == (2,)
     losses.sum().backward()
     trained = pp.trained()
@@ -137,12 +136,14 @@ def test_mamlpp_anneals_derivative_order(sinusoid_config, tmp_path: Path) -> Non
 
 def imaml_loss(model: nn.Module, params: Params, task: tuple[torch.Tensor, ...]) -> torch.Tensor:
     cfg = imaml.Config(inner_steps=2, cg_steps=2)
-    g, loss, _ = imaml.implicit_gradient(model, False, cfg, params, *task)
+    inner = imaml.Proximal(model, False, cfg.inner_lr, cfg.inner_steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    g, loss, _ = imaml.implicit_gradient(inner, params, *task)
     return imaml.surrogate(params, one_task_batch(g), loss[None])
 
 
 def reptile_loss(model: nn.Module, params: Params, task: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    phi, _ = reptile.adapt_task(model, False, reptile.Config(inner_lr=0.1), params, *task)
+    cfg = reptile.Config(inner_lr=0.1)
+    phi, _ = reptile.adapt_task(gbml.Inner(model, False, cfg.inner_lr, cfg.inner_steps), params, *task)
     return reptile.surrogate(params, one_task_batch(phi))
 
 
@@ -157,15 +158,15 @@ def test_every_variant_runs_on_conv4() -> None:
     film_params = dict(film.named_parameters())
     cases = {
         "metasgd": (
-            lambda: metasgd.query_loss(model, False, 1, False, sgd.meta(), *task)[0],
+            lambda: metasgd.query_loss(gbml.Inner(model, False, 0.1, 1), sgd.meta(), *task)[0],
             sgd.parameters(),
         ),
         "anil": (
-            lambda: anil.query_loss(model, False, anil.Config(inner_lr=0.4), params, *task)[0],
+            lambda: anil.query_loss(gbml.Inner(model, False, 0.4, 1), params, *task)[0],
             params.values(),
         ),
         "cavia": (
-            lambda: cavia.query_loss(film, False, cavia.Config(), film_params, *task)[0],
+            lambda: cavia.query_loss(gbml.Inner(film, False, 1.0, 1), film_params, *task)[0],
             film.parameters(),
         ),
         "imaml": (lambda: imaml_loss(model, params, task), params.values()),
@@ -187,7 +188,7 @@ def test_anil_vmap_equals_loop_through_batchnorm() -> None:
     """ANIL never differentiates twice through BatchNorm, so vmap is exact for it even at second order."""
     model, ep = conv4_problem()
     params = requiring_grad(dict(model.named_parameters()))
-    per_task = functools.partial(anil.query_loss, model, False, anil.Config(inner_lr=0.4, inner_steps=2))
+    per_task = functools.partial(anil.query_loss, gbml.Inner(model, False, 0.4, 2))
     results = []
     for mode in ("vmap", "loop"):
         losses, _ = gbml.map_tasks(per_task, ep, gbml.TaskBatching(mode), params)
@@ -204,7 +205,8 @@ def test_imaml_vmap_equals_loop_through_batchnorm() -> None:
     params = dict(model.named_parameters())
     cfg = imaml.Config(inner_steps=2, cg_steps=2, batching="vmap")
     assert gbml.task_batching("imaml", cfg, model, second_order=True).mode == "vmap"
-    per_task = functools.partial(imaml.implicit_gradient, model, False, cfg)
+    inner = imaml.Proximal(model, False, cfg.inner_lr, cfg.inner_steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    per_task = functools.partial(imaml.implicit_gradient, inner)
     (gv, lv, _), (gl, ll, _) = (
         gbml.map_tasks(per_task, ep, gbml.TaskBatching(mode), gbml.detached(params))
         for mode in ("vmap", "loop")

@@ -27,7 +27,8 @@ def maml_train_loss(
     """MAML's training loss as the trainer gets it (``gbml.mean_query_loss``), its metrics, its gradient in the
     network's parameters, and the loss tensor itself (with its graph)."""
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    per_task = functools.partial(maml.adapted_query, model, regression, cfg, cfg.inner_steps, cfg.first_order)
+    inner = gbml.Inner(model, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
+    per_task = functools.partial(maml.query_loss, inner)
     batching = gbml.task_batching("maml", cfg, model, not cfg.first_order, grad_loop=True)
     assert batching.mode == cfg.batching
     loss, metrics = gbml.mean_query_loss(per_task, batching, lambda: params, regression)(0, ep)
@@ -145,7 +146,7 @@ def test_grad_loop_without_grad_is_the_mean_loss() -> None:
     model = MLP(1, (8,), 1)
     ep = SinusoidTasks(5, 5, seed=0).sample(0, 3)
     cfg = maml.Config(batching="grad_loop")
-    per_task = functools.partial(maml.adapted_query, model, True, cfg, 1, False)
+    per_task = functools.partial(maml.query_loss, gbml.Inner(model, True, cfg.inner_lr, 1))
     with torch.no_grad():
         loss, scores = gbml.freed_mean_loss(per_task, ep, dict(model.named_parameters()))
         losses, _ = gbml.map_tasks(per_task, ep, gbml.TaskBatching("loop"), dict(model.named_parameters()))

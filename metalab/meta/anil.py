@@ -20,7 +20,7 @@ from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_loss
+from metalab.meta.gbml import Inner, loss_and_score, output_loss
 from metalab.train.loop import Learner
 
 HEAD = "head."
@@ -72,45 +72,33 @@ def head_loss(
     return output_loss(apply_head(model, head, z), y, regression)
 
 
-def adapt_task(
-    model: nn.Module,
-    regression: bool,
-    inner_lr: float,
-    first_order: bool,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    steps: int,
-) -> Params:
-    """The adapted parameters of one task: the body's unchanged, the head's after ``steps`` inner steps."""
+def adapt_task(inner: Inner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+    """The adapted parameters of one task: the body's unchanged, the head's after ``inner.steps`` inner steps."""
     body, head = split_head(params)
-    z = embed(model, body, support_x)  # (N*K, D), once for all inner steps
-    loss_fn = functools.partial(head_loss, model, regression)
-    return {**body, **adapt(head, loss_fn, (z, support_y), steps, inner_lr, first_order)}
+    z = embed(inner.model, body, support_x)  # (N*K, D), once for all inner steps
+    loss_fn = functools.partial(head_loss, inner.model, inner.regression)
+    return {**body, **adapt(head, loss_fn, (z, support_y), inner.steps, inner.lr, inner.first_order)}
 
 
 def predict(
-    model: nn.Module,
-    regression: bool,
-    inner_lr: float,
-    first_order: bool,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Inner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    adapted = adapt_task(model, regression, inner_lr, first_order, params, support_x, support_y, steps)
-    body, head = split_head(adapted)
-    return apply_head(model, head, embed(model, body, x))
+    """One task: adapt the head on the support set, then the outputs at ``x``."""
+    body, head = split_head(adapt_task(inner, params, support_x, support_y))
+    return apply_head(inner.model, head, embed(inner.model, body, x))
 
 
 def query_loss(
-    model: nn.Module, regression: bool, cfg: Config, params: Params, *task: torch.Tensor
+    inner: Inner,
+    params: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adapting the head, query score)."""
-    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, cfg.first_order)
-    return gbml.query_loss(adapt_predict, regression, cfg.inner_steps, params, *task)
+    out = predict(inner, params, support_x, support_y, query_x)
+    return loss_and_score(out, query_y, inner.regression)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -121,9 +109,17 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     split_head(dict(model.named_parameters()))  # refuse a headless model before any data is read
     # The inner loop never differentiates through BatchNorm (it is in the body), so vmap would be exact here.
     batching = gbml.task_batching(run.algo, cfg, model, second_order=False, grad_loop=True)
+    inner = Inner(model, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
     params = gbml.params_of(model)
-    train_loss = gbml.mean_query_loss(
-        functools.partial(query_loss, model, regression, cfg), batching, params, regression
+    train_loss = gbml.mean_query_loss(functools.partial(query_loss, inner), batching, params, regression)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
     )
-    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

@@ -30,7 +30,7 @@ from metalab.config import MAX_UNITS, require_between
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_loss
+from metalab.meta.gbml import Inner, loss_and_score, output_loss
 from metalab.models import MLP, Conv4
 from metalab.train.loop import Learner
 
@@ -57,6 +57,7 @@ class ContextMLP(nn.Module):
     def __init__(self, in_features: int, context_dim: int, hidden: tuple[int, ...], out_features: int):
         super().__init__()
         self.net = MLP(in_features + context_dim, hidden, out_features)
+        self.context_dim = context_dim
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x, context.expand(x.shape[0], -1)], -1))  # (B, in + context_dim)
@@ -69,6 +70,7 @@ class ContextConv4(nn.Module):
         super().__init__()
         self.net = Conv4(1, hidden, n_classes=n_classes, strided=True, image_size=image_size)
         self.hidden = hidden
+        self.context_dim = context_dim
         self.film = nn.Linear(context_dim, 2 * len(self.net.features) * hidden)
         nn.init.zeros_(self.film.bias)
 
@@ -103,45 +105,36 @@ def context_loss(
 
 
 def adapt_context(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    first_order: bool,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    steps: int,
+    inner: Inner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
 ) -> torch.Tensor:
-    """One task's context after ``steps`` inner steps from zero; the network ``params`` stay as they are."""
-    zero = {"context": torch.zeros(cfg.context_dim, dtype=support_x.dtype, device=support_x.device)}
+    """One task's context after ``inner.steps`` inner steps from zero; the network ``params`` stay as they are."""
+    zero = {"context": torch.zeros(inner.model.context_dim, dtype=support_x.dtype, device=support_x.device)}
 
     def loss_fn(ctx: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return context_loss(model, regression, params, ctx, x, y)
+        return context_loss(inner.model, inner.regression, params, ctx, x, y)
 
-    return adapt(zero, loss_fn, (support_x, support_y), steps, cfg.inner_lr, first_order)["context"]
+    return adapt(zero, loss_fn, (support_x, support_y), inner.steps, inner.lr, inner.first_order)["context"]
 
 
 def predict(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    first_order: bool,
-    params: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Inner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    context = adapt_context(model, regression, cfg, first_order, params, support_x, support_y, steps)
-    return functional_call(model, params, (x, context))
+    """One task: adapt the context on the support set, then the outputs at ``x``."""
+    context = adapt_context(inner, params, support_x, support_y)
+    return functional_call(inner.model, params, (x, context))
 
 
 def query_loss(
-    model: nn.Module, regression: bool, cfg: Config, params: Params, *task: torch.Tensor
+    inner: Inner,
+    params: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss with the adapted context, query score)."""
-    adapt_predict = functools.partial(predict, model, regression, cfg, cfg.first_order)
-    return gbml.query_loss(adapt_predict, regression, cfg.inner_steps, params, *task)
+    out = predict(inner, params, support_x, support_y, query_x)
+    return loss_and_score(out, query_y, inner.regression)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -150,9 +143,17 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = context_model(run, cfg).to(device)
     batching = gbml.task_batching(run.algo, cfg, model, not cfg.first_order, grad_loop=True)
+    inner = Inner(model, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
     params = gbml.params_of(model)
-    train_loss = gbml.mean_query_loss(
-        functools.partial(query_loss, model, regression, cfg), batching, params, regression
+    train_loss = gbml.mean_query_loss(functools.partial(query_loss, inner), batching, params, regression)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
     )
-    adapt_predict = functools.partial(predict, model, regression, cfg, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)

@@ -2,15 +2,15 @@
 task batching, and evaluation after adaptation.
 
 A variant supplies two pure functions of its meta-parameters: a training loss over a batched episode, and
-``predict(meta, support_x, support_y, x, steps)``, which adapts to one task's support set with ``steps`` inner
-steps and returns the adapted model's outputs at ``x``. Evaluation and the sinusoid figure are built on
+``predict(inner, meta, support_x, support_y, x)``, which adapts to one task's support set as :class:`Inner`
+says and returns the adapted model's outputs at ``x``. Evaluation and the sinusoid figure are built on
 ``predict``, so training and testing go through the variant's one inner loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -34,8 +34,8 @@ from metalab.train.plots import plot_curves
 
 Meta = Any
 """A variant's meta-parameters: a ``Params`` dict, or a dict of them (e.g. weights and learned inner rates)."""
-Predict = Callable[[Meta, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""``(meta, support_x, support_y, x, steps) -> outputs at x`` of the model adapted to one task."""
+Predict = Callable[["Inner", Meta, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(inner, meta, support_x, support_y, x) -> outputs at x`` of the model adapted to one task."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,29 @@ class InnerLoopConfig:
         require_widths(self.mlp_hidden, "mlp_hidden")
 
 
+@dataclass(frozen=True)
+class Inner:
+    """How one task adapts, everything but the meta-parameters and the task's data: the network, its loss, and
+    the steps. Per-task functions of the MAML family take it first, ``fn(inner, meta, support_x, support_y,
+    ...)``; it is bound with ``functools.partial`` before ``vmap``, which maps over the task tensors alone."""
+
+    model: nn.Module
+    """The network, run with ``functional_call`` on adapted parameters."""
+    regression: bool
+    """MSE loss and score (sinusoid), or cross-entropy loss and accuracy (classification)."""
+    lr: float
+    """Inner step size alpha (Meta-SGD and MAML++ learn theirs and do not read it)."""
+    steps: int
+    """Inner gradient steps: ``inner_steps`` in training, ``eval_inner_steps`` at evaluation."""
+    first_order: bool = False
+    """Treat inner gradients as constants (FOMAML). Evaluation always adapts first order: it takes no outer
+    gradient (see :func:`build_learner`)."""
+
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:func:`task_loss` of ``model`` with ``params`` on ``(x, y)``."""
+        return task_loss(self.model, self.regression, params, x, y)
+
+
 def network(run: RunConfig, cfg: InnerLoopConfig) -> nn.Module:
     """MAML's architectures: an MLP for sinusoid (1 input, or ``x`` and the task code of the NME family), a
     strided Conv-4 with ``task.ways`` logits otherwise."""
@@ -104,22 +127,10 @@ def output_score(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.
     return F.mse_loss(out, y) if regression else (out.argmax(-1) == y).float().mean()
 
 
-def query_loss(
-    predict: Predict,
-    regression: bool,
-    steps: int,
-    meta: Meta,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task: adapt with ``steps`` inner steps of ``predict``, then (query loss, query score: accuracy or MSE).
-
-    The loss is differentiable in ``meta``; the score is detached.
-    """
-    out = predict(meta, support_x, support_y, query_x, steps)
-    return output_loss(out, query_y, regression), output_score(out, query_y, regression).detach()
+def loss_and_score(out: torch.Tensor, y: torch.Tensor, regression: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's (query loss, query score: accuracy or MSE) from the adapted model's outputs ``out`` at the query
+    inputs. The loss stays differentiable; the score is detached."""
+    return output_loss(out, y, regression), output_score(out, y, regression).detach()
 
 
 def mean_query_loss(
@@ -310,27 +321,35 @@ def build_learner(
     run: RunConfig,
     root: Path,
     device: torch.device,
+    *,
     model: nn.Module,
     meta: Callable[[], Meta],
     train_loss: Callable[[int, Episode], tuple[torch.Tensor, dict[str, float]]],
     predict: Predict,
+    inner: Inner,
     batching: TaskBatching,
     parameters: list[nn.Parameter] | None = None,
 ) -> Learner:
     """The trainer's view of a variant: ``train_loss(step, episode)`` to minimise, and evaluation of ``predict``
-    after ``eval_inner_steps`` inner steps on each test task (mean and 95% CI)."""
+    after ``eval_inner_steps`` inner steps on each test task (mean and 95% CI).
+
+    ``model`` is what is checkpointed and, unless ``parameters`` says otherwise, trained; ``meta()`` gives the
+    meta-parameters that ``predict`` adapts from; ``inner`` is the variant's training inner loop, which
+    evaluation runs with ``eval_inner_steps`` steps, first order (no outer gradient is taken there).
+    """
     cfg: InnerLoopConfig = run.params
     regression = run.task.dataset == "sinusoid"
     train = make_sampler(run.task, "train", run.seed, root)
     evals = EvalSamplers(run.task, run.eval.seed, root)
     score = "mse" if regression else "acc"
+    tested = replace(inner, steps=cfg.eval_inner_steps, first_order=True)
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return train_loss(step, shard(train.sample(step, run.train.meta_batch)).to(device))
 
     def evaluate(part: str, n: int) -> dict[str, float]:
         def one_task(m: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
-            return output_score(predict(m, sx, sy, qx, cfg.eval_inner_steps), qy, regression)
+            return output_score(predict(tested, m, sx, sy, qx), qy, regression)
 
         def per_task(ep: Episode) -> torch.Tensor:
             with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
@@ -345,15 +364,27 @@ def build_learner(
         path = run_dir / "sinusoid_fits.png"
         steps = sorted({1, cfg.eval_inner_steps})
         name = f"{run.algo} (first order)" if getattr(cfg, "first_order", False) else run.algo
-        return [sinusoid_figure(predict, detached(meta()), evals["test"], path, steps, name, device)]
+        figure = sinusoid_figure(
+            predict, tested, detached(meta()), evals["test"], path, steps=steps, name=name, device=device
+        )
+        return [figure]
 
     return Learner(model, loss, evaluate, parameters=parameters, figures=figures)
 
 
 def sinusoid_figure(
-    predict: Predict, meta: Meta, tasks: Any, path: Path, steps: list[int], name: str, device: torch.device
+    predict: Predict,
+    inner: Inner,
+    meta: Meta,
+    tasks: Any,
+    path: Path,
+    *,
+    steps: list[int],
+    name: str,
+    device: torch.device,
 ) -> Path:
-    """Predictions on 4 test tasks before adaptation and after each of ``steps`` inner steps on K points."""
+    """Predictions on 4 test tasks before adaptation and after each of ``steps`` inner steps on K points
+    (``inner`` with its number of steps replaced)."""
     n = 4
     ep = tasks.sample(0, n).to(device)
     amplitude, phase = tasks.functions(0, n)
@@ -361,9 +392,10 @@ def sinusoid_figure(
     curves = {"true": sinusoid(x.cpu(), amplitude[:, None, None], phase[:, None, None])}
     with torch.no_grad():
         for s in [0, *steps]:
+            at_s = replace(inner, steps=s)
 
-            def fit(sx: torch.Tensor, sy: torch.Tensor, xs: torch.Tensor, s: int = s) -> torch.Tensor:
-                return predict(meta, sx, sy, with_task_code(xs, sx), s)  # NME tasks: x and the task's code
+            def fit(sx: torch.Tensor, sy: torch.Tensor, xs: torch.Tensor, at_s: Inner = at_s) -> torch.Tensor:
+                return predict(at_s, meta, sx, sy, with_task_code(xs, sx))  # NME tasks: x and the task's code
 
             label = "before adaptation" if s == 0 else f"after {s} step{'s' * (s > 1)}"
             curves[label] = vmap(fit)(ep.support_x, ep.support_y, x).cpu()

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 
 from metalab.config import MAX_INNER_STEPS, require, require_between
@@ -32,7 +31,7 @@ from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, hvp
-from metalab.meta.gbml import output_loss, output_score, task_loss
+from metalab.meta.gbml import Inner, output_loss, output_score
 from metalab.train.loop import Learner
 
 
@@ -54,31 +53,28 @@ class Config(gbml.InnerLoopConfig):
         require_between(self.cg_steps, "cg_steps", 1, MAX_INNER_STEPS)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Proximal(Inner):
+    """iMAML's inner loop: :class:`~metalab.meta.gbml.Inner`'s network, rate and steps (``first_order`` is
+    not read: no graph is ever built through the steps), and the two settings of the implicit meta-gradient."""
+
+    lam: float
+    """Proximal strength lambda (``Config.lam``)."""
+    cg_steps: int
+    """Conjugate-gradient iterations (``Config.cg_steps``)."""
+
+
 def proximal_loss(
-    model: nn.Module,
-    regression: bool,
-    lam: float,
-    theta: Params,
-    params: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    inner: Proximal, theta: Params, params: Params, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """``L(params) + lam/2 ||params - theta||^2``: the task loss kept near the initialisation ``theta``."""
     distance = sum((params[k] - theta[k]).pow(2).sum() for k in params)
-    return task_loss(model, regression, params, x, y) + 0.5 * lam * distance
+    return inner.loss(params, x, y) + 0.5 * inner.lam * distance
 
 
-def inner_solve(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    theta: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    steps: int,
-) -> Params:
-    """``steps`` steps of monotone gradient descent on the proximal objective from ``theta``, which must be
-    detached: no graph is built through them.
+def inner_solve(inner: Proximal, theta: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+    """``inner.steps`` steps of monotone gradient descent on the proximal objective from ``theta``, which must
+    be detached: no graph is built through them.
 
     A step that would raise the objective (or make it non-finite) is rejected and that task's step size halved.
     Why: the implicit meta-gradient only needs ``phi`` near the proximal minimum, whatever the solver, but
@@ -87,11 +83,11 @@ def inner_solve(
     after 465 meta-steps and diverged to NaN on some tasks. Costs one extra forward pass per step; works
     under ``vmap`` (the test is a ``torch.where``, the step size a per-task tensor).
     """
-    objective = functools.partial(proximal_loss, model, regression, cfg.lam, theta)
+    objective = functools.partial(proximal_loss, inner, theta)
     gradient_and_value = grad_and_value(objective)
     phi = theta
-    lr = torch.full((), cfg.inner_lr, dtype=support_x.dtype, device=support_x.device)
-    for _ in range(steps):
+    lr = torch.full((), inner.lr, dtype=support_x.dtype, device=support_x.device)
+    for _ in range(inner.steps):
         g, value = gradient_and_value(phi, support_x, support_y)
         candidate = {k: phi[k] - lr * g[k] for k in phi}
         better = objective(candidate, support_x, support_y) <= value  # False for NaN too
@@ -138,9 +134,7 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, iterations
 
 
 def implicit_gradient(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
+    inner: Proximal,
     theta: Params,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
@@ -150,16 +144,15 @@ def implicit_gradient(
     """One task: the implicit meta-gradient ``g`` of the query loss in ``theta``, and the query loss and score at
     the adapted weights ``phi``."""
     theta = {k: v.detach() for k, v in theta.items()}
-    phi = inner_solve(model, regression, cfg, theta, support_x, support_y, cfg.inner_steps)
-    loss_fn = functools.partial(task_loss, model, regression)
-    v = grad(loss_fn)(phi, query_x, query_y)
+    phi = inner_solve(inner, theta, support_x, support_y)
+    v = grad(inner.loss)(phi, query_x, query_y)
 
     def matvec(u: Params) -> Params:  # (I + H/lambda) u, H: the support loss's Hessian at phi
-        return _axpy(1.0 / cfg.lam, hvp(loss_fn, phi, u, support_x, support_y), u)
+        return _axpy(1.0 / inner.lam, hvp(inner.loss, phi, u, support_x, support_y), u)
 
-    g = conjugate_gradient(matvec, v, cfg.cg_steps)
-    out = functional_call(model, phi, (query_x,))
-    return g, output_loss(out, query_y, regression), output_score(out, query_y, regression)
+    g = conjugate_gradient(matvec, v, inner.cg_steps)
+    out = functional_call(inner.model, phi, (query_x,))
+    return g, output_loss(out, query_y, inner.regression), output_score(out, query_y, inner.regression)
 
 
 def surrogate(theta: Params, g: Params, query_losses: torch.Tensor) -> torch.Tensor:
@@ -171,18 +164,11 @@ def surrogate(theta: Params, g: Params, query_losses: torch.Tensor) -> torch.Ten
 
 
 def predict(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    theta: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Proximal, theta: Params, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    """Test-time adaptation is the same proximal inner loop, with ``steps`` steps."""
-    phi = inner_solve(model, regression, cfg, theta, support_x, support_y, steps)
-    return functional_call(model, phi, (x,))
+    """Test-time adaptation is the same proximal inner loop, with ``inner.steps`` steps."""
+    phi = inner_solve(inner, theta, support_x, support_y)
+    return functional_call(inner.model, phi, (x,))
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -192,7 +178,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = gbml.network(run, cfg).to(device)
     # The Hessian-vector products differentiate twice: torch's own BatchNorm is refused under vmap (task_batching).
     batching = gbml.task_batching(run.algo, cfg, model, second_order=True)
-    per_task = functools.partial(implicit_gradient, model, regression, cfg)
+    inner = Proximal(model, regression, cfg.inner_lr, cfg.inner_steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    per_task = functools.partial(implicit_gradient, inner)
     score = "mse" if regression else "acc"
 
     params = gbml.params_of(model)
@@ -203,5 +190,14 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         g, losses, scores = gbml.map_tasks(per_task, ep, batching, gbml.detached(theta))
         return surrogate(theta, g, losses), {f"train/{score}": scores.mean().item()}
 
-    adapt_predict = functools.partial(predict, model, regression, cfg)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
+    )

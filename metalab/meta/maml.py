@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import task_loss
+from metalab.meta.gbml import Inner, loss_and_score
 from metalab.train.loop import Learner
 
 
@@ -35,35 +34,24 @@ class Config(gbml.InnerLoopConfig):
 
 
 def predict(
-    model: nn.Module,
-    regression: bool,
-    inner_lr: float,
-    first_order: bool,
+    inner: Inner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """One task: ``inner.steps`` gradient steps from ``params`` on the support set, then the outputs at ``x``."""
+    adapted = adapt(params, inner.loss, (support_x, support_y), inner.steps, inner.lr, inner.first_order)
+    return functional_call(inner.model, adapted, (x,))
+
+
+def query_loss(
+    inner: Inner,
     params: Params,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
-) -> torch.Tensor:
-    """One task: ``steps`` gradient steps from ``params`` on the support set, then the outputs at ``x``."""
-    loss_fn = functools.partial(task_loss, model, regression)
-    adapted = adapt(params, loss_fn, (support_x, support_y), steps, inner_lr, first_order)
-    return functional_call(model, adapted, (x,))
-
-
-def adapted_query(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
-    steps: int,
-    first_order: bool,
-    params: Params,
-    *task: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task ``(support_x, support_y, query_x, query_y)``: adapt on the support set, return (query loss, query
-    score: accuracy or MSE)."""
-    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, first_order)
-    return gbml.query_loss(adapt_predict, regression, steps, params, *task)
+    """One task: adapt on the support set, then (query loss, query score: accuracy or MSE)."""
+    out = predict(inner, params, support_x, support_y, query_x)
+    return loss_and_score(out, query_y, inner.regression)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -73,8 +61,17 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = gbml.network(run, cfg).to(device)
     # A batching that cannot apply is refused here, before any data is read.
     batching = gbml.task_batching(run.algo, cfg, model, not cfg.first_order, grad_loop=True)
-    per_task = functools.partial(adapted_query, model, regression, cfg, cfg.inner_steps, cfg.first_order)
+    inner = Inner(model, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
     params = gbml.params_of(model)
-    train_loss = gbml.mean_query_loss(per_task, batching, params, regression)
-    adapt_predict = functools.partial(predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)
+    train_loss = gbml.mean_query_loss(functools.partial(query_loss, inner), batching, params, regression)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
+    )

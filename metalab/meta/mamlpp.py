@@ -19,7 +19,7 @@ The MLP used for sinusoid has no BatchNorm: there, BNWB is a no-op.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import ParamTable, output_loss, output_score
+from metalab.meta.gbml import Inner, ParamTable, output_loss, output_score
 from metalab.models import BatchNorm2d
 from metalab.train.loop import Learner
 
@@ -118,56 +118,42 @@ def forward_at(net: nn.Module, bn: Params, weights: Params, step: int, x: torch.
 
 
 def adapt_steps(
-    net: nn.Module,
-    regression: bool,
-    first_order: bool,
-    meta: dict[str, Params],
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    steps: int,
+    inner: Inner, meta: dict[str, Params], support_x: torch.Tensor, support_y: torch.Tensor
 ) -> list[Params]:
-    """The adapted weights after each of the inner steps ``1..steps`` (one task)."""
+    """The adapted weights after each of the inner steps ``1..inner.steps`` (one task), with the learned rates."""
     weights, trail = meta["weights"], []
-    for s in range(steps):
+    for s in range(inner.steps):
         rates = {k: r[min(s, r.shape[0] - 1)] for k, r in meta["lr"].items()}  # this step's rate per layer
 
         def loss_fn(p: Params, x: torch.Tensor, y: torch.Tensor, s: int = s) -> torch.Tensor:
-            return output_loss(forward_at(net, meta["bn"], p, s, x), y, regression)
+            return output_loss(forward_at(inner.model, meta["bn"], p, s, x), y, inner.regression)
 
-        weights = adapt(weights, loss_fn, (support_x, support_y), 1, rates, first_order)
+        weights = adapt(weights, loss_fn, (support_x, support_y), 1, rates, inner.first_order)
         trail.append(weights)
     return trail
 
 
 def step_losses(
-    net: nn.Module,
-    regression: bool,
-    steps: int,
-    first_order: bool,
+    inner: Inner,
     meta: dict[str, Params],
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     query_x: torch.Tensor,
     query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task: ``(steps,)`` query losses after each inner step, and the query score after the last."""
-    trail = adapt_steps(net, regression, first_order, meta, support_x, support_y, steps)
-    outs = [forward_at(net, meta["bn"], w, s + 1, query_x) for s, w in enumerate(trail)]
-    losses = torch.stack([output_loss(out, query_y, regression) for out in outs])
-    return losses, output_score(outs[-1], query_y, regression).detach()
+    """One task: ``(inner.steps,)`` query losses after each inner step, and the query score after the last."""
+    trail = adapt_steps(inner, meta, support_x, support_y)
+    outs = [forward_at(inner.model, meta["bn"], w, s + 1, query_x) for s, w in enumerate(trail)]
+    losses = torch.stack([output_loss(out, query_y, inner.regression) for out in outs])
+    return losses, output_score(outs[-1], query_y, inner.regression).detach()
 
 
 def predict(
-    net: nn.Module,
-    regression: bool,
-    meta: dict[str, Params],
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Inner, meta: dict[str, Params], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    trail = adapt_steps(net, regression, True, meta, support_x, support_y, steps)
-    return forward_at(net, meta["bn"], trail[-1] if trail else meta["weights"], steps, x)
+    """One task: adapt on the support set, then the outputs at ``x`` with the last step's BatchNorm weights."""
+    trail = adapt_steps(inner, meta, support_x, support_y)
+    return forward_at(inner.model, meta["bn"], trail[-1] if trail else meta["weights"], inner.steps, x)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -177,11 +163,12 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = MAMLPlusPlusModel(gbml.network(run, cfg), cfg.inner_steps, cfg.inner_lr).to(device)
     second_order = run.train.steps > cfg.first_order_steps
     batching = gbml.task_batching(run.algo, cfg, model.net, second_order)
+    inner = Inner(model.net, regression, cfg.inner_lr, cfg.inner_steps)
     score = "mse" if regression else "acc"
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
-        first_order = step < cfg.first_order_steps
-        per_task = functools.partial(step_losses, model.net, regression, cfg.inner_steps, first_order)
+        annealed = replace(inner, first_order=step < cfg.first_order_steps)  # derivative-order annealing
+        per_task = functools.partial(step_losses, annealed)
         losses, scores = gbml.map_tasks(per_task, ep, batching, model.meta())  # (T, inner_steps), (T,)
         weights = msl_weights(step, cfg).to(losses)
         return (losses.mean(0) * weights).sum(), {
@@ -189,7 +176,15 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
             "train/final_step_loss": losses[:, -1].mean().item(),
         }
 
-    adapt_predict = functools.partial(predict, model.net, regression)
     return gbml.build_learner(
-        run, root, device, model, model.meta, train_loss, adapt_predict, batching, parameters=model.trained()
+        run,
+        root,
+        device,
+        model=model,
+        meta=model.meta,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
+        parameters=model.trained(),
     )

@@ -20,7 +20,7 @@ from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import ParamTable, task_loss
+from metalab.meta.gbml import Inner, ParamTable, loss_and_score
 from metalab.train.loop import Learner
 
 
@@ -45,32 +45,27 @@ class MetaSGDModel(nn.Module):
 
 
 def predict(
-    net: nn.Module,
-    regression: bool,
-    first_order: bool,
-    meta: dict[str, Params],
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Inner, meta: dict[str, Params], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    """One task: ``steps`` steps of ``theta - alpha * grad`` on the support set, then the outputs at ``x``."""
-    loss_fn = functools.partial(task_loss, net, regression)
-    adapted = adapt(meta["theta"], loss_fn, (support_x, support_y), steps, meta["alpha"], first_order)
-    return functional_call(net, adapted, (x,))
+    """One task: ``inner.steps`` steps of ``theta - alpha * grad`` on the support set, then the outputs at ``x``
+    (the learned rates ``alpha`` replace ``inner.lr``)."""
+    adapted = adapt(
+        meta["theta"], inner.loss, (support_x, support_y), inner.steps, meta["alpha"], inner.first_order
+    )
+    return functional_call(inner.model, adapted, (x,))
 
 
 def query_loss(
-    net: nn.Module,
-    regression: bool,
-    steps: int,
-    first_order: bool,
+    inner: Inner,
     meta: dict[str, Params],
-    *task: torch.Tensor,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adaptation, query score), differentiable in ``theta`` and ``alpha``."""
-    adapt_predict = functools.partial(predict, net, regression, first_order)
-    return gbml.query_loss(adapt_predict, regression, steps, meta, *task)
+    out = predict(inner, meta, support_x, support_y, query_x)
+    return loss_and_score(out, query_y, inner.regression)
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
@@ -79,24 +74,24 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = MetaSGDModel(gbml.network(run, cfg), cfg.inner_lr).to(device)
     batching = gbml.task_batching(run.algo, cfg, model.net, not cfg.first_order, grad_loop=True)
-    per_task = functools.partial(query_loss, model.net, regression, cfg.inner_steps, cfg.first_order)
-    mean_loss = gbml.mean_query_loss(per_task, batching, model.meta, regression)
+    inner = Inner(model.net, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
+    mean_loss = gbml.mean_query_loss(functools.partial(query_loss, inner), batching, model.meta, regression)
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = mean_loss(step, ep)
         alpha = torch.cat([a.detach().flatten() for a in model.inner_lr.as_dict().values()])
         return loss, {**metrics, "train/alpha_mean": alpha.mean().item()}
 
-    adapt_predict = functools.partial(predict, model.net, regression, True)
     # The optimizer must see the rates as well as the weights: both are parameters of the model.
     return gbml.build_learner(
         run,
         root,
         device,
-        model,
-        model.meta,
-        train_loss,
-        adapt_predict,
-        batching,
+        model=model,
+        meta=model.meta,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
         parameters=list(model.parameters()),
     )

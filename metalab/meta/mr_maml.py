@@ -35,12 +35,11 @@ from torch.func import functional_call
 
 from metalab.config import require, require_between
 from metalab.data.episodes import Episode, generator_for
-from metalab.data.sinusoid import with_task_code
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.meta import gbml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import ParamTable, task_loss
+from metalab.meta.gbml import Inner, ParamTable, loss_and_score
 from metalab.meta.metareg import Gaussian
 from metalab.models import MLP
 from metalab.train.loop import Learner
@@ -127,33 +126,30 @@ class MRMAMLModel(nn.Module):
 
 
 def predict(
-    net: nn.Module,
-    regression: bool,
-    inner_lr: float,
-    first_order: bool,
-    meta: dict[str, Params],
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    x: torch.Tensor,
-    steps: int,
+    inner: Inner, meta: dict[str, Params], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    """One task: ``steps`` inner steps on the adapted parameters (the stochastic ones held at ``meta["fixed"]``),
-    then the outputs at ``x``."""
+    """One task: ``inner.steps`` inner steps on the adapted parameters (the stochastic ones held at
+    ``meta["fixed"]``), then the outputs at ``x``."""
     fixed = meta["fixed"]
 
     def loss_fn(theta: Params, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return task_loss(net, regression, {**fixed, **theta}, xs, ys)
+        return inner.loss({**fixed, **theta}, xs, ys)
 
-    adapted = adapt(meta["theta"], loss_fn, (support_x, support_y), steps, inner_lr, first_order)
-    return functional_call(net, {**fixed, **adapted}, (x,))
+    adapted = adapt(meta["theta"], loss_fn, (support_x, support_y), inner.steps, inner.lr, inner.first_order)
+    return functional_call(inner.model, {**fixed, **adapted}, (x,))
 
 
 def query_loss(
-    net: nn.Module, regression: bool, cfg: Config, meta: dict[str, Params], *task: torch.Tensor
+    inner: Inner,
+    meta: dict[str, Params],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (query loss after adaptation, query score), differentiable in both parts of ``meta``."""
-    adapt_predict = functools.partial(predict, net, regression, cfg.inner_lr, cfg.first_order)
-    return gbml.query_loss(adapt_predict, regression, cfg.inner_steps, meta, *task)
+    out = predict(inner, meta, support_x, support_y, query_x)
+    return loss_and_score(out, query_y, inner.regression)
 
 
 def noise_seed(seed: int) -> int:
@@ -176,7 +172,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     names = stochastic_names(dict(net.named_parameters()), cfg.stochastic, f"{run.algo}.stochastic")
     model = MRMAMLModel(net, names, cfg.init_std).to(device)
     batching = gbml.task_batching(run.algo, cfg, model.net, not cfg.first_order, grad_loop=True)
-    per_task = functools.partial(query_loss, model.net, regression, cfg)
+    inner = Inner(model.net, regression, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
+    per_task = functools.partial(query_loss, inner)
     seed = noise_seed(run.seed)
 
     def train_loss(step: int, ep: Episode) -> tuple[torch.Tensor, dict[str, float]]:
@@ -191,21 +188,16 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         # beta = 0 adds nothing, not 0 * KL (a float32 std that underflows to 0 makes the KL infinite).
         return (loss + cfg.beta * kl if cfg.beta else loss), {**metrics, **extra}
 
-    def adapt_predict(
-        meta: dict[str, Params], sx: torch.Tensor, sy: torch.Tensor, x: torch.Tensor, steps: int
-    ):
-        # The sinusoid figure queries plain x; NME inputs need the task's code beside it.
-        return predict(model.net, regression, cfg.inner_lr, True, meta, sx, sy, with_task_code(x, sx), steps)
-
     # The optimizer must see the scales as well as the network: both are parameters of the model.
     return gbml.build_learner(
         run,
         root,
         device,
-        model,
-        model.meta,
-        train_loss,
-        adapt_predict,
-        batching,
+        model=model,
+        meta=model.meta,
+        train_loss=train_loss,
+        predict=predict,
+        inner=inner,
+        batching=batching,
         parameters=list(model.parameters()),
     )

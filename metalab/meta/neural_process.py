@@ -158,6 +158,7 @@ def training_loss(
     tx: torch.Tensor,
     ty: torch.Tensor,
     g: torch.Generator,
+    *,
     beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Negative log-likelihood per target point (CNP) or negative ELBO per target point (NP), averaged over the
@@ -247,7 +248,9 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         k = context_size(step, run.seed, cfg.min_context, run.task.shots)
         tx, ty = torch.cat([ep.support_x, ep.query_x], 1), torch.cat([ep.support_y, ep.query_y], 1)
         g = generator_for(run.seed, step)
-        return training_loss(model, ep.support_x[:, :k], ep.support_y[:, :k], tx, ty, g, cfg.bottleneck_beta)
+        return training_loss(
+            model, ep.support_x[:, :k], ep.support_y[:, :k], tx, ty, g, beta=cfg.bottleneck_beta
+        )
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
         g = generator_for(run.eval.seed, episodes)

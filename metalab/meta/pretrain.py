@@ -7,7 +7,6 @@ points with the same inner loop as MAML. The paper fine-tunes with step size 0.0
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,5 +43,16 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         loss = F.mse_loss(functional_call(model, params(), (x,)), y)
         return loss, {"train/mse": loss.item()}
 
-    adapt_predict = functools.partial(maml.predict, model, True, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)
+    # Test-time fine-tuning is MAML's inner loop (sinusoid only: regression); training has none.
+    inner = gbml.Inner(model, True, cfg.inner_lr, cfg.inner_steps)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=maml.predict,
+        inner=inner,
+        batching=batching,
+    )

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
 from metalab.meta import gbml, maml
 from metalab.meta.adapt import Params, adapt
-from metalab.meta.gbml import output_score, task_loss
+from metalab.meta.gbml import Inner, output_score
 from metalab.train.loop import Learner
 
 
@@ -42,23 +41,24 @@ class Config(gbml.InnerLoopConfig):
 
 
 def adapt_task(
-    model: nn.Module,
-    regression: bool,
-    cfg: Config,
+    inner: Inner,
     theta: Params,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     query_x: torch.Tensor,
     query_y: torch.Tensor,
+    *,
+    inner_query: bool = True,
 ) -> tuple[Params, torch.Tensor]:
-    """One task: (the adapted weights ``phi``, the query score at ``phi``), with no graph back to ``theta``."""
+    """One task: (the adapted weights ``phi``, the query score at ``phi``), with no graph back to ``theta``.
+
+    ``inner_query``: the inner loop trains on the query points too (``Config.inner_query``)."""
     x, y = support_x, support_y
-    if cfg.inner_query:
+    if inner_query:
         x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
-    loss_fn = functools.partial(task_loss, model, regression)
     theta = {k: v.detach() for k, v in theta.items()}
-    phi = adapt(theta, loss_fn, (x, y), cfg.inner_steps, cfg.inner_lr, first_order=True)
-    score = output_score(functional_call(model, phi, (query_x,)), query_y, regression)
+    phi = adapt(theta, inner.loss, (x, y), inner.steps, inner.lr, first_order=True)
+    score = output_score(functional_call(inner.model, phi, (query_x,)), query_y, inner.regression)
     return {k: v.detach() for k, v in phi.items()}, score.detach()
 
 
@@ -75,7 +75,8 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     regression = run.task.dataset == "sinusoid"
     model = gbml.network(run, cfg).to(device)
     batching = gbml.task_batching(run.algo, cfg, model, second_order=False)
-    per_task = functools.partial(adapt_task, model, regression, cfg)
+    inner = Inner(model, regression, cfg.inner_lr, cfg.inner_steps, first_order=True)
+    per_task = functools.partial(adapt_task, inner, inner_query=cfg.inner_query)
     score = "mse" if regression else "acc"
 
     params = gbml.params_of(model)
@@ -87,5 +88,14 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         return surrogate(theta, phi), {f"train/{score}": scores.mean().item()}
 
     # Test-time adaptation is plain SGD with the inner rate, as in MAML.
-    adapt_predict = functools.partial(maml.predict, model, regression, cfg.inner_lr, True)
-    return gbml.build_learner(run, root, device, model, params, train_loss, adapt_predict, batching)
+    return gbml.build_learner(
+        run,
+        root,
+        device,
+        model=model,
+        meta=params,
+        train_loss=train_loss,
+        predict=maml.predict,
+        inner=inner,
+        batching=batching,
+    )

@@ -137,10 +137,15 @@ class AttentionBlock(nn.Module):
 
 
 class SNAIL(nn.Module):
+    """The SNAIL network for ``n_way`` labels and sequences of ``length`` (N*K support pairs and a query); the
+    keyword-only options are the :class:`Config` fields of the same names (``filters``: ``tc_filters``), and
+    the Conv-4's ``image_size``."""
+
     def __init__(
         self,
         n_way: int,
         length: int,
+        *,
         hidden: int = 64,
         filters: int = 128,
         image_size: int = 28,
@@ -230,12 +235,12 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = SNAIL(
         n,
         n * k + 1,
-        cfg.hidden,
-        cfg.tc_filters,
-        run.task.image_size,
-        cfg.tied_qk_init,
-        cfg.embed_norm,
-        cfg.label_head_init,
+        hidden=cfg.hidden,
+        filters=cfg.tc_filters,
+        image_size=run.task.image_size,
+        tied_qk_init=cfg.tied_qk_init,
+        embed_norm=cfg.embed_norm,
+        label_head_init=cfg.label_head_init,
     ).to(device)
     model.encoder.to(memory_format=torch.channels_last)
     train = ShuffledSampler(make_sampler(run.task, "train", run.seed, root), run.seed + 1)
