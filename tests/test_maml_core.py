@@ -320,7 +320,7 @@ def test_episode_logits_shape_and_per_task_embedding() -> None:
 @pytest.mark.slow
 def test_maml_learns_sinusoid_regression(sinusoid_config, tmp_path: Path) -> None:
     """1000 MAML steps on the paper's sinusoid setup (40-40 MLP, K=10): the adapted test error drops several-fold
-    (about 3.9 -> 0.6 with this seed)."""
+    (3.92 -> 0.615 with this seed)."""
     from metalab.train.loop import fit
 
     cfg = sinusoid_config(
@@ -344,8 +344,8 @@ def test_maml_learns_sinusoid_regression(sinusoid_config, tmp_path: Path) -> Non
     fit(learner, run.train, tmp_path)
     after = learner.evaluate("test", 200)["test/mse"]
     print(f"measured: maml sinusoid mse {before:.3f} -> {after:.3f}")
-    assert after < 0.35 * before, (before, after)
-    assert after < 1.0, (before, after)
+    assert after < 0.2 * before, (before, after)
+    assert after < 0.7, (before, after)  # measured 3.921 -> 0.615 at seed 0
 
 
 @pytest.mark.slow

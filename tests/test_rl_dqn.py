@@ -205,7 +205,7 @@ def test_plain_env_without_goals_runs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dqn_her_solves_bitflip_10(tmp_path: Path) -> None:
-    """DQN + HER (future, k=4) reaches >= 90% greedy success on 10-bit BitFlip (the HER paper's setting)."""
+    """DQN + HER (future, k=4) reaches >= 95% greedy success on 10-bit BitFlip (the HER paper's setting)."""
     from metalab.experiment import load_run_config
 
     repo = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_dqn_her_solves_bitflip_10(tmp_path: Path) -> None:
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 100)
     print(f"measured: dqn+her bitflip-10 success {metrics['test/success']:.3f}")
-    assert metrics["test/success"] >= 0.9, metrics
+    assert metrics["test/success"] >= 0.95, metrics  # measured 1.00 at seed 0
 
 
 def test_bitflip_without_relabeling_does_not_learn_n_15_quickly(tmp_path: Path) -> None:

@@ -394,5 +394,6 @@ def test_pearl_learns_the_sparse_point_robot(tmp_path: Path) -> None:
         f"{metrics['test/return_after2']:.3f} success_after2 {metrics['test/success_after2']:.3f}"
     )
     assert random_return == 0 and random_success == 0
-    assert metrics["test/return_after2"] >= 0.5 and metrics["test/success_after2"] >= 0.05, metrics
+    # measured at seed 0: return 0.512 -> 0.991, success 0.11 after two episodes
+    assert metrics["test/return_after2"] >= 0.85 and metrics["test/success_after2"] >= 0.08, metrics
     assert metrics["test/return_after2"] >= metrics["test/return_after0"] + 0.3, metrics

@@ -127,11 +127,11 @@ def test_rejects_bad_config_and_unsupported_spaces() -> None:
 
 @pytest.mark.slow
 def test_reinforce_learns_cartpole(tmp_path: Path) -> None:
-    """40 updates of 8 episodes: the greedy policy balances the pole for >= 400 of 500 steps on average."""
+    """40 updates of 8 episodes: the greedy policy balances the pole for >= 475 of 500 steps on average."""
     run = load_run_config(REPO / "configs" / "reinforce_cartpole.yaml",
                           ["train.steps=40", "train.eval_every=40", "train.device=cpu"])  # fmt: skip
     learner = make(run)
     fit(learner, run.train, tmp_path)
     metrics = learner.evaluate("test", 50)
     print(f"measured: reinforce cartpole return {metrics['test/return']:.1f}")
-    assert metrics["test/return"] >= 400, metrics
+    assert metrics["test/return"] >= 475, metrics  # measured 500 (the maximum) at seed 0
