@@ -168,7 +168,7 @@ def td_loss(
 
 
 @dataclass
-class _Progress:
+class Progress:
     """Mutable training state besides networks and buffer: episode count and recent episode outcomes."""
 
     episode: int = 0
@@ -197,7 +197,7 @@ class DQN:
     """Everything a DQN run holds: Q-network, target parameters, replay buffer, envs, RNG and counters.
 
     Frozen: the pieces are fixed at :func:`build`; what changes during training is their contents (the target
-    dict, buffer, RNG, recorder and the counters in :class:`_Progress`)."""
+    dict, buffer, RNG, recorder and the counters in :class:`Progress`)."""
 
     run: RunConfig
     cfg: Config
@@ -216,7 +216,7 @@ class DQN:
     compute_reward: Any
     compute_terminated: Any
     """The goal env's vectorised termination test (None: goals never terminate)."""
-    progress: _Progress = field(default_factory=_Progress)
+    progress: Progress = field(default_factory=Progress)
 
     def online(self) -> Params:
         """The Q-network's live parameters (what the optimizer steps)."""

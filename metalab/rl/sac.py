@@ -358,7 +358,7 @@ def unit_box_env(run: RunConfig) -> gym.Env:
 
 
 @dataclass
-class _Progress:
+class Progress:
     """Mutable training state besides networks and buffer: episode count and recent episode returns."""
 
     episode: int = 0
@@ -370,7 +370,7 @@ class SAC:
     """Everything a SAC run holds: actor-critic, target critics, replay buffer, envs and counters.
 
     Frozen: the pieces are fixed at :func:`build`; what changes during training is their contents (the target
-    dict, buffer, recorder and the counters in :class:`_Progress`)."""
+    dict, buffer, recorder and the counters in :class:`Progress`)."""
 
     run: RunConfig
     cfg: Config
@@ -383,7 +383,7 @@ class SAC:
     recorder: Recorder
     eval_envs: list[gym.Env]
     act_dim: int
-    progress: _Progress = field(default_factory=_Progress)
+    progress: Progress = field(default_factory=Progress)
 
     def params(self) -> Params:
         """The actor-critic's live parameters (what the optimizer steps)."""
