@@ -67,13 +67,14 @@ ALGORITHMS = {
     "dqn": "metalab.rl.dqn",
     "reinforce": "metalab.rl.reinforce",
     "pearl": "metalab.rl.pearl",
+    "maml_rl": "metalab.rl.maml_rl",
     "rl2": "metalab.rl.rl2",
     "dream": "metalab.rl.dream",
     "mbrl": "metalab.rl.mbrl",
     "mt_mbrl": "metalab.rl.multitask_mbrl",
     "sac": "metalab.rl.sac",
 }
-RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "mt_mbrl", "sac"})
+RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "mt_mbrl", "sac", "maml_rl"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
 CONFIG_NAME = "config.yaml"

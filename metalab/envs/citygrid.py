@@ -72,6 +72,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from metalab.envs.tasks import check_options
+
 CITYGRID_ID = "metalab/CityGrid-v0"
 CITYGRID5X5_ID = "metalab/CityGrid5x5-v0"
 CITYGRID5X5_PLAIN_ID = "metalab/CityGrid5x5NoDistractors-v0"
@@ -277,10 +279,7 @@ class CityGrid(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - self._OPTIONS
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self._OPTIONS)}")
+        options = check_options(options, self._OPTIONS)
         if "problem" in options:
             problem = options["problem"]
             decode_problem(problem)  # validates

@@ -24,7 +24,6 @@ Choices (metalab's own; no reference implementation is followed):
 
 from __future__ import annotations
 
-import operator
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from metalab.envs.tasks import check_action, check_options, choose_task
 from metalab.rl.planners import RewardFn
 
 POINT_MASS_ID = "metalab/PointMassGoal-v0"
@@ -149,26 +149,14 @@ class PointMassGoal(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - self._OPTIONS
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self._OPTIONS)}")
-        if "task" in options:
-            task = operator.index(options["task"])
-            if not 0 <= task < len(ALL_GOALS):
-                raise ValueError(f"task must be an int in [0, {len(ALL_GOALS)}), got {options['task']!r}")
-            self.task = task
-        else:
-            pool = tasks(options.get("split", "train"))
-            self.task = pool[int(self.np_random.integers(len(pool)))]
+        options = check_options(options, self._OPTIONS)
+        self.task = choose_task(options, len(ALL_GOALS), tasks, self.np_random)
         self._state = np.zeros(4)
         self._steps = 0
         return self._state.astype(np.float32), {"task": self.task}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (2,) or not np.all(np.isfinite(a)):
-            raise ValueError(f"action must be 2 finite numbers, got {action!r}")
+        a = check_action(action, 2)
         a = np.clip(a, -MAX_FORCE, MAX_FORCE)
         position, velocity = self._state[:2], self._state[2:]
         velocity = velocity + DT * (a - DAMPING * velocity)  # semi-implicit Euler: the new velocity moves

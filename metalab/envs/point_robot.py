@@ -24,12 +24,13 @@ Choices and their sources (PEARL's code = github.com/katerakelly/oyster, ``rlkit
 
 from __future__ import annotations
 
-import operator
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from metalab.envs.tasks import check_action, check_options, choose_task
 
 POINT_ROBOT_SPARSE_ID = "metalab/PointRobotSparse-v0"
 
@@ -142,26 +143,14 @@ class PointRobotSparse(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - self._OPTIONS
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self._OPTIONS)}")
-        if "task" in options:
-            task = operator.index(options["task"])
-            if not 0 <= task < len(_ALL_GOALS):
-                raise ValueError(f"task must be an int in [0, {len(_ALL_GOALS)}), got {options['task']!r}")
-            self.task = task
-        else:
-            pool = tasks(options.get("split", "train"))
-            self.task = pool[int(self.np_random.integers(len(pool)))]
+        options = check_options(options, self._OPTIONS)
+        self.task = choose_task(options, len(_ALL_GOALS), tasks, self.np_random)
         self._pos = np.zeros(2)
         self._steps = 0
         return self._pos.astype(np.float32), {"task": self.task}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (2,) or not np.all(np.isfinite(a)):
-            raise ValueError(f"action must be 2 finite numbers, got {action!r}")
+        a = check_action(action, 2)
         self._pos = self._pos + np.clip(a, -MAX_ACTION, MAX_ACTION)
         self._steps += 1
         distance = float(np.linalg.norm(self._pos - self.goal))

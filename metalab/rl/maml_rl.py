@@ -1,0 +1,515 @@
+"""MAML-RL (Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017,
+sec. 5.3): a Gaussian policy initialisation from which one policy-gradient step on a few episodes of a new task
+makes a good policy for it.
+
+One meta-iteration (one trainer step), for ``train.meta_batch`` training tasks at once:
+
+1. Sample ``trajectories`` episodes per task with the current parameters ``theta`` (all tasks' episodes in
+   lockstep through :func:`metalab.rl.rollout.run_episodes`, or a gymnasium vector env).
+2. Inner step (:func:`inner_step`): ``theta'_i = theta - inner_lr * grad L_i(theta)``, where ``L_i`` is the
+   REINFORCE surrogate ``-mean_t log pi(a_t | s_t) A_t`` (:func:`pg_surrogate`) on task ``i``'s episodes and the
+   advantages ``A_t`` are discounted rewards-to-go minus a linear feature baseline (:func:`advantages`),
+   standardised per task. With ``inner_steps`` > 1, new episodes are sampled at each adapted parameters.
+3. Sample ``trajectories`` episodes per task with ``theta'_i``.
+4. Outer loss: the likelihood-ratio surrogate ``-mean_t pi_{theta'_i}(a_t | s_t) / pi_old(a_t | s_t) A_t`` of
+   those episodes, averaged over tasks and differentiated through step 2 to ``theta`` (second order, unless
+   ``first_order``); the trainer takes one Adam step on it (``train.lr``).
+
+All tasks are adapted at once with ``torch.func.vmap`` over per-task parameters, using the shared
+:func:`metalab.meta.adapt.adapt`; training and evaluation take the same inner step.
+
+Objectives (``objective``). ``maml``: the paper's, the inner surrogate ``log pi * A`` whose Hessian
+``sum_t A_t H log pi`` ignores that the inner batch was sampled from ``pi_theta``. ``promp``: ProMP's low-variance
+curvature estimator (LVC; Rothfuss, Lee, Clavera, Asfour, Abbeel, "ProMP: Proximal Meta-Policy Search", ICLR 2019,
+eq. 4), the inner surrogate ``pi / stop_grad(pi) * A``, a DiCE-style per-step ratio: the same gradient, and a
+Hessian with the extra ``sum_t A_t grad log pi grad log pi^T`` of the sampling distribution.
+
+Choices and their sources (the paper's code = github.com/cbfinn/maml_rl: ``maml_examples/maml_trpo_point.py``,
+``sandbox/rocky/tf/algos/maml_npo.py``, ``batch_maml_polopt.py``, ``policies/maml_minimal_gauss_mlp_policy.py``,
+``rllab/baselines/linear_feature_baseline.py``, ``rllab/sampler/base.py``):
+
+- Policy: a Gaussian with mean MLP 100-100 ReLU (Xavier weights, zero biases) and a state-independent
+  ``log_std`` (initial std 1), acting in ``[-1, 1]^A``, mapped linearly onto the env's box and clipped (the
+  paper's ``normalize`` wrapper). Both the mean network and ``log_std`` are adapted.
+- Inner surrogate: a mean over all time steps of the task's episodes (``tf.reduce_mean``); advantages with
+  ``gamma`` 0.99 and GAE lambda 1 (``G_t - b_t``), standardised per task (``center_adv``).
+- Baseline: least squares with ridge ``1e-5`` on ``[o, o^2, t, t^2, t^3, 1]`` (``o`` clipped to +-10,
+  ``t`` = step / 100), fitted per task on the batch it is used for. The paper's code predicts with the fit of
+  the previously processed batch (one baseline shared by all tasks); ProMP's code fits on the batch itself.
+- Outer optimiser: one Adam step per meta-iteration on the likelihood-ratio surrogate (the paper: TRPO with a
+  KL bound of 0.01, conjugate gradient and a line search). Its gradient is the policy gradient at ``theta'``
+  chained through the inner step.
+- Evaluation (:func:`evaluate`): per held-out task, ``eval_inner_steps`` inner steps, each on
+  ``trajectories`` new episodes of the current parameters; the first with ``inner_lr``, later ones with
+  ``inner_lr * later_lr_scale`` (the paper's A.2: 0.1, then halved). Metrics ``<part>/return_after{k}`` are
+  the mean undiscounted return of the episodes sampled after ``k`` steps (``<part>/distance_after{k}``: the
+  final value of ``info[final_info]``), ``<part>/return`` after one. The paper's evaluation code samples 40
+  episodes per step (``test_maml_point.py``); here ``trajectories``, as in training.
+
+Exact resume: training tasks and episode seeds derive from (seed, step), action noise from torch's global RNG
+(checkpointed by the trainer), and evaluation has its own generator; the only extra state is an env-step count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+from torch.func import vmap
+
+from metalab.config import MAX_EPISODES, MAX_INNER_STEPS, require, require_between, require_widths
+from metalab.envs.config import make_env, make_vector_env
+from metalab.errors import ConfigError
+from metalab.experiment import RunConfig
+from metalab.meta.adapt import adapt
+from metalab.models import MLP
+from metalab.models.mlp import mlp_forward
+from metalab.rl.pearl import to_box
+from metalab.rl.rollout import Act, derive_seed, dims, is_goal_env, run_episodes, run_vector_episodes
+from metalab.stats import mean_ci95
+from metalab.train.evaluate import PART_INDEX
+from metalab.train.loop import Learner
+from metalab.utils import Params
+
+OBJECTIVES = ("maml", "promp")
+TIME_SCALE = 100.0
+"""The baseline's time feature is ``step / TIME_SCALE`` (the paper's code: ``arange(l) / 100``)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """MAML-RL hyperparameters (the ``maml_rl`` section of a config); defaults are the paper's for 2D navigation.
+
+    ``train.meta_batch`` is the number of tasks per meta-iteration (paper: 20), ``train.lr`` the outer Adam rate.
+    """
+
+    trajectories: int = 20
+    """Episodes per task for each inner step and for the post-update batch (the paper's ``fast_batch_size``)."""
+    inner_lr: float = 0.1
+    """Inner (fast) policy-gradient step size (paper, A.2: 0.1)."""
+    inner_steps: int = 1
+    """Inner steps during meta-training, each on new episodes of the current adapted parameters (paper: 1)."""
+    first_order: bool = False
+    """Treat the inner gradients as constants: the outer gradient is the post-update one (no second order)."""
+    objective: Literal["maml", "promp"] = "maml"
+    """Inner surrogate: ``maml`` (``log pi * A``, the paper's) or ``promp`` (ProMP's LVC, ``pi / stop_grad(pi) * A``:
+    the same inner gradient, a lower-variance estimate of its Hessian)."""
+    gamma: float = 0.99
+    """Discount of the rewards-to-go behind the advantages."""
+    hidden: tuple[int, ...] = (100, 100)
+    """Hidden layer widths of the policy's mean MLP (ReLU)."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the Gaussian (in the ``[-1, 1]`` action scale)."""
+    normalize_advantages: bool = True
+    """Standardise advantages per task (the paper's ``center_adv``); the inner step size assumes it."""
+    baseline_reg: float = 1e-5
+    """Ridge coefficient of the linear feature baseline's least squares."""
+    eval_inner_steps: int = 3
+    """Evaluation: inner steps on held-out tasks (metrics ``<part>/return_after0`` ... ``_after{this}``)."""
+    later_lr_scale: float = 0.5
+    """Evaluation: inner steps after the first take ``inner_lr`` times this (paper, A.2: halved)."""
+    final_info: str | None = "distance"
+    """An ``info`` key whose value at an episode's last step is reported like the return
+    (``<part>/distance_after{k}``); null: none."""
+
+    def __post_init__(self) -> None:
+        require_between(self.trajectories, "trajectories", 1, MAX_EPISODES)
+        require(self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}")
+        require_between(self.inner_steps, "inner_steps", 1, MAX_INNER_STEPS)
+        require(self.objective in OBJECTIVES, "objective",
+                f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")  # fmt: skip
+        require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        require_widths(self.hidden, "hidden")
+        require(
+            abs(self.init_log_std) <= 10, "init_log_std", f"must be in [-10, 10], got {self.init_log_std}"
+        )
+        require(self.baseline_reg >= 0, "baseline_reg", f"must be >= 0, got {self.baseline_reg}")
+        require_between(self.eval_inner_steps, "eval_inner_steps", 0, MAX_INNER_STEPS)
+        require(self.later_lr_scale > 0, "later_lr_scale", f"must be > 0, got {self.later_lr_scale}")
+        require(
+            self.final_info is None or bool(self.final_info), "final_info", "must name an info key or be null"
+        )
+
+
+class GaussianPolicy(nn.Module):
+    """``pi(a | s) = N(mean(s), diag(exp(log_std))^2)``: a mean MLP and a state-independent ``log_std``."""
+
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...], act_dim: int, init_log_std: float):
+        super().__init__()
+        self.mean = MLP(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
+        for layer in self.mean.modules():
+            if isinstance(layer, nn.Linear):  # the paper's code: Xavier weights, zero biases
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+
+class Rollouts(NamedTuple):
+    """Episodes of ``T`` tasks, ``K`` each, padded to the longest (``H`` steps) with ``mask`` 0."""
+
+    obs: torch.Tensor  # (T, K, H, obs_dim)
+    action: torch.Tensor  # (T, K, H, A) the policy's samples, in [-1, 1] scale before clipping
+    reward: torch.Tensor  # (T, K, H) 0 past an episode's end
+    mask: torch.Tensor  # (T, K, H) 1.0 on an episode's steps
+    returns: np.ndarray  # (T, K) undiscounted
+    final: np.ndarray | None  # (T, K) info[final_info] at the last step
+
+
+class Batch(NamedTuple):
+    """What a policy-gradient surrogate needs of ``T`` tasks, flattened over episodes and steps (``N = K * H``)."""
+
+    obs: torch.Tensor  # (T, N, obs_dim)
+    action: torch.Tensor  # (T, N, A)
+    advantage: torch.Tensor  # (T, N) 0 on padding
+    mask: torch.Tensor  # (T, N)
+    old_log_prob: torch.Tensor  # (T, N) log pi of the parameters that sampled the actions (a constant)
+
+
+# --- policy ---------------------------------------------------------------------------------------------------
+
+
+def mean_params(params: Params) -> Params:
+    """The mean MLP's parameters (``mean.*``, in order, without the prefix) for :func:`mlp_forward`."""
+    return {k[len("mean.") :]: v for k, v in params.items() if k.startswith("mean.")}
+
+
+def log_prob(params: Params, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """``log pi(a | s)`` ``(...)`` of the Gaussian policy, for ``obs (..., obs_dim)`` and ``action (..., A)``."""
+    log_std = params["log_std"]
+    z = (action - mlp_forward(mean_params(params), obs)) * torch.exp(-log_std)  # (..., A)
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def expand(params: Params, tasks: int) -> Params:
+    """One copy of ``params`` per task, ``(T, ...)`` each (a view: no memory, gradients flow to ``params``)."""
+    return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+
+
+# --- advantages -----------------------------------------------------------------------------------------------
+
+
+def discounted_returns(reward: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G_t = sum_{t' >= t} gamma^(t'-t) r_t'`` along the last dim of ``reward (..., H)`` (zeros past the end)."""
+    out = torch.zeros_like(reward)
+    running = torch.zeros_like(reward[..., 0])
+    for t in range(reward.shape[-1] - 1, -1, -1):
+        running = reward[..., t] + gamma * running
+        out[..., t] = running
+    return out
+
+
+def baseline_features(obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The linear baseline's features ``[o, o^2, t, t^2, t^3, 1]`` ``(..., H, 2 obs_dim + 4)``, zero on padding;
+    ``o`` is the observation clipped to +-10, ``t`` the step / 100 (the paper's ``LinearFeatureBaseline``)."""
+    o = obs.clamp(-10, 10)
+    t = (torch.arange(obs.shape[-2], dtype=obs.dtype, device=obs.device) / TIME_SCALE).expand(obs.shape[:-1])
+    t = t[..., None]  # (..., H, 1)
+    features = torch.cat([o, o**2, t, t**2, t**3, torch.ones_like(t)], -1)
+    return features * mask[..., None]
+
+
+def fit_linear_baseline(features: torch.Tensor, targets: torch.Tensor, reg: float) -> torch.Tensor:
+    """Ridge least squares ``argmin_w |X w - y|^2 + reg |w|^2`` per leading index: ``features (..., M, F)``,
+    ``targets (..., M)`` -> ``w (..., F)``, solved in float64. Zero rows (padding) do not count."""
+    x, y = features.double(), targets.double()
+    gram = x.transpose(-1, -2) @ x + reg * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(gram, (x.transpose(-1, -2) @ y[..., None]))[..., 0].to(features.dtype)
+
+
+def advantages(rollouts: Rollouts, gamma: float, reg: float, normalize: bool) -> torch.Tensor:
+    """``A_t = G_t - b(s_t, t)`` ``(T, K, H)``: rewards-to-go minus a linear baseline fitted per task on that
+    task's ``K`` episodes; standardised per task over its steps if ``normalize``; 0 on padding."""
+    tasks, k, h = rollouts.mask.shape
+    ret = discounted_returns(rollouts.reward, gamma)  # (T, K, H)
+    x = baseline_features(rollouts.obs, rollouts.mask).reshape(tasks, k * h, -1)  # (T, N, F)
+    coef = fit_linear_baseline(x, ret.reshape(tasks, k * h), reg)  # (T, F)
+    adv = (ret - (x @ coef[..., None]).reshape(tasks, k, h)) * rollouts.mask
+    if normalize:
+        n = rollouts.mask.sum((1, 2), keepdim=True)  # (T, 1, 1)
+        mean = adv.sum((1, 2), keepdim=True) / n
+        std = (((adv - mean) * rollouts.mask) ** 2).sum((1, 2), keepdim=True).div(n).sqrt()
+        adv = (adv - mean) / (std + 1e-8) * rollouts.mask
+    return adv
+
+
+# --- surrogates and the inner step ----------------------------------------------------------------------------
+
+
+def pg_surrogate(
+    logp: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor, old_log_prob: torch.Tensor, ratio: bool
+) -> torch.Tensor:
+    """A policy-gradient surrogate to minimise from the log-probabilities ``logp (N,)`` of ``N`` steps' actions,
+    their advantages and mask: a mean over the steps.
+
+    ``ratio=False``: ``-mean(log pi * A)`` (REINFORCE). ``ratio=True``: ``-mean(pi / pi_old * A)`` with ``pi_old``
+    the constant ``exp(old_log_prob)``. Where the parameters are those that sampled the actions, both have the
+    gradient ``-mean(grad log pi * A)``; the ratio's Hessian has the extra ``-mean(A grad log pi grad log pi^T)``
+    (ProMP's LVC inner objective; the outer surrogate).
+    """
+    weight = torch.exp(logp - old_log_prob) if ratio else logp
+    return -(weight * advantage * mask).sum() / mask.sum()
+
+
+def policy_surrogate(
+    params: Params,
+    obs: torch.Tensor,
+    action: torch.Tensor,
+    advantage: torch.Tensor,
+    mask: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    *,
+    ratio: bool,
+) -> torch.Tensor:
+    """:func:`pg_surrogate` of the Gaussian policy ``params`` on one task's steps (the fields of a :class:`Batch`,
+    ``(N, ...)``)."""
+    return pg_surrogate(log_prob(params, obs, action), advantage, mask, old_log_prob, ratio)
+
+
+def inner_step(params: Params, batch: Batch, lr: float, objective: str, first_order: bool = False) -> Params:
+    """One task's adapted parameters ``params - lr * grad L(params)`` with ``L`` the ``objective``'s inner
+    surrogate on the task's ``batch`` (unbatched, ``(N, ...)``); differentiable in ``params`` unless
+    ``first_order``. ``vmap`` it over tasks."""
+    loss = partial(policy_surrogate, ratio=objective == "promp")
+    return adapt(params, loss, tuple(batch), 1, float(lr), first_order)
+
+
+def inner_steps(params: Params, batch: Batch, lr: float, objective: str, first_order: bool = False) -> Params:
+    """:func:`inner_step` of ``T`` tasks at once: per-task ``params (T, ...)`` and ``batch (T, N, ...)``."""
+    step = partial(inner_step, lr=lr, objective=objective, first_order=first_order)
+    return vmap(step)(params, batch)
+
+
+def outer_loss(adapted: Params, post: Batch) -> torch.Tensor:
+    """The meta-objective to minimise: the likelihood-ratio surrogate of the post-update episodes at the adapted
+    parameters ``(T, ...)``, averaged over tasks (its gradient flows through the inner steps to ``theta``)."""
+    return vmap(partial(policy_surrogate, ratio=True))(adapted, *post).mean()
+
+
+# --- episodes -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MAMLRL:
+    """Everything a MAML-RL run holds: the policy, envs and an env-step count."""
+
+    run: RunConfig
+    cfg: Config
+    device: torch.device
+    policy: GaussianPolicy
+    probe: gym.Env
+    """The first env: its ``tasks(split)`` name the training, val and test tasks."""
+    envs: list[gym.Env]
+    """Envs stepped in lockstep (``env.vector: loop``), made as needed; unused with ``venv``."""
+    venv: gym.vector.VectorEnv | None
+    counters: dict[str, int] = field(default_factory=lambda: {"env_steps": 0})
+
+    def params(self) -> Params:
+        return dict(self.policy.named_parameters())
+
+
+def sampler(params: Params, per_task: int, generator: torch.Generator | None = None) -> Act:
+    """Episode ``i`` acts with task ``i // per_task``'s parameters (``params`` are ``(T, ...)``): actions
+    ``mean + std * noise``, the noise from ``generator`` (evaluation) or torch's global RNG (training)."""
+    tasks, act_dim = params["log_std"].shape
+    device = params["log_std"].device
+    mean_fn = vmap(mlp_forward)  # per-task parameters, per-task observations
+
+    def act(obs: np.ndarray, goal: np.ndarray, live: list[int]) -> np.ndarray:
+        x = torch.zeros(tasks * per_task, obs.shape[1], device=device)  # rows of finished episodes stay 0
+        x[live] = torch.from_numpy(obs).to(device)
+        with torch.no_grad():
+            mean = mean_fn(mean_params(params), x.view(tasks, per_task, -1)).reshape(-1, act_dim)[live]
+            std = params["log_std"].exp().repeat_interleave(per_task, 0)[live]  # (E, A)
+        noise = torch.randn(len(live), act_dim, generator=generator).to(device)
+        return (mean + std * noise).cpu().numpy()
+
+    return act
+
+
+def collect(
+    ml: MAMLRL,
+    params: Params,
+    tasks: Sequence[int],
+    seeds: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> Rollouts:
+    """``trajectories`` episodes on each of ``tasks`` with that task's ``params (T, ...)``, all in lockstep."""
+    k, final_info = ml.cfg.trajectories, ml.cfg.final_info
+    episode_tasks = [t for t in tasks for _ in range(k)]
+    act = sampler({n: p.detach() for n, p in params.items()}, k, generator)
+    if ml.venv is not None:
+        results = run_vector_episodes(ml.venv, act, seeds, episode_tasks, final_info, to_box)
+    else:
+        while len(ml.envs) < (ml.run.env.num_envs or len(seeds)):
+            ml.envs.append(make_env(ml.run.env))
+        results = run_episodes(ml.envs, act, seeds, episode_tasks, final_info, to_box)
+    n, h = len(results), max(r.experience.rows for r in results)  # episodes, longest episode
+    obs = np.zeros((n, h, results[0].experience.obs.shape[1]), np.float32)
+    action = np.zeros((n, h, results[0].experience.action.shape[1]), np.float32)
+    reward, mask = np.zeros((n, h), np.float32), np.zeros((n, h), np.float32)
+    for i, r in enumerate(results):
+        e, rows = r.experience, r.experience.rows
+        obs[i, :rows], action[i, :rows], reward[i, :rows], mask[i, :rows] = e.obs, e.action, e.reward, 1.0
+    ml.counters["env_steps"] += int(mask.sum())
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(ml.device).view(len(tasks), k, *x.shape[1:])
+
+    returns = np.array([r.ret for r in results]).reshape(len(tasks), k)
+    final = np.array([r.info[-1] for r in results]).reshape(len(tasks), k) if final_info else None
+    return Rollouts(tensor(obs), tensor(action), tensor(reward), tensor(mask), returns, final)
+
+
+def to_batch(ml: MAMLRL, rollouts: Rollouts, params: Params) -> Batch:
+    """A :class:`Batch` of ``rollouts`` sampled with ``params (T, ...)``: advantages and old log-probabilities."""
+    cfg = ml.cfg
+    adv = advantages(rollouts, cfg.gamma, cfg.baseline_reg, cfg.normalize_advantages)
+    tasks = rollouts.mask.shape[0]
+    obs = rollouts.obs.reshape(tasks, -1, rollouts.obs.shape[-1])  # (T, N, obs_dim)
+    action = rollouts.action.reshape(tasks, -1, rollouts.action.shape[-1])  # (T, N, A)
+    with torch.no_grad():
+        old = vmap(log_prob)({n: p.detach() for n, p in params.items()}, obs, action)  # (T, N)
+    return Batch(obs, action, adv.reshape(tasks, -1), rollouts.mask.reshape(tasks, -1), old)
+
+
+def _summary(rollouts: Rollouts, steps: int, final_info: str | None) -> dict[str, float]:
+    """``train/return_after{steps}`` (and ``train/<final_info>_after{steps}``): means over all episodes."""
+    out = {f"train/return_after{steps}": float(rollouts.returns.mean())}
+    if rollouts.final is not None:
+        out[f"train/{final_info}_after{steps}"] = float(rollouts.final.mean())
+    return out
+
+
+# --- trainer hooks --------------------------------------------------------------------------------------------
+
+
+def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One meta-iteration: sample, adapt (``inner_steps``), sample again, and return the outer loss."""
+    cfg, run = ml.cfg, ml.run
+    train_tasks = ml.probe.unwrapped.tasks("train")
+    rng = np.random.default_rng(derive_seed(run.seed, 1, step))
+    tasks = [train_tasks[i] for i in rng.choice(len(train_tasks), run.train.meta_batch, replace=False)]
+    n_episodes = len(tasks) * cfg.trajectories
+    adapted = expand(ml.params(), len(tasks))
+    metrics: dict[str, float] = {}
+    for s in range(cfg.inner_steps + 1):
+        rollouts = collect(
+            ml, adapted, tasks, [derive_seed(run.seed, 0, step, s, i) for i in range(n_episodes)]
+        )
+        batch = to_batch(ml, rollouts, adapted)
+        metrics.update(_summary(rollouts, s, cfg.final_info))
+        if s < cfg.inner_steps:
+            adapted = inner_steps(adapted, batch, cfg.inner_lr, cfg.objective, cfg.first_order)
+    total = outer_loss(adapted, batch)
+    metrics.update({
+        "loss/outer": total.item(),
+        "train/log_std": ml.params()["log_std"].mean().item(),
+        "train/env_steps": float(ml.counters["env_steps"]),
+    })  # fmt: skip
+    return total, metrics
+
+
+def adaptation_curve(ml: MAMLRL, part: str, episodes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns (and final ``info[final_info]``) ``(episodes, eval_inner_steps + 1)`` of ``episodes`` trials on
+    ``part``'s tasks (trial ``i`` on task ``i`` mod their number): the mean over ``trajectories`` episodes
+    sampled after ``k`` inner steps, each step on the episodes sampled before it."""
+    cfg, run = ml.cfg, ml.run
+    part_tasks = ml.probe.unwrapped.tasks(part)
+    generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, PART_INDEX[part]))
+    columns = cfg.eval_inner_steps + 1
+    returns = np.zeros((episodes, columns))
+    final = np.zeros((episodes, columns)) if cfg.final_info else None
+    for start in range(0, episodes, run.eval.batch):
+        trials = list(range(start, min(start + run.eval.batch, episodes)))
+        tasks = [part_tasks[i % len(part_tasks)] for i in trials]
+        params = {n: p.detach() for n, p in expand(ml.params(), len(trials)).items()}
+        for s in range(columns):
+            seeds = [
+                derive_seed(run.eval.seed, PART_INDEX[part], i, s, j)
+                for i in trials
+                for j in range(cfg.trajectories)
+            ]
+            rollouts = collect(ml, params, tasks, seeds, generator)
+            returns[trials, s] = rollouts.returns.mean(1)
+            if final is not None:
+                final[trials, s] = rollouts.final.mean(1)
+            if s < cfg.eval_inner_steps:
+                lr = cfg.inner_lr if s == 0 else cfg.inner_lr * cfg.later_lr_scale
+                batch = to_batch(ml, rollouts, params)
+                params = {n: p.detach() for n, p in inner_steps(params, batch, lr, cfg.objective).items()}
+    return returns, final
+
+
+def evaluate(ml: MAMLRL, part: str, episodes: int) -> dict[str, float]:
+    """``<part>/return_after{k}`` and ``<part>/<final_info>_after{k}`` (mean and 95% CI over trials) for
+    ``k = 0 .. eval_inner_steps``; ``<part>/return`` (and ``<part>/<final_info>``) after one step."""
+    env_steps = ml.counters["env_steps"]
+    returns, final = adaptation_curve(ml, part, episodes)
+    ml.counters["env_steps"] = env_steps  # evaluation episodes are not training experience
+    metrics: dict[str, float] = {}
+    columns = {"return": returns} | ({ml.cfg.final_info: final} if final is not None else {})
+    for name, values in columns.items():
+        for k in range(values.shape[1]):
+            est = mean_ci95(values[:, k].tolist())
+            metrics[f"{part}/{name}_after{k}"], metrics[f"{part}/{name}_after{k}_ci95"] = est.mean, est.ci95
+        headline = min(1, values.shape[1] - 1)
+        metrics[f"{part}/{name}"] = metrics[f"{part}/{name}_after{headline}"]
+        metrics[f"{part}/{name}_ci95"] = metrics[f"{part}/{name}_after{headline}_ci95"]
+    return metrics
+
+
+def state(ml: MAMLRL) -> dict[str, Any]:
+    """Beyond the policy, optimiser and RNGs (the trainer's): the env-step count."""
+    return dict(ml.counters)
+
+
+def load_state(ml: MAMLRL, saved: dict[str, Any]) -> None:
+    ml.counters.update({k: int(v) for k, v in saved.items()})
+
+
+def _checked_env(run: RunConfig) -> gym.Env:
+    """``run``'s env, refused by name unless it is a multi-task env with Box actions (and ``final_info``)."""
+    cfg: Config = run.params
+    probe = make_env(run.env)
+    if not isinstance(probe.action_space, spaces.Box):
+        raise ConfigError(
+            "env.id", f"MAML-RL needs continuous (Box) actions; {run.env.id} has {probe.action_space}"
+        )
+    if is_goal_env(probe) or not callable(getattr(probe.unwrapped, "tasks", None)):
+        raise ConfigError("env.id", f"MAML-RL needs a multi-task env with tasks(split) and reset(options={{'task': "
+                          f"i}}), observations a plain Box; {run.env.id} is not one")  # fmt: skip
+    n_train = len(probe.unwrapped.tasks("train"))
+    require(run.train.meta_batch <= n_train, "train.meta_batch",
+            f"{run.train.meta_batch} tasks per meta-iteration, but {run.env.id} has {n_train} training tasks")  # fmt: skip
+    if cfg.final_info is not None:  # a typo fails here, not at the first episode's end
+        probe.reset(seed=0)
+        info = probe.step(probe.action_space.sample())[4]
+        if cfg.final_info not in info:
+            raise ConfigError(
+                "maml_rl.final_info", f"the env's info has no {cfg.final_info!r}; keys: {sorted(info)}"
+            )
+    return probe
+
+
+def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
+    """Policy, envs and the trainer hooks of a MAML-RL run (``data_root`` is unused)."""
+    cfg: Config = run.params
+    probe = _checked_env(run)
+    obs_dim, _ = dims(probe)
+    act_dim = int(np.prod(probe.action_space.shape))
+    policy = GaussianPolicy(obs_dim, cfg.hidden, act_dim, cfg.init_log_std).to(device)
+    venv = None
+    if run.env.vector != "loop":
+        venv = make_vector_env(run.env, run.env.num_envs or run.train.meta_batch * cfg.trajectories)
+    ml = MAMLRL(run, cfg, device, policy, probe, envs=[probe], venv=venv)
+    return Learner(policy, partial(loss, ml), partial(evaluate, ml), state=partial(state, ml),
+                   load_state=partial(load_state, ml))  # fmt: skip
