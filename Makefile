@@ -13,7 +13,7 @@ test: export METALAB_CACHE ?= $(abspath .cache)
 $(BIN)/metalab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,mujoco]"
 	touch $@
 
 demo: $(BIN)/metalab

@@ -1,5 +1,6 @@
-"""Model-based RL with MPC: Pendulum's reward against the env's, the step schedule, a CLI smoke run of the
-shipped PETS config, exact resume, every planner and propagation in the loop, and config errors."""
+"""Model-based RL with MPC: the step schedule, a CLI smoke run of the shipped PETS config, exact resume, every
+planner and propagation in the loop, the loop on the MuJoCo envs (termination, a wrapped observation), and
+config errors. The env reward functions: tests/test_rl_env_models.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -49,26 +49,6 @@ def tiny(**sections: Any) -> RunConfig:
 def make(run: RunConfig) -> Learner:
     seed_everything(run.seed)
     return mbrl.build(run, Path("unused"), torch.device("cpu"))
-
-
-def test_pendulum_reward_matches_the_env() -> None:
-    env = gym.make("Pendulum-v1").unwrapped
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        env.state = np.array([rng.uniform(-3 * np.pi, 3 * np.pi), rng.uniform(-8, 8)])  # any angle, any speed
-        obs = env._get_obs()
-        action = rng.uniform(-3, 3, size=1).astype(np.float32)  # beyond the torque limit too: the env clips
-        next_obs, r, *_ = env.step(action)
-        mine = mbrl.pendulum_reward(torch.from_numpy(obs)[None], torch.from_numpy(action)[None],
-                                    torch.from_numpy(next_obs)[None])  # fmt: skip
-        assert mine.item() == pytest.approx(r, rel=1e-4, abs=1e-4)
-    assert mbrl.REWARDS["Pendulum-v1"] is mbrl.pendulum_reward
-
-
-def test_pendulum_reward_broadcasts_over_particles() -> None:
-    obs, action = torch.randn(2, 5, 4, 3), torch.randn(2, 5, 1, 1).expand(2, 5, 4, 1)
-    assert mbrl.pendulum_reward(obs, action, obs).shape == (2, 5, 4)
 
 
 def test_step_schedule() -> None:
@@ -176,6 +156,27 @@ def test_every_planner_and_model_runs_the_loop(variant: dict) -> None:
     assert mean.shape == (1, 3, 1) and torch.all(mean.abs() <= 2)
     out = learner.evaluate("val", 1)
     assert set(out) == {"val/return", "val/return_ci95"} and out["val/return"] <= 0
+
+
+@pytest.mark.parametrize(
+    ("env_id", "obs_dim"), [("InvertedPendulum-v5", 4), ("HalfCheetah-v5", 18), ("Reacher-v5", 10)]
+)
+def test_the_loop_runs_on_the_mujoco_envs(env_id: str, obs_dim: int) -> None:
+    pytest.importorskip("mujoco")
+    learner = make(tiny(env={"id": env_id, "max_episode_steps": 8}))
+    for step in range(20):  # random steps, a fit, MPC steps
+        loss, metrics = learner.loss(step)
+        if loss is not None:
+            learner.model.zero_grad()
+            loss.backward()
+    assert learner.model.obs_dim == obs_dim  # HalfCheetah: the step's forward velocity appended
+    rows = learner.state()["buffer"]["columns"]
+    assert rows["obs"].shape[1] == obs_dim and torch.isfinite(rows["next_obs"]).all()
+    assert metrics["train/episodes"] >= 1
+    if env_id == "InvertedPendulum-v5":  # random torques topple the pole within 8 steps: episodes terminate
+        assert 0 <= metrics["train/return"] <= 8
+    out = learner.evaluate("val", 1)
+    assert np.isfinite(out["val/return"])
 
 
 def test_the_fit_refits_the_normaliser_to_all_data() -> None:

@@ -171,6 +171,45 @@ def test_gradient_planning_uses_common_random_numbers() -> None:
     assert len(seen) == 5 and all(torch.equal(n, seen[0]) for n in seen)
 
 
+def beyond_one(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    """A termination: the episode ends on the step that takes x past 1."""
+    return next_obs[..., 0] > 1
+
+
+def position(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    return next_obs[..., 0]
+
+
+def test_returns_stop_after_the_first_termination() -> None:
+    """x: 0.6, 1.2 (ends the episode: its own reward counts), then 0.6 and inf, which earn nothing (inf gives
+    0, not NaN)."""
+    actions = torch.tensor([[[0.6], [0.6], [-0.6], [float("inf")]], [[0.3], [0.3], [0.3], [0.3]]])[None]
+    state = torch.tensor([[0.0]])
+    masked = pl.sequence_returns(rollout, position, state, actions, done=beyond_one)  # (1, 2)
+    assert masked[0].tolist() == pytest.approx([0.6 + 1.2, 0.3 + 0.6 + 0.9 + 1.2])  # the second ends at t=3
+    assert pl.sequence_returns(rollout, position, state, actions)[0, 0].item() == float("inf")
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi", "gradient"])
+def test_planners_respect_termination(method: str) -> None:
+    """Reward x' and termination past x = 1, from x0 = 0.5: the best plan goes to 1, stays there, and only on
+    its last step, whose reward counts though it ends the episode, jumps to 2 (return 1 + 1 + 1 + 2 = 5);
+    ignoring termination it runs right at full speed (1.5 + 2.5 + 3.5 + 4.5 = 12 if nothing ended)."""
+    cfg = pl.PlannerConfig(
+        method=method, horizon=4, candidates=500, elites=20, iterations=8, temperature=0.05
+    )
+    state = torch.tensor([[0.5]])
+
+    def chosen(done: pl.DoneFn | None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return pl.plan(rollout, position, state, BOUNDS, cfg, generator=g, done=done).actions
+
+    careful = chosen(beyond_one)
+    path = 0.5 + torch.cumsum(careful[0, :, 0], 0)
+    assert torch.all(path[:3] <= 1) and path.sum().item() > 4.4  # staying at 0.5: 3; running: 1.5
+    assert chosen(None)[0, 0, 0].item() > 0.9  # unaware of the end, the plan leaves x = 1 at once
+
+
 @pytest.mark.parametrize(
     ("values", "key"),
     [

@@ -16,8 +16,9 @@ plan warm-started from the previous step's, shifted. Nagabandi et al.'s own agen
 probabilistic: false, particles: 1, planner: {method: random}``; ``planner.method`` also takes MPPI (Williams
 et al. 2017) and gradient-based planning.
 
-Planning needs the reward as a function of ``(obs, action, next_obs)`` (:data:`REWARDS`, one per env id);
-the model learns the dynamics only.
+Planning needs the reward as a function of ``(obs, action, next_obs)``, and the termination where the env
+has one (:mod:`metalab.rl.env_models`, one per env id: Pendulum-v1 and the MuJoCo InvertedPendulum-v5,
+HalfCheetah-v5 and Reacher-v5); the model learns the dynamics only.
 
 Trainer steps: one trainer step is either one env step (random in phase 1, MPC in phase 3; ``loss`` returns
 None, no update) or one minibatch update of the model in phase 2 (``loss`` returns the model's loss, which the
@@ -46,7 +47,6 @@ from gymnasium import spaces
 from torch import Tensor
 
 from metalab.config import MAX_BATCH, MAX_STEPS, require, require_between, require_widths
-from metalab.envs.config import make_env
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
 from metalab.rl.buffer import ReplayBuffer
@@ -59,7 +59,8 @@ from metalab.rl.dynamics import (
     model_loss,
     trajectory_sampling,
 )
-from metalab.rl.planners import Bounds, PlannerConfig, RewardFn, initial_mean, plan
+from metalab.rl.env_models import EnvModel, env_model
+from metalab.rl.planners import Bounds, PlannerConfig, initial_mean, plan
 from metalab.rl.rollout import EpisodeResult, Recorder, derive_seed, dims
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
@@ -131,19 +132,6 @@ class Config:
             "particles",
             f"planner.candidates x particles = {rows} trajectories per state, over the limit of {MAX_PLAN_ROWS}",
         )
-
-
-def pendulum_reward(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-    """Pendulum-v1's reward ``-(theta^2 + 0.1 thetadot^2 + 0.001 u^2)`` from its observation ``(cos theta,
-    sin theta, thetadot)`` before the step and the torque ``u`` clipped to ``[-2, 2]``, with ``theta`` in
-    ``[-pi, pi]`` (``next_obs`` is not used). Shapes ``(..., 3)``, ``(..., 1)`` -> ``(...)``."""
-    theta = torch.atan2(obs[..., 1], obs[..., 0])
-    torque = action[..., 0].clamp(-2.0, 2.0)
-    return -(theta**2 + 0.1 * obs[..., 2] ** 2 + 0.001 * torque**2)
-
-
-REWARDS: dict[str, RewardFn] = {"Pendulum-v1": pendulum_reward}
-"""The reward function planning uses, per gymnasium env id."""
 
 
 class Transition(NamedTuple):
@@ -256,7 +244,8 @@ class MBRL:
     run: RunConfig
     cfg: Config
     device: torch.device
-    reward: RewardFn
+    env_model: EnvModel
+    """The env's reward and termination, which planning scores sequences with."""
     bounds: Bounds
     model: Ensemble
     buffer: ReplayBuffer
@@ -280,7 +269,8 @@ def mpc_act(mb: MBRL, obs: np.ndarray, mean: Tensor, generator: torch.Generator)
 
     with torch.no_grad():
         state = torch.from_numpy(obs).to(mb.device)  # (S, D)
-        chosen = plan(rollout, mb.reward, state, mb.bounds, cfg.planner, mean, generator=generator)
+        chosen = plan(rollout, mb.env_model.reward, state, mb.bounds, cfg.planner, mean, generator=generator,
+                      done=mb.env_model.done)  # fmt: skip
     return chosen.actions[:, 0].cpu().numpy(), chosen.mean
 
 
@@ -369,13 +359,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Dynamics ensemble, replay buffer, env and the trainer hooks of a model-based run (``data_root`` is
     unused)."""
     cfg: Config = run.params
-    if run.env.id not in REWARDS:
-        raise ConfigError(
-            "env.id",
-            f"mbrl plans with a known reward function, which {run.env.id} lacks (there is one for: "
-            f"{', '.join(REWARDS)})",
-        )
-    env = make_env(run.env)
+    known = env_model(run.env.id)  # ConfigError naming env.id if there is no reward function for it
+    env = known.make(run.env)
     space = env.action_space
     if not isinstance(space, spaces.Box):
         raise ConfigError("env.id", f"mbrl needs continuous (Box) actions; {run.env.id} has {space}")
@@ -389,8 +374,8 @@ def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     recorder = Recorder(env)
     recorder.reset(derive_seed(run.seed, 0, 0))
     mb = MBRL(
-        run, cfg, device, REWARDS[run.env.id], bounds, model, ReplayBuffer(cfg.buffer_size, Transition), recorder,
-        eval_envs=[make_env(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))],
+        run, cfg, device, known, bounds, model, ReplayBuffer(cfg.buffer_size, Transition), recorder,
+        eval_envs=[known.make(run.env) for _ in range(min(run.eval.batch, run.eval.episodes))],
         progress=_Progress(initial_mean(bounds, 1, cfg.planner.horizon)),
     )  # fmt: skip
     return Learner(model, partial(loss, mb), partial(evaluate, mb), state=partial(state, mb),

@@ -7,10 +7,13 @@ particles and ensemble members) in one call per iteration:
 - ``rollout(state (S, D), actions (S, N, H, A), generator) -> states (S, N, P, H + 1, D)`` predicts ``P``
   trajectories (particles) of each of ``N`` candidate sequences, start state first
   (:func:`metalab.rl.dynamics.trajectory_sampling` for a learned ensemble);
-- ``reward(obs, action, next_obs) -> r`` scores transitions, elementwise over any leading dimensions.
+- ``reward(obs, action, next_obs) -> r`` scores transitions, elementwise over any leading dimensions;
+- ``done(obs, action, next_obs) -> bool``, optional (keyword ``done``), says which transitions end the episode
+  (an env's termination, e.g. a pole that fell: :mod:`metalab.rl.env_models`).
 
-A sequence's value is its predicted return, ``sum_t reward(s_t, a_t, s_{t+1})`` averaged over its particles
-(:func:`sequence_returns`). Actions stay within ``bounds``. A :class:`Plan` holds the chosen sequences, of which
+A sequence's value is its predicted return, ``sum_t reward(s_t, a_t, s_{t+1})`` averaged over its particles,
+where a particle earns nothing after its first terminal transition (that transition's own reward counts, as
+the env pays it) (:func:`sequence_returns`). Actions stay within ``bounds``. A :class:`Plan` holds the chosen sequences, of which
 MPC executes the first action, and the warm start for the next step: the sequence shifted by one step with
 the middle of the bounds appended (PETS). The planners:
 
@@ -39,6 +42,9 @@ RolloutFn = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], tor
 """``(state (S, D), actions (S, N, H, A), generator) -> states (S, N, P, H + 1, D)``."""
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(obs (..., D), action (..., A), next_obs (..., D)) -> reward (...)``."""
+DoneFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(obs (..., D), action (..., A), next_obs (..., D)) -> terminated (...) bool``: the transition ends the
+episode."""
 MAX_HORIZON = 1_000
 """Longest planning horizon."""
 
@@ -125,11 +131,21 @@ def sequence_returns(
     state: torch.Tensor,
     actions: torch.Tensor,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> torch.Tensor:
     """Predicted return of each sequence ``actions`` ``(S, N, H, A)`` from ``state`` ``(S, D)``, averaged over
-    its particles: ``(S, N)``."""
+    its particles: ``(S, N)``. With ``done``, a particle's rewards after its first terminal transition are
+    dropped (the model knows nothing of episodes and would go on predicting, and paying for, states past the
+    end)."""
     states = rollout(state, actions, generator)  # (S, N, P, H + 1, D)
-    r = reward(states[..., :-1, :], actions[:, :, None], states[..., 1:, :])  # (S, N, P, H)
+    obs, action, next_obs = states[..., :-1, :], actions[:, :, None], states[..., 1:, :]
+    r = reward(obs, action, next_obs)  # (S, N, P, H)
+    if done is not None:
+        ended = done(obs, action, next_obs).long()  # (S, N, P, H) 1 where transition t ends the episode
+        after_end = (ended.cumsum(-1) - ended) > 0  # an earlier transition ended it
+        r = torch.where(
+            after_end, torch.zeros_like(r), r
+        )  # where, not a product: states past the end may be inf
     return r.sum(-1).mean(-1)
 
 
@@ -157,12 +173,13 @@ def random_shooting(
     mean: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> Plan:
     """The best of ``cfg.candidates`` sequences drawn uniformly from the bounds (``mean`` is not used)."""
     s, h, a = state.shape[0], cfg.horizon, bounds.low.shape[0]
     u = torch.rand((s, cfg.candidates, h, a), generator=generator, device=state.device, dtype=state.dtype)
     samples = bounds.low + (bounds.high - bounds.low) * u  # (S, N, H, A)
-    returns = sequence_returns(rollout, reward, state, samples, generator)  # (S, N)
+    returns = sequence_returns(rollout, reward, state, samples, generator, done)  # (S, N)
     best = samples[torch.arange(s, device=state.device), returns.argmax(1)]  # (S, H, A)
     return Plan(best, shifted(best, bounds))
 
@@ -176,6 +193,7 @@ def cem(
     mean: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> Plan:
     """The cross-entropy method from ``mean`` (default: the middle of the bounds); the plan is the final mean,
     as in PETS. Each round samples ``candidates`` sequences, takes the ``elites`` best and moves the mean and
@@ -184,7 +202,7 @@ def cem(
     std = (cfg.init_std * bounds.half_width).expand_as(mu)
     for _ in range(cfg.iterations):
         samples = _gaussian(mu, std, cfg.candidates, bounds, generator)  # (S, N, H, A)
-        returns = sequence_returns(rollout, reward, state, samples, generator)  # (S, N)
+        returns = sequence_returns(rollout, reward, state, samples, generator, done)  # (S, N)
         top = returns.topk(cfg.elites, 1).indices  # (S, K)
         elites = samples.gather(1, top[:, :, None, None].expand(-1, -1, *samples.shape[2:]))  # (S, K, H, A)
         mu = cfg.momentum * mu + (1 - cfg.momentum) * elites.mean(1)
@@ -201,6 +219,7 @@ def mppi(
     mean: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> Plan:
     """MPPI from ``mean``: ``iterations`` rounds of ``mean <- sum_k w_k x_k`` over ``candidates`` perturbed
     sequences ``x_k`` (noise of std ``init_std`` times the half-width, clamped into the bounds), with
@@ -209,7 +228,7 @@ def mppi(
     std = (cfg.init_std * bounds.half_width).expand_as(mu)
     for _ in range(cfg.iterations):
         samples = _gaussian(mu, std, cfg.candidates, bounds, generator)  # (S, N, H, A)
-        returns = sequence_returns(rollout, reward, state, samples, generator)  # (S, N)
+        returns = sequence_returns(rollout, reward, state, samples, generator, done)  # (S, N)
         weights = torch.softmax(returns / cfg.temperature, 1)  # (S, N)
         mu = (weights[:, :, None, None] * samples).sum(1)
     return Plan(mu, shifted(mu, bounds))
@@ -224,13 +243,15 @@ def gradient(
     mean: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> Plan:
     """Gradient ascent (Adam, ``grad_steps`` steps of ``grad_lr``) on the predicted return of one sequence per
     state, from CEM's plan or from ``mean``, projected onto the bounds after each step. Returns the best sequence
     evaluated (so it never does worse, under the model, than where it started). The model's parameters get no
-    gradient: only the actions are differentiated."""
+    gradient: only the actions are differentiated. A termination (``done``) is a step in the return, with no
+    gradient: it counts only through the returns compared when picking the best sequence."""
     if cfg.grad_init == "cem":
-        start = cem(rollout, reward, state, bounds, cfg, mean, generator=generator).actions
+        start = cem(rollout, reward, state, bounds, cfg, mean, generator=generator, done=done).actions
     else:
         start = _start(mean, bounds, state, cfg)
     x = start.detach().clone().requires_grad_(True)  # (S, H, A)
@@ -239,7 +260,7 @@ def gradient(
     def value(actions: torch.Tensor) -> torch.Tensor:  # (S,) the same random numbers on every call
         if generator is not None:
             generator.set_state(noise)
-        return sequence_returns(rollout, reward, state, actions[:, None], generator)[:, 0]
+        return sequence_returns(rollout, reward, state, actions[:, None], generator, done)[:, 0]
 
     opt = torch.optim.Adam([x], lr=cfg.grad_lr)
     best, best_value = x.detach().clone(), torch.full((state.shape[0],), -torch.inf, device=state.device)
@@ -277,6 +298,7 @@ def plan(
     mean: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    done: DoneFn | None = None,
 ) -> Plan:
-    """The plan of ``cfg.method``'s planner."""
-    return PLANNERS[cfg.method](rollout, reward, state, bounds, cfg, mean, generator=generator)
+    """The plan of ``cfg.method``'s planner (``done``: the episode's termination, see :func:`sequence_returns`)."""
+    return PLANNERS[cfg.method](rollout, reward, state, bounds, cfg, mean, generator=generator, done=done)
