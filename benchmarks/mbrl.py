@@ -11,6 +11,9 @@ embedding per training goal) and tests it once on the 20 held-out test goals, on
 ways with the same dynamics model: against the goal's true reward (``known``) and against the learned reward
 with ``z`` inferred from a few random transitions in the new task (``learned``). ``pets-pendulum`` trains
 ``configs/mbrl_pendulum.yaml`` (:mod:`metalab.rl.mbrl`, PETS) and tests it on ``eval.episodes`` episodes;
+``pets-inverted-pendulum`` and ``pets-half-cheetah`` train PETS on the MuJoCo
+``InvertedPendulum-v5`` (1,000 steps per episode at most; 1,000 is the best return) and ``HalfCheetah-v5`` at
+a CPU-sized budget (``configs/mbrl_half_cheetah.yaml``: 10,000 env steps), both need the ``mujoco`` extra;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
 many episodes (the sample-efficiency comparison); ``mbrl-lib-pets-pendulum`` is the peer of ``pets-pendulum``:
 mbrl-lib's PETS (:mod:`benchmarks.mbrl_lib_pets`) at the same env steps, tested on the same test episodes
@@ -90,6 +93,20 @@ SETUPS = {
     ),
     "pets-pendulum": Setup(
         "mbrl_pendulum.yaml", "pendulum", "metalab-pets", {"test_return": "test/return"}, {"return": "return"}
+    ),
+    "pets-inverted-pendulum": Setup(
+        "mbrl_inverted_pendulum.yaml",
+        "inverted-pendulum",
+        "metalab-pets",
+        {"test_return": "test/return"},
+        {"return": "return"},
+    ),
+    "pets-half-cheetah": Setup(
+        "mbrl_half_cheetah.yaml",
+        "half-cheetah",
+        "metalab-pets",
+        {"test_return": "test/return"},
+        {"return": "return"},
     ),
     # Our SAC at PETS's env steps (200 random + 10 MPC episodes = 2,200), tested on as many episodes.
     "sac-pendulum-2200": Setup(
