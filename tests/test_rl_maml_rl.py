@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +361,30 @@ def test_two_inner_steps_sample_at_each_adapted_parameters() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.model.parameters())
 
 
+def test_no_inner_step_is_the_pretrained_baseline_a_plain_policy_gradient() -> None:
+    run = tiny(maml_rl={"inner_steps": 0})
+    learner = make(run)
+    state = torch.get_rng_state()
+    loss, metrics = learner.loss(0)
+    grads = torch.autograd.grad(loss, list(learner.model.parameters()))
+    assert metrics["train/env_steps"] == 3 * 2 * 100 and "train/return_after1" not in metrics
+    # the same episodes again, and REINFORCE's -mean(log pi * A) on them: the same gradient
+    torch.set_rng_state(state)
+    ml = learner.loss.args[0]
+    train_tasks = Navigation2D.tasks("train")
+    rng = np.random.default_rng(maml_rl.derive_seed(run.seed, 1, 0))
+    tasks = [train_tasks[i] for i in rng.choice(len(train_tasks), 3, replace=False)]
+    params = maml_rl.expand(ml.params(), 3)
+    rollouts = maml_rl.collect(
+        ml, params, tasks, [maml_rl.derive_seed(run.seed, 0, 0, 0, i) for i in range(6)]
+    )
+    batch = maml_rl.to_batch(ml, rollouts, params)
+    reinforce = vmap(partial(maml_rl.policy_surrogate, ratio=False))(params, *batch).mean()
+    expected = torch.autograd.grad(reinforce, list(learner.model.parameters()))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("objective", ["maml", "promp"])
 def test_seeded_run_is_bit_reproducible(tmp_path: Path, objective: str) -> None:
     weights, logs = [], []
@@ -421,7 +446,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_config_errors() -> None:
-    for key, value in (("inner_lr", 0.0), ("trajectories", 0), ("objective", "dice"), ("gamma", 1.5),
+    for key, value in (("inner_lr", 0.0), ("trajectories", 0), ("inner_steps", -1), ("objective", "dice"), ("gamma", 1.5),
                        ("eval_inner_steps", -1), ("later_lr_scale", 0.0), ("hidden", [0])):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"maml_rl\.{key}"):
             tiny(maml_rl={key: value})

@@ -97,7 +97,9 @@ class Config:
     inner_lr: float = 0.1
     """Inner (fast) policy-gradient step size (paper, A.2: 0.1)."""
     inner_steps: int = 1
-    """Inner steps during meta-training, each on new episodes of the current adapted parameters (paper: 1)."""
+    """Inner steps during meta-training, each on new episodes of the current adapted parameters (paper: 1).
+    0: no adaptation in training, the paper's *pretrained* baseline (one policy trained by the policy gradient
+    on all training tasks at once), adapted only at evaluation, by the same steps as MAML."""
     first_order: bool = False
     """Treat the inner gradients as constants: the outer gradient is the post-update one (no second order)."""
     objective: Literal["maml", "promp"] = "maml"
@@ -124,7 +126,7 @@ class Config:
     def __post_init__(self) -> None:
         require_between(self.trajectories, "trajectories", 1, MAX_EPISODES)
         require(self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}")
-        require_between(self.inner_steps, "inner_steps", 1, MAX_INNER_STEPS)
+        require_between(self.inner_steps, "inner_steps", 0, MAX_INNER_STEPS)
         require(self.objective in OBJECTIVES, "objective",
                 f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")  # fmt: skip
         require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
