@@ -58,6 +58,7 @@ ALGORITHMS = {
     "imaml": "metalab.meta.imaml",
     "pretrain": "metalab.meta.pretrain",
     "neural_process": "metalab.meta.neural_process",
+    "bmaml": "metalab.meta.bmaml",
     "protonet": "metalab.meta.protonet",
     "matching": "metalab.meta.matching",
     "relation": "metalab.meta.relation",
