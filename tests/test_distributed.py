@@ -119,14 +119,15 @@ def test_two_nodes_on_localhost_train_like_two_local_ranks(tmp_path: Path) -> No
             "--runs-dir",
             str(tmp_path / "nodes"),
         ]
-        return subprocess.Popen(
-            command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        # Output to a file, not a pipe: a pipe nobody drains while the test waits on the other node fills up
+        # (a slow, loaded machine logs more progress lines), blocks that node, and with it the other one.
+        with (tmp_path / f"node{rank}.log").open("w") as log:
+            return subprocess.Popen(command, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
     procs = [node(0), node(1)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    for rank, p in enumerate(procs):
+        p.wait(timeout=300)
+        assert p.returncode == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
     (nodes,) = (tmp_path / "nodes").iterdir()
     a, b = weights(local), weights(nodes)
     assert all(torch.equal(a[k], b[k]) for k in a)
