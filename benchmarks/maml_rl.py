@@ -14,7 +14,12 @@ model of the best val return after one step kept, then tested once on the test g
 - ``pretrained-navigation``: the paper's *pretrained* baseline, one policy trained by the policy gradient on all
   training goals at once (``inner_steps: 0``), then adapted at test time by the same steps;
 - ``random-navigation``: the paper's *random* baseline, the initial policy of the seed, not trained, adapted by
-  the same steps.
+  the same steps;
+- ``maml-cheetah-dir``: MAML-RL on the half-cheetah forward/backward family at a CPU-sized budget
+  (``configs/maml_rl_half_cheetah_dir.yaml``, :mod:`metalab.envs.half_cheetah`; the ``mujoco`` extra), tested on
+  10 trials alternating the directions: ``test_progress_after{k}_forward`` and ``_backward`` are the final x
+  position of the episodes after ``k`` steps (the paper's qualitative result: from one initialisation, one
+  step sends the cheetah forward or backward as the task asks).
 
 The test (``eval.episodes`` trials, one per test goal) samples ``trajectories`` episodes per goal before
 adaptation and after each of 3 policy-gradient steps (step size 0.1, then 0.05) and records, per seed (metric
@@ -46,7 +51,7 @@ from metalab.experiment import RunConfig, algorithm, load_run_config
 from metalab.utils import seed_everything
 
 BENCH = "maml_rl"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "maml_rl_navigation.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUNS = Path("runs/bench/maml_rl")
 SEEDS = (0, 1, 2)
 TASK = "navigation-2d"
@@ -54,10 +59,36 @@ STEPS = 3
 """Policy-gradient steps at test time (the paper's figure 5: 0 to 3)."""
 
 
+def _metrics(names: dict[str, tuple[str, str]], groups: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Record metric ``test_<name>_after{k}<suffix>`` -> (the learner's key ``test/<prefix><key>_after{k}``,
+    unit), for ``names`` ``{name: (key, unit)}``, ``groups`` ``{suffix: prefix}`` and ``k = 0 .. STEPS``."""
+    return {
+        f"test_{name}_after{k}{suffix}": (f"test/{prefix}{key}_after{k}", unit)
+        for name, (key, unit) in names.items()
+        for suffix, prefix in groups.items()
+        for k in range(STEPS + 1)
+    }
+
+
+NAVIGATION = _metrics({"return": ("return", "return"), "distance": ("distance", "distance")}, {"": ""})
+CHEETAH = _metrics(
+    {"return": ("return", "return"), "progress": ("x_position", "m")},
+    {
+        "": "",
+        "_forward": "task0/",
+        "_backward": "task1/",
+    },  # the learner's per-task metrics: task 0 runs forward
+)
+
+
 class Setup(NamedTuple):
     method: str
     overrides: tuple[str, ...] = ()
     trained: bool = True
+    task: str = TASK
+    config: str = "maml_rl_navigation.yaml"
+    metrics: dict[str, tuple[str, str]] = NAVIGATION
+    """Record metric -> (the learner's ``test/...`` key, unit)."""
 
 
 SETUPS = {
@@ -65,15 +96,16 @@ SETUPS = {
     "promp-navigation": Setup("maml-rl-promp", ("maml_rl.objective=promp",)),
     "pretrained-navigation": Setup("pretrained", ("maml_rl.inner_steps=0",)),
     "random-navigation": Setup("random", trained=False),
+    "maml-cheetah-dir": Setup(
+        "maml-rl", task="half-cheetah-dir", config="maml_rl_half_cheetah_dir.yaml", metrics=CHEETAH
+    ),
 }
-METRICS = {f"test_{name}_after{k}": ("return" if name == "return" else "distance")
-           for name in ("return", "distance") for k in range(STEPS + 1)}  # fmt: skip
 
 
 def run_config(name: str, seed: int, overrides: list[str]) -> RunConfig:
     """Configuration ``name``'s config for ``seed`` on the CPU, with ``overrides`` last."""
     fixed = [f"seed={seed}", "train.device=cpu", f"maml_rl.eval_inner_steps={STEPS}"]
-    return load_run_config(CONFIG, [*fixed, *SETUPS[name].overrides, *overrides])
+    return load_run_config(CONFIGS / SETUPS[name].config, [*fixed, *SETUPS[name].overrides, *overrides])
 
 
 def benchmark(name: str, seed: int, overrides: list[str], runs: Path) -> list[dict[str, Any]]:
@@ -89,32 +121,33 @@ def benchmark(name: str, seed: int, overrides: list[str], runs: Path) -> list[di
     test = learner.evaluate("test", run.eval.episodes)
     print(f"{name}-s{seed} ({steps} steps, {seconds:.0f} s): return "
           + " / ".join(f"{test[f'test/return_after{k}']:.2f}" for k in range(STEPS + 1)))  # fmt: skip
-    common = {"seed": seed, "config": "configs/maml_rl_navigation.yaml", "env": run.env.id, "overrides":
+    common = {"seed": seed, "config": f"configs/{setup.config}", "env": run.env.id, "overrides":
               [*setup.overrides, *overrides], "test_trials": run.eval.episodes}  # fmt: skip
     return [
-        record(BENCH, TASK, setup.method, seed_metric(metric, seed), test[key], ci95=test[f"{key}_ci95"],
+        record(BENCH, setup.task, setup.method, seed_metric(metric, seed), test[key], ci95=test[f"{key}_ci95"],
                unit=unit, steps=steps, seconds=seconds, metric_key=key, **common)
-        for metric, unit in METRICS.items()
-        for key in [metric.replace("test_", "test/")]
+        for metric, (key, unit) in setup.metrics.items()
     ]  # fmt: skip
 
 
 def over_seeds(name: str, path: Path) -> list[dict[str, Any]]:
     """The aggregate records over the seeds of ``name`` recorded in ``path``."""
-    records = json.loads(path.read_text())
+    records, setup = json.loads(path.read_text()), SETUPS[name]
     found = [
-        aggregate(records, BENCH, TASK, SETUPS[name].method, metric, unit) for metric, unit in METRICS.items()
+        aggregate(records, BENCH, setup.task, setup.method, metric, unit)
+        for metric, (_, unit) in setup.metrics.items()
     ]
     return [r for r in found if r is not None]
 
 
 def plot(path: Path) -> Path | None:
     """``maml_rl.png``: return and final distance vs test-time steps, mean over seeds with the seeds' CI."""
-    aggregates = {(r["method"], r["metric"]): r for r in json.loads(path.read_text()) if "per_seed" in r}
+    aggregates = {(r["method"], r["metric"]): r for r in json.loads(path.read_text())
+                  if "per_seed" in r and r["task"] == TASK}  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     drawn = False
     for ax, name in zip(axes, ("return", "distance"), strict=True):
-        for setup in SETUPS.values():
+        for setup in (s for s in SETUPS.values() if s.task == TASK):
             found = [aggregates.get((setup.method, f"test_{name}_after{k}")) for k in range(STEPS + 1)]
             if any(r is None for r in found):
                 continue
@@ -128,7 +161,8 @@ def plot(path: Path) -> Path | None:
         ax.set(xlabel="policy-gradient steps on the test goal", xticks=range(STEPS + 1),
                ylabel="average return" if name == "return" else "final distance to the goal")  # fmt: skip
         ax.set_title(f"2D navigation, held-out test goals: {name}")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return save_figure(fig, drawn, path.parent, BENCH)
 
 

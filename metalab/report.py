@@ -49,6 +49,16 @@ SHOWN = {
     "distributed": {"speedup_vs_1x1"},
     "mbrl": {"test_return", "test_success_known", "test_success_learned", "test_reward_rmse"},
     "planning": {"test_return", "seconds_per_env_step", "planning_calls_per_s", "speedup_vs_python_loop"},
+    "maml_rl": {
+        "test_return_after0",
+        "test_return_after1",
+        "test_return_after3",
+        "test_distance_after1",
+        "test_progress_after0_forward",
+        "test_progress_after1_forward",
+        "test_progress_after0_backward",
+        "test_progress_after1_backward",
+    },
 }
 """The metrics each benchmark's table shows (per-seed records, ``*_s0`` ..., are folded into their aggregate)."""
 SHOWN_METHODS = {"maml_speed": {"metalab-vmap", "metalab-grad_loop", "metalab-loop"}}
@@ -77,6 +87,16 @@ HEADLINES: list[tuple[str, Pick, Pick | None]] = [
     ),
     ("RL", Pick("reinforce", "CartPole-v1", "metalab-reinforce", "return_greedy"), None),
     ("meta-RL", Pick("meta_rl", "citygrid", "dream", "return"), Pick("meta_rl", "citygrid", "rl2", "return")),
+    (
+        "gradient meta-RL",
+        Pick("maml_rl", "navigation-2d", "maml-rl", "test_return_after1"),
+        Pick("maml_rl", "navigation-2d", "pretrained", "test_return_after1"),
+    ),
+    (
+        "model-based RL",
+        Pick("mbrl", "pendulum", "metalab-pets", "test_return"),
+        Pick("mbrl", "pendulum", "mbrl-lib-pets", "test_return"),
+    ),
     ("data", Pick("sampler", "omniglot-5w1s15q-mb32", "metalab", "speedup_vs_dataloader-png"), None),
 ]
 """One line per family in the README: the record that stands for it, and a peer's where there is one."""

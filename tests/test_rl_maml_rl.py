@@ -25,7 +25,7 @@ from torch.func import functional_call, vmap
 
 from metalab.cli import main
 from metalab.config import merge
-from metalab.envs import EnvConfig, make_env
+from metalab.envs import HALF_CHEETAH_DIR_ID, EnvConfig, make_env
 from metalab.envs.navigation import GOALS, HORIZON, NAVIGATION_2D_ID, Navigation2D, tasks
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig, load_run_config, run_config_from_dict
@@ -359,6 +359,19 @@ def test_two_inner_steps_sample_at_each_adapted_parameters() -> None:
     assert metrics["train/env_steps"] == 3 * 3 * 2 * 100  # before, after one step, after two
     assert {"train/return_after2", "train/distance_after2"} <= set(metrics)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.model.parameters())
+
+
+def test_a_family_of_two_tasks_is_also_evaluated_per_task() -> None:
+    pytest.importorskip("mujoco")
+    learner = make(tiny(env={"id": HALF_CHEETAH_DIR_ID, "max_episode_steps": 5}, train={"meta_batch": 2},
+                        maml_rl={"final_info": "x_position"}))  # fmt: skip
+    out = learner.evaluate("test", 4)  # trials alternate forward (task 0) and backward (task 1)
+    for k in range(3):
+        for name in ("return", "x_position"):
+            per_task = [out[f"test/task{t}/{name}_after{k}"] for t in (0, 1)]
+            assert np.mean(per_task) == pytest.approx(out[f"test/{name}_after{k}"])
+    assert out["test/task0/return"] == out["test/task0/return_after1"]
+    assert "val/task0/return" not in out and not any("task" in key for key in make(tiny()).evaluate("val", 2))
 
 
 def test_no_inner_step_is_the_pretrained_baseline_a_plain_policy_gradient() -> None:

@@ -3,7 +3,8 @@
 ``metalab/BitFlip-v0`` (HER), ``metalab/CityGrid-v0`` and ``metalab/CityGrid5x5-v0`` (DREAM's distracting bus,
 9x9 and 5x5), ``metalab/CityGrid5x5NoDistractors-v0`` (the 5x5 without distracting buses),
 ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot) and ``metalab/PointMassGoal-v0`` (a point mass
-to one of a family of goals, for multi-task model-based RL), ``metalab/Navigation2D-v0`` (MAML's 2D navigation).
+to one of a family of goals, for multi-task model-based RL), ``metalab/Navigation2D-v0`` (MAML's 2D navigation), ``metalab/HalfCheetahDir-v0`` and
+``metalab/HalfCheetahVel-v0`` (MAML's half-cheetah forward/backward and goal velocity; the ``mujoco`` extra).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import gymnasium as gym
 from metalab.envs.bitflip import BitFlip
 from metalab.envs.citygrid import CITYGRID5X5_ID, CITYGRID5X5_PLAIN_ID, CITYGRID_ID, CityGrid
 from metalab.envs.config import BITFLIP_ID, EnvConfig, make_env
+from metalab.envs.half_cheetah import HALF_CHEETAH_DIR_ID, HALF_CHEETAH_VEL_ID
 from metalab.envs.navigation import NAVIGATION_2D_ID, Navigation2D
 from metalab.envs.point_mass import POINT_MASS_ID, PointMassGoal
 from metalab.envs.point_robot import POINT_ROBOT_SPARSE_ID, PointRobotSparse
 
 # No registry step limits: every env truncates itself (BitFlip after n steps, CityGrid after 20 or 10,
-# the point robot after 20, the point mass after 50, the 2D navigation after 100), and importing twice (or reloading) must not re-register.
+# the point robot after 20, the point mass after 50, the 2D navigation after 100, the half-cheetahs after 200), and importing twice (or reloading) must not re-register.
 _IDS = {
     BITFLIP_ID: ("metalab.envs.bitflip:BitFlip", {"n": 10}),
     CITYGRID_ID: ("metalab.envs.citygrid:CityGrid", {"size": 9}),
@@ -26,6 +28,8 @@ _IDS = {
     CITYGRID5X5_PLAIN_ID: ("metalab.envs.citygrid:CityGrid", {"size": 5, "distractors": False}),
     POINT_ROBOT_SPARSE_ID: ("metalab.envs.point_robot:PointRobotSparse", {}),
     POINT_MASS_ID: ("metalab.envs.point_mass:PointMassGoal", {}),
+    HALF_CHEETAH_DIR_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "direction"}),
+    HALF_CHEETAH_VEL_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "velocity"}),
     NAVIGATION_2D_ID: ("metalab.envs.navigation:Navigation2D", {}),
 }
 for _id, (_entry_point, _kwargs) in _IDS.items():
@@ -37,6 +41,8 @@ __all__ = [
     "CITYGRID5X5_ID",
     "CITYGRID5X5_PLAIN_ID",
     "CITYGRID_ID",
+    "HALF_CHEETAH_DIR_ID",
+    "HALF_CHEETAH_VEL_ID",
     "NAVIGATION_2D_ID",
     "POINT_MASS_ID",
     "POINT_ROBOT_SPARSE_ID",

@@ -451,21 +451,44 @@ def adaptation_curve(ml: MAMLRL, part: str, episodes: int) -> tuple[np.ndarray, 
     return returns, final
 
 
+FEW_TASKS = 4
+"""A part with at most this many tasks (the half-cheetah's two directions) also gets per-task metrics."""
+
+
 def evaluate(ml: MAMLRL, part: str, episodes: int) -> dict[str, float]:
     """``<part>/return_after{k}`` and ``<part>/<final_info>_after{k}`` (mean and 95% CI over trials) for
-    ``k = 0 .. eval_inner_steps``; ``<part>/return`` (and ``<part>/<final_info>``) after one step."""
+    ``k = 0 .. eval_inner_steps``; ``<part>/return`` (and ``<part>/<final_info>``) after one step. A part of at
+    most :data:`FEW_TASKS` tasks also gets them per task, ``<part>/task<t>/...`` (e.g. forward vs backward)."""
     env_steps = ml.counters["env_steps"]
     returns, final = adaptation_curve(ml, part, episodes)
     ml.counters["env_steps"] = env_steps  # evaluation episodes are not training experience
-    metrics: dict[str, float] = {}
     columns = {"return": returns} | ({ml.cfg.final_info: final} if final is not None else {})
+    metrics = _curve_metrics(part, columns)
+    part_tasks = ml.probe.unwrapped.tasks(part)
+    if len(part_tasks) <= FEW_TASKS:
+        trial_task = np.array([part_tasks[i % len(part_tasks)] for i in range(episodes)])
+        for task in part_tasks:
+            rows = trial_task == task
+            if not rows.any():  # fewer trials than tasks
+                continue
+            metrics |= _curve_metrics(f"{part}/task{task}", {n: v[rows] for n, v in columns.items()})
+    return metrics
+
+
+def _curve_metrics(prefix: str, columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """``<prefix>/<name>_after{k}`` with its CI over the rows of each ``(trials, k)`` column, and the headline
+    ``<prefix>/<name>`` after one step."""
+    metrics: dict[str, float] = {}
     for name, values in columns.items():
         for k in range(values.shape[1]):
             est = mean_ci95(values[:, k].tolist())
-            metrics[f"{part}/{name}_after{k}"], metrics[f"{part}/{name}_after{k}_ci95"] = est.mean, est.ci95
+            metrics[f"{prefix}/{name}_after{k}"], metrics[f"{prefix}/{name}_after{k}_ci95"] = (
+                est.mean,
+                est.ci95,
+            )
         headline = min(1, values.shape[1] - 1)
-        metrics[f"{part}/{name}"] = metrics[f"{part}/{name}_after{headline}"]
-        metrics[f"{part}/{name}_ci95"] = metrics[f"{part}/{name}_after{headline}_ci95"]
+        metrics[f"{prefix}/{name}"] = metrics[f"{prefix}/{name}_after{headline}"]
+        metrics[f"{prefix}/{name}_ci95"] = metrics[f"{prefix}/{name}_after{headline}_ci95"]
     return metrics
 
 
