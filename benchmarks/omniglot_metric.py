@@ -54,26 +54,28 @@ CELLS = ("5w1s", "5w5s", "20w1s", "20w5s")
 BATCHNORM_MODES = ("inductive", "transductive")
 """Each trained model is tested in both modes (see :data:`metalab.models.BatchNormMode`); the papers' code
 evaluates inductively."""
-METHODS = ("protonet", "matching", "relation", "siamese")
+METHODS = ("protonet", "matching", "relation", "siamese", "gnn")
 # Published Omniglot accuracies (%) and this project's targets, per cell.
 PUBLISHED = {
     "protonet": (98.8, 99.7, 96.0, 98.9),
     "matching": (98.1, 98.9, 93.8, 98.5),
     "relation": (99.6, 99.8, 97.6, 99.1),
     "siamese": (97.3, 98.4, 88.2, 97.0),
+    "gnn": (99.2, 99.7, 97.4, 99.0),  # Garcia & Bruna, ICLR 2018
 }
 TARGETS = {
     "protonet": (98.5, 99.5, 95.5, 98.6),
     "matching": (97.5, 98.7, 93.0, 98.0),
     "relation": (99.0, 99.5, 96.5, 98.8),
     "siamese": (96.5, 98.0, None, None),
+    "gnn": (99.0, 99.5, 97.0, 98.8),  # issue 30
 }
 RUNS = Path("runs/bench/omniglot_metric")
 # ProtoNets train 60-way whatever the test ways, so one model per shot serves the 5-way and 20-way cells. A
 # Siamese verifier scores pairs, whatever the ways and shots, so one model (trained on 20-way episodes, the
 # most negatives per episode) serves all four cells, as one verification net does in the paper.
 TRAININGS = {"protonet-1shot": ("5w1s", "20w1s"), "protonet-5shot": ("5w5s", "20w5s"), "siamese": CELLS} | {
-    f"{m}-{c}": (c,) for m in ("matching", "relation") for c in CELLS
+    f"{m}-{c}": (c,) for m in ("matching", "relation", "gnn") for c in CELLS
 }
 CONFIGS = [*TRAININGS, "speed"]
 

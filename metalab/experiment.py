@@ -62,6 +62,7 @@ ALGORITHMS = {
     "protonet": "metalab.meta.protonet",
     "matching": "metalab.meta.matching",
     "relation": "metalab.meta.relation",
+    "gnn": "metalab.meta.gnn",
     "siamese": "metalab.meta.siamese",
     "mann": "metalab.meta.mann",
     "snail": "metalab.meta.snail",
