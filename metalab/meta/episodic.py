@@ -6,25 +6,36 @@ those scores are penalised; sampling, evaluation and the trainer hook-up live he
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalab.calibration import binned_calibration, log_likelihoods, top_label
 from metalab.data.episodes import Episode
 from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.experiment import RunConfig
 from metalab.models import set_batchnorm_mode
 from metalab.train.distributed import shard
-from metalab.train.evaluate import evaluate_episodes
+from metalab.train.evaluate import evaluate_episode_columns
 from metalab.train.loop import Learner
 
 ScoreFn = Callable[[Episode], torch.Tensor]
 """Batched episode -> ``(T, N*Q, N)`` class scores of each query (higher means more likely)."""
 EpisodeLoss = Callable[[Episode], tuple[torch.Tensor, torch.Tensor]]
 """Batched episode -> (scalar training loss, the ``(T, N*Q, N)`` class scores it was computed with)."""
+
+
+class Samplers(NamedTuple):
+    """Where a learner's episodes come from, when not from the image and sinusoid task samplers of
+    :mod:`metalab.data.tasks` (e.g. the text tasks of :mod:`metalab.data.text`): anything with
+    ``sample(step, batch) -> Episode`` to train, and one fixed-episode sampler per evaluation part."""
+
+    train: Any
+    evals: Mapping[str, Any]
 
 
 def cross_entropy(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
@@ -54,15 +65,29 @@ def build_episodic(
     model: nn.Module,
     scores: ScoreFn,
     loss: EpisodeLoss | None = None,
+    *,
+    samplers: Samplers | None = None,
 ) -> Learner:
-    """Learner for a metric method: ``loss`` (default: cross-entropy of ``scores``) to train, accuracy to evaluate.
+    """Learner for a metric method: ``loss`` (default: cross-entropy of ``scores``) to train, accuracy to evaluate,
+    on the episodes of ``run.task`` (or of ``samplers``).
+
+    Evaluation reads the scores as logits (their softmax is the predictive, as cross-entropy trains it) and
+    reports, besides ``<part>/acc``: ``<part>/nll``, the mean negative log-likelihood of the query labels per
+    episode (nats; :func:`~metalab.calibration.log_likelihoods`), and ``<part>/ece``, the expected calibration
+    error (15 bins; :func:`~metalab.calibration.binned_calibration`) over all the queries of all the episodes
+    pooled: ECE is a property of a set of predictions, and one episode's few dozen queries in 15 bins would
+    bias it upwards, so it has no per-episode interval. For Relation and Siamese networks, trained with
+    per-pair sigmoid losses, the softmax over their scores is a derived predictive and so are its nll and ece.
 
     BatchNorm follows the algorithm's ``batchnorm`` field (:data:`~metalab.models.BatchNormMode`): inductive by
     default, as the ProtoNet and Matching code evaluate."""
     set_batchnorm_mode(model, run.params.batchnorm)
     model.to(device, memory_format=torch.channels_last)  # see embed_tasks
-    train = make_sampler(run.task, "train", run.seed, root)
-    evals = EvalSamplers(run.task, run.eval.seed, root)
+    if samplers is None:
+        samplers = Samplers(
+            make_sampler(run.task, "train", run.seed, root), EvalSamplers(run.task, run.eval.seed, root)
+        )
+    train, evals = samplers
 
     def train_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ep = shard(train.sample(step, run.train.meta_batch)).to(device)
@@ -74,12 +99,24 @@ def build_episodic(
         return value, {"train/acc": accuracy(s, ep).mean().item()}
 
     def evaluate(part: str, n: int) -> dict[str, float]:
+        confidence, correct = [], []  # of every query, for the ECE over all of them
 
         def per_task(ep: Episode) -> torch.Tensor:
             with torch.no_grad():
-                return accuracy(scores(ep), ep)
+                s = scores(ep)  # (T, N*Q, N)
+            conf, hit = top_label(s.softmax(-1), ep.query_y)
+            confidence.append(conf.cpu())
+            correct.append(hit.cpu())
+            nll = -log_likelihoods(s, ep.query_y).mean(-1)  # (T,)
+            return torch.stack([accuracy(s, ep), nll], -1)
 
-        est = evaluate_episodes(per_task, evals[part], n, run.eval.batch, device)
-        return {f"{part}/acc": est.mean, f"{part}/acc_ci95": est.ci95}
+        acc, nll = evaluate_episode_columns(per_task, evals[part], n, run.eval.batch, device)
+        return {
+            f"{part}/acc": acc.mean,
+            f"{part}/acc_ci95": acc.ci95,
+            f"{part}/nll": nll.mean,
+            f"{part}/nll_ci95": nll.ci95,
+            f"{part}/ece": binned_calibration(torch.cat(confidence), torch.cat(correct)).ece,
+        }
 
     return Learner(model, train_loss, evaluate)
