@@ -39,6 +39,7 @@ from metalab.config import (
     to_dict,
 )
 from metalab.data.tasks import TaskConfig
+from metalab.data.text import TextTaskConfig
 from metalab.envs.config import BITFLIP_ID, EnvConfig
 from metalab.errors import ConfigError
 from metalab.train.evaluate import EvalConfig
@@ -79,6 +80,9 @@ ALGORITHMS = {
 RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "mt_mbrl", "sac", "maml_rl"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
+TEXT_ALGORITHMS = frozenset({"protonet"})
+"""Algorithms that take ``task.dataset: smlmt`` (text tasks, :class:`~metalab.data.text.TextTaskConfig`)."""
+DATASETS = ("omniglot", "sinusoid", "smlmt")
 CONFIG_NAME = "config.yaml"
 
 
@@ -182,7 +186,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         algo=name,
         params=section(name, module.Config),
         seed=seed,
-        task=section("task", TaskConfig),
+        task=section("task", _task_class(name, data.get("task"))),
         env=section("env", EnvConfig),
         train=section("train", TrainConfig),
         eval=section("eval", EvalConfig),
@@ -192,6 +196,24 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     else:
         _check_batch_examples(run)
     return run
+
+
+def _task_class(algo: str, task: Any) -> type:
+    """The dataclass of a ``task`` section: :class:`~metalab.data.text.TextTaskConfig` for ``dataset: smlmt``
+    (with :data:`TEXT_ALGORITHMS` only), else :class:`~metalab.data.tasks.TaskConfig`."""
+    dataset = task.get("dataset") if isinstance(task, dict) else None
+    if isinstance(dataset, str) and dataset not in DATASETS:
+        raise ConfigError(
+            "task.dataset", f"must be one of {', '.join(map(repr, DATASETS))}, got {show(dataset)}"
+        )
+    if dataset != "smlmt":
+        return TaskConfig
+    require(
+        algo in TEXT_ALGORITHMS,
+        "task.dataset",
+        f"smlmt text tasks are implemented for {', '.join(sorted(TEXT_ALGORITHMS))}, not {algo}",
+    )
+    return TextTaskConfig
 
 
 MAX_BATCH_EXAMPLES = 100_000

@@ -11,11 +11,16 @@ MR-ProtoNet (``protonet.bottleneck: D``): meta-regularization on activations, fo
 "Meta-Learning without Memorization" (ICLR 2020), for non-mutually-exclusive tasks: the embedding passes
 through a Gaussian bottleneck (:class:`metalab.meta.metareg.GaussianBottleneck`), sampled in training, its mean
 at evaluation, and ``bottleneck_beta * KL(q(z|x) || N(0, I))`` joins the loss. Off by default.
+
+Text tasks (``task.dataset: smlmt``, :mod:`metalab.data.text`; Bansal et al., EMNLP 2020): the embedding is a
+:class:`~metalab.models.text.SentenceEncoder` of width ``protonet.hidden`` over token ids; prototypes, loss and
+evaluation are the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,11 +29,14 @@ from torch import nn
 from torch.func import vmap
 
 from metalab.config import MAX_FILTERS, MAX_UNITS, require, require_between
+from metalab.data import text
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import build_episodic, cross_entropy, embed_tasks
+from metalab.meta.episodic import Samplers, build_episodic, cross_entropy, embed_tasks
 from metalab.meta.metareg import Bottleneck, GaussianBottleneck
 from metalab.models import BatchNormMode, Conv4
+from metalab.models.text import SentenceEncoder
+from metalab.train.evaluate import PARTS
 from metalab.train.loop import Learner
 
 
@@ -37,7 +45,7 @@ class Config:
     """ProtoNet hyperparameters (the ``protonet`` section of a config)."""
 
     hidden: int = 64
-    """Conv-4 filters."""
+    """Conv-4 filters; on text tasks, the sentence encoder's width (a multiple of its 4 attention heads)."""
     batchnorm: BatchNormMode = "inductive"
     """BatchNorm at evaluation: ``inductive`` (running statistics, each query on its own) or ``transductive``
     (the episode's statistics); see :data:`metalab.models.BatchNormMode`."""
@@ -111,9 +119,41 @@ def regularized_loss(model: BottleneckEncoder, beta: float, ep: Episode) -> tupl
     return cross_entropy(logits, ep) + beta * kl, logits
 
 
-def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
-    """Model, training loss and evaluation for a ProtoNet run."""
+def text_episode_logits(encoder: nn.Module, ep: Episode) -> torch.Tensor:
+    """Query logits ``(T, N*Q, N)`` of a batched episode of token ids ``(T, N*K, L)`` (text tasks). Every
+    sentence of every task goes through the encoder in one batch: it has no batch statistics."""
+    tokens = torch.cat([ep.support_x, ep.query_x], dim=1)  # (T, N*(K+Q), L)
+    z = encoder(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])  # (T, N*(K+Q), D)
+    return embedding_logits(z, ep)
+
+
+def build_text(run: RunConfig, root: Path, device: torch.device) -> Learner:
+    """ProtoNet on SMLMT text tasks (:mod:`metalab.data.text`): a sentence encoder trained from scratch as the
+    embedding; the training loss and the evaluation are :func:`~metalab.meta.episodic.build_episodic`'s, over the
+    text samplers."""
     cfg: Config = run.params
+    require(cfg.bottleneck == 0, "protonet.bottleneck", "the bottleneck is for images; text tasks need 0")
+    require(
+        cfg.hidden % 4 == 0,
+        "protonet.hidden",
+        f"text encoder width must be a multiple of 4, got {cfg.hidden}",
+    )
+    vocab = text.load_corpus(root).vocab
+    encoder = SentenceEncoder(len(vocab), cfg.hidden, max_tokens=text.MAX_TOKENS)
+    samplers = Samplers(
+        text.make_sampler(run.task, "train", run.seed, root),
+        {part: text.eval_sampler(run.task, part, run.eval.seed, root) for part in PARTS},  # fail early
+    )
+    return build_episodic(
+        run, root, device, encoder, partial(text_episode_logits, encoder), samplers=samplers
+    )
+
+
+def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
+    """Model, training loss and evaluation for a ProtoNet run (text tasks: :func:`build_text`)."""
+    cfg: Config = run.params
+    if run.task.dataset == "smlmt":
+        return build_text(run, root, device)
     model = Conv4(1, cfg.hidden, image_size=run.task.image_size)
     if cfg.bottleneck:
         encoder = BottleneckEncoder(model, cfg.bottleneck)
