@@ -168,9 +168,10 @@ def higher_maml(p: Problem, steps: int = 1) -> Step:
     return step
 
 
-def torch_loop_maml(p: Problem, steps: int = 1) -> Step:
+def torch_loop_maml(p: Problem, steps: int = 1, first_order: bool = False) -> Step:
     """The plain PyTorch way: per task, ``autograd.grad(create_graph=True)`` inner steps on a functional call;
-    one backward of the mean query loss."""
+    one backward of the mean query loss. ``first_order``: the inner gradients without a graph (FOMAML), so the
+    backward treats them as constants."""
     names, weights = zip(*p.model.named_parameters(), strict=True)
     loss = loss_of(p.regression)
 
@@ -181,7 +182,7 @@ def torch_loop_maml(p: Problem, steps: int = 1) -> Step:
             fast = list(weights)
             for _ in range(steps):
                 out = functional_call(p.model, dict(zip(names, fast, strict=True)), (task.support_x,))
-                grads = torch.autograd.grad(loss(out, task.support_y), fast, create_graph=True)
+                grads = torch.autograd.grad(loss(out, task.support_y), fast, create_graph=not first_order)
                 fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]
             out = functional_call(p.model, dict(zip(names, fast, strict=True)), (task.query_x,))
             losses.append(loss(out, task.query_y))
