@@ -233,7 +233,9 @@ class SMLMTSampler:
     Args:
         text: the sentences of the split's file.
         words: ids of the split's candidate words, each with at least ``k_shot + q_query`` eligible sentences.
-        n_way, k_shot, q_query: words per task, support and query sentences per word.
+        n_way: words per task.
+        k_shot: support sentences per word.
+        q_query: query sentences per word.
         seed: the sampler's stream; batch ``index`` of seed ``s`` is always the same tasks.
         window: tokens kept of each sentence: a window around the first ``[MASK]`` (the whole sentence when
             shorter). Attention costs grow with the square of the length; the mask's context is the evidence.
