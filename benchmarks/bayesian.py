@@ -200,8 +200,7 @@ def grid_predictive(trained: Trained, ep: Episode, x: torch.Tensor, g: torch.Gen
     with torch.no_grad():  # torch.func.grad still differentiates the inner steps
         if run.algo == "neural_process":
             return neural_process.predictive(model, ep.support_x, ep.support_y, x, cfg.eval_samples, g)
-        outer = cfg.outer_loss or ("bfa" if cfg.inner == "svgd" else "mean_nll")
-        rule = bmaml.Rule(cfg.inner, cfg.inner_lr, cfg.eval_inner_steps, True, cfg.prior_std, outer)
+        rule = bmaml.Rule.evaluation(cfg)
         meta = model.meta()
         meta = bmaml.Meta({k: v.detach() for k, v in meta.particles.items()}, meta.log_sigma.detach())
         fit = vmap(functools.partial(bmaml.predictive, rule), in_dims=(None, 0, 0, 0))

@@ -112,6 +112,24 @@ def test_one_particle_svgd_is_a_gradient_step_on_the_log_posterior() -> None:
             torch.testing.assert_close(got[name][0], p + 0.05 * g)
 
 
+def test_one_noise_scaled_particle_takes_mamls_steps() -> None:
+    """With ``step_scale: noise`` and no prior, SVGD with one particle is MAML's inner loop on the support MSE
+    (same inner_lr, any learned sigma); the plain step is K / (2 sigma^2) times larger."""
+    meta = stacked_mlps(1, 3)
+    x, y = torch.randn(5, 1), torch.randn(5, 1)
+    net = MLP(1, (4, 3), 1)
+    own = {k: v[0] for k, v in meta.particles.items()}
+    mse = lambda p, x, y: ((functional_call(net, p, (x,)) - y) ** 2).mean()  # noqa: E731
+    want = adapt(own, mse, (x, y), 3, 0.02)
+    got = bmaml.adapt_particles(bmaml.Rule("svgd", lr=0.02, steps=3, noise_scaled=True), meta, x, y)
+    for k in own:
+        torch.testing.assert_close(got[k][0], want[k])
+    plain = bmaml.adapt_particles(bmaml.Rule("svgd", lr=0.02, steps=1), meta, x, y)
+    one = adapt(own, mse, (x, y), 1, 0.02 * 5 / (2 * meta.log_sigma.exp().item() ** 2))
+    for k in own:
+        torch.testing.assert_close(plain[k][0], one[k])
+
+
 def test_ensemble_members_each_take_mamls_steps_alone() -> None:
     meta = stacked_mlps(3, 1)
     x, y = torch.randn(5, 1), torch.randn(5, 1)
@@ -253,7 +271,7 @@ def test_a_short_run_learns(inner: str, tmp_path: Path) -> None:
     ("params", "task", "key"),
     [({"inner": "chaser"}, {}, "bmaml.inner"), ({"particles": 0}, {}, "bmaml.particles"),
      ({"inner_lr": 0.0}, {}, "bmaml.inner_lr"), ({"prior_std": -1.0}, {}, "bmaml.prior_std"),
-     ({"outer_loss": "chaser"}, {}, "bmaml.outer_loss"),
+     ({"outer_loss": "chaser"}, {}, "bmaml.outer_loss"), ({"step_scale": "sigma"}, {}, "bmaml.step_scale"),
      ({}, {"dataset": "omniglot", "ways": 5, "shots": 1}, "task.dataset")],
 )  # fmt: skip
 def test_bad_values_name_the_key(params: dict, task: dict, key: str, tmp_path: Path) -> None:

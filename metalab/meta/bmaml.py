@@ -11,7 +11,8 @@ adaptation to a task the predictive at ``x`` is the equal-weight mixture of the 
   members' query losses (Gaussian negative log-likelihood per query point).
 - ``inner: svgd``: Bayesian MAML (Yoon, Kim, Dia, Kim, Bengio & Ahn, "Bayesian Model-Agnostic Meta-Learning",
   NeurIPS 2018). The inner loop is Stein variational gradient descent (Liu & Wang, NeurIPS 2016) on the task
-  posterior ``p(theta | support)``: each step moves particle ``j`` by ``inner_lr * phi(theta_j)`` with
+  posterior ``p(theta | support)``: each step moves particle ``j`` by ``inner_lr * phi(theta_j)`` (times ``2 sigma^2 / K`` with
+  ``step_scale: noise``, the default) with
   ``phi(theta_j) = (1/M) sum_i [k(theta_i, theta_j) grad log p(theta_i | support) + grad_{theta_i}
   k(theta_i, theta_j)]``, an RBF kernel ``k(a, b) = exp(-||a - b||^2 / h)`` with the median heuristic
   ``h = med^2 / log M``. ``log p`` is the Gaussian log-likelihood of the support
@@ -88,6 +89,12 @@ class Config:
     """The outer loss per query point: ``bfa``, BMAML's ``-log (1/M) sum_m p(query | theta_m)`` (the query set's
     joint likelihood averaged over particles); ``mean_nll``, the particles' mean Gaussian NLL. Null: ``bfa``
     for ``svgd``, ``mean_nll`` for ``ensemble``."""
+    step_scale: Literal["none", "noise"] = "noise"
+    """``svgd``: ``noise`` multiplies each SVGD step by ``2 sigma^2 / K`` (``K`` support points, ``sigma`` the
+    current noise, held constant in the outer gradient), so the likelihood's drive of a step equals MAML's MSE
+    gradient step of the same ``inner_lr`` whatever the learned noise; ``none``: the plain step ``inner_lr *
+    phi``, whose drive grows as ``K / (2 sigma^2)`` times MAML's and diverged over 10 evaluation steps once
+    ``sigma`` was learned down to 0.5 (docs/notes/sinusoid.md)."""
     prior_std: float | None = None
     """``svgd``: standard deviation of a Gaussian prior ``N(0, prior_std^2)`` on every weight in ``log p``;
     null: no prior (the likelihood alone)."""
@@ -100,6 +107,11 @@ class Config:
 
     def __post_init__(self) -> None:
         require(self.inner in ("ensemble", "svgd"), "inner", f"must be ensemble or svgd, got {self.inner!r}")
+        require(
+            self.step_scale in ("none", "noise"),
+            "step_scale",
+            f"must be none or noise, got {self.step_scale!r}",
+        )
         require_between(self.particles, "particles", 1, MAX_PARTICLES)
         require(self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}")
         require_between(self.inner_steps, "inner_steps", 1, MAX_INNER_STEPS)
@@ -136,6 +148,21 @@ class Rule:
     first_order: bool = False
     prior_std: float | None = None
     outer: Literal["bfa", "mean_nll"] = "bfa"
+    noise_scaled: bool = False
+    """Scale each SVGD step by ``2 sigma^2 / K`` (:attr:`Config.step_scale` ``noise``)."""
+
+    @classmethod
+    def training(cls, cfg: Config) -> Rule:
+        """The meta-training rule of ``cfg``."""
+        outer = cfg.outer_loss or ("bfa" if cfg.inner == "svgd" else "mean_nll")
+        noise = cfg.step_scale == "noise"
+        return cls(cfg.inner, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.prior_std, outer, noise)
+
+    @classmethod
+    def evaluation(cls, cfg: Config) -> Rule:
+        """The rule at evaluation: ``eval_inner_steps`` steps, no outer gradient."""
+        return replace(cls.training(cfg), steps=cfg.eval_inner_steps, first_order=True)
+
     """The outer loss (:func:`query_loss`)."""
 
 
@@ -219,10 +246,11 @@ def adapt_particles(rule: Rule, meta: Meta, x: torch.Tensor, y: torch.Tensor) ->
         one = functools.partial(adapt, loss_fn=mse, support=(), steps=rule.steps, inner_lr=rule.lr)
         return vmap(lambda p: one(p, first_order=rule.first_order))(particles)
     score_fn = vmap(grad(log_posterior), in_dims=(0, None, None, None, None))
+    lr = rule.lr * (2 * meta.log_sigma.detach().exp() ** 2 / y.shape[0] if rule.noise_scaled else 1.0)
     for _ in range(rule.steps):
         phi = svgd_direction(particles, score_fn(particles, meta.log_sigma, x, y, rule.prior_std))
         particles = {
-            name: p + rule.lr * (phi[name].detach() if rule.first_order else phi[name])
+            name: p + lr * (phi[name].detach() if rule.first_order else phi[name])
             for name, p in particles.items()
         }
     return particles
@@ -260,9 +288,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     if run.task.dataset != "sinusoid":
         raise ConfigError("task.dataset", f"{run.algo} here is for regression tasks; use sinusoid")
     model = Particles(run.task.input_features, cfg.mlp_hidden, cfg.particles, cfg.init_sigma).to(device)
-    outer = cfg.outer_loss or ("bfa" if cfg.inner == "svgd" else "mean_nll")
-    rule = Rule(cfg.inner, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.prior_std, outer)
-    tested = replace(rule, steps=cfg.eval_inner_steps, first_order=True)  # no outer gradient at evaluation
+    rule, tested = Rule.training(cfg), Rule.evaluation(cfg)
     train = make_sampler(run.task, "train", run.seed, root)
     evals = EvalSamplers(run.task, run.eval.seed, root)
 
