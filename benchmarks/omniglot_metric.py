@@ -8,7 +8,9 @@ for a wall-clock budget (``--minutes``, counted across resumes) or ``--steps`` e
 resuming that directory when it already holds a checkpoint, so a budget can be spread over several sittings.
 Periodic evaluations use the val characters (``val/acc``, the learning curve). It then reports test accuracy with
 a 95% CI over 1000 episodes of 15 queries per class from the test characters (evaluated once, after training),
-and redraws ``results/omniglot_metric.png`` (val accuracy vs training time) from every run so far.
+and redraws ``results/omniglot_metric.png`` (val accuracy vs training time) from every run so far. Each record
+also carries the ``ece`` (pooled over all test queries) and ``nll`` of those episodes, the same episodes for
+every method of a cell (``eval.seed``): VERSA's (``versa-5w1s``, ``versa-20w1s``) calibration against ProtoNet's.
 
 ``speed``: ProtoNet training episodes per second, 20-way 5-shot 15-query, metalab's training step against the
 plain PyTorch loop a user would write (:func:`plain_protonet_step`), same model, optimiser and episodes.
@@ -54,7 +56,7 @@ CELLS = ("5w1s", "5w5s", "20w1s", "20w5s")
 BATCHNORM_MODES = ("inductive", "transductive")
 """Each trained model is tested in both modes (see :data:`metalab.models.BatchNormMode`); the papers' code
 evaluates inductively."""
-METHODS = ("protonet", "matching", "relation", "siamese", "gnn")
+METHODS = ("protonet", "matching", "relation", "siamese", "gnn", "versa", "imp")
 # Published Omniglot accuracies (%) and this project's targets, per cell.
 PUBLISHED = {
     "protonet": (98.8, 99.7, 96.0, 98.9),
@@ -62,6 +64,8 @@ PUBLISHED = {
     "relation": (99.6, 99.8, 97.6, 99.1),
     "siamese": (97.3, 98.4, 88.2, 97.0),
     "gnn": (99.2, 99.7, 97.4, 99.0),  # Garcia & Bruna, ICLR 2018
+    "imp": (None, None, None, None),  # Allen et al., ICML 2019: figures not entered (not recalled for sure)
+    "versa": (99.7, None, 97.66, None),  # Gordon et al., ICLR 2019; the 5-shot cells have no config here
 }
 TARGETS = {
     "protonet": (98.5, 99.5, 95.5, 98.6),
@@ -69,15 +73,41 @@ TARGETS = {
     "relation": (99.0, 99.5, 96.5, 98.8),
     "siamese": (96.5, 98.0, None, None),
     "gnn": (99.0, 99.5, 97.0, 98.8),  # issue 30
+    "imp": (98.5, 99.5, 95.5, 98.6),  # issue 30: at least ProtoNet's own targets
+    "versa": (99.0, None, 96.0, None),  # issue 29, and an ECE below ProtoNet's on the same test episodes
 }
 RUNS = Path("runs/bench/omniglot_metric")
 # ProtoNets train 60-way whatever the test ways, so one model per shot serves the 5-way and 20-way cells. A
 # Siamese verifier scores pairs, whatever the ways and shots, so one model (trained on 20-way episodes, the
 # most negatives per episode) serves all four cells, as one verification net does in the paper.
 TRAININGS = {"protonet-1shot": ("5w1s", "20w1s"), "protonet-5shot": ("5w5s", "20w5s"), "siamese": CELLS} | {
-    f"{m}-{c}": (c,) for m in ("matching", "relation", "gnn") for c in CELLS
+    f"{m}-{c}": (c,) for m in ("matching", "relation", "gnn", "imp") for c in CELLS
 }
+# Alphabet-level Omniglot (task.label_level: alphabet, 10-way 10-shot): a class is an alphabet, its examples
+# distinct characters of it; IMP against ProtoNet on the same task (configs/<method>_omniglot_alphabet.yaml).
+ALPHABET = "alphabet"
+TRAININGS |= {f"{m}-{ALPHABET}": (ALPHABET,) for m in ("imp", "protonet")}
+TRAININGS |= {f"versa-{c}": (c,) for c in ("5w1s", "20w1s")}  # VERSA trains with the test ways, as its paper
+# Transfer baselines (algo: transfer; Chen et al., ICLR 2019): pretraining does not depend on ways or shots, so
+# one network serves all four cells (each episode's head is built from its support set at test time). No
+# published Omniglot figures entered (none verified from the paper), no targets yet.
+TRANSFER = ("transfer_proto", "transfer_finetune", "baselinepp")
+SECTIONS = dict.fromkeys(TRANSFER, "transfer")
+"""The config section of a method named other than its algorithm (``<method>`` otherwise)."""
+METHODS = (*METHODS, *TRANSFER)
+PUBLISHED |= dict.fromkeys(TRANSFER, (None, None, None, None))
+TARGETS |= dict.fromkeys(TRANSFER, (None, None, None, None))
+TRAININGS |= dict.fromkeys(TRANSFER, CELLS)
 CONFIGS = [*TRAININGS, "speed"]
+
+
+def figures(method: str, cell: str) -> tuple[float | None, float | None]:
+    """(published, target) test accuracy of ``method`` on ``cell``; none for the alphabet task (no figure of
+    the IMP paper recalled for sure: IMP is judged against ``protonet-alphabet``)."""
+    if cell == ALPHABET:
+        return None, None
+    i = CELLS.index(cell)
+    return PUBLISHED[method][i], TARGETS[method][i]
 
 
 def train_and_test(
@@ -90,27 +120,32 @@ def train_and_test(
     trained = train(config_path(f"{method}_omniglot_{cells[0]}"), overrides, (runs or RUNS) / name)
     out = []
     for cell in cells:
-        i = CELLS.index(cell)
+        published, target = figures(method, cell)
         # The same trained weights (and running statistics) tested with each BatchNorm mode: the config's mode
         # (inductive) is the method's record, the other one a record of its own beside it.
         for mode in BATCHNORM_MODES:
             tester, _, _ = build(
-                config_path(f"{method}_omniglot_{cell}"), [*overrides, f"{method}.batchnorm={mode}"]
+                config_path(f"{method}_omniglot_{cell}"),
+                [*overrides, f"{SECTIONS.get(method, method)}.batchnorm={mode}"],
             )
             tester.model.load_state_dict(trained.learner.model.state_dict())
             tester.model.eval()
+            test = tester.evaluate("test", episodes)
             out.append(
                 accuracy_record(
                     "omniglot_metric",
                     f"omniglot-vinyals-{cell}",
                     method if mode == "inductive" else f"{method}-transductive",
                     trained,
-                    tester.evaluate("test", episodes),
-                    published=PUBLISHED[method][i],
-                    target=TARGETS[method][i],
+                    test,
+                    published=published,
+                    target=target,
                     label=f"{name} on {cell}, {mode} BatchNorm",
                     training=name,
                     batchnorm=mode,
+                    # calibration on the same test episodes for every method (VERSA's ECE vs ProtoNet's)
+                    ece=test.get("test/ece"),
+                    nll=test.get("test/nll"),
                 )
             )
     return out
@@ -228,7 +263,7 @@ def plot() -> Path | None:
         f"Omniglot {cell}": [
             Curve(name, RUNS / name) for name, served in TRAININGS.items() if served[0] == cell
         ]
-        for cell in CELLS
+        for cell in (*CELLS, ALPHABET)
     }
     return plot_accuracy(panels, RESULTS / "omniglot_metric.png", "training minutes (2-core CPU)")
 

@@ -114,6 +114,29 @@ def test_masking_rule_whole_tokens_only_and_no_part_of_another_token() -> None:
                 assert not any(w in token for token in tokens for w in ("play", "sang") if token != text.MASK)
 
 
+def test_a_word_in_any_case_in_the_file_is_masked_everywhere(tmp_path: Path) -> None:
+    """Case variants in the raw text (``Album``, ``ALBUM``) are the same word once read: every one is masked,
+    and no form of the word is left in the masked sentence."""
+    path = tmp_path / "valid.txt"
+    path.write_text(
+        " The Album was an ALBUM of songs , an album indeed . \n The second album sold well . \n"
+        " Their tour began in May . \n A long TOUR of Europe followed . \n"
+    )
+    sentences = read_sentences(path)
+    vocab = Vocab.build(sentences)
+    part = TextPart.build(sentences, vocab)
+    album, tour = vocab.index["album"], vocab.index["tour"]
+    sampler = SMLMTSampler(part, torch.tensor([album, tour]), n_way=2, k_shot=1, q_query=1, seed=0)
+    draw, ep = sampler.draw(0, 4), sampler.sample(0, 4)
+    for t in range(4):
+        words = vocab.decode(draw.words[t].tolist())
+        for xs, ys in ((ep.support_x[t], ep.support_y[t]), (ep.query_x[t], ep.query_y[t])):
+            for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+                tokens = vocab.decode(x)
+                assert not any(words[y] in token.lower() for token in tokens if token != text.MASK), tokens
+                assert tokens.count(text.MASK) == (3 if "songs" in tokens else 1)
+
+
 def test_word_split_is_a_fixed_hash() -> None:
     assert word_split("album") == word_split("album")
     parts = [word_split(f"word{i}") for i in range(2000)]
@@ -196,9 +219,10 @@ def test_no_sentence_in_both_support_and_query(corpus: text.Corpus, part: str) -
 
 
 @needs_text
-def test_masked_word_never_appears_in_its_sentence(corpus: text.Corpus) -> None:
+@pytest.mark.parametrize("part", ["train", "val", "test"])
+def test_masked_word_never_appears_in_its_sentence(corpus: text.Corpus, part: str) -> None:
     vocab = corpus.vocab
-    sampler = make_sampler(CFG, "train", 1, DATA)
+    sampler = make_sampler(CFG, part, 1, DATA)
     draw, ep = sampler.draw(0, 64), sampler.sample(0, 64)
     k = CFG.shots
     for t in range(64):

@@ -158,6 +158,49 @@ def label_groups(n_classes: int, n_way: int) -> torch.Tensor:
     return order[: per_label * n_way].reshape(per_label, n_way).T.contiguous()
 
 
+class LabeledBatch(NamedTuple):
+    """Images with their class in the pool they came from: a plain classification batch, not an episode."""
+
+    x: torch.Tensor  # (B, C, H, W) float in [0, 1]
+    y: torch.Tensor  # (B,) int64: class index in the pool, 0..n_classes-1
+
+    def to(self, device: torch.device | str) -> LabeledBatch:
+        return LabeledBatch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
+
+class ClassBatchSampler:
+    """Draws batches of (image, class) pairs for whole-pool classification (pretraining on every class).
+
+    Each pair is drawn uniformly over every image of the pool, independently (with replacement), so a class is
+    drawn in proportion to its images; its label is its index in the pool. Like :class:`EpisodeSampler`, batch
+    ``index`` of seed ``s`` is always the same images.
+
+    Args:
+        pool: ``(n_classes, n_per_class, C, H, W)`` uint8 images (e.g. :attr:`metalab.data.omniglot.ClassSplit.images`).
+        seed: the sampler's stream.
+    """
+
+    def __init__(self, pool: torch.Tensor, seed: int = 0):
+        if pool.dtype != torch.uint8 or pool.dim() != 5:
+            raise ValueError(
+                f"pool must be uint8 (classes, samples, C, H, W), got {pool.dtype} {tuple(pool.shape)}"
+            )
+        self.pool, self.seed = pool, seed
+
+    @property
+    def classes(self) -> int:
+        """Number of classes (labels are ``0..classes-1``)."""
+        return self.pool.shape[0]
+
+    def sample(self, index: int, size: int) -> LabeledBatch:
+        """Batch number ``index`` of ``size`` images (float in [0, 1]) and their classes."""
+        per_class = self.pool.shape[1]
+        flat = torch.randint(self.classes * per_class, (size,), generator=generator_for(self.seed, index))
+        y = flat // per_class  # (B,)
+        x = self.pool[y, flat % per_class].float().div_(255.0)  # (B, C, H, W)
+        return LabeledBatch(x, y)
+
+
 def shuffle_order(ep: Episode, g: torch.Generator) -> Episode:
     """The same batched episode with support and query each in a random order per task (for sequence models)."""
     t, s, q = ep.support_y.shape[0], ep.support_y.shape[1], ep.query_y.shape[1]

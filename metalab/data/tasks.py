@@ -9,7 +9,8 @@ from typing import Literal
 from metalab.config import require, require_between
 from metalab.data import omniglot
 from metalab.data.augment import AugmentedTasks
-from metalab.data.episodes import EpisodeSampler, LabelAssignment, SupportSwapped
+from metalab.data.cactus import CactusConfig, CactusTasks, tasks_from_pool
+from metalab.data.episodes import ClassBatchSampler, EpisodeSampler, LabelAssignment, SupportSwapped
 from metalab.data.sinusoid import NME_FEATURES, SinusoidTasks
 from metalab.errors import ConfigError
 from metalab.train.evaluate import PARTS, part_seed
@@ -58,12 +59,31 @@ class TaskConfig:
     :data:`metalab.data.episodes.LabelAssignment`). Sinusoid: ``fixed`` is the NME family of 20 functions
     with a one-hot task code appended to ``x`` (:mod:`metalab.data.sinusoid`). Val and test tasks are always
     mutually exclusive (Omniglot: shuffled labels on the held-out classes; sinusoid: new functions)."""
-    construction: Literal["labeled", "augmented"] = "labeled"
+    construction: Literal["labeled", "augmented", "cactus"] = "labeled"
     """How training tasks are built. ``labeled``: from the classes of the training part. ``augmented``
     (Omniglot only, UMTRA / AAL): from the training part's images with their labels ignored, each task N
     random images as its classes, the query set (and shots after the first) augmented views of them
     (:class:`metalab.data.augment.AugmentedTasks`); labels are random per task, so it needs
-    ``label_assignment: shuffled``. Val and test tasks are always the labelled held-out classes."""
+    ``label_assignment: shuffled``. ``cactus`` (Omniglot only, CACTUs: Hsu et al., ICLR 2019): from clusters
+    of an unsupervised embedding of the training part's images, labels never read, each task N clusters of
+    one of several k-means partitions as its classes (:mod:`metalab.data.cactus`; settings in ``cactus``).
+    Val and test tasks are always the labelled held-out classes."""
+    cactus: CactusConfig | None = None
+    """CACTUs settings (partitions, clusters, embedding kind and steps:
+    :class:`metalab.data.cactus.CactusConfig`) with ``construction: cactus``; null there means the defaults.
+    Must stay null with other constructions."""
+    label_level: Literal["character", "alphabet"] = "character"
+    """What an Omniglot class is. ``character`` (the usual task): a character, its examples drawings of it.
+    ``alphabet`` (the alphabet recognition task of Allen et al., ICML 2019): an alphabet, its K + Q examples one
+    drawing each of K + Q distinct characters of it, so support and query share no character
+    (:class:`metalab.data.omniglot.AlphabetSampler`). The classes of a part are its characters grouped by
+    alphabet: in the Vinyals split an alphabet in one rotation (``Alphabet/rotDDD``: rotated characters are
+    characters of their own, so their alphabet is one too; 33 alphabets, 132 classes in ``train``, 5 and 20 in
+    ``val``, 13 and 52 in ``test``), in the Lake split an alphabet (25 / 5 / 20). Training draws from the
+    training part's characters grouped by alphabet, evaluation from the held-out part's: the characters are
+    disjoint, and so are the alphabets but for Gurmukhi, whose characters the Vinyals split divides between
+    ``train`` (41) and ``test`` (4). Classes with fewer than ``shots + queries`` characters are left out (e.g.
+    test Gurmukhi). Needs ``construction: labeled`` and ``label_assignment: shuffled``."""
 
     def __post_init__(self) -> None:
         require_between(self.ways, "ways", 1, MAX_WAYS)
@@ -77,12 +97,28 @@ class TaskConfig:
         require_between(self.image_size, "image_size", 16, MAX_IMAGE_SIZE, " (the drawings' own size)")
         if self.construction != "labeled":
             require(
-                self.dataset == "omniglot", "construction", "augmented tasks are built from Omniglot images"
+                self.dataset == "omniglot",
+                "construction",
+                f"{self.construction} tasks are built from Omniglot images",
             )
             require(
                 self.label_assignment == "shuffled",
                 "construction",
-                "augmented tasks label their images at random per task: label_assignment must be 'shuffled'",
+                f"{self.construction} tasks label their images at random per task: label_assignment must be "
+                "'shuffled'",
+            )
+        if self.cactus is not None:
+            require(
+                self.construction == "cactus",
+                "cactus",
+                "CACTUs settings apply with construction: cactus only",
+            )
+        if self.label_level == "alphabet":
+            require(self.dataset == "omniglot", "label_level", "alphabet-level tasks are Omniglot's")
+            require(
+                self.construction == "labeled" and self.label_assignment == "shuffled",
+                "label_level",
+                "alphabet-level tasks need construction: labeled and label_assignment: shuffled",
             )
         if self.dataset == "sinusoid":
             require(self.ways == 1, "ways", "sinusoid regression has ways = 1")
@@ -95,12 +131,10 @@ class TaskConfig:
             return
         for key in ("queries", "train_queries"):
             queries = getattr(self, key) or self.queries
-            limit = omniglot.DRAWINGS
-            require(
-                self.shots + queries <= limit,
-                key,
-                f"shots + {key} must be <= {limit} (drawings per character)",
-            )
+            limit, per = omniglot.DRAWINGS, "drawings per character"
+            if self.label_level == "alphabet":
+                limit, per = omniglot.MOST_CHARACTERS, "characters of the largest alphabet"
+            require(self.shots + queries <= limit, key, f"shots + {key} must be <= {limit} ({per})")
 
     @property
     def name(self) -> str:
@@ -108,8 +142,9 @@ class TaskConfig:
         nme = "" if self.label_assignment == "shuffled" else "-nme"
         if self.dataset == "sinusoid":
             return f"sinusoid{nme}-{self.shots}s"
-        aug = "-aug" if self.construction == "augmented" else ""
-        return f"omniglot-{self.ways}w{self.shots}s{nme}{aug}"
+        aug = {"augmented": "-aug", "cactus": "-cactus"}.get(self.construction, "")
+        level = "-alphabet" if self.label_level == "alphabet" else ""
+        return f"omniglot-{self.ways}w{self.shots}s{nme}{aug}{level}"
 
     @property
     def input_features(self) -> int:
@@ -119,7 +154,7 @@ class TaskConfig:
 
 def make_sampler(
     cfg: TaskConfig, part: str, seed: int, root: Path
-) -> SinusoidTasks | EpisodeSampler | AugmentedTasks:
+) -> SinusoidTasks | EpisodeSampler | AugmentedTasks | CactusTasks | omniglot.AlphabetSampler:
     """A sampler over ``part``: ``train`` (meaning ``cfg.train_part``) with the run's ``seed``, or ``val`` /
     ``test`` with the evaluation seed ``seed`` (each part then draws from its own :func:`part_seed`)."""
     if part in PARTS:
@@ -138,14 +173,37 @@ def make_sampler(
     training = part in ("train", "trainval")
     ways = (cfg.train_ways or cfg.ways) if training else cfg.ways
     queries = (cfg.train_queries or cfg.queries) if training else cfg.queries
+    if cfg.label_level == "alphabet":  # classes are alphabets, examples distinct characters of each
+        alphabets = omniglot.alphabet_classes(classes, min_characters=cfg.shots + queries)
+        if ways > len(alphabets.alphabets):
+            raise ConfigError(
+                "task.ways",
+                f"{ways} ways but the {part} part has only {len(alphabets.alphabets)} alphabet classes of at "
+                f"least shots + queries = {cfg.shots + queries} characters",
+            )
+        return omniglot.AlphabetSampler(alphabets, ways, cfg.shots, queries, seed)
     if ways > classes.images.shape[0]:
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
         )
     if training and cfg.construction == "augmented":  # unlabeled: the images only, never their classes
         return AugmentedTasks(classes.images, ways, cfg.shots, queries, seed)
+    if training and cfg.construction == "cactus":  # unlabeled: clusters of the images, never their classes
+        return tasks_from_pool(classes.images, cfg.cactus or CactusConfig(), ways, cfg.shots, queries, seed)
     assignment = cfg.label_assignment if training else "shuffled"  # evaluation stays mutually exclusive
     return EpisodeSampler(classes.images, ways, cfg.shots, queries, seed, assignment)
+
+
+def make_batch_sampler(cfg: TaskConfig, seed: int, root: Path) -> ClassBatchSampler:
+    """Labelled images of the training part (``cfg.train_part``) in uniform batches, for classification over
+    all its classes (:mod:`metalab.meta.transfer`), drawn from the run's ``seed``.
+
+    Class ``c`` is line ``c`` of the part's split list: in the Vinyals split a character in one rotation (4112
+    classes in ``train``, 4800 in ``trainval``), in the Lake split a character."""
+    if cfg.dataset != "omniglot":
+        raise ConfigError("task.dataset", f"class batches are drawn from Omniglot, not {cfg.dataset!r}")
+    classes = omniglot.split_classes(omniglot.load(root, cfg.image_size), root, cfg.split, cfg.train_part)
+    return ClassBatchSampler(classes.images, seed)
 
 
 EVAL_PARTS = ("val", "test", "train", "probe")
