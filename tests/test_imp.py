@@ -54,7 +54,7 @@ def test_one_shot_is_protonet_at_any_threshold() -> None:
     support, query = torch.randn(5, 6, generator=g), torch.randn(10, 6, generator=g)
     y = labels(5, 1)
     assert imp.infer_clusters(support, y, 5, torch.tensor(1.0), 0.0, 3).counts(5).tolist() == [1] * 5
-    got = imp.imp_logits(support, y, query, 5, torch.tensor(1.0), alpha=1e6, iterations=3)  # lambda < 0
+    got = imp.imp_logits(support, y, query, 5, sigma=torch.tensor(1.0), alpha=1e6, iterations=3)  # lambda < 0
     assert torch.equal(got, protonet.prototype_logits(support, y, query, 5))
 
 
@@ -107,7 +107,7 @@ def test_nearest_cluster_classifies_what_one_prototype_cannot() -> None:
     query = torch.cat([centres, torch.tensor([[6.5, 3.0]])]).repeat_interleave(5, 0)
     query = query + 0.05 * torch.randn(len(query), 2, generator=g)
     query_y = torch.tensor([0, 0, 1]).repeat_interleave(5)
-    ours = imp.imp_logits(support, y, query, 2, torch.tensor(1.0), alpha=0.1, iterations=3)
+    ours = imp.imp_logits(support, y, query, 2, sigma=torch.tensor(1.0), alpha=0.1, iterations=3)
     theirs = protonet.prototype_logits(support, y, query, 2)
     assert (ours.argmax(1) == query_y).all()
     assert (theirs.argmax(1) == query_y).float().mean() == pytest.approx(10 / 15)  # the x = 4 mode is lost
@@ -128,7 +128,7 @@ def test_gradients_reach_embeddings_and_sigma() -> None:
     support = support.clone().requires_grad_(True)
     query = centres.repeat_interleave(2, 0).clone().requires_grad_(True)
     log_sigma = torch.tensor(math.log(1.5), requires_grad=True)
-    logits = imp.imp_logits(support, y, query, 2, log_sigma.exp(), alpha=0.1, iterations=2)
+    logits = imp.imp_logits(support, y, query, 2, sigma=log_sigma.exp(), alpha=0.1, iterations=2)
     lam = imp.threshold(protonet.class_means(support, y, 2), 1.5, 0.1)
     assert lam < 16  # the modes at x = -4 and 4 are 16 from class 0's mean: each opens a cluster
     assert imp.infer_clusters(support, y, 2, log_sigma.exp(), lam, 2).counts(2).tolist() == [3, 1]
@@ -147,7 +147,7 @@ def test_gradients_match_finite_differences() -> None:
     query = centres + 0.3
 
     def logits(s: torch.Tensor, q: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-        return imp.imp_logits(s, y, q, 2, log_sigma.exp(), alpha=0.1, iterations=2)
+        return imp.imp_logits(s, y, q, 2, sigma=log_sigma.exp(), alpha=0.1, iterations=2)
 
     log_sigma = torch.tensor(math.log(2.0), dtype=torch.float64, requires_grad=True)
     lam = imp.threshold(protonet.class_means(support, y, 2), 2.0, 0.1)

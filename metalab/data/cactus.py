@@ -575,6 +575,7 @@ class CactusTasks:
         n_way: int,
         k_shot: int,
         q_query: int,
+        *,
         seed: int = 0,
         timings: dict[str, float] | None = None,
     ):
@@ -654,7 +655,7 @@ def tasks_from_pool(
     made = cached_partitions(embedded.vectors, cfg)
     timings = {"embedding_seconds": embedded.seconds, "clustering_seconds": made.seconds}
     try:
-        return CactusTasks(images, made.labels, n_way, k_shot, q_query, seed, timings)
+        return CactusTasks(images, made.labels, n_way, k_shot, q_query, seed=seed, timings=timings)
     except ValueError as e:
         raise ConfigError(
             "task.cactus.clusters", f"{e}; use fewer clusters, ways, shots or queries"

@@ -204,6 +204,7 @@ def imp_logits(
     support_y: torch.Tensor,
     query: torch.Tensor,
     n_way: int,
+    *,
     sigma: torch.Tensor,
     alpha: float,
     iterations: int,
@@ -246,10 +247,10 @@ def episode_logits(model: IMP, ep: Episode) -> torch.Tensor:
                 ep.support_y[t],
                 z[t, n_support:],
                 ep.n_way,
-                sigma,
-                model.alpha,
-                model.iterations,
-                model.readout,
+                sigma=sigma,
+                alpha=model.alpha,
+                iterations=model.iterations,
+                readout=model.readout,
             )
             for t in range(ep.tasks)
         ]
