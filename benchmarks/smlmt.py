@@ -1,7 +1,7 @@
 """SMLMT masked-word tasks on WikiText-2: N-way K-shot accuracy on held-out words, ProtoNet vs bag of words.
 
-    python -m benchmarks.smlmt                                  # the three trainings (60 min each), baselines
-    python -m benchmarks.smlmt --only protonet-4shot --minutes 30
+    python -m benchmarks.smlmt                                  # the six trainings (60 min each), baselines
+    python -m benchmarks.smlmt --only protonet-4shot maml-4shot --minutes 30
     python -m benchmarks.smlmt --only baselines                 # bag of words and chance: no training
     python -m benchmarks.smlmt --only show                      # writes docs/notes/smlmt_tasks.md
 
@@ -27,6 +27,11 @@ Methods, records ``test_accuracy`` (%) with a 95% interval over the episodes in 
   best. Each trains in ``<runs-dir>/protonet-<K>shot`` for ``--minutes`` (counted across resumes) or
   :data:`STEPS` (``--steps``), whichever comes first, resuming a checkpoint when there is one; its periodic
   evaluation (``val/acc``, 8-way K-shot on the held-out val words) is the record's ``curve``.
+- ``maml``: MAML with a prototype-initialised head (``configs/smlmt_maml.yaml``, :func:`metalab.meta.maml.text_logits`:
+  the same encoder; per task, ``maml.eval_inner_steps`` gradient steps on the head alone, started at the
+  support prototypes; the outer loop meta-learns the encoder through them, second order). Its head is built
+  from each episode's support set, so it too is way-agnostic, and it trains as ProtoNet does, one training per
+  K (``maml-<K>shot``), 8-way.
 - ``bow`` and ``tfidf``: nearest prototype with no training. A sentence is its token-count vector over the
   vocabulary (``[PAD]`` and ``[MASK]`` left out), weighted by inverse document frequency for ``tfidf`` (over
   the sentences of ``valid.txt``, the training words' file: no test text), normalised to unit length; a
@@ -87,13 +92,16 @@ from metalab.data.text import (
     load_corpus,
 )
 from metalab.experiment import load_run_config
-from metalab.meta.episodic import accuracy
-from metalab.meta.protonet import text_episode_logits
+from metalab.meta import maml
+from metalab.meta.episodic import accuracy, embed_sentences
+from metalab.meta.gbml import Inner
+from metalab.meta.protonet import embedding_logits
 from metalab.stats import Estimate
 from metalab.train.evaluate import evaluate_episodes, part_seed
 
 BENCH = "smlmt"
-CONFIG = "smlmt_protonet"
+METHODS = ("protonet", "maml")
+"""Trained methods; method ``m`` trains ``configs/smlmt_<m>.yaml``."""
 WAYS = (4, 8)
 SHOTS = (1, 4, 8)
 QUERIES = 4
@@ -102,7 +110,7 @@ CELLS = tuple(f"{n}w{k}s" for n in WAYS for k in SHOTS)
 MIN_SENTENCES = max(SHOTS) + QUERIES
 """Eligible sentences a test word needs to be in the pool of every cell."""
 TRAIN_WAYS = max(WAYS)
-TRAININGS = {f"protonet-{k}shot": tuple(f"{n}w{k}s" for n in WAYS) for k in SHOTS}
+TRAININGS = {f"{m}-{k}shot": tuple(f"{n}w{k}s" for n in WAYS) for m in METHODS for k in SHOTS}
 """Training name -> the cells its model is tested on."""
 STEPS = {1: 8000, 4: 7000, 8: 5000}
 """Training steps per K: about what 60 minutes allow on one thread of a busy 2-core CPU (0.33, 0.37 and
@@ -214,30 +222,35 @@ def cell_fields(cell: str, sampler: SMLMTSampler, digest: str) -> dict[str, Any]
             "episodes_digest": digest, "reference": REFERENCE}  # fmt: skip
 
 
+def scorer(method: str, trained: Any) -> Callable[[Episode], torch.Tensor]:
+    """The test-time query logits of a trained ``method`` (evaluation settings of its config)."""
+    model = trained.learner.model
+    if method == "maml":
+        cfg = trained.run.params
+        inner = Inner(model, False, cfg.inner_lr, cfg.eval_inner_steps, cfg.first_order)
+        return lambda ep: maml.text_logits(model, inner, ep)
+    return lambda ep: embedding_logits(embed_sentences(model, ep), ep)
+
+
 def train_and_test(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Train ProtoNet configuration ``name`` (``protonet-<K>shot``, 8-way); test it on each cell it serves."""
-    k = int(name.removeprefix("protonet-").removesuffix("shot"))
+    """Train configuration ``name`` (``<method>-<K>shot``, 8-way); test it on each cell it serves."""
+    method, shots = name.split("-")
+    k = int(shots.removesuffix("shot"))
     base = [
         f"task.ways={TRAIN_WAYS}",
         f"task.shots={k}",
         f"task.queries={QUERIES}",
         f"train.steps={STEPS[k]}",
     ]
-    trained = train(config_path(CONFIG), [*base, *run_overrides(args)], args.runs_dir / name)
-    model, run, root = trained.learner.model, trained.run, data_root()
+    trained = train(config_path(f"smlmt_{method}"), [*base, *run_overrides(args)], args.runs_dir / name)
+    run, root, scores = trained.run, data_root(), scorer(method, trained)
     out = []
     for cell in TRAININGS[name]:
         sampler = cell_sampler(run.task, cell, run.eval.seed, root)
-        est, digest = evaluate_cell(
-            lambda ep: text_episode_logits(model, ep),
-            sampler,
-            run.eval.episodes,
-            run.eval.batch,
-            trained.device,
-        )
+        est, digest = evaluate_cell(scores, sampler, run.eval.episodes, run.eval.batch, trained.device)
         test = {"test/acc": est.mean, "test/acc_ci95": est.ci95}
         out.append(
-            accuracy_record(BENCH, task_name(cell), "protonet", trained, test, label=f"{name} on {cell}",
+            accuracy_record(BENCH, task_name(cell), method, trained, test, label=f"{name} on {cell}",
                             training=name, train_ways=TRAIN_WAYS, **cell_fields(cell, sampler, digest))
         )  # fmt: skip
     return out
@@ -245,7 +258,7 @@ def train_and_test(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def baselines(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Bag-of-words and tf-idf nearest prototypes, and chance, on every cell's test episodes (no training)."""
-    run = load_run_config(config_path(CONFIG), run_overrides(args))
+    run = load_run_config(config_path("smlmt_protonet"), run_overrides(args))
     root = data_root()
     corpus = load_corpus(root)
     vocab_size = len(corpus.vocab)
@@ -336,7 +349,7 @@ def render_tasks(sampler: SMLMTSampler, vocab: Vocab, tasks: int, index: int = 0
 def show(args: argparse.Namespace) -> Path:
     """Write :func:`render_tasks` of ``--show`` tasks of the val words (cell :data:`SHOW_CELL`) to
     ``--show-out``."""
-    run = load_run_config(config_path(CONFIG), args.overrides)
+    run = load_run_config(config_path("smlmt_protonet"), args.overrides)
     root = data_root()
     sampler = cell_sampler(run.task, SHOW_CELL, run.eval.seed, root, part="val")
     n, k = parse_cell(SHOW_CELL)

@@ -83,7 +83,7 @@ ALGORITHMS = {
 RL_ALGORITHMS = frozenset({"dqn", "reinforce", "pearl", "rl2", "dream", "mbrl", "mt_mbrl", "sac", "maml_rl"})
 """Algorithms configured by an ``env`` section; the others by a ``task`` section."""
 SECTIONS = ("algo", "seed", "task", "env", "train", "eval")
-TEXT_ALGORITHMS = frozenset({"protonet"})
+TEXT_ALGORITHMS = frozenset({"protonet", "maml"})
 """Algorithms that take ``task.dataset: smlmt`` (text tasks, :class:`~metalab.data.text.TextTaskConfig`)."""
 DATASETS = ("omniglot", "sinusoid", "smlmt")
 CONFIG_NAME = "config.yaml"

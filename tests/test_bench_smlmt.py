@@ -47,12 +47,17 @@ def toy_episode() -> Episode:
     return Episode(torch.tensor([support]), y, torch.tensor([query]), y.clone(), 2, 2, 2)
 
 
-def test_the_grid_is_the_issues_and_each_cell_has_one_training(smlmt: ModuleType) -> None:
+def test_the_grid_is_the_issues_and_each_cell_has_one_training_per_method(smlmt: ModuleType) -> None:
     assert set(smlmt.CELLS) == {f"{n}w{k}s" for n in (4, 8) for k in (1, 4, 8)}
-    served = [cell for cells in smlmt.TRAININGS.values() for cell in cells]
-    assert sorted(served) == sorted(smlmt.CELLS)
-    for training, cells in smlmt.TRAININGS.items():  # protonet-<K>shot serves the K-shot cells
-        assert {f"protonet-{smlmt.parse_cell(cell)[1]}shot" for cell in cells} == {training}
+    assert smlmt.METHODS == ("protonet", "maml")
+    for method in smlmt.METHODS:
+        served = [
+            cell for name, cells in smlmt.TRAININGS.items() if name.startswith(f"{method}-") for cell in cells
+        ]
+        assert sorted(served) == sorted(smlmt.CELLS)
+    for training, cells in smlmt.TRAININGS.items():  # <method>-<K>shot serves the K-shot cells
+        method = training.split("-")[0]
+        assert {f"{method}-{smlmt.parse_cell(cell)[1]}shot" for cell in cells} == {training}
     assert smlmt.parse_cell("8w4s") == (8, 4) and smlmt.MIN_SENTENCES == 8 + smlmt.QUERIES
 
 

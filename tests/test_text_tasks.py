@@ -1,5 +1,5 @@
 """SMLMT text tasks (Bansal et al., EMNLP 2020): sentence reading, the masking rule, the word split, episodes,
-determinism, config errors, and a tiny ProtoNet run on them.
+determinism, config errors, tiny ProtoNet and MAML runs on them, and the MAML text head.
 
 Tests marked ``needs_text`` read WikiText-2 from the shared data folder and skip without it.
 """
@@ -14,6 +14,7 @@ import torch
 from conftest import DATA
 
 from metalab.data import text
+from metalab.data.episodes import Episode
 from metalab.data.text import (
     MASK_ID,
     MAX_TOKENS,
@@ -31,8 +32,12 @@ from metalab.data.text import (
 )
 from metalab.errors import ConfigError, DataError
 from metalab.experiment import algorithm, load_run_config, run_config_from_dict
-from metalab.meta.episodic import accuracy, cross_entropy
-from metalab.meta.protonet import text_episode_logits
+from metalab.meta import maml
+from metalab.meta.adapt import adapt
+from metalab.meta.episodic import accuracy, cross_entropy, embed_sentences
+from metalab.meta.gbml import Inner
+from metalab.meta.protonet import embedding_logits
+from metalab.models.text import SentenceEncoder
 from metalab.train.evaluate import part_seed
 
 TEXT = DATA / text.TEXT_DIR
@@ -45,15 +50,25 @@ EVAL_SEED = 1_000_003
 SPECIAL_IDS = (text.PAD_ID, text.MASK_ID, text.UNK_ID)
 
 
-def smlmt_run(**train: Any) -> dict[str, Any]:
+def smlmt_run(algo: str = "protonet", **train: Any) -> dict[str, Any]:
+    section = {"hidden": 32} | (
+        {"inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 2} if algo == "maml" else {}
+    )
     return {
-        "algo": "protonet",
+        "algo": algo,
         "seed": 0,
         "task": {"dataset": "smlmt", "ways": 4, "shots": 4, "queries": 4},
         "train": {"steps": 10, "meta_batch": 4, "lr": 0.003, "device": "cpu", **train},
         "eval": {"episodes": 8, "batch": 8},
-        "protonet": {"hidden": 32},
+        algo: section,
     }
+
+
+def text_scores(algo: str, encoder: torch.nn.Module, ep: Any) -> torch.Tensor:
+    """The query logits a learner of ``algo`` (as :func:`smlmt_run` configures it) evaluates with."""
+    if algo == "maml":
+        return maml.text_logits(encoder, Inner(encoder, False, 0.1, 2), ep)
+    return embedding_logits(embed_sentences(encoder, ep), ep)
 
 
 # ------------------------------------------------------------------------------------ without the data
@@ -170,15 +185,16 @@ def test_unknown_dataset_lists_smlmt_and_other_algorithms_are_refused() -> None:
     with pytest.raises(ConfigError, match="'smlmt'") as info:
         run_config_from_dict(data)
     assert info.value.key == "task.dataset"
-    data = {**smlmt_run(), "algo": "maml"}
+    data = {**smlmt_run(), "algo": "reptile"}
     del data["protonet"]
-    with pytest.raises(ConfigError, match="protonet") as info:
+    with pytest.raises(ConfigError, match="maml, protonet") as info:
         run_config_from_dict(data)
     assert info.value.key == "task.dataset"
 
 
-def test_the_config_file_loads() -> None:
-    run = load_run_config(Path(__file__).parents[1] / "configs" / "smlmt_protonet.yaml")
+@pytest.mark.parametrize("name", ["smlmt_protonet", "smlmt_maml"])
+def test_the_config_file_loads(name: str) -> None:
+    run = load_run_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     assert isinstance(run.task, TextTaskConfig) and run.label == "smlmt-4w4s"
     assert (run.task.ways, run.task.shots) == (4, 4)
 
@@ -304,18 +320,19 @@ def test_too_many_ways_for_the_words_names_the_key() -> None:
 
 
 @needs_text
-def test_tiny_protonet_run_learns_the_training_tasks() -> None:
+@pytest.mark.parametrize("algo", ["protonet", "maml"])
+def test_tiny_run_learns_the_training_tasks(algo: str) -> None:
     """100 steps of training lower the loss on fixed tasks of the training words (new to the learner), and
     the model then beats chance (1/4) on them."""
     torch.manual_seed(0)
-    run = run_config_from_dict(smlmt_run(meta_batch=8))
-    learner = algorithm("protonet").build(run, DATA, torch.device("cpu"))
+    run = run_config_from_dict(smlmt_run(algo, meta_batch=8))
+    learner = algorithm(algo).build(run, DATA, torch.device("cpu"))
     held = make_sampler(run.task, "train", 12345, DATA).sample(0, 64)  # another stream than training's
 
     def held_loss() -> float:
         learner.model.eval()
         with torch.no_grad():
-            scores = text_episode_logits(learner.model, held)
+            scores = text_scores(algo, learner.model, held)
         learner.model.train()
         return cross_entropy(scores, held).item()
 
@@ -330,9 +347,79 @@ def test_tiny_protonet_run_learns_the_training_tasks() -> None:
     assert after < before - 0.05, (before, after)
     learner.model.eval()
     with torch.no_grad():
-        acc = accuracy(text_episode_logits(learner.model, held), held).mean().item()
+        acc = accuracy(text_scores(algo, learner.model, held), held).mean().item()
     assert acc > 0.25 + 0.05, acc
     # the shared episodic evaluation, on the text samplers' fixed val episodes
     out = learner.evaluate("val", 4)
     assert set(out) == {"val/acc", "val/acc_ci95", "val/nll", "val/nll_ci95", "val/ece"}
     assert 0.0 <= out["val/acc"] <= 1.0 and out["val/nll"] > 0 and 0.0 <= out["val/ece"] <= 1.0
+
+
+# ------------------------------------------------------------------------- the MAML text head, no data
+
+
+def random_text_episode(tasks: int = 2, n: int = 4, k: int = 3, q: int = 2, seed: int = 0) -> Any:
+    """A batched episode of random token ids (no corpus), labels grouped by class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n)
+    return Episode(
+        torch.randint(3, 50, (tasks, n * k, 12), generator=g),
+        labels.repeat_interleave(k).expand(tasks, -1),
+        torch.randint(3, 50, (tasks, n * q, 12), generator=g),
+        labels.repeat_interleave(q).expand(tasks, -1),
+        n,
+        k,
+        q,
+    )
+
+
+def test_prototype_head_ranks_like_protonet() -> None:
+    """Before any inner step the MAML text head's softmax is ProtoNet's: 2 c.z - |c|^2 differs from -|z - c|^2
+    by |z|^2, the same for every class of a query."""
+    torch.manual_seed(0)
+    encoder = SentenceEncoder(50, 16).eval()
+    ep = random_text_episode()
+    with torch.no_grad():
+        head = maml.text_logits(encoder, Inner(encoder, False, 0.1, 0), ep)
+        proto = embedding_logits(embed_sentences(encoder, ep), ep)
+    torch.testing.assert_close(head.log_softmax(-1), proto.log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_maml_text_head_steps_lower_the_support_loss_and_never_read_query_labels() -> None:
+    torch.manual_seed(0)
+    encoder = SentenceEncoder(50, 16).eval()
+    ep = random_text_episode()
+    z = embed_sentences(encoder, ep).detach()
+    zs, ys = z[0, : ep.support_x.shape[1]], ep.support_y[0]
+    start = maml.prototype_head(zs, ys, ep.n_way)
+    adapted = adapt(start, maml.head_loss, (zs, ys), 5, 0.5)
+    assert maml.head_loss(adapted, zs, ys) < maml.head_loss(start, zs, ys)
+    inner = Inner(encoder, False, 0.5, 5)
+    shuffled = ep._replace(query_y=ep.query_y.flip(-1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            maml.text_logits(encoder, inner, ep), maml.text_logits(encoder, inner, shuffled)
+        )
+
+
+def test_maml_text_meta_gradient_matches_finite_differences() -> None:
+    """The outer gradient through two inner head steps (second order), for one encoder weight, against a
+    central difference in float64."""
+    torch.manual_seed(0)
+    encoder = SentenceEncoder(50, 8, layers=1, heads=2, dropout=0.0).double().eval()
+    ep = random_text_episode(tasks=1)
+    inner = Inner(encoder, False, 0.3, 2)
+    weight = encoder.norm.weight
+
+    def loss() -> torch.Tensor:
+        return cross_entropy(maml.text_logits(encoder, inner, ep), ep)
+
+    (grad,) = torch.autograd.grad(loss(), weight)
+    eps, i = 1e-6, 3
+    with torch.no_grad():
+        weight[i] += eps
+        up = loss().item()
+        weight[i] -= 2 * eps
+        down = loss().item()
+        weight[i] += eps
+    assert grad[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)

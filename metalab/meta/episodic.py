@@ -15,12 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.calibration import binned_calibration, log_likelihoods, top_label
+from metalab.config import require
+from metalab.data import text
 from metalab.data.episodes import Episode
 from metalab.data.tasks import EvalSamplers, make_sampler
 from metalab.experiment import RunConfig
 from metalab.models import set_batchnorm_mode
+from metalab.models.text import SentenceEncoder
 from metalab.train.distributed import shard
-from metalab.train.evaluate import evaluate_episode_columns
+from metalab.train.evaluate import PARTS, evaluate_episode_columns
 from metalab.train.loop import Learner
 
 ScoreFn = Callable[[Episode], torch.Tensor]
@@ -36,6 +39,27 @@ class Samplers(NamedTuple):
 
     train: Any
     evals: Mapping[str, Any]
+
+
+def text_parts(run: RunConfig, root: Path, width: int, key: str) -> tuple[SentenceEncoder, Samplers]:
+    """A sentence encoder of width ``width`` (the config field ``key``) over the SMLMT vocabulary, and the text
+    task samplers (:mod:`metalab.data.text`) of ``run``: what every learner on text tasks starts from."""
+    require(width % 4 == 0, key, f"text encoder width must be a multiple of 4, got {width}")
+    vocab = text.load_corpus(root).vocab
+    encoder = SentenceEncoder(len(vocab), width, max_tokens=text.MAX_TOKENS)
+    samplers = Samplers(
+        text.make_sampler(run.task, "train", run.seed, root),
+        {part: text.eval_sampler(run.task, part, run.eval.seed, root) for part in PARTS},  # fail early
+    )
+    return encoder, samplers
+
+
+def embed_sentences(encoder: nn.Module, ep: Episode) -> torch.Tensor:
+    """Embeddings ``(T, N*(K+Q), D)`` of a batched text episode's support then query token ids ``(T, N*K, L)``
+    and ``(T, N*Q, L)``: every sentence of every task through the encoder in one batch (it has no batch
+    statistics)."""
+    tokens = torch.cat([ep.support_x, ep.query_x], dim=1)  # (T, N*(K+Q), L)
+    return encoder(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
 
 
 def cross_entropy(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
@@ -81,7 +105,8 @@ def build_episodic(
 
     BatchNorm follows the algorithm's ``batchnorm`` field (:data:`~metalab.models.BatchNormMode`): inductive by
     default, as the ProtoNet and Matching code evaluate."""
-    set_batchnorm_mode(model, run.params.batchnorm)
+    # Learners without a batchnorm field (text encoders have no BatchNorm) leave the model as it is.
+    set_batchnorm_mode(model, getattr(run.params, "batchnorm", "inductive"))
     model.to(device, memory_format=torch.channels_last)  # see embed_tasks
     if samplers is None:
         samplers = Samplers(

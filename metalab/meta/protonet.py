@@ -20,7 +20,6 @@ evaluation are the same.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,14 +28,11 @@ from torch import nn
 from torch.func import vmap
 
 from metalab.config import MAX_FILTERS, MAX_UNITS, require, require_between
-from metalab.data import text
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import Samplers, build_episodic, cross_entropy, embed_tasks
+from metalab.meta.episodic import build_episodic, cross_entropy, embed_sentences, embed_tasks, text_parts
 from metalab.meta.metareg import Bottleneck, GaussianBottleneck
 from metalab.models import BatchNormMode, Conv4
-from metalab.models.text import SentenceEncoder
-from metalab.train.evaluate import PARTS
 from metalab.train.loop import Learner
 
 
@@ -119,33 +115,20 @@ def regularized_loss(model: BottleneckEncoder, beta: float, ep: Episode) -> tupl
     return cross_entropy(logits, ep) + beta * kl, logits
 
 
-def text_episode_logits(encoder: nn.Module, ep: Episode) -> torch.Tensor:
-    """Query logits ``(T, N*Q, N)`` of a batched episode of token ids ``(T, N*K, L)`` (text tasks). Every
-    sentence of every task goes through the encoder in one batch: it has no batch statistics."""
-    tokens = torch.cat([ep.support_x, ep.query_x], dim=1)  # (T, N*(K+Q), L)
-    z = encoder(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])  # (T, N*(K+Q), D)
-    return embedding_logits(z, ep)
-
-
 def build_text(run: RunConfig, root: Path, device: torch.device) -> Learner:
     """ProtoNet on SMLMT text tasks (:mod:`metalab.data.text`): a sentence encoder trained from scratch as the
     embedding; the training loss and the evaluation are :func:`~metalab.meta.episodic.build_episodic`'s, over the
     text samplers."""
     cfg: Config = run.params
     require(cfg.bottleneck == 0, "protonet.bottleneck", "the bottleneck is for images; text tasks need 0")
-    require(
-        cfg.hidden % 4 == 0,
-        "protonet.hidden",
-        f"text encoder width must be a multiple of 4, got {cfg.hidden}",
-    )
-    vocab = text.load_corpus(root).vocab
-    encoder = SentenceEncoder(len(vocab), cfg.hidden, max_tokens=text.MAX_TOKENS)
-    samplers = Samplers(
-        text.make_sampler(run.task, "train", run.seed, root),
-        {part: text.eval_sampler(run.task, part, run.eval.seed, root) for part in PARTS},  # fail early
-    )
+    encoder, samplers = text_parts(run, root, cfg.hidden, "protonet.hidden")
     return build_episodic(
-        run, root, device, encoder, partial(text_episode_logits, encoder), samplers=samplers
+        run,
+        root,
+        device,
+        encoder,
+        lambda ep: embedding_logits(embed_sentences(encoder, ep), ep),
+        samplers=samplers,
     )
 
 
