@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from metalab.cli import main
+from metalab.envs import CITYGRID5X5_OFFICIAL_ID
+from metalab.envs.citygrid import END_EPISODE
 from metalab.experiment import RunConfig, load_run_config
 from metalab.rl import dream, rl2
 from metalab.rl import meta_episodes as meta
@@ -299,13 +301,24 @@ def test_resume_is_exact(algo: str, collect_every: int, tmp_path: Path) -> None:
     assert logged(tmp_path / "run") == logged(tmp_path / "ref")
 
 
-@pytest.mark.parametrize("algo", ["rl2", "dream"])
-def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    config = REPO / "configs" / f"{algo}_citygrid5x5.yaml"
-    sets = [f"--set={s}" for s in [*TINY, f"{algo}.learning_starts=5", f"{algo}.hidden=16"]]
-    assert main(["train", str(config), "--runs-dir", str(tmp_path), *sets]) == 0
+@pytest.mark.parametrize(
+    ("algo", "config", "extra", "env_name"),
+    [
+        ("rl2", "rl2_citygrid5x5", [], "citygrid5x5"),
+        ("dream", "dream_citygrid5x5", [], "citygrid5x5"),
+        ("rl2", "rl2_citygrid5x5", [f"env.id={CITYGRID5X5_OFFICIAL_ID}"], "citygrid5x5official"),
+        # the paper's DREAM on the official actions
+        ("dream", "dream_paper_citygrid5x5", [], "citygrid5x5official"),
+    ],
+    ids=["rl2", "dream", "rl2-official", "dream-paper-official"],
+)
+def test_cli_smoke_run(
+    algo: str, config: str, extra: list[str], env_name: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sets = [f"--set={s}" for s in [*TINY, f"{algo}.learning_starts=5", f"{algo}.hidden=16", *extra]]
+    assert main(["train", str(REPO / "configs" / f"{config}.yaml"), "--runs-dir", str(tmp_path), *sets]) == 0
     (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name.startswith(f"{algo}-citygrid5x5-s0-")
+    assert run_dir.name.startswith(f"{algo}-{env_name}-s0-")
     result = json.loads((run_dir / "result.json").read_text())
     assert result["step"] == 30 and -3.0 <= result["test/return"] <= 0.7
     assert 0 <= result["test/beats_walking"] <= 1 and -3.0 <= result["test/heldout_return"] <= 0.7
@@ -316,6 +329,44 @@ def test_cli_smoke_run(algo: str, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert strip.height > 2 * 80 and strip.width > 80
     assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
     assert "test/return" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algo", ["rl2", "dream"])
+def test_official_actions_train_on_explorations_that_end_early(
+    algo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CityGrid with the official actions: the networks size themselves from its 9 actions, and explorations
+    that end before the horizon (end_episode, the hidden goal) are stored and learned from."""
+    module = rl2 if algo == "rl2" else dream
+    played: list[meta.MetaEpisode] = []
+    real = module.play_meta_episode
+
+    def recorded(*args: object) -> meta.MetaEpisode:
+        played.append(real(*args))  # type: ignore[arg-type]
+        return played[-1]
+
+    monkeypatch.setattr(module, "play_meta_episode", recorded)
+    learner = make(tiny(algo, "train.steps=12", f"env.id={CITYGRID5X5_OFFICIAL_ID}"))
+    for s in range(9):
+        loss, _ = learner.loss(s)
+    assert loss is not None and torch.isfinite(loss)
+    loss.backward()
+    short = [e.explore for e in played if len(e.explore) < 10]
+    assert short and all(steps[-1].terminated for steps in short)
+    assert any(steps[-1].action == END_EPISODE for steps in short)
+    q_net = learner.model if algo == "rl2" else learner.model.explorer  # type: ignore[union-attr]
+    assert q_net(torch.zeros(1, 1, meta.history_dim(7, 9)))[0].shape == (1, 1, 9)  # type: ignore[operator]
+
+
+def test_dream_explorer_pays_the_step_cost_only_for_the_steps_it_takes() -> None:
+    """An exploration ended by end_episode after 3 of 10 steps pays 3 step costs, as in the official relabelled
+    reward: the padding after its end earns nothing, so stopping early saves the remaining costs."""
+    explore = [step(0.0, 1, 0.0), step(0.1, 5, 0.0), step(0.2, END_EPISODE, 0.0, terminated=True)]
+    row = meta.steps_to_sequence([explore], 9, task=0, length=10)
+    assert row.terminal[0].tolist() == [False, False, True] + [False] * 7
+    no_gain = torch.zeros(1, 11, 2)  # the decoder's predictions never move: only the step cost is left
+    reward = dream.information_gain_rewards(no_gain, torch.zeros(1, 2), 0.1) * torch.from_numpy(row.mask)
+    torch.testing.assert_close(reward.sum(), torch.tensor(-0.3))
 
 
 def test_evaluate_meta_cycles_the_problems_of_each_part(monkeypatch: pytest.MonkeyPatch) -> None:

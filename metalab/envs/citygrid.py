@@ -9,9 +9,18 @@ expensive.
 
 A meta-episode is two resets of one environment on the same problem::
 
-    obs, info = env.reset(options={"problem": p, "explore": True})  # exploration: reward 0, no goal
-    ...                                                               # (step until truncated)
+    obs, info = env.reset(options={"problem": p, "explore": True})  # exploration: reward 0, no goal observed
+    ...                                                               # (step until the episode ends)
     obs, info = env.reset(options={"problem": p})                    # exploitation: goal drawn, scored
+
+Two action sets (``CityGrid(actions=...)``), each registered for both sizes:
+
+- ``"six"``: ``metalab/CityGrid-v0`` (9x9), ``metalab/CityGrid5x5-v0`` and
+  ``metalab/CityGrid5x5NoDistractors-v0`` (5x5). Six actions, every exploration episode lasts its full horizon.
+  The committed benchmark records were made with these ids; their behaviour does not change.
+- ``"official"``: ``metalab/CityGridOfficial-v0`` (9x9) and ``metalab/CityGrid5x5Official-v0`` (5x5). The nine
+  actions of the official code, ``end_episode`` among them, and its episode ends: an exploration episode also
+  terminates on ``end_episode`` and when the agent steps on a hidden goal (details below).
 
 Problem ids match ``env_id`` of ``DistractionGridEnv`` in the official code (github.com/ezliu/dream,
 ``envs/city.py``): the useful buses follow permutation ``p % 24`` and the distracting ones permutation
@@ -41,19 +50,49 @@ Choices and their sources (official code = ezliu/dream ``envs/city.py``, ``envs/
   In the 9x9 geometry, *known* distracting buses alone give 0.4 (stop 2 steps away, ride to an edge midpoint,
   4 steps to the corner: 7 steps); we keep the paper's geometry and note this rather than change it.
 - The goal is not part of the problem: it is drawn anew (uniformly among the 4 corners, order (0, 0),
-  (size-1, size-1), (0, size-1), (size-1, 0) as in the official code) for every exploitation episode, and it is
-  observed (official: "instructions"). Exploration episodes have no goal (official: sentinel instructions,
-  ``first_episode_no_instruction``), reward 0 and no termination; they end by truncation.
-- Actions: ``left, up, right, down, noop, ride`` = 0..5, the official numbering of its first six actions.
-  Moves leaving the grid are clamped (official). ``ride`` on a cell without a bus does nothing but still costs
-  the step. Left out: ``pickup`` and ``drop`` (cooking env only) and ``end_episode``, whose penalty (the rest of
-  the episode's step penalties) makes it worth exactly as much as waiting, so optimal returns do not change.
+  (size-1, size-1), (0, size-1), (size-1, 0) as in the official ``InstructionWrapper._generate_instructions``)
+  for every episode, and it is observed in exploitation episodes (official: "instructions"). Exploration
+  episodes earn reward 0 here: only the exploitation episode is scored, and official DREAM never trains on the
+  env's exploration reward either (``dqn.py`` relabels every exploration reward with the decoder's information
+  gain minus a step cost, ``TrajectoryEmbedder.label_rewards`` in ``embed.py``). How an exploration episode
+  ends is what the two action sets differ in:
+
+  - ``"six"``: no goal and no termination; the episode ends by truncation after 20 (5x5: 10) steps.
+  - ``"official"``, as the official ``main.py`` runs it: the exploration episode is wrapped in the same
+    ``InstructionWrapper`` as exploitation (``first_episode_no_instruction``, which would give it a sentinel
+    goal and no rewards, exists in ``meta_exploration.py`` but ``main.py`` never sets it), so it has a goal of
+    its own, drawn like an exploitation goal (official: ``RandomState(max(0, step - 1))``, here the env's seeded
+    RNG, or ``reset(options={"explore": True, "goal": g})``). The explorer does not observe it (the official
+    explorer's embedder in ``configs/default.json`` embeds no instructions; here the goal one-hot stays zero),
+    but the episode terminates when the agent steps on it (``InstructionWrapper._reward`` returns done), on
+    ``end_episode`` (``GridEnv._step`` returns done), or by truncation after 20 steps (on 5x5, where the useful
+    buses go to the corners, a ride onto the hidden goal ends it too). Reaching the hidden goal is not a
+    success (``info["is_success"]`` stays False while exploring). ``info["goal_reward"]`` carries what the
+    official wrapper pays for each step of either episode kind (-0.1, +1 on the goal, the ``end_episode`` charge
+    below): official DREAM discards it in exploration; the official RL² (``main_varibad.py``,
+    ``first_episode_no_optimization``) observes it and the exploration goal as inputs, which metalab's RL²
+    does not.
+- Actions (official ``Action`` in ``envs/grid.py``): ``left, up, right, down, noop, ride_bus, end_episode,
+  pickup, drop`` = 0..8. ``"six"`` keeps the first six, same numbering; ``"official"`` has all nine. Moves
+  leaving the grid are clamped (official). ``ride`` on a cell without a bus does nothing but still costs the
+  step. ``pickup`` and ``drop`` act only on an inventory that the city never observes (``Bus`` holds nothing:
+  ``GridObject.pickup`` returns None, ``GridObject.drop`` succeeds and empties the inventory), so in the city
+  they are no-ops that cost a step. ``end_episode`` terminates the episode where the agent stands
+  (``GridEnv._step``), and ``InstructionWrapper._reward`` (``envs/city.py``) charges the step's -0.1 plus 0.1
+  for every step left (``steps_remaining``): -0.1 * (1 + 20 - t) at step t, exactly what waiting until the
+  truncation would cost, so in exploitation it changes no return and no optimum. In exploration it is what
+  makes the step cost real: DREAM's explorer pays its step cost only for the steps it takes (the relabelled
+  reward is masked after the episode's end) and never sees the env's charge, so stopping saves the cost of the
+  remaining steps, and a distracting ride must pay for itself. With six actions every exploration lasts the
+  full horizon, the step cost is a constant shift of the explorer's return and cannot change its greedy
+  policy. On 5x5 the charge uses the 5x5 step penalty, 0.3 per step (our extension).
 - Observation (float32 vector of 7): ``x, y`` (official: coordinates, not a one-hot), ``on_bus`` (1 on any cell
-  with a bus; official "status"), then the goal corner one-hot (4), all zero in exploration episodes. The
-  official code observes goal coordinates with (0, 0) as the exploration sentinel, which collides with the
-  corner (0, 0); the one-hot avoids that. The problem id is not observed; it is privileged information in
-  ``env.unwrapped.problem`` and ``info["problem"]`` (official: ``env_id`` in every state), for algorithms such as
-  DREAM that use it during meta-training.
+  with a bus; official "status"), then the goal corner one-hot (4), all zero in exploration episodes (with
+  ``"official"`` the exploration goal exists but is hidden). The official code observes the goal as
+  coordinates; the one-hot of its corner carries the same information and leaves no coordinate for "no goal"
+  to collide with (the official sentinel would be (0, 0), a corner). The problem id is not observed; it is
+  privileged information in ``env.unwrapped.problem`` and ``info["problem"]`` (official: ``env_id`` in every
+  state), for algorithms such as DREAM that use it during meta-training.
 - Coordinates are ``(x, y)`` with ``up`` increasing ``y`` (official); renders draw ``y`` upwards.
 - ``distractors=False`` (registered as ``metalab/CityGrid5x5NoDistractors-v0``) drops the distracting buses:
   the CS224R 5x5 problem, kept as a diagnostic of the meta-RL algorithms on the problem its 0.7 optimum comes
@@ -77,6 +116,8 @@ from metalab.envs.tasks import check_options
 CITYGRID_ID = "metalab/CityGrid-v0"
 CITYGRID5X5_ID = "metalab/CityGrid5x5-v0"
 CITYGRID5X5_PLAIN_ID = "metalab/CityGrid5x5NoDistractors-v0"
+CITYGRID_OFFICIAL_ID = "metalab/CityGridOfficial-v0"
+CITYGRID5X5_OFFICIAL_ID = "metalab/CityGrid5x5Official-v0"
 
 Cell = tuple[int, int]
 """A grid cell ``(x, y)``; ``x`` grows to the right, ``y`` upwards (``up`` adds 1 to ``y``)."""
@@ -87,8 +128,12 @@ N_VAL, VAL_EVERY = 100, 5
 """The val problems: every 5th held-out id, 100 of them."""
 
 ACTIONS = ("left", "up", "right", "down", "noop", "ride")
-"""Action names by index (the official code's first six actions, same numbering)."""
-LEFT, UP, RIGHT, DOWN, NOOP, RIDE = range(6)
+"""Action names by index of the ``"six"`` action set (the official code's first six actions, same numbering)."""
+OFFICIAL_ACTIONS = (*ACTIONS, "end_episode", "pickup", "drop")
+"""Action names by index of the ``"official"`` action set (official ``Action`` in ``envs/grid.py``)."""
+LEFT, UP, RIGHT, DOWN, NOOP, RIDE, END_EPISODE, PICKUP, DROP = range(9)
+ActionSet = Literal["six", "official"]
+ACTION_SETS: dict[str, tuple[str, ...]] = {"six": ACTIONS, "official": OFFICIAL_ACTIONS}
 MOVES: dict[int, Cell] = {LEFT: (-1, 0), UP: (0, 1), RIGHT: (1, 0), DOWN: (0, -1)}
 """``(dx, dy)`` of the four move actions."""
 
@@ -211,30 +256,46 @@ class CityGrid(gym.Env):
 
     ``reset(options=...)`` keys: ``problem`` (int in [0, 576); default: drawn from ``split``), ``split``
     (``"train"`` or ``"test"``, where a drawn problem comes from; default ``"train"``), ``explore`` (bool:
-    an exploration episode, reward 0 and no goal; default False) and ``goal`` (corner index 0-3 of an
-    exploitation episode; default: drawn uniformly). ``distractors=False``: no distracting buses.
+    an exploration episode, reward 0 and no observed goal; default False) and ``goal`` (corner index 0-3 of an
+    exploitation episode, or with ``actions="official"`` the hidden goal of an exploration episode; default:
+    drawn uniformly). ``distractors=False``: no distracting buses. ``actions``: ``"six"`` (the first six official
+    actions; exploration ends by truncation only) or ``"official"`` (all nine, ``end_episode`` among them; an
+    exploration episode also ends on ``end_episode`` and on its hidden goal); see the module docstring.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 4}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({"problem", "split", "explore", "goal"})
 
-    def __init__(self, size: int = 9, render_mode: str | None = None, distractors: bool = True):
+    def __init__(
+        self,
+        size: int = 9,
+        render_mode: str | None = None,
+        distractors: bool = True,
+        actions: ActionSet = "six",
+    ):
         if size not in LAYOUTS:
             raise ValueError(f"CityGrid size must be one of {sorted(LAYOUTS)}, got {size!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"CityGrid renders only as 'rgb_array', got render_mode={render_mode!r}")
+        if actions not in ACTION_SETS:
+            raise ValueError(f"CityGrid actions must be one of {', '.join(ACTION_SETS)}, got {actions!r}")
         self.layout = LAYOUTS[size]
         self.distractors = bool(distractors)
+        self.actions: ActionSet = actions
+        """The action set: ``"six"`` or ``"official"``."""
+        self.action_names = ACTION_SETS[actions]
+        """Action names by index."""
         self.render_mode = render_mode
         high = np.array([size - 1, size - 1, 1, 1, 1, 1, 1], dtype=np.float32)
         self.observation_space = spaces.Box(np.zeros(OBS_DIM, dtype=np.float32), high, dtype=np.float32)
-        self.action_space = spaces.Discrete(len(ACTIONS))
+        self.action_space = spaces.Discrete(len(self.action_names))
         self.problem = 0
         """The hidden problem of the current episode (privileged: not in the observation)."""
         self.explore = False
-        """Whether the current episode is an exploration episode (reward 0, no goal)."""
+        """Whether the current episode is an exploration episode (reward 0, no observed goal)."""
         self.goal: int | None = None
-        """Goal corner index of the current exploitation episode (None while exploring)."""
+        """Goal corner index of the current episode: the observed goal of an exploitation episode, the hidden one
+        of an exploration episode with ``actions="official"``; None while exploring with ``"six"``."""
         self._routes = bus_routes(self.layout, 0)
         self._pos = self.layout.start
         self._steps = 0
@@ -268,12 +329,15 @@ class CityGrid(gym.Env):
         obs = np.zeros(OBS_DIM, dtype=np.float32)  # (7,)
         obs[0], obs[1] = self._pos
         obs[2] = float(self._pos in self._routes)
-        if self.goal is not None:
+        if self.goal is not None and not self.explore:  # an exploration goal (official actions) stays hidden
             obs[3 + self.goal] = 1.0
         return obs
 
-    def _info(self, success: bool = False) -> dict[str, Any]:
-        return {"problem": self.problem, "explore": self.explore, "is_success": success}
+    def _info(self, success: bool = False, goal_reward: float = 0.0) -> dict[str, Any]:
+        info = {"problem": self.problem, "explore": self.explore, "is_success": success}
+        if self.actions == "official":
+            info["goal_reward"] = goal_reward
+        return info
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -288,25 +352,30 @@ class CityGrid(gym.Env):
             pool = problems(options.get("split", "train"))
             self.problem = pool[int(self.np_random.integers(len(pool)))]
         self.explore = bool(options.get("explore", False))
-        if self.explore:
-            if options.get("goal") is not None:
-                raise ValueError("an exploration episode has no goal: drop the 'goal' option or 'explore'")
-            self.goal = None
-        elif options.get("goal") is not None:
-            goal = operator.index(options["goal"])
-            if not 0 <= goal < len(self.layout.goals):
-                raise ValueError(f"goal must be a corner index in [0, 4), got {options['goal']!r}")
-            self.goal = goal
-        else:
-            self.goal = int(self.np_random.integers(len(self.layout.goals)))
+        self.goal = self._episode_goal(options.get("goal"))
         self._routes = bus_routes(self.layout, self.problem, self.distractors)
         self._pos = self.layout.start
         self._steps = 0
         return self._obs(), self._info()
 
+    def _episode_goal(self, goal: Any) -> int | None:
+        """The goal corner of a new episode: ``goal`` (the reset option, validated) or one drawn uniformly; an
+        exploration episode has none with the six actions and a hidden one with the official actions."""
+        if self.explore and self.actions == "six":
+            if goal is not None:
+                raise ValueError("an exploration episode has no goal: drop the 'goal' option or 'explore'")
+            return None
+        if goal is None:
+            return int(self.np_random.integers(len(self.layout.goals)))
+        index = operator.index(goal)
+        if not 0 <= index < len(self.layout.goals):
+            raise ValueError(f"goal must be a corner index in [0, 4), got {goal!r}")
+        return index
+
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not one of 0..5 = {', '.join(ACTIONS)}")
+            names = ", ".join(self.action_names)
+            raise ValueError(f"action {action!r} is not one of 0..{len(self.action_names) - 1} = {names}")
         action = int(action)
         x, y = self._pos
         if action in MOVES:
@@ -315,14 +384,22 @@ class CityGrid(gym.Env):
             self._pos = (min(max(x + dx, 0), last), min(max(y + dy, 0), last))  # walls clamp (official)
         elif action == RIDE:
             self._pos = self._routes.get(self._pos, self._pos)  # no bus here: stay
+        # NOOP, PICKUP, DROP: nothing observable changes (official: the city's buses hold no item)
         self._steps += 1
-        success = not self.explore and self._pos == self.layout.goals[self.goal]  # type: ignore[index]
-        if self.explore:
-            reward = 0.0
+        reached = self.goal is not None and self._pos == self.layout.goals[self.goal]
+        ended = action == END_EPISODE  # official GridEnv._step: done, where the agent stands
+        penalty = self.layout.step_penalty
+        if reached:
+            goal_reward = 1.0
+        elif ended:  # official InstructionWrapper._reward: this step's penalty and every remaining step's
+            goal_reward = -penalty - (self.layout.max_steps - self._steps) * penalty
         else:
-            reward = 1.0 if success else -self.layout.step_penalty
-        truncated = not success and self._steps >= self.layout.max_steps
-        return self._obs(), reward, success, truncated, self._info(success)
+            goal_reward = -penalty
+        success = reached and not self.explore
+        reward = 0.0 if self.explore else goal_reward
+        terminated = reached or ended
+        truncated = not terminated and self._steps >= self.layout.max_steps
+        return self._obs(), reward, terminated, truncated, self._info(success, goal_reward)
 
     def render(self) -> np.ndarray | None:
         """``(size*16, size*16, 3)`` uint8: goal green, bus stops filled, destinations framed, agent red."""
