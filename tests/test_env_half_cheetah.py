@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from metalab.envs import HALF_CHEETAH_DIR_ID, HALF_CHEETAH_VEL_ID
-from metalab.envs.half_cheetah import CTRL_COST, GOAL_VELOCITIES, HORIZON, HalfCheetahTasks, tasks
+from metalab.envs import HALF_CHEETAH_DIR_ID, HALF_CHEETAH_VEL_ID, HALF_CHEETAH_VEL_PEARL_ID
+from metalab.envs.half_cheetah import (
+    CTRL_COST,
+    GOAL_VELOCITIES,
+    HORIZON,
+    PEARL_GOAL_VELOCITIES,
+    HalfCheetahTasks,
+    _pearl_goal_velocities,
+    tasks,
+)
 
 pytest.importorskip("mujoco")
 
@@ -75,3 +83,38 @@ def test_horizon_seeding_and_options() -> None:
         env.reset(options={"task": 2})
     with pytest.raises(ValueError, match="family"):
         HalfCheetahTasks("sideways")  # type: ignore[arg-type]
+
+
+def test_pearl_velocity_tasks_are_the_official_ones_with_the_official_split() -> None:
+    # oyster rlkit/envs/half_cheetah_vel.py: np.random.seed(1337); np.random.uniform(0.0, 3.0, size=(130,))
+    saved = np.random.get_state()  # the official code seeds numpy's global generator; leave it as it was
+    try:
+        np.random.seed(1337)
+        official = np.random.uniform(0.0, 3.0, size=(130,))
+    finally:
+        np.random.set_state(saved)
+    np.testing.assert_array_equal(PEARL_GOAL_VELOCITIES[:130], official)
+    # launch_experiment.py: tasks[:n_train_tasks] (100) and tasks[-n_eval_tasks:] (30); val: metalab's own 30
+    train, test, val = (tasks("pearl_velocity", s) for s in ("train", "test", "val"))
+    assert (train, test, val) == (list(range(100)), list(range(100, 130)), list(range(130, 160)))
+    assert not (set(train) & set(test) or set(train) & set(val) or set(test) & set(val))
+    assert not set(PEARL_GOAL_VELOCITIES[val]) & set(official)  # val goals are no official goal
+    np.testing.assert_array_equal(_pearl_goal_velocities(), PEARL_GOAL_VELOCITIES)  # deterministic
+    assert 0.0 <= PEARL_GOAL_VELOCITIES.min() and PEARL_GOAL_VELOCITIES.max() < 3.0
+    assert GOAL_VELOCITIES.max() <= 2.0 and len(GOAL_VELOCITIES) == 1200  # MAML's family is untouched
+
+
+def test_pearl_velocity_env_passes_the_checker_with_the_official_observation_and_reward() -> None:
+    check_env(HalfCheetahTasks("pearl_velocity"), skip_render_check=True)
+    env = gym.make(HALF_CHEETAH_VEL_PEARL_ID).unwrapped
+    assert env.family == "pearl_velocity" and env.tasks("test") == list(range(100, 130))
+    obs, info = env.reset(seed=0, options={"task": 100})
+    assert obs.shape == (20,) and obs.dtype == np.float32 and info["task"] == 100
+    # oyster's _get_obs: qpos[1:], qvel, then the torso's centre of mass
+    np.testing.assert_allclose(obs[17:], env._env.get_body_com("torso"), rtol=1e-6)
+    obs, reward, terminated, truncated, info = env.step(np.full(6, 0.5, np.float32))
+    assert reward == pytest.approx(
+        -abs(info["x_velocity"] - PEARL_GOAL_VELOCITIES[100]) - CTRL_COST * 6 * 0.25
+    )
+    assert not terminated and not truncated and obs.shape == (20,)
+    assert HalfCheetahTasks("velocity").observation_space.shape == (17,)  # MAML's keeps gymnasium's

@@ -7,6 +7,18 @@ gymnasium's MuJoCo ``HalfCheetah-v5`` (the ``mujoco`` extra: ``pip install -e ".
 - ``metalab/HalfCheetahVel-v0``, goal velocity: the reward is ``-|v - goal| - 0.05 |a|^2`` for a goal velocity
   drawn once from ``np.random.default_rng(2017)``, uniform in [0, 2] (the paper's range; its code's
   ``half_cheetah_env_rand.py`` draws from [0.1, 0.8]): tasks 0-999 train, 1000-1099 val, 1100-1199 test.
+- ``metalab/HalfCheetahVelPEARL-v0``, PEARL's goal velocity (Rakelly et al., ICML 2019, "Half-Cheetah-Vel"), the
+  task set of its code (github.com/katerakelly/oyster, ``rlkit/envs/half_cheetah_vel.py`` with
+  ``configs/cheetah-vel.json``): 130 goal velocities drawn by ``np.random.seed(1337)`` then
+  ``np.random.uniform(0.0, 3.0, 130)`` (reproduced exactly by ``np.random.RandomState(1337)``; that file's
+  docstring says [0, 2], its code draws from [0, 3]); tasks 0-99 train and 100-129 test, as
+  ``launch_experiment.py``'s ``tasks[:n_train_tasks]`` and ``tasks[-n_eval_tasks:]`` with 100 and 30. Tasks
+  130-159 are metalab's val goals, 30 more velocities from ``np.random.RandomState(2019)`` on [0, 3], for learning
+  curves and choices made without the test goals (the official code has no val tasks). The reward is the same
+  ``-|v - goal| - 0.05 |a|^2`` and episodes the same 200 steps (oyster's default ``max_path_length``); the
+  observation is the official code's 20-d one (``rlkit/envs/half_cheetah.py``: gymnasium's 17 values, then the
+  torso's centre of mass, x, y, z). The official env is gym's mujoco-py ``HalfCheetah-v2``; this one steps
+  gymnasium's ``HalfCheetah-v5`` (the same model, frame skip 5 and reset noise 0.1).
 
 Choices and their sources (the paper's code = github.com/cbfinn/maml_rl, ``rllab/envs/mujoco/
 half_cheetah_env_rand_direc.py`` and ``half_cheetah_env_rand.py``):
@@ -32,8 +44,10 @@ from metalab.envs.tasks import check_action, check_options, choose_task
 
 HALF_CHEETAH_DIR_ID = "metalab/HalfCheetahDir-v0"
 HALF_CHEETAH_VEL_ID = "metalab/HalfCheetahVel-v0"
+HALF_CHEETAH_VEL_PEARL_ID = "metalab/HalfCheetahVelPEARL-v0"
 
-Family = Literal["direction", "velocity"]
+Family = Literal["direction", "velocity", "pearl_velocity"]
+FAMILIES = ("direction", "velocity", "pearl_velocity")
 Split = Literal["train", "val", "test"]
 
 HORIZON = 200
@@ -57,21 +71,43 @@ GOAL_VELOCITIES = _goal_velocities()
 DIRECTIONS = np.array([1.0, -1.0])
 """Task 0 forward, task 1 backward."""
 
+PEARL_N_TRAIN, PEARL_N_TEST, PEARL_N_VAL = 100, 30, 30
+PEARL_MAX_GOAL_VELOCITY = 3.0
+
+
+def _pearl_goal_velocities() -> np.ndarray:
+    # np.random.seed(1337); np.random.uniform(...) in the official code: the legacy generator draws the same.
+    official = np.random.RandomState(1337).uniform(0.0, PEARL_MAX_GOAL_VELOCITY, PEARL_N_TRAIN + PEARL_N_TEST)
+    val = np.random.RandomState(2019).uniform(0.0, PEARL_MAX_GOAL_VELOCITY, PEARL_N_VAL)
+    goals = np.concatenate([official, val])
+    goals.setflags(write=False)
+    return goals
+
+
+PEARL_GOAL_VELOCITIES = _pearl_goal_velocities()
+"""``(160,)`` goal velocity of each PEARL task: the official code's 130 (train 0-99, test 100-129), then metalab's
+val goals 130-159."""
+
 
 def tasks(family: Family, split: Split) -> list[int]:
     """Task ids of ``split`` in ``family``: both directions in every split; goal velocities 0-999 (train),
-    1000-1099 (val), 1100-1199 (test)."""
+    1000-1099 (val), 1100-1199 (test); PEARL's goal velocities 0-99 (train), 100-129 (test), 130-159 (val)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if family == "direction":
         return [0, 1]
+    if family == "pearl_velocity":
+        first, size = {"train": (0, PEARL_N_TRAIN), "test": (PEARL_N_TRAIN, PEARL_N_TEST),
+                       "val": (PEARL_N_TRAIN + PEARL_N_TEST, PEARL_N_VAL)}[split]  # fmt: skip
+        return list(range(first, first + size))
     first = {"train": 0, "val": N_TRAIN_GOALS, "test": N_TRAIN_GOALS + N_VAL_GOALS}[split]
     size = {"train": N_TRAIN_GOALS, "val": N_VAL_GOALS, "test": N_TEST_GOALS}[split]
     return list(range(first, first + size))
 
 
 class HalfCheetahTasks(gym.Env):
-    """MAML's half-cheetah task family ``family`` (``"direction"`` or ``"velocity"``) over ``HalfCheetah-v5``.
+    """A half-cheetah task family over ``HalfCheetah-v5``: MAML's ``"direction"`` or ``"velocity"``, or PEARL's
+    ``"pearl_velocity"`` (20-d observations: the torso's centre of mass appended).
 
     ``reset(options=...)`` keys: ``task`` (default: drawn from ``split``) and ``split`` (default ``"train"``).
     """
@@ -80,13 +116,15 @@ class HalfCheetahTasks(gym.Env):
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task", "split"})
 
     def __init__(self, family: Family = "direction", max_steps: int = HORIZON):
-        if family not in ("direction", "velocity"):
-            raise ValueError(f"family must be 'direction' or 'velocity', got {family!r}")
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
         if max_steps < 1:
             raise ValueError(f"HalfCheetahTasks needs max_steps >= 1, got {max_steps}")
         self.family, self.max_steps = family, max_steps
         self._env = gym.make("HalfCheetah-v5").unwrapped  # our own time limit; MuJoCo is imported here
-        self.observation_space = spaces.Box(-np.inf, np.inf, self._env.observation_space.shape, np.float32)
+        extra = 3 if family == "pearl_velocity" else 0  # the torso's centre of mass (the official PEARL code)
+        shape = (self._env.observation_space.shape[0] + extra,)
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
         self.action_space = self._env.action_space
         self.task = 0
         """The hidden task of the current episode (privileged: not in the observation)."""
@@ -101,21 +139,30 @@ class HalfCheetahTasks(gym.Env):
         ctrl = CTRL_COST * float(np.square(np.clip(action, -1.0, 1.0)).sum())
         if self.family == "direction":
             return float(DIRECTIONS[self.task]) * x_velocity - ctrl
-        return -abs(x_velocity - float(GOAL_VELOCITIES[self.task])) - ctrl
+        return -abs(x_velocity - float(self.goals()[self.task])) - ctrl
+
+    def goals(self) -> np.ndarray:
+        """Goal velocity of every task id (velocity families only)."""
+        return PEARL_GOAL_VELOCITIES if self.family == "pearl_velocity" else GOAL_VELOCITIES
+
+    def _obs(self, obs: np.ndarray) -> np.ndarray:
+        if self.family == "pearl_velocity":
+            obs = np.concatenate([obs, self._env.get_body_com("torso")])
+        return obs.astype(np.float32)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         options = check_options(options, self._OPTIONS)
-        n_tasks = len(DIRECTIONS) if self.family == "direction" else len(GOAL_VELOCITIES)
+        n_tasks = len(DIRECTIONS) if self.family == "direction" else len(self.goals())
         self.task = choose_task(options, n_tasks, self.tasks, self.np_random)
         inner_seed = int(
             self.np_random.integers(2**31)
         )  # the MuJoCo env's initial-state noise, from our seed
         obs, _ = self._env.reset(seed=inner_seed)
         self._steps = 0
-        return obs.astype(np.float32), {"task": self.task}
+        return self._obs(obs), {"task": self.task}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         a = check_action(action, self.action_space.shape[0])
@@ -123,4 +170,4 @@ class HalfCheetahTasks(gym.Env):
         self._steps += 1
         velocity = float(info["x_velocity"])
         out = {"task": self.task, "x_velocity": velocity, "x_position": float(info["x_position"])}
-        return obs.astype(np.float32), self.reward(velocity, a), False, self._steps >= self.max_steps, out
+        return self._obs(obs), self.reward(velocity, a), False, self._steps >= self.max_steps, out

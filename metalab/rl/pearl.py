@@ -31,6 +31,15 @@ training nor test goals; see :mod:`metalab.envs.point_robot`): a trial is
 the env's ``info["is_success"]`` at the episode's last step (the point robot: the final position is within 0.2
 of the goal); envs that do not report it get no success metrics.
 
+The official code's evaluation (with ``oyster_num_evals > 0``; :func:`oyster_runs`, :func:`oyster_metrics`):
+``oyster_num_evals`` runs on *every* task of the part, each collecting whole trajectories until it holds
+``oyster_steps_per_eval`` transitions, ``z`` drawn anew per trajectory, from the prior for the first
+``oyster_exp_traj`` and afterwards from the posterior of the run's transitions so far. Its logged metric,
+``AverageReturn_all_test_tasks``, is ``<part>/oyster_return``: the return of each run's last trajectory, averaged
+over runs and tasks. It differs from the trial metrics above only in what is counted and averaged; the sparse
+point robot's official values (20 trajectories, the first 5 with the prior, 2 runs on each of the 20 test goals)
+are in ``configs/pearl_point_robot*.yaml``.
+
 Choices and their sources (official code = github.com/katerakelly/oyster; ``configs/default.py`` are this
 module's defaults, ``configs/sparse-point-robot.json`` the point robot's ``configs/pearl_point_robot.yaml``):
 
@@ -147,6 +156,16 @@ class Config:
     """Evaluation: episodes of a trial with ``z`` from the prior before the posterior is used."""
     eval_adapt_episodes: int = 2
     """Evaluation: episodes of a trial after the first one (metrics ``<part>/*_after1`` ... ``_after{this}``)."""
+    oyster_num_evals: int = 0
+    """Official-code evaluation (:func:`oyster_runs`): independent runs on every task of the evaluated part
+    (official ``num_evals``: 2 in ``configs/default.py``, 1 for cheetah-vel); 0: no ``<part>/oyster_*`` metrics."""
+    oyster_exp_traj: int = 1
+    """Official-code evaluation: trajectories of a run with ``z`` from the prior before the posterior is used
+    (official ``num_exp_traj_eval``: 1 by default, 5 for the sparse point robot, 2 for cheetah-vel)."""
+    oyster_steps_per_eval: int = 600
+    """Official-code evaluation: a run collects whole trajectories until it holds at least this many transitions
+    (official ``num_steps_per_eval``: 600 by default, 3 trajectories of 200 steps; 400 for the sparse point
+    robot, 20 trajectories of 20 steps)."""
     sac: sac.AgentConfig = field(default_factory=sac.AgentConfig)
     """The soft actor-critic (``sac.hidden`` are the widths of the policy and of each critic)."""
 
@@ -166,6 +185,9 @@ class Config:
                 "prior_steps + posterior_steps must be >= 1: a collected task needs encoder data")  # fmt: skip
         require_between(self.eval_prior_episodes, "eval_prior_episodes", 1, MAX_TRIAL_EPISODES)
         require_between(self.eval_adapt_episodes, "eval_adapt_episodes", 0, MAX_TRIAL_EPISODES)
+        require_between(self.oyster_num_evals, "oyster_num_evals", 0, MAX_TRIAL_EPISODES)
+        require_between(self.oyster_exp_traj, "oyster_exp_traj", 1, MAX_TRIAL_EPISODES)
+        require_between(self.oyster_steps_per_eval, "oyster_steps_per_eval", 1, MAX_TASK_TRANSITIONS)
 
     @property
     def encoder_capacity(self) -> int:
@@ -464,10 +486,31 @@ def after_update(pearl: PEARL, step: int) -> None:
     pearl.target.update(sac.polyak_update(pearl.target, pearl.nets.agent.critic_params(), pearl.cfg.sac.tau))
 
 
+def trial_z(
+    pearl: PEARL,
+    encoder: Params,
+    contexts: Sequence[Sequence[torch.Tensor]],
+    prior: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``(len(contexts), L)``: each trial's ``z`` for its next episode, drawn by ``generator`` in trial order: from
+    the prior ``N(0, I)``, or from the posterior of all the trial's transitions so far (``contexts[j]``: one
+    ``(N, context_dim)`` tensor per earlier episode of trial ``j``)."""
+    latent, device = pearl.cfg.latent_dim, pearl.device
+    z = torch.empty(len(contexts), latent, device=device)
+    for j, context in enumerate(contexts):
+        if prior:
+            mu, var = torch.zeros(latent, device=device), torch.ones(latent, device=device)
+        else:
+            mu, var = posterior(encoder, torch.cat(list(context)), latent)
+        z[j] = draw_z(mu, var, device, generator)
+    return z
+
+
 @torch.no_grad()
 def trial_returns(pearl: PEARL, part: str, episodes: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns and successes ``(episodes, eval_adapt_episodes + 1)`` of ``episodes`` trials on ``part``'s tasks."""
-    cfg, run, device = pearl.cfg, pearl.run, pearl.device
+    cfg, run = pearl.cfg, pearl.run
     tasks = list(pearl.probe.unwrapped.tasks(part))
     generator = torch.Generator().manual_seed(derive_seed(run.eval.seed, PART_INDEX[part]))
     encoder = sac.sub_params(pearl.params(), "encoder")
@@ -478,16 +521,7 @@ def trial_returns(pearl: PEARL, part: str, episodes: int) -> tuple[np.ndarray, n
         trial_tasks = [tasks[i % len(tasks)] for i in trials]
         contexts: list[list[torch.Tensor]] = [[] for _ in trials]
         for e in range(n_episodes):
-            z = torch.empty(len(trials), cfg.latent_dim, device=device)
-            for j in range(len(trials)):
-                if e < cfg.eval_prior_episodes:
-                    mu, var = (
-                        torch.zeros(cfg.latent_dim, device=device),
-                        torch.ones(cfg.latent_dim, device=device),
-                    )
-                else:
-                    mu, var = posterior(encoder, torch.cat(contexts[j]), cfg.latent_dim)
-                z[j] = draw_z(mu, var, device, generator)
+            z = trial_z(pearl, encoder, contexts, e < cfg.eval_prior_episodes, generator)
             seeds = [derive_seed(run.eval.seed, PART_INDEX[part], i, e) for i in trials]
             results = run_tasks(pearl.eval_envs, trial_tasks, seeds, policy(pearl, z, True))
             for j, (i, r) in enumerate(zip(trials, results, strict=True)):
@@ -496,9 +530,88 @@ def trial_returns(pearl: PEARL, part: str, episodes: int) -> tuple[np.ndarray, n
     return returns, successes
 
 
+OYSTER_STREAM = 7
+"""Key that sets the official-code evaluation's seeds and ``z`` draws apart from :func:`trial_returns`'."""
+
+
+class OysterRuns(NamedTuple):
+    """What :func:`oyster_runs` collected: ``R = len(tasks) * oyster_num_evals`` runs, each a list of
+    trajectories in the order collected."""
+
+    tasks: list[int]  # (R,) the task of each run
+    returns: list[list[float]]  # (R, trajectories of that run) undiscounted env return of each trajectory
+    successes: list[list[float]]  # the same shape: success at the end of each trajectory (NaN: not reported)
+
+
+@torch.no_grad()
+def oyster_runs(pearl: PEARL, part: str) -> OysterRuns:
+    """PEARL's official evaluation (oyster ``rlkit/core/rl_algorithm.py``, ``MetaRLAlgorithm.collect_paths`` as
+    called by ``_do_eval``), ``oyster_num_evals`` runs on every task of ``part``.
+
+    A run starts with no context and ``z`` from the prior (``agent.clear_z``), then collects whole trajectories
+    with the mean action until it holds ``oyster_steps_per_eval`` transitions; ``z`` is drawn anew for every
+    trajectory (the sampler's ``resample=1``): from the prior for the first ``oyster_exp_traj``, then from the
+    posterior of all the run's transitions so far (``infer_posterior(agent.context)`` once
+    ``num_trajs >= num_exp_traj_eval``). Runs go ``len(eval_envs)`` at a time in lockstep.
+    """
+    cfg, run = pearl.cfg, pearl.run
+    tasks = [t for t in pearl.probe.unwrapped.tasks(part) for _ in range(cfg.oyster_num_evals)]
+    key = (run.eval.seed, PART_INDEX[part], OYSTER_STREAM)
+    generator = torch.Generator().manual_seed(derive_seed(*key))
+    encoder = sac.sub_params(pearl.params(), "encoder")
+    out = OysterRuns(tasks, [[] for _ in tasks], [[] for _ in tasks])
+    for start in range(0, len(tasks), len(pearl.eval_envs)):
+        runs = range(start, min(start + len(pearl.eval_envs), len(tasks)))
+        contexts: dict[int, list[torch.Tensor]] = {i: [] for i in runs}
+        steps = dict.fromkeys(runs, 0)
+        e = 0  # the trajectory index, the same for every run still collecting
+        while active := [i for i in runs if steps[i] < cfg.oyster_steps_per_eval]:
+            z = trial_z(pearl, encoder, [contexts[i] for i in active], e < cfg.oyster_exp_traj, generator)
+            seeds = [derive_seed(*key, i, e) for i in active]
+            results = run_tasks(pearl.eval_envs, [tasks[i] for i in active], seeds, policy(pearl, z, True))
+            for i, r in zip(active, results, strict=True):
+                out.returns[i].append(r.ret)
+                out.successes[i].append(r.success)
+                contexts[i].append(context_of(pearl, r.experience))
+                steps[i] += r.experience.rows
+            e += 1
+    return out
+
+
+def oyster_metrics(runs: OysterRuns, part: str) -> dict[str, float]:
+    """The official code's logged test metric and online returns (``_do_eval`` and ``evaluate``), from
+    :func:`oyster_runs`:
+
+    - ``<part>/oyster_return``: ``AverageReturn_all_test_tasks``, the mean over tasks of the mean over a task's
+      runs of its *last* trajectory's return (``_ci95``: over tasks);
+    - ``<part>/oyster_return_traj{k}``: the official ``online-test`` returns, of trajectory ``k`` (after ``k``
+      earlier ones; mean over runs, then tasks) for ``k`` below the fewest trajectories of any run;
+    - ``<part>/oyster_success``: success at the end of the last trajectory, the same mean (metalab's, the
+      official code has no success metric; only for envs that report it).
+    """
+    by_task: dict[int, list[int]] = {}
+    for i, task in enumerate(runs.tasks):
+        by_task.setdefault(task, []).append(i)
+    n = min(len(r) for r in runs.returns)
+
+    def task_means(values: list[list[float]], k: int) -> list[float]:
+        return [float(np.mean([values[i][k] for i in ids])) for ids in by_task.values()]
+
+    last = [float(np.mean([runs.returns[i][-1] for i in ids])) for ids in by_task.values()]
+    est = mean_ci95(last)
+    metrics = {f"{part}/oyster_return": est.mean, f"{part}/oyster_return_ci95": est.ci95}
+    for k in range(n):
+        metrics[f"{part}/oyster_return_traj{k}"] = float(np.mean(task_means(runs.returns, k)))
+    if not any(math.isnan(s[-1]) for s in runs.successes):
+        success = [float(np.mean([runs.successes[i][-1] for i in ids])) for ids in by_task.values()]
+        metrics[f"{part}/oyster_success"] = float(np.mean(success))
+    return metrics
+
+
 def evaluate(pearl: PEARL, part: str, episodes: int) -> dict[str, float]:
     """``<part>/{return,success}_after{k}`` (mean and 95% CI over trials), and the last episode's as
-    ``<part>/return`` and ``<part>/success``."""
+    ``<part>/return`` and ``<part>/success``; with ``oyster_num_evals``, also the official code's metrics
+    (:func:`oyster_metrics`, on all of the part's tasks whatever ``episodes``)."""
     returns, successes = trial_returns(pearl, part, episodes)
     metrics: dict[str, float] = {}
     columns = {"return": returns, "success": successes}
@@ -510,6 +623,8 @@ def evaluate(pearl: PEARL, part: str, episodes: int) -> dict[str, float]:
             metrics[f"{part}/{name}_after{e}"], metrics[f"{part}/{name}_after{e}_ci95"] = est.mean, est.ci95
         # <part>/return, <part>/success: the trial's last episode
         metrics[f"{part}/{name}"], metrics[f"{part}/{name}_ci95"] = est.mean, est.ci95
+    if pearl.cfg.oyster_num_evals > 0:
+        metrics.update(oyster_metrics(oyster_runs(pearl, part), part))
     return metrics
 
 
