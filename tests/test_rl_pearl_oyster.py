@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_rl_pearl import make
 
 from metalab.config import merge
 from metalab.experiment import RunConfig, load_run_config, run_config_from_dict
 from metalab.rl import pearl
 from metalab.train.loop import Learner, fit
-from metalab.utils import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +38,6 @@ TINY: dict[str, Any] = {
 
 def tiny(**sections: Any) -> RunConfig:
     return run_config_from_dict(merge(copy.deepcopy(TINY), sections))
-
-
-def make(run: RunConfig) -> Learner:
-    seed_everything(run.seed)
-    return pearl.build(run, Path("unused"), torch.device("cpu"))
 
 
 def state_of(learner: Learner) -> pearl.PEARL:

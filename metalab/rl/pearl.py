@@ -597,14 +597,12 @@ def oyster_metrics(runs: OysterRuns, part: str) -> dict[str, float]:
     def task_means(values: list[list[float]], k: int) -> list[float]:
         return [float(np.mean([values[i][k] for i in ids])) for ids in by_task.values()]
 
-    last = [float(np.mean([runs.returns[i][-1] for i in ids])) for ids in by_task.values()]
-    est = mean_ci95(last)
+    est = mean_ci95(task_means(runs.returns, -1))
     metrics = {f"{part}/oyster_return": est.mean, f"{part}/oyster_return_ci95": est.ci95}
     for k in range(n):
         metrics[f"{part}/oyster_return_traj{k}"] = float(np.mean(task_means(runs.returns, k)))
     if not any(math.isnan(s[-1]) for s in runs.successes):
-        success = [float(np.mean([runs.successes[i][-1] for i in ids])) for ids in by_task.values()]
-        metrics[f"{part}/oyster_success"] = float(np.mean(success))
+        metrics[f"{part}/oyster_success"] = float(np.mean(task_means(runs.successes, -1)))
     return metrics
 
 
