@@ -12,7 +12,9 @@ A configuration ``<method>-<cell>`` trains ``configs/<method>_omniglot_5w1s.yaml
 ``--steps`` meta-steps, whichever comes first, resuming that directory when it holds a checkpoint. Periodic
 evaluations use the val characters (``val/acc``: the learning curve; no model selection is made). The trained
 model is then tested once, with the config's ``eval_inner_steps``, on ``--test-episodes`` (600) test tasks of 15
-queries per class, with a 95% CI. Records go to ``<results-dir>/omniglot_maml.json``, and ``omniglot_maml.png``
+queries per class, with a 95% CI, and the adapted predictive's ``ece`` and ``nll`` on those episodes
+(``--test-episodes 1000`` makes them the episodes of :mod:`benchmarks.omniglot_metric`'s cell, for the
+calibration comparison of issue 29: ``--label ece-peer``). Records go to ``<results-dir>/omniglot_maml.json``, and ``omniglot_maml.png``
 (val accuracy vs training time) is redrawn from every run so far. Provenance flags (``--allow-dirty``,
 ``--label``): :mod:`benchmarks.common`.
 """
@@ -94,6 +96,10 @@ def train_and_test(name: str, args: argparse.Namespace) -> list[dict]:
             overrides=[*sets, *args.overrides],
             eval_inner_steps=trained.run.params.eval_inner_steps,
             reference=REFERENCES[method],
+            # calibration of the adapted predictive: with --test-episodes 1000 these are the test episodes of
+            # benchmarks.omniglot_metric's cell (the same eval.seed), for VERSA's ECE against MAML's
+            ece=test.get("test/ece"),
+            nll=test.get("test/nll"),
         )
     ]
 

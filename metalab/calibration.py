@@ -13,14 +13,15 @@ and the reliability diagram.
   Niculescu-Mizil & Caruana, ICML 2005, and Guo et al., Fig. 1): each bin's accuracy as a bar at its
   confidence interval, against the diagonal of perfect calibration, with the bin counts beneath.
 
-Pure functions of tensors; the episodic classification evaluation (:mod:`metalab.meta.episodic`) reports
-``<part>/ece`` and ``<part>/nll`` with them.
+Pure functions of tensors, and :class:`PooledQueries`, through which the classification evaluations (the
+episodic loop, :mod:`metalab.meta.episodic`, and the gradient-based learners, :mod:`metalab.meta.gbml`) report
+``<part>/nll`` and ``<part>/ece`` beside ``<part>/acc``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -88,6 +89,38 @@ def predictive_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> flo
     """Mean ``log p(y | x)`` over all predictions (nats): minus the mean cross-entropy of ``logits``
     ``(..., C)`` against ``labels`` ``(...)``."""
     return log_likelihoods(logits, labels).double().mean().item()
+
+
+class PooledQueries:
+    """One classification evaluation over many episodes: :meth:`columns` gives each task's accuracy and mean NLL
+    (the columns of :func:`~metalab.train.evaluate.evaluate_episode_columns`) and keeps every query's confidence
+    and correctness, so that :meth:`metrics` reports the ECE over all the queries pooled: ECE is a property of a
+    set of predictions, and one episode's few dozen queries in 15 bins would bias it upwards, so it has no
+    per-episode interval."""
+
+    def __init__(self) -> None:
+        self.confidence: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+
+    def columns(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(T, Q, C), (T, Q) -> (T, 2)``: each task's query accuracy and mean NLL (nats), reading the logits'
+        softmax as the predictive."""
+        confidence, correct = top_label(logits.softmax(-1), labels)
+        self.confidence.append(confidence.cpu())
+        self.correct.append(correct.cpu())
+        accuracy = (logits.argmax(-1) == labels).float().mean(-1)
+        return torch.stack([accuracy, -log_likelihoods(logits, labels).mean(-1)], -1)
+
+    def metrics(self, part: str, accuracy: Any, nll: Any) -> dict[str, float]:
+        """``<part>/acc`` and ``<part>/nll`` (means and 95% CIs of the estimates ``accuracy`` and ``nll``, made
+        from :meth:`columns`) and ``<part>/ece`` of every query seen."""
+        return {
+            f"{part}/acc": accuracy.mean,
+            f"{part}/acc_ci95": accuracy.ci95,
+            f"{part}/nll": nll.mean,
+            f"{part}/nll_ci95": nll.ci95,
+            f"{part}/ece": binned_calibration(torch.cat(self.confidence), torch.cat(self.correct)).ece,
+        }
 
 
 def reliability_diagram(calibration: Calibration, path: Path, title: str) -> Path:

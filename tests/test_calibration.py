@@ -18,7 +18,7 @@ from metalab import calibration
 from metalab.calibration import expected_calibration_error, predictive_log_likelihood
 from metalab.data.episodes import Episode
 from metalab.experiment import load_run_config
-from metalab.meta import episodic
+from metalab.meta import episodic, gbml
 
 
 def probs_with_confidence(confidence: list[float], correct: list[bool], classes: int = 3) -> tuple:
@@ -132,6 +132,49 @@ def test_episodic_evaluation_reports_ece_and_nll_of_its_logits(monkeypatch: pyte
         logits = torch.cat([scores(sampler.sample(i, t)) for i, t in enumerate([3, 3, 1])])
     labels = torch.cat([sampler.sample(i, t).query_y for i, t in enumerate([3, 3, 1])])
     assert metrics["test/nll"] == pytest.approx(-predictive_log_likelihood(logits, labels), rel=1e-6)
+    assert metrics["test/ece"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels).ece)
+    assert metrics["test/acc"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())
+    assert 0 < metrics["test/ece"] < 1 and metrics["test/nll_ci95"] > 0
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_gradient_based_evaluation_reports_ece_and_nll_of_its_adapted_logits(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """MAML-family evaluation (gbml.build_learner): accuracy, NLL and pooled ECE of the logits after adaptation,
+    equal to those computed by hand from the same adapted logits, however the tasks are batched."""
+    sampler = ToySampler()
+    monkeypatch.setattr(gbml, "make_sampler", lambda *args: sampler)
+    monkeypatch.setattr(gbml, "EvalSamplers", lambda *args: {"val": sampler, "test": sampler})
+    run = load_run_config(REPO / "configs" / "maml_omniglot_5w1s.yaml", ["eval.batch=3", "train.device=cpu"])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    w = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+
+    def predict(inner: gbml.Inner, meta: dict, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor):
+        # one "adaptation": the support mean shifts the logits, so the output depends on the support set
+        return 4 * (qx.flatten(-3) - sx.flatten(-3).mean(0)) @ meta["w"]
+
+    inner = gbml.Inner(model, False, 0.1, 1, True)
+    learner = gbml.build_learner(
+        run,
+        REPO,
+        torch.device("cpu"),
+        model=model,
+        meta=lambda: {"w": w},
+        train_loss=lambda step, ep: (torch.zeros(()), {}),
+        predict=predict,
+        inner=inner,
+        batching=gbml.TaskBatching(mode),
+    )
+    metrics = learner.evaluate("test", 7)
+    assert set(metrics) == {"test/acc", "test/acc_ci95", "test/nll", "test/nll_ci95", "test/ece"}
+
+    episodes = [sampler.sample(i, t) for i, t in enumerate([3, 3, 1])]  # the evaluation's batches of 3
+    logits = torch.cat(
+        [torch.stack([predict(inner, {"w": w}, *ep.task(j)[:3]) for j in range(ep.tasks)]) for ep in episodes]
+    )
+    labels = torch.cat([ep.query_y for ep in episodes])
+    assert metrics["test/nll"] == pytest.approx(-predictive_log_likelihood(logits, labels), rel=1e-5)
     assert metrics["test/ece"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels).ece)
     assert metrics["test/acc"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())
     assert 0 < metrics["test/ece"] < 1 and metrics["test/nll_ci95"] > 0

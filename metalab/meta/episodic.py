@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.calibration import binned_calibration, log_likelihoods, top_label
+from metalab.calibration import PooledQueries
 from metalab.config import require
 from metalab.data import text
 from metalab.data.episodes import Episode
@@ -97,10 +97,8 @@ def build_episodic(
 
     Evaluation reads the scores as logits (their softmax is the predictive, as cross-entropy trains it) and
     reports, besides ``<part>/acc``: ``<part>/nll``, the mean negative log-likelihood of the query labels per
-    episode (nats; :func:`~metalab.calibration.log_likelihoods`), and ``<part>/ece``, the expected calibration
-    error (15 bins; :func:`~metalab.calibration.binned_calibration`) over all the queries of all the episodes
-    pooled: ECE is a property of a set of predictions, and one episode's few dozen queries in 15 bins would
-    bias it upwards, so it has no per-episode interval. For Relation and Siamese networks, trained with
+    episode (nats), and ``<part>/ece``, the expected calibration error (15 bins) over all the queries of all
+    the episodes pooled (:class:`~metalab.calibration.PooledQueries`). For Relation and Siamese networks, trained with
     per-pair sigmoid losses, the softmax over their scores is a derived predictive and so are its nll and ece.
 
     BatchNorm follows the algorithm's ``batchnorm`` field (:data:`~metalab.models.BatchNormMode`): inductive by
@@ -124,24 +122,14 @@ def build_episodic(
         return value, {"train/acc": accuracy(s, ep).mean().item()}
 
     def evaluate(part: str, n: int) -> dict[str, float]:
-        confidence, correct = [], []  # of every query, for the ECE over all of them
+        pooled = PooledQueries()
 
         def per_task(ep: Episode) -> torch.Tensor:
             with torch.no_grad():
-                s = scores(ep)  # (T, N*Q, N)
-            conf, hit = top_label(s.softmax(-1), ep.query_y)
-            confidence.append(conf.cpu())
-            correct.append(hit.cpu())
-            nll = -log_likelihoods(s, ep.query_y).mean(-1)  # (T,)
-            return torch.stack([accuracy(s, ep), nll], -1)
+                return pooled.columns(scores(ep), ep.query_y)  # scores: (T, N*Q, N)
 
-        acc, nll = evaluate_episode_columns(per_task, evals[part], n, run.eval.batch, device)
-        return {
-            f"{part}/acc": acc.mean,
-            f"{part}/acc_ci95": acc.ci95,
-            f"{part}/nll": nll.mean,
-            f"{part}/nll_ci95": nll.ci95,
-            f"{part}/ece": binned_calibration(torch.cat(confidence), torch.cat(correct)).ece,
-        }
+        return pooled.metrics(
+            part, *evaluate_episode_columns(per_task, evals[part], n, run.eval.batch, device)
+        )
 
     return Learner(model, train_loss, evaluate)

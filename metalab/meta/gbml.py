@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from metalab.calibration import PooledQueries
 from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, MAX_TASKS, require, require_between, require_widths
 from metalab.data.episodes import Episode
 from metalab.data.sinusoid import sinusoid, with_task_code
@@ -28,7 +29,7 @@ from metalab.experiment import RunConfig
 from metalab.meta.adapt import Params
 from metalab.models import MLP, Conv4
 from metalab.train.distributed import shard
-from metalab.train.evaluate import evaluate_episodes
+from metalab.train.evaluate import evaluate_episode_columns, evaluate_episodes
 from metalab.train.loop import Learner
 from metalab.train.plots import plot_curves
 
@@ -331,7 +332,9 @@ def build_learner(
     parameters: list[nn.Parameter] | None = None,
 ) -> Learner:
     """The trainer's view of a variant: ``train_loss(step, episode)`` to minimise, and evaluation of ``predict``
-    after ``eval_inner_steps`` inner steps on each test task (mean and 95% CI).
+    after ``eval_inner_steps`` inner steps on each test task (mean and 95% CI): MSE for regression; for
+    classification accuracy, NLL and the pooled ECE of the adapted logits
+    (:class:`~metalab.calibration.PooledQueries`).
 
     ``model`` is what is checkpointed and, unless ``parameters`` says otherwise, trained; ``meta()`` gives the
     meta-parameters that ``predict`` adapts from; ``inner`` is the variant's training inner loop, which
@@ -341,7 +344,6 @@ def build_learner(
     regression = run.task.dataset == "sinusoid"
     train = make_sampler(run.task, "train", run.seed, root)
     evals = EvalSamplers(run.task, run.eval.seed, root)
-    score = "mse" if regression else "acc"
     tested = replace(inner, steps=cfg.eval_inner_steps, first_order=True)
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -349,14 +351,21 @@ def build_learner(
 
     def evaluate(part: str, n: int) -> dict[str, float]:
         def one_task(m: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
-            return output_score(predict(tested, m, sx, sy, qx), qy, regression)
+            out = predict(tested, m, sx, sy, qx)
+            return output_score(out, qy, regression) if regression else out
 
-        def per_task(ep: Episode) -> torch.Tensor:
+        def adapted(ep: Episode) -> torch.Tensor:
             with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
                 return map_tasks(one_task, ep, batching, detached(meta()))
 
-        est = evaluate_episodes(per_task, evals[part], n, run.eval.batch, device)
-        return {f"{part}/{score}": est.mean, f"{part}/{score}_ci95": est.ci95}
+        if regression:
+            est = evaluate_episodes(adapted, evals[part], n, run.eval.batch, device)
+            return {f"{part}/mse": est.mean, f"{part}/mse_ci95": est.ci95}
+        pooled = PooledQueries()  # classification: accuracy, NLL and the pooled ECE of the adapted logits
+        columns = evaluate_episode_columns(
+            lambda ep: pooled.columns(adapted(ep), ep.query_y), evals[part], n, run.eval.batch, device
+        )
+        return pooled.metrics(part, *columns)
 
     def figures(run_dir: Path) -> list[Path]:
         if not regression:
