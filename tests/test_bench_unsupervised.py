@@ -38,18 +38,27 @@ def test_every_cell_has_cactus_oracle_and_scratch_rows(unsupervised: ModuleType)
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_cells_rows_are_tested_on_the_same_episodes(unsupervised: ModuleType, cell: str) -> None:
-    """Same ways, shots, queries, split and eval seed for the CACTUs, oracle and scratch rows of a cell; the
-    oracle reads labels (no construction), CACTUs builds its tasks from clusters."""
-    runs = {}
-    for name in (f"cactus-protonet-{cell}", f"cactus-maml-{cell}", f"oracle-protonet-{cell}",
-                 f"oracle-maml-{cell}", f"scratch-{cell}"):  # fmt: skip
-        stem, sets = unsupervised.CELLS[name]
-        runs[name] = load_run_config(REPO / "configs" / f"{stem}.yaml", sets)
-    seen = {(r.task.ways, r.task.shots, r.task.queries, r.task.split, r.eval.seed) for r in runs.values()}
+    """The test episodes are fixed by ways, shots, queries, split, eval seed and eval batch (batch ``i`` of
+    ``eval.batch`` tasks is drawn from the seed and ``i``): the same for CACTUs-ProtoNet, its oracle and the
+    scratch row (the scratch row's 320 episodes are the first 20 batches of the others' 1000), and for
+    CACTUs-MAML and its oracle. The oracle reads labels; CACTUs builds its tasks from clusters."""
+    groups = {
+        "protonet": (f"cactus-protonet-{cell}", f"oracle-protonet-{cell}", f"scratch-{cell}"),
+        "maml": (f"cactus-maml-{cell}", f"oracle-maml-{cell}"),
+    }
     ways, shots = (int(x) for x in cell[:-1].split("w"))
-    assert seen == {(ways, shots, 15, "vinyals", runs[f"oracle-protonet-{cell}"].eval.seed)}
-    assert runs[f"cactus-maml-{cell}"].task.construction == "cactus"
-    assert runs[f"oracle-maml-{cell}"].task.construction != "cactus"
+    runs = {}
+    for names in groups.values():
+        for name in names:
+            stem, sets = unsupervised.CELLS[name]
+            runs[name] = load_run_config(REPO / "configs" / f"{stem}.yaml", sets)
+        seen = {(r.task.ways, r.task.shots, r.task.queries, r.task.split, r.eval.seed, r.eval.batch)
+                for name, r in runs.items() if name in names}  # fmt: skip
+        assert len(seen) == 1 and next(iter(seen))[:4] == (ways, shots, 15, "vinyals"), (names, seen)
+    assert 320 % runs[f"scratch-{cell}"].eval.batch == 0
+    for method in groups:
+        assert runs[f"cactus-{method}-{cell}"].task.construction == "cactus"
+        assert runs[f"oracle-{method}-{cell}"].task.construction != "cactus"
     assert runs[f"scratch-{cell}"].params.finetune_backbone
 
 
