@@ -223,6 +223,7 @@ def render_page(records: list[Record]) -> str:
                 f"{rec.get('steps') or ''} | {_device(rec)} | {rec.get('commit', '')} |"
             )
         lines.append("")
+    lines += render_calibration([r for recs in current.values() for r in recs])
     if pending:
         lines += ["## Pending reruns", "", "Records kept in the JSON for their history, not results:", ""]
         for reason, benches in sorted(pending.items()):
@@ -232,6 +233,30 @@ def render_page(records: list[Record]) -> str:
                 lines.append(f"  - {bench}: {tasks}")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_calibration(current: list[Record]) -> list[str]:
+    """A table of the classification records that carry the calibration of their test predictive (``ece``,
+    ``nll``), by cell: records of one cell made with the same test episodes compare like for like."""
+    rows = sorted(
+        (r for r in current if r.get("ece") is not None and r["metric"] == "test_accuracy"),
+        key=lambda r: (r["task"], r["ece"]),
+    )
+    if not rows:
+        return []
+    lines = ["## calibration", ""]
+    lines += [
+        "Expected calibration error (15 bins, all test queries pooled) and mean NLL (nats per query) of the"
+    ]
+    lines += ["test predictive, beside the accuracy of the same episodes; lower is better for both.", ""]
+    lines += ["| task | method | accuracy % | NLL | ECE | test episodes | benchmark | commit |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {_label(r)} | {_cell(r)} | {_number(r.get('nll'), '')} | {r['ece']:.4f} | "
+            f"{r.get('test_episodes', '')} | {r['benchmark']} | {r.get('commit', '')} |"
+        )
+    return [*lines, ""]
 
 
 def _find(records: list[Record], pick: Pick) -> Record | None:
