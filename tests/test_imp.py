@@ -409,3 +409,31 @@ def test_task_config_errors_name_the_key(task: dict, key: str) -> None:
 def test_alphabet_level_allows_more_examples_than_drawings() -> None:
     cfg = TaskConfig(ways=5, shots=10, queries=15, label_level="alphabet")  # 25 characters > 20 drawings
     assert cfg.shots + cfg.queries > omniglot.DRAWINGS
+
+
+def test_alphabet_episodes_with_support_character_queries() -> None:
+    """``support_characters`` (the official IMP code's episodes): every query is another drawing of one of its
+    class's support characters, never the support drawing itself, the (character, drawing) pairs distinct."""
+    split = synthetic_split()
+    grouped = alphabet_classes(split, min_characters=4)
+    n, k, q, t = 3, 2, 7, 16  # more queries than characters: they redraw the support characters
+    sampler = AlphabetSampler(grouped, n, k, q, seed=7, queries="support_characters")
+    ep = sampler.sample(3, t)
+    assert ep.support_x.shape == (t, n * k, 1, 4, 4) and ep.query_x.shape == (t, n * q, 1, 4, 4)
+    s_char, s_draw = decode(ep.support_x)
+    q_char, q_draw = decode(ep.query_x)
+    s_char, s_draw = s_char.view(t, n, k), s_draw.view(t, n, k)
+    q_char, q_draw = q_char.view(t, n, q), q_draw.view(t, n, q)
+    for task in range(t):
+        for c in range(n):
+            support = dict(zip(s_char[task, c].tolist(), s_draw[task, c].tolist(), strict=True))
+            assert len(support) == k  # distinct support characters
+            pairs = list(zip(q_char[task, c].tolist(), q_draw[task, c].tolist(), strict=True))
+            assert len(set(pairs)) == q
+            assert all(ch in support and d != support[ch] for ch, d in pairs)
+    with pytest.raises(ValueError, match="other drawings"):
+        AlphabetSampler(grouped, n, k, k * 19 + 1, queries="support_characters")
+    with pytest.raises(ConfigError, match="alphabet_queries"):
+        TaskConfig(alphabet_queries="support_characters")
+    cfg = TaskConfig(label_level="alphabet", shots=10, queries=30, alphabet_queries="support_characters")
+    assert cfg.name.endswith("-alphabet-seenchars")

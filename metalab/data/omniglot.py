@@ -788,6 +788,11 @@ def alphabet_classes(classes: ClassSplit, min_characters: int = 1) -> AlphabetCl
     return AlphabetClasses(classes.images, members, counts, kept)
 
 
+AlphabetQueries = Literal["new_characters", "support_characters"]
+"""What an alphabet episode's queries draw: characters not in its support set, or new drawings of its support
+characters (:class:`AlphabetSampler`)."""
+
+
 class AlphabetSampler:
     """Alphabet-level episodes (the alphabet recognition task of Allen et al., "Infinite Mixture Prototypes for
     Few-Shot Learning", ICML 2019): each class is an alphabet, and its K + Q examples are one random drawing each
@@ -803,19 +808,38 @@ class AlphabetSampler:
         k_shot: support characters per alphabet (K).
         q_query: query characters per alphabet; every class needs at least ``k_shot + q_query`` characters.
         seed: the sampler's stream; batch ``index`` of seed ``s`` is always the same episodes.
+        queries: ``new_characters`` (the default, above) or ``support_characters``: each query is another
+            drawing of one of the class's K support characters (Q distinct character-drawing pairs), as the
+            official IMP code builds its alphabet episodes; every class then needs only ``k_shot`` characters.
     """
 
-    def __init__(self, classes: AlphabetClasses, n_way: int, k_shot: int, q_query: int, seed: int = 0):
+    def __init__(
+        self,
+        classes: AlphabetClasses,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        queries: AlphabetQueries = "new_characters",
+    ):
         n_classes = len(classes.alphabets)
         if not 1 <= n_way <= n_classes:
             raise ValueError(f"n_way={n_way} but there are {n_classes} alphabet classes")
         fewest = int(classes.counts.min())
-        if k_shot < 1 or q_query < 0 or k_shot + q_query > fewest:
+        if queries == "support_characters":
+            others = k_shot * (classes.images.shape[1] - 1)
+            if k_shot < 1 or k_shot > fewest or not 0 <= q_query <= others:
+                raise ValueError(
+                    f"k_shot={k_shot} must fit in the {fewest} characters of the smallest alphabet class and "
+                    f"q_query={q_query} in the {others} other drawings of the support characters"
+                )
+        elif k_shot < 1 or q_query < 0 or k_shot + q_query > fewest:
             raise ValueError(
                 f"k_shot={k_shot} + q_query={q_query} must fit in the {fewest} characters of the smallest "
                 f"alphabet class"
             )
         self.classes, self.n_way, self.k_shot, self.q_query, self.seed = classes, n_way, k_shot, q_query, seed
+        self.queries = queries
 
     def draw(self, index: int, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(T, N, K+Q)`` characters (indices into ``classes.images``) of batch ``index``, support then
@@ -825,6 +849,17 @@ class AlphabetSampler:
         classes = torch.multinomial(torch.ones(tasks, members.shape[0]), n, replacement=False, generator=g)
         keys = torch.rand(tasks, n, members.shape[1], generator=g)  # (T, N, most)
         keys = keys.masked_fill(members[classes] < 0, 2.0)  # padding sorts after every character
+        if self.queries == "support_characters":  # the official code's episodes: queries redraw support chars
+            k, per = self.k_shot, self.classes.images.shape[1]
+            picks = keys.argsort(-1)[..., :k]  # (T, N, K): distinct characters of each alphabet
+            drawn = torch.randint(per, (tasks, n, k), generator=g)
+            # Q distinct (support character, other drawing) pairs per class
+            pairs = torch.rand(tasks, n, k * (per - 1), generator=g).argsort(-1)[..., : self.q_query]
+            which, offset = pairs // (per - 1), pairs % (per - 1)
+            chars = members[classes[..., None], picks]
+            query_chars = chars.gather(-1, which)
+            query_drawn = (drawn.gather(-1, which) + 1 + offset) % per  # never the support drawing
+            return torch.cat([chars, query_chars], -1), torch.cat([drawn, query_drawn], -1)
         picks = keys.argsort(-1)[..., :kq]  # (T, N, K+Q): distinct characters of each alphabet
         drawings = torch.randint(self.classes.images.shape[1], (tasks, n, kq), generator=g)
         return members[classes[..., None], picks], drawings

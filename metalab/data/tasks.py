@@ -85,6 +85,13 @@ class TaskConfig:
     ``train`` (41) and ``test`` (4). Classes with fewer than ``shots + queries`` characters are left out (e.g.
     test Gurmukhi). Needs ``construction: labeled`` and ``label_assignment: shuffled``."""
 
+    alphabet_queries: omniglot.AlphabetQueries = "new_characters"
+    """Alphabet-level queries (``label_level: alphabet`` only). ``new_characters``: drawings of characters not in
+    the support set (the alphabet must be recognised from characters never seen). ``support_characters``: other
+    drawings of the support characters, as the official IMP code (k-r-allen/imp, ``next_episode`` with
+    ``within_category``) builds the paper's alphabet episodes, where a class's support characters are the modes
+    its queries come from; ``queries`` may then exceed the characters of an alphabet (up to ``shots`` times 19)."""
+
     def __post_init__(self) -> None:
         require_between(self.ways, "ways", 1, MAX_WAYS)
         require_between(self.shots, "shots", 1, MAX_EXAMPLES)
@@ -129,10 +136,16 @@ class TaskConfig:
                 "for classification",
             )
             return
+        if self.alphabet_queries != "new_characters":
+            require(self.label_level == "alphabet", "alphabet_queries", "needs label_level: alphabet")
         for key in ("queries", "train_queries"):
             queries = getattr(self, key) or self.queries
             limit, per = omniglot.DRAWINGS, "drawings per character"
-            if self.label_level == "alphabet":
+            if self.alphabet_queries == "support_characters":
+                require(self.shots <= omniglot.MOST_CHARACTERS, "shots", "must fit in the largest alphabet")
+                limit = self.shots * omniglot.DRAWINGS  # each query redraws a support character
+                per = "support characters' drawings"
+            elif self.label_level == "alphabet":
                 limit, per = omniglot.MOST_CHARACTERS, "characters of the largest alphabet"
             require(self.shots + queries <= limit, key, f"shots + {key} must be <= {limit} ({per})")
 
@@ -144,6 +157,7 @@ class TaskConfig:
             return f"sinusoid{nme}-{self.shots}s"
         aug = {"augmented": "-aug", "cactus": "-cactus"}.get(self.construction, "")
         level = "-alphabet" if self.label_level == "alphabet" else ""
+        level += "-seenchars" if self.alphabet_queries == "support_characters" else ""
         return f"omniglot-{self.ways}w{self.shots}s{nme}{aug}{level}"
 
     @property
@@ -174,14 +188,15 @@ def make_sampler(
     ways = (cfg.train_ways or cfg.ways) if training else cfg.ways
     queries = (cfg.train_queries or cfg.queries) if training else cfg.queries
     if cfg.label_level == "alphabet":  # classes are alphabets, examples distinct characters of each
-        alphabets = omniglot.alphabet_classes(classes, min_characters=cfg.shots + queries)
+        seen = cfg.alphabet_queries == "support_characters"
+        alphabets = omniglot.alphabet_classes(classes, min_characters=cfg.shots + (0 if seen else queries))
         if ways > len(alphabets.alphabets):
             raise ConfigError(
                 "task.ways",
                 f"{ways} ways but the {part} part has only {len(alphabets.alphabets)} alphabet classes of at "
-                f"least shots + queries = {cfg.shots + queries} characters",
+                f"least {cfg.shots if seen else cfg.shots + queries} characters",
             )
-        return omniglot.AlphabetSampler(alphabets, ways, cfg.shots, queries, seed)
+        return omniglot.AlphabetSampler(alphabets, ways, cfg.shots, queries, seed, cfg.alphabet_queries)
     if ways > classes.images.shape[0]:
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
