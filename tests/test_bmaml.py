@@ -175,6 +175,72 @@ def test_meta_gradient_through_svgd_steps_matches_finite_differences() -> None:
     assert abs(sum((gr * d).sum() for gr, d in zip(first, direction, strict=True)) - analytic) > 1e-3
 
 
+def test_chaser_distance_of_one_particle_is_the_leaders_gradient_step_squared() -> None:
+    """One particle: SVGD is a gradient step on the log posterior, so the leader is one more step of it on
+    support plus query from the chaser, and the distance is ``lr^2 ||grad log p(chaser | S u Q)||^2``."""
+    meta = stacked_mlps(1, 4, torch.float64)
+    g = torch.Generator().manual_seed(1)
+    sx, sy, qx, qy = (torch.randn(4, 1, generator=g, dtype=torch.float64) for _ in range(4))
+    rule = bmaml.Rule("svgd", lr=0.03, steps=2, outer="chaser", leader_steps=1)
+    distance, chaser = bmaml.chaser_distance(rule, meta, sx, sy, qx, qy)
+    for k, v in bmaml.adapt_particles(rule, meta, sx, sy).items():
+        torch.testing.assert_close(chaser[k], v)
+    params = {k: v[0].detach().clone().requires_grad_() for k, v in chaser.items()}
+    x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
+    grads = torch.autograd.grad(
+        bmaml.log_posterior(params, meta.log_sigma, x, y, None), list(params.values())
+    )
+    want = 0.03**2 * sum((gr**2).sum() for gr in grads)
+    assert distance.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_chaser_meta_gradient_holds_the_leader_and_sigma_constant() -> None:
+    """The chaser loss's gradient is that of ``||chaser(theta) - L||^2`` with the leader ``L`` fixed at its
+    value (finite differences through the SVGD steps); ``sigma`` gets none from it, and in ``query_loss`` only
+    the gradient of the query NLL with the chaser's particles held constant."""
+    meta = stacked_mlps(3, 2, torch.float64)
+    g = torch.Generator().manual_seed(0)
+    sx, sy, qx, qy = (torch.randn(5, 1, generator=g, dtype=torch.float64) for _ in range(4))
+    rule = bmaml.Rule("svgd", lr=0.05, steps=2, prior_std=3.0, outer="chaser", noise_scaled=True)
+    names = list(meta.particles)
+    leaves = [meta.particles[n].detach().clone().requires_grad_() for n in names]
+    log_sigma = meta.log_sigma.detach().clone().requires_grad_()
+    distance, chaser = bmaml.chaser_distance(rule, bmaml.Meta(dict(zip(names, leaves, strict=True)), log_sigma),
+                                             sx, sy, qx, qy)  # fmt: skip
+    grads = torch.autograd.grad(distance, [*leaves, log_sigma], retain_graph=True, allow_unused=True)
+    assert grads[-1] is None  # the noise is a constant of the chaser loss
+    grads = grads[:-1]
+    start = bmaml.Meta({k: v.detach() for k, v in chaser.items()}, log_sigma.detach())
+    lead = replace(rule, steps=1, first_order=True)
+    leader = bmaml.adapt_particles(lead, start, torch.cat([sx, qx]), torch.cat([sy, qy]))
+
+    def fixed_leader(ps: list[torch.Tensor]) -> torch.Tensor:
+        moved = bmaml.adapt_particles(
+            rule, bmaml.Meta(dict(zip(names, ps, strict=True)), log_sigma.detach()), sx, sy
+        )
+        return sum(((moved[k] - leader[k]) ** 2).sum() for k in moved)
+
+    direction = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in leaves]
+    eps = 1e-6
+    with torch.no_grad():
+        plus = fixed_leader([t + eps * d for t, d in zip(leaves, direction, strict=True)])
+        minus = fixed_leader([t - eps * d for t, d in zip(leaves, direction, strict=True)])
+    analytic = sum((gr * d).sum() for gr, d in zip(grads, direction, strict=True))
+    assert analytic.item() == pytest.approx(((plus - minus) / (2 * eps)).item(), rel=1e-6, abs=1e-9)
+    # sigma: only the query NLL of the held chaser mixture
+    loss, _ = bmaml.query_loss(
+        rule, bmaml.Meta(dict(zip(names, leaves, strict=True)), log_sigma), sx, sy, qx, qy
+    )
+    (sigma_grad,) = torch.autograd.grad(loss, [log_sigma])
+    held = {k: v.detach() for k, v in chaser.items()}
+
+    def nll(ls: torch.Tensor) -> torch.Tensor:  # lr 0: the particles stay where the chaser left them
+        return bmaml.query_loss(replace(rule, lr=0.0, outer="bfa"), bmaml.Meta(held, ls), sx, sy, qx, qy)[0]
+
+    (want,) = torch.autograd.grad(nll(log_sigma), [log_sigma])
+    torch.testing.assert_close(sigma_grad, want)
+
+
 def constant_particles(c: torch.Tensor) -> bmaml.Meta:
     """Particles whose network outputs the constant ``c[m]`` everywhere (zero weights, head bias ``c[m]``)."""
     meta = stacked_mlps(len(c), 0)
@@ -271,7 +337,9 @@ def test_a_short_run_learns(inner: str, tmp_path: Path) -> None:
     ("params", "task", "key"),
     [({"inner": "chaser"}, {}, "bmaml.inner"), ({"particles": 0}, {}, "bmaml.particles"),
      ({"inner_lr": 0.0}, {}, "bmaml.inner_lr"), ({"prior_std": -1.0}, {}, "bmaml.prior_std"),
-     ({"outer_loss": "chaser"}, {}, "bmaml.outer_loss"), ({"step_scale": "sigma"}, {}, "bmaml.step_scale"),
+     ({"outer_loss": "leader"}, {}, "bmaml.outer_loss"), ({"step_scale": "sigma"}, {}, "bmaml.step_scale"),
+     ({"outer_loss": "chaser", "inner": "ensemble"}, {}, "bmaml.outer_loss"),
+     ({"outer_loss": "chaser", "leader_steps": 0}, {}, "bmaml.leader_steps"),
      ({}, {"dataset": "omniglot", "ways": 5, "shots": 1}, "task.dataset")],
 )  # fmt: skip
 def test_bad_values_name_the_key(params: dict, task: dict, key: str, tmp_path: Path) -> None:

@@ -11,18 +11,26 @@ adaptation to a task the predictive at ``x`` is the equal-weight mixture of the 
   members' query losses (Gaussian negative log-likelihood per query point).
 - ``inner: svgd``: Bayesian MAML (Yoon, Kim, Dia, Kim, Bengio & Ahn, "Bayesian Model-Agnostic Meta-Learning",
   NeurIPS 2018). The inner loop is Stein variational gradient descent (Liu & Wang, NeurIPS 2016) on the task
-  posterior ``p(theta | support)``: each step moves particle ``j`` by ``inner_lr * phi(theta_j)`` (times ``2 sigma^2 / K`` with
-  ``step_scale: noise``, the default) with
+  posterior ``p(theta | support)``: each step moves particle ``j`` by ``inner_lr * phi(theta_j)`` (times ``2 sigma^2 M / K``
+  with ``step_scale: noise``, the default) with
   ``phi(theta_j) = (1/M) sum_i [k(theta_i, theta_j) grad log p(theta_i | support) + grad_{theta_i}
   k(theta_i, theta_j)]``, an RBF kernel ``k(a, b) = exp(-||a - b||^2 / h)`` with the median heuristic
   ``h = med^2 / log M``. ``log p`` is the Gaussian log-likelihood of the support
   points (a sum over them) plus, with ``prior_std``, a weak ``N(0, prior_std^2)`` prior on the weights. The
   outer loss (``outer_loss: bfa``, the default for ``svgd``) is the paper's Bayesian fast-adaptation loss, the
   variant "BMAML w/o chaser" (no chaser loss): ``-log (1/M) sum_m p(query | theta_m)``, the whole query set's
-  likelihood under each adapted particle, divided by the number of query points. ``outer_loss: mean_nll``
-  takes the ensemble's outer loss instead (the particles' mean query NLL), a variant not in the paper. The
-  outer gradient goes through the SVGD steps (second order: the score's derivative and the kernel's, the
-  bandwidth's too), or only through the initial particles with ``first_order``.
+  likelihood under each adapted particle, divided by the number of query points. ``outer_loss: chaser`` is the
+  paper's BMAML proper (its Algorithm 2, as the official code trains it): the particles after the inner steps
+  on the support set (the chaser) are pulled towards where ``leader_steps`` further SVGD steps on support plus
+  query take them (the leader, a constant): ``sum_m ||theta_m^chaser - stopgrad(theta_m^leader)||^2``. Unlike
+  the fast-adaptation loss, which a single particle near the query can satisfy (the others then specialise),
+  it moves every particle. The chaser loss has no use for the noise ``sigma``, which the official code adapts
+  as a per-particle parameter by SVGD under a Gamma prior; here the one learned ``sigma`` is fitted by the
+  query NLL of the chaser's mixture, its particles held constant, and enters the chaser's steps as a
+  constant (so each parameter has one objective). ``outer_loss: mean_nll`` takes the ensemble's outer loss
+  instead (the particles' mean query NLL), a variant not in the paper. The outer gradient goes through the
+  SVGD steps (second order: the score's derivative and the kernel's, the bandwidth's too), or only through the
+  initial particles with ``first_order``.
 
 Evaluation adapts with ``eval_inner_steps`` steps and scores the query points as
 :mod:`metalab.meta.neural_process` does, with its :func:`~metalab.meta.neural_process.mixture_scores`: ``mse``
@@ -85,16 +93,22 @@ class Config:
     """Inner steps at evaluation."""
     first_order: bool = False
     """Treat each inner update as a constant in the outer gradient (first-order MAML / BMAML)."""
-    outer_loss: Literal["bfa", "mean_nll"] | None = None
-    """The outer loss per query point: ``bfa``, BMAML's ``-log (1/M) sum_m p(query | theta_m)`` (the query set's
-    joint likelihood averaged over particles); ``mean_nll``, the particles' mean Gaussian NLL. Null: ``bfa``
-    for ``svgd``, ``mean_nll`` for ``ensemble``."""
+    outer_loss: Literal["bfa", "chaser", "mean_nll"] | None = None
+    """The outer loss: ``bfa``, BMAML's fast-adaptation loss per query point, ``-log (1/M) sum_m p(query |
+    theta_m)`` (the query set's joint likelihood averaged over particles); ``chaser``, BMAML's chaser loss
+    (``svgd`` only; see the module docstring); ``mean_nll``, the particles' mean Gaussian NLL per query point.
+    Null: ``bfa`` for ``svgd``, ``mean_nll`` for ``ensemble``."""
+    leader_steps: int = 1
+    """``chaser``: SVGD steps the leader takes from the chaser's particles on support plus query (the paper's
+    ``s``; the official sinusoid runs take 1)."""
     step_scale: Literal["none", "noise"] = "noise"
-    """``svgd``: ``noise`` multiplies each SVGD step by ``2 sigma^2 / K`` (``K`` support points, ``sigma`` the
-    current noise, held constant in the outer gradient), so the likelihood's drive of a step equals MAML's MSE
-    gradient step of the same ``inner_lr`` whatever the learned noise; ``none``: the plain step ``inner_lr *
-    phi``, whose drive grows as ``K / (2 sigma^2)`` times MAML's and diverged over 10 evaluation steps once
-    ``sigma`` was learned down to 0.5 (docs/notes/sinusoid.md)."""
+    """``svgd``: ``noise`` multiplies each SVGD step by ``2 sigma^2 M / K`` (``K`` support points, ``M``
+    particles, ``sigma`` the current noise, held constant in the outer gradient), so the drive of a particle's
+    own likelihood (its kernel weight ``k_jj / M = 1 / M`` in ``phi``) equals MAML's MSE gradient step of the
+    same ``inner_lr`` whatever the learned noise and the particle count (without the ``M`` it was ``1 / M`` of
+    MAML's step); ``none``: the plain step ``inner_lr * phi``, whose drive grows as ``K / (2 sigma^2)`` times
+    MAML's and diverged over 10 evaluation steps once ``sigma`` was learned down to 0.5
+    (docs/notes/sinusoid.md)."""
     prior_std: float | None = None
     """``svgd``: standard deviation of a Gaussian prior ``N(0, prior_std^2)`` on every weight in ``log p``;
     null: no prior (the likelihood alone)."""
@@ -125,10 +139,16 @@ class Config:
         require_between(self.interval_samples, "interval_samples", 10, MAX_SAMPLES)
         require_widths(self.mlp_hidden, "mlp_hidden")
         require(
-            self.outer_loss in (None, "bfa", "mean_nll"),
+            self.outer_loss in (None, "bfa", "chaser", "mean_nll"),
             "outer_loss",
-            f"must be bfa, mean_nll or null, got {self.outer_loss!r}",
+            f"must be bfa, chaser, mean_nll or null, got {self.outer_loss!r}",
         )
+        require(
+            self.outer_loss != "chaser" or self.inner == "svgd",
+            "outer_loss",
+            "chaser needs inner: svgd (the leader takes SVGD steps)",
+        )
+        require_between(self.leader_steps, "leader_steps", 1, MAX_INNER_STEPS)
 
 
 class Meta(NamedTuple):
@@ -147,16 +167,27 @@ class Rule:
     steps: int
     first_order: bool = False
     prior_std: float | None = None
-    outer: Literal["bfa", "mean_nll"] = "bfa"
+    outer: Literal["bfa", "chaser", "mean_nll"] = "bfa"
     noise_scaled: bool = False
-    """Scale each SVGD step by ``2 sigma^2 / K`` (:attr:`Config.step_scale` ``noise``)."""
+    """Scale each SVGD step by ``2 sigma^2 M / K`` (:attr:`Config.step_scale` ``noise``)."""
+    leader_steps: int = 1
+    """The chaser loss's leader steps (:attr:`Config.leader_steps`)."""
 
     @classmethod
     def training(cls, cfg: Config) -> Rule:
         """The meta-training rule of ``cfg``."""
         outer = cfg.outer_loss or ("bfa" if cfg.inner == "svgd" else "mean_nll")
         noise = cfg.step_scale == "noise"
-        return cls(cfg.inner, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.prior_std, outer, noise)
+        return cls(
+            cfg.inner,
+            cfg.inner_lr,
+            cfg.inner_steps,
+            cfg.first_order,
+            cfg.prior_std,
+            outer,
+            noise,
+            cfg.leader_steps,
+        )
 
     @classmethod
     def evaluation(cls, cfg: Config) -> Rule:
@@ -246,7 +277,8 @@ def adapt_particles(rule: Rule, meta: Meta, x: torch.Tensor, y: torch.Tensor) ->
         one = functools.partial(adapt, loss_fn=mse, support=(), steps=rule.steps, inner_lr=rule.lr)
         return vmap(lambda p: one(p, first_order=rule.first_order))(particles)
     score_fn = vmap(grad(log_posterior), in_dims=(0, None, None, None, None))
-    lr = rule.lr * (2 * meta.log_sigma.detach().exp() ** 2 / y.shape[0] if rule.noise_scaled else 1.0)
+    m = next(iter(particles.values())).shape[0]
+    lr = rule.lr * (2 * m * meta.log_sigma.detach().exp() ** 2 / y.shape[0] if rule.noise_scaled else 1.0)
     for _ in range(rule.steps):
         phi = svgd_direction(particles, score_fn(particles, meta.log_sigma, x, y, rule.prior_std))
         particles = {
@@ -266,19 +298,43 @@ def predictive(rule: Rule, meta: Meta, sx: torch.Tensor, sy: torch.Tensor, x: to
     return Gaussian(means, meta.log_sigma.exp().expand_as(means))
 
 
+def chaser_distance(
+    rule: Rule, meta: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+) -> tuple[torch.Tensor, Params]:
+    """BMAML's chaser loss for one task, ``sum_m ||theta_m^chaser - stopgrad(theta_m^leader)||^2`` over every
+    weight, and the chaser (the particles after ``rule.steps`` SVGD steps on the support set, differentiable
+    in ``meta.particles``). The leader takes ``rule.leader_steps`` more steps from the chaser on support plus
+    query. ``sigma`` is a constant in both."""
+    fixed_noise = meta.log_sigma.detach()
+    chaser = adapt_particles(rule, Meta(meta.particles, fixed_noise), sx, sy)
+    start = Meta({k: v.detach() for k, v in chaser.items()}, fixed_noise)
+    lead = replace(rule, steps=rule.leader_steps, first_order=True)
+    leader = adapt_particles(lead, start, torch.cat([sx, qx]), torch.cat([sy, qy]))
+    distance = sum(((chaser[k] - leader[k].detach()) ** 2).sum() for k in chaser)
+    return distance, chaser
+
+
 def query_loss(
     rule: Rule, meta: Meta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's (outer loss, MSE of the mixture mean, detached). The loss, per query point: ``rule.outer``
-    ``mean_nll``, the particles' mean Gaussian NLL; ``bfa``, BMAML's ``-log (1/M) sum_m p(query | theta_m)``."""
+    ``mean_nll``, the particles' mean Gaussian NLL; ``bfa``, BMAML's ``-log (1/M) sum_m p(query | theta_m)``.
+    ``chaser``: :func:`chaser_distance` plus the query NLL of the chaser's mixture as a function of ``sigma``
+    alone (``bfa`` with the particles held constant), which fits the noise."""
+    if rule.outer == "chaser":
+        distance, chaser = chaser_distance(rule, meta, sx, sy, qx, qy)
+        means = forward({k: v.detach() for k, v in chaser.items()}, qx)
+        p = Gaussian(means, meta.log_sigma.exp().expand_as(means))
+        return distance + _bfa(p, qy), ((means.mean(0) - qy) ** 2).mean().detach()
     p = predictive(rule, meta, sx, sy, qx)
-    log_prob = gaussian_log_prob(p, qy[None])  # (M, N, 1)
-    if rule.outer == "mean_nll":
-        loss = -log_prob.mean()
-    else:
-        joint = log_prob.sum((1, 2))  # (M,): log p(query | theta_m)
-        loss = -(torch.logsumexp(joint, 0) - math.log(joint.shape[0])) / qy.numel()
+    loss = -gaussian_log_prob(p, qy[None]).mean() if rule.outer == "mean_nll" else _bfa(p, qy)
     return loss, ((p.mean.mean(0) - qy) ** 2).mean().detach()
+
+
+def _bfa(p: Gaussian, qy: torch.Tensor) -> torch.Tensor:
+    """``-log (1/M) sum_m p(query | theta_m)`` per query point, for the ``(M, N, 1)`` components ``p``."""
+    joint = gaussian_log_prob(p, qy[None]).sum((1, 2))  # (M,): log p(query | theta_m)
+    return -(torch.logsumexp(joint, 0) - math.log(joint.shape[0])) / qy.numel()
 
 
 def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
