@@ -239,9 +239,8 @@ def add_budget_args(p: argparse.ArgumentParser, test_episodes: int, minutes: flo
     )
 
 
-def add_run_args(p: argparse.ArgumentParser, benchmark: str) -> None:
-    """``--set KEY=VALUE`` (every configuration), ``--runs-dir`` and ``--results-dir``."""
-    runs = RUNS_ROOT / benchmark
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): config overrides of every configuration."""
     p.add_argument(
         "--set",
         dest="overrides",
@@ -251,6 +250,12 @@ def add_run_args(p: argparse.ArgumentParser, benchmark: str) -> None:
         help="override a config key of every selected configuration, e.g. --set train.eval_episodes=50 "
         "(repeatable)",
     )
+
+
+def add_run_args(p: argparse.ArgumentParser, benchmark: str) -> None:
+    """``--set KEY=VALUE`` (every configuration), ``--runs-dir`` and ``--results-dir``."""
+    runs = RUNS_ROOT / benchmark
+    add_set_arg(p)
     p.add_argument("--runs-dir", type=Path, default=runs, help=f"where run directories go (default {runs})")
     p.add_argument(
         "--results-dir",

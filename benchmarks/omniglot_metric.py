@@ -15,7 +15,11 @@ every method of a cell (``eval.seed``): VERSA's (``versa-5w1s``, ``versa-20w1s``
 ``speed``: ProtoNet training episodes per second, 20-way 5-shot 15-query, metalab's training step against the
 plain PyTorch loop a user would write (:func:`plain_protonet_step`), same model, optimiser and episodes.
 Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`; a labelled run trains in
-``runs/bench/omniglot_metric/<label>`` and leaves the figure alone.
+``runs/bench/omniglot_metric/<label>`` and leaves the figure alone. ``--set KEY=VALUE`` overrides a config key of
+every selected configuration (recorded as ``overrides``), e.g. a labelled variant::
+
+    python -m benchmarks.omniglot_metric --only imp-alphabet --label seenchars \
+        --set task.alphabet_queries=support_characters
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from benchmarks.fewshot import (
     Curve,
     accuracy_record,
     add_budget_args,
+    add_set_arg,
     budget_overrides,
     build,
     config_path,
@@ -111,12 +116,17 @@ def figures(method: str, cell: str) -> tuple[float | None, float | None]:
 
 
 def train_and_test(
-    name: str, minutes: float, steps: int | None, episodes: int, runs: Path | None = None
+    name: str,
+    minutes: float,
+    steps: int | None,
+    episodes: int,
+    runs: Path | None = None,
+    sets: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Train configuration ``name`` (resuming its run directory in ``runs``, default :data:`RUNS`) and test it on
-    each cell it serves."""
+    """Train configuration ``name`` (resuming its run directory in ``runs``, default :data:`RUNS`) with the
+    config overrides ``sets`` (``--set``; recorded) and test it on each cell it serves."""
     method, cells = name.split("-")[0], TRAININGS[name]
-    overrides = budget_overrides(minutes, steps, episodes)
+    overrides = [*budget_overrides(minutes, steps, episodes), *sets]
     trained = train(config_path(f"{method}_omniglot_{cells[0]}"), overrides, (runs or RUNS) / name)
     out = []
     for cell in cells:
@@ -146,6 +156,7 @@ def train_and_test(
                     # calibration on the same test episodes for every method (VERSA's ECE vs ProtoNet's)
                     ece=test.get("test/ece"),
                     nll=test.get("test/nll"),
+                    **({"overrides": list(sets)} if sets else {}),
                 )
             )
     return out
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     add_budget_args(p, test_episodes=1000)
     p.add_argument("--speed-seconds", type=float, default=30.0, help="time per speed measurement")
     p.add_argument("--device", default="cpu", help="device of the speed measurement: cpu, cuda or auto")
+    add_set_arg(p)
     args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     label = current_label()
     runs = None if label is None else RUNS / label
@@ -280,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         recs = (
             speed(args.speed_seconds, args.device)
             if name == "speed"
-            else train_and_test(name, args.minutes, args.steps, args.test_episodes, runs)
+            else train_and_test(
+                name, args.minutes, args.steps, args.test_episodes, runs, tuple(args.overrides)
+            )
         )
         print(merge_results("omniglot_metric", recs))
         if label is None:  # the figure shows the main runs only

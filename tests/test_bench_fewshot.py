@@ -122,14 +122,14 @@ def test_omniglot_metric_uses_the_shared_steps(
 ) -> None:
     """omniglot_metric after the move to benchmarks.fewshot: one ProtoNet serves two cells, one Siamese verifier
     all four; the figure is drawn."""
-    metric, fewshot = bench("omniglot_metric"), bench("fewshot")
+    metric = bench("omniglot_metric")
     monkeypatch.setattr(metric, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(metric, "RESULTS", tmp_path / "results")
     method = training.split("-")[0]
-    tiny = ["train.eval_episodes=4", "task.train_ways=10", f"{method}.hidden=8"]  # the script has no --set
-    monkeypatch.setattr(metric, "budget_overrides", lambda *a: [*fewshot.budget_overrides(*a), *tiny])
-    records = metric.train_and_test(training, 60.0, 2, 4)
+    tiny = ["train.eval_episodes=4", "task.train_ways=10", f"{method}.hidden=8"]  # as --set gives them
+    records = metric.train_and_test(training, 60.0, 2, 4, sets=tuple(tiny))
     check_records(records, "omniglot_metric")
+    assert all(r["overrides"] == tiny for r in records)  # recorded
     assert [(r["task"], r["published"], r["target"], r["training"], r["batchnorm"]) for r in records] == [
         (f"omniglot-vinyals-{cell}", published, target, training, mode)
         for cell, published, target in expected
