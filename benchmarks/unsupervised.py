@@ -56,39 +56,27 @@ from metalab.data.tasks import make_sampler
 from metalab.experiment import load_run_config
 
 BENCH = "unsupervised"
-CELLS: dict[str, tuple[str, list[str]]] = {
-    "protonet-umtra-5w1s": ("protonet_omniglot_5w1s_umtra", []),
-    "protonet-umtra-5w5s": ("protonet_omniglot_5w1s_umtra", ["task.shots=5"]),
-    "cactus-protonet-5w1s": ("protonet_omniglot_5w1s_cactus", []),
-    "cactus-protonet-5w5s": ("protonet_omniglot_5w1s_cactus", ["task.shots=5"]),
-    "cactus-protonet-20w1s": ("protonet_omniglot_5w1s_cactus", ["task.ways=20"]),
-    "cactus-protonet-20w5s": ("protonet_omniglot_5w1s_cactus", ["task.ways=20", "task.shots=5"]),
-    "cactus-maml-5w1s": ("maml_omniglot_5w1s_cactus", []),
-    "cactus-maml-5w5s": ("maml_omniglot_5w1s_cactus", ["task.shots=5"]),
-    # 20-way MAML with 8 tasks a step: as many images a step as 5-way 1-shot with 32 (2,560), so a CPU budget
-    # buys as many meta-updates as the 5-way cells get.
-    "cactus-maml-20w1s": ("maml_omniglot_5w1s_cactus", ["task.ways=20", "train.meta_batch=8"]),
-    "cactus-maml-20w5s": (
-        "maml_omniglot_5w1s_cactus",
-        ["task.ways=20", "task.shots=5", "train.meta_batch=8"],
-    ),
-}
 WAYS_SHOTS = {
     "5w1s": [],
     "5w5s": ["task.shots=5"],
     "20w1s": ["task.ways=20"],
     "20w5s": ["task.ways=20", "task.shots=5"],
 }
-# The oracle: the supervised configs of the same learners, trained on the labelled Vinyals train characters
-# (MAML's 20-way cells with the CACTUs cells' 8 tasks a step).
-CELLS |= {f"oracle-protonet-{c}": ("protonet_omniglot_5w1s", sets) for c, sets in WAYS_SHOTS.items()}
-CELLS |= {
-    f"oracle-maml-{c}": (
-        "maml_omniglot_5w1s",
-        [*sets, *(["train.meta_batch=8"] if c.startswith("20") else [])],
-    )
-    for c, sets in WAYS_SHOTS.items()
+"""What turns a 5-way 1-shot config into each cell."""
+# 20-way MAML with 8 tasks a step: as many images a step as 5-way 1-shot with 32 (2,560), so a CPU budget buys
+# as many meta-updates as the 5-way cells get.
+MAML_SETS = {
+    c: [*sets, *(["train.meta_batch=8"] if c.startswith("20") else [])] for c, sets in WAYS_SHOTS.items()
 }
+CELLS: dict[str, tuple[str, list[str]]] = {
+    "protonet-umtra-5w1s": ("protonet_omniglot_5w1s_umtra", []),
+    "protonet-umtra-5w5s": ("protonet_omniglot_5w1s_umtra", ["task.shots=5"]),
+}
+CELLS |= {f"cactus-protonet-{c}": ("protonet_omniglot_5w1s_cactus", sets) for c, sets in WAYS_SHOTS.items()}
+CELLS |= {f"cactus-maml-{c}": ("maml_omniglot_5w1s_cactus", sets) for c, sets in MAML_SETS.items()}
+# The oracle: the supervised configs of the same learners, trained on the labelled Vinyals train characters.
+CELLS |= {f"oracle-protonet-{c}": ("protonet_omniglot_5w1s", sets) for c, sets in WAYS_SHOTS.items()}
+CELLS |= {f"oracle-maml-{c}": ("maml_omniglot_5w1s", sets) for c, sets in MAML_SETS.items()}
 # Training from scratch on the support set: the transfer learner, never pretrained, fitting its whole network.
 SCRATCH = ["transfer.finetune_backbone=true", "transfer.finetune_lr=0.01"]
 CELLS |= {f"scratch-{c}": (f"transfer_finetune_omniglot_{c}", SCRATCH) for c in WAYS_SHOTS}
