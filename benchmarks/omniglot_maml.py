@@ -99,6 +99,7 @@ def train_and_test(name: str, args: argparse.Namespace) -> list[dict]:
             # calibration of the adapted predictive: with --test-episodes 1000 these are the test episodes of
             # benchmarks.omniglot_metric's cell (the same eval.seed), for VERSA's ECE against MAML's
             ece=test.get("test/ece"),
+            ece_interval=[test.get("test/ece_low"), test.get("test/ece_high")],
             nll=test.get("test/nll"),
         )
     ]

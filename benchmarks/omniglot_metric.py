@@ -155,6 +155,7 @@ def train_and_test(
                     batchnorm=mode,
                     # calibration on the same test episodes for every method (VERSA's ECE vs ProtoNet's)
                     ece=test.get("test/ece"),
+                    ece_interval=[test.get("test/ece_low"), test.get("test/ece_high")],
                     nll=test.get("test/nll"),
                     **({"overrides": list(sets)} if sets else {}),
                 )

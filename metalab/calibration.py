@@ -91,16 +91,52 @@ def predictive_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> flo
     return log_likelihoods(logits, labels).double().mean().item()
 
 
+ECE_RESAMPLES = 2000
+"""Bootstrap resamples of the episodes behind the ECE's interval."""
+
+
+def bin_gaps(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """``(T, Q), (T, Q) -> (T, B)``: per episode (row) and confidence bin, the number of correct predictions
+    minus the sum of their confidences, in float64. Summed over episodes and divided by the number of
+    predictions, its absolute value summed over bins is the pooled ECE (as in :func:`binned_calibration`)."""
+    conf = confidence.detach().double().cpu()
+    index = (torch.ceil(conf * bins) - 1).clamp(0, bins - 1).long()
+    gaps = correct.detach().double().cpu() - conf
+    return torch.zeros(conf.shape[0], bins, dtype=torch.float64).scatter_add_(1, index, gaps)
+
+
+def bootstrap_ece(
+    gaps: torch.Tensor, queries: torch.Tensor, resamples: int = ECE_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval ``(low, high)`` of the pooled ECE over episodes: ``gaps`` ``(T, B)``
+    from :func:`bin_gaps` and the episodes' numbers of queries ``queries`` ``(T,)``. Each resample draws ``T``
+    episodes with replacement (the episode, not the query, is the independent unit: queries of one episode
+    share its classes and support set) and pools their queries. Deterministic for a ``seed``; the global random
+    state is untouched. The interval is not symmetric about the ECE, which is biased upwards in small samples;
+    its endpoints are reported as they are."""
+    episodes = gaps.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(episodes, (resamples, episodes), generator=g)
+    weights = torch.zeros(resamples, episodes, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, episodes, dtype=torch.float64)
+    )
+    ece = (weights @ gaps).abs().sum(-1) / (weights @ queries.double())
+    low, high = torch.quantile(ece, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
 class PooledQueries:
     """One classification evaluation over many episodes: :meth:`columns` gives each task's accuracy and mean NLL
     (the columns of :func:`~metalab.train.evaluate.evaluate_episode_columns`) and keeps every query's confidence
-    and correctness, so that :meth:`metrics` reports the ECE over all the queries pooled: ECE is a property of a
-    set of predictions, and one episode's few dozen queries in 15 bins would bias it upwards, so it has no
-    per-episode interval."""
+    and correctness by episode, so that :meth:`metrics` reports the ECE over all the queries pooled (ECE is a
+    property of a set of predictions: one episode's few dozen queries in 15 bins would bias it upwards) with a
+    bootstrap interval over the episodes (:func:`bootstrap_ece`)."""
 
     def __init__(self) -> None:
         self.confidence: list[torch.Tensor] = []
         self.correct: list[torch.Tensor] = []
+        self.gaps: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
 
     def columns(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``(T, Q, C), (T, Q) -> (T, 2)``: each task's query accuracy and mean NLL (nats), reading the logits'
@@ -108,18 +144,25 @@ class PooledQueries:
         confidence, correct = top_label(logits.softmax(-1), labels)
         self.confidence.append(confidence.cpu())
         self.correct.append(correct.cpu())
+        tasks = labels.shape[0]
+        self.gaps.append(bin_gaps(confidence.reshape(tasks, -1), correct.reshape(tasks, -1)))
+        self.queries.append(torch.full((tasks,), confidence.numel() // tasks, dtype=torch.float64))
         accuracy = (logits.argmax(-1) == labels).float().mean(-1)
         return torch.stack([accuracy, -log_likelihoods(logits, labels).mean(-1)], -1)
 
     def metrics(self, part: str, accuracy: Any, nll: Any) -> dict[str, float]:
         """``<part>/acc`` and ``<part>/nll`` (means and 95% CIs of the estimates ``accuracy`` and ``nll``, made
-        from :meth:`columns`) and ``<part>/ece`` of every query seen."""
+        from :meth:`columns`), ``<part>/ece`` of every query seen, and ``<part>/ece_low`` and ``<part>/ece_high``,
+        its 95% bootstrap interval over the episodes."""
+        low, high = bootstrap_ece(torch.cat(self.gaps), torch.cat(self.queries))
         return {
             f"{part}/acc": accuracy.mean,
             f"{part}/acc_ci95": accuracy.ci95,
             f"{part}/nll": nll.mean,
             f"{part}/nll_ci95": nll.ci95,
             f"{part}/ece": binned_calibration(torch.cat(self.confidence), torch.cat(self.correct)).ece,
+            f"{part}/ece_low": low,
+            f"{part}/ece_high": high,
         }
 
 

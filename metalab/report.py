@@ -235,6 +235,13 @@ def render_page(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def _ece(record: Record) -> str:
+    """The ECE, with its bootstrap interval ``[low, high]`` when the record has one."""
+    low, high = record.get("ece_interval") or (None, None)
+    interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+    return f"{record['ece']:.4f}{interval}"
+
+
 def render_calibration(current: list[Record]) -> list[str]:
     """A table of the classification records that carry the calibration of their test predictive (``ece``,
     ``nll``), by cell: records of one cell made with the same test episodes compare like for like."""
@@ -246,14 +253,18 @@ def render_calibration(current: list[Record]) -> list[str]:
         return []
     lines = ["## calibration", ""]
     lines += [
-        "Expected calibration error (15 bins, all test queries pooled) and mean NLL (nats per query) of the"
+        "Expected calibration error (15 bins, all test queries pooled; in brackets its 95% bootstrap interval over"
     ]
-    lines += ["test predictive, beside the accuracy of the same episodes; lower is better for both.", ""]
+    lines += [
+        "the episodes, where recorded) and mean NLL (nats per query) of the test predictive, beside the accuracy",
+        "of the same episodes; lower is better for both.",
+        "",
+    ]
     lines += ["| task | method | accuracy % | NLL | ECE | test episodes | benchmark | commit |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {_label(r)} | {_cell(r)} | {_number(r.get('nll'), '')} | {r['ece']:.4f} | "
+            f"| {r['task']} | {_label(r)} | {_cell(r)} | {_number(r.get('nll'), '')} | {_ece(r)} | "
             f"{r.get('test_episodes', '')} | {r['benchmark']} | {r.get('commit', '')} |"
         )
     return [*lines, ""]

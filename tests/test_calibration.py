@@ -77,6 +77,45 @@ def test_ece_reaches_one_when_certain_and_always_wrong() -> None:
     assert expected_calibration_error(probs, torch.tensor([1, 0])).ece == pytest.approx(1.0)
 
 
+def random_episodes(episodes: int, queries: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidences ``(T, Q)`` and correctness of an overconfident classifier: right with probability 0.8
+    times its confidence."""
+    g = torch.Generator().manual_seed(seed)
+    confidence = 0.3 + 0.7 * torch.rand(episodes, queries, generator=g, dtype=torch.float64)
+    correct = torch.rand(episodes, queries, generator=g, dtype=torch.float64) < 0.8 * confidence
+    return confidence, correct
+
+
+def test_bin_gaps_pool_to_the_ece() -> None:
+    confidence, correct = random_episodes(50)
+    gaps = calibration.bin_gaps(confidence, correct)
+    pooled = calibration.binned_calibration(confidence.flatten(), correct.flatten()).ece
+    assert gaps.shape == (50, calibration.ECE_BINS)
+    assert (gaps.sum(0).abs().sum() / confidence.numel()).item() == pytest.approx(pooled, abs=1e-12)
+
+
+def test_bootstrap_interval_of_identical_episodes_is_the_ece_itself() -> None:
+    confidence, correct = random_episodes(1)
+    gaps = calibration.bin_gaps(confidence.expand(30, -1), correct.expand(30, -1))
+    low, high = calibration.bootstrap_ece(gaps, torch.full((30,), 20.0))
+    ece = calibration.binned_calibration(confidence.flatten(), correct.flatten()).ece
+    assert low == pytest.approx(ece, abs=1e-12) and high == pytest.approx(ece, abs=1e-12)
+
+
+def test_bootstrap_interval_covers_the_ece_narrows_with_episodes_and_is_deterministic() -> None:
+    widths = []
+    for episodes in (100, 1600):
+        confidence, correct = random_episodes(episodes)
+        gaps, queries = calibration.bin_gaps(confidence, correct), torch.full((episodes,), 20.0)
+        low, high = calibration.bootstrap_ece(gaps, queries)
+        ece = calibration.binned_calibration(confidence.flatten(), correct.flatten()).ece
+        assert low < ece < high
+        assert calibration.bootstrap_ece(gaps, queries) == (low, high)  # same seed, same interval
+        assert calibration.bootstrap_ece(gaps, queries, seed=1) != (low, high)
+        widths.append(high - low)
+    assert 0.15 < widths[1] / widths[0] < 0.4, widths  # 16 times the episodes: about a quarter the width
+
+
 def test_predictive_log_likelihood_is_minus_cross_entropy() -> None:
     g = torch.Generator().manual_seed(1)
     logits = 2 * torch.randn(4, 30, 5, generator=g)  # (T, N*Q, N)
@@ -126,7 +165,15 @@ def test_episodic_evaluation_reports_ece_and_nll_of_its_logits(monkeypatch: pyte
 
     learner = episodic.build_episodic(run, REPO, torch.device("cpu"), model, scores)
     metrics = learner.evaluate("test", 7)
-    assert set(metrics) == {"test/acc", "test/acc_ci95", "test/nll", "test/nll_ci95", "test/ece"}
+    assert set(metrics) == {
+        "test/acc",
+        "test/acc_ci95",
+        "test/nll",
+        "test/nll_ci95",
+        "test/ece",
+        "test/ece_low",
+        "test/ece_high",
+    }
 
     with torch.no_grad():  # the same 7 episodes, in the evaluation's batches of 3
         logits = torch.cat([scores(sampler.sample(i, t)) for i, t in enumerate([3, 3, 1])])
@@ -135,6 +182,7 @@ def test_episodic_evaluation_reports_ece_and_nll_of_its_logits(monkeypatch: pyte
     assert metrics["test/ece"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels).ece)
     assert metrics["test/acc"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())
     assert 0 < metrics["test/ece"] < 1 and metrics["test/nll_ci95"] > 0
+    assert metrics["test/ece_low"] < metrics["test/ece"] < metrics["test/ece_high"]
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
@@ -167,7 +215,15 @@ def test_gradient_based_evaluation_reports_ece_and_nll_of_its_adapted_logits(
         batching=gbml.TaskBatching(mode),
     )
     metrics = learner.evaluate("test", 7)
-    assert set(metrics) == {"test/acc", "test/acc_ci95", "test/nll", "test/nll_ci95", "test/ece"}
+    assert set(metrics) == {
+        "test/acc",
+        "test/acc_ci95",
+        "test/nll",
+        "test/nll_ci95",
+        "test/ece",
+        "test/ece_low",
+        "test/ece_high",
+    }
 
     episodes = [sampler.sample(i, t) for i, t in enumerate([3, 3, 1])]  # the evaluation's batches of 3
     logits = torch.cat(
@@ -178,3 +234,4 @@ def test_gradient_based_evaluation_reports_ece_and_nll_of_its_adapted_logits(
     assert metrics["test/ece"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels).ece)
     assert metrics["test/acc"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())
     assert 0 < metrics["test/ece"] < 1 and metrics["test/nll_ci95"] > 0
+    assert metrics["test/ece_low"] < metrics["test/ece"] < metrics["test/ece_high"]

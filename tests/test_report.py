@@ -59,7 +59,7 @@ def test_page_quotes_current_records_and_lists_the_rest_as_pending() -> None:
 
 def test_calibration_table_lists_current_records_with_an_ece_by_cell_then_ece() -> None:
     text = report.render_page([
-        _rec(method="versa", ece=0.0035, nll=0.131, test_episodes=1000),
+        _rec(method="versa", ece=0.0035, ece_interval=[0.0021, 0.0062], nll=0.131, test_episodes=1000),
         _rec(method="protonet", label="ece-peer", ece=0.0050, nll=0.074, test_episodes=1000),
         _rec(method="maml", benchmark="omniglot_maml", ece=0.2, nll=0.5, commit="abc1234+dirty"),  # not current
         _rec(method="matching"),  # no calibration recorded
@@ -67,7 +67,8 @@ def test_calibration_table_lists_current_records_with_an_ece_by_cell_then_ece() 
     table = text.split("## calibration", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| omniglot")]
     assert rows == [
-        "| omniglot-vinyals-5w1s | versa | 98.00 ± 0.20 | 0.131 | 0.0035 | 1000 | omniglot_metric | abc1234 |",
+        "| omniglot-vinyals-5w1s | versa | 98.00 ± 0.20 | 0.131 | 0.0035 [0.0021, 0.0062] | 1000 | omniglot_metric | "
+        "abc1234 |",
         "| omniglot-vinyals-5w1s | protonet [ece-peer] | 98.00 ± 0.20 | 0.074 | 0.0050 | 1000 | omniglot_metric | "
         "abc1234 |",
     ]

@@ -351,7 +351,15 @@ def test_tiny_run_learns_the_training_tasks(algo: str) -> None:
     assert acc > 0.25 + 0.05, acc
     # the shared episodic evaluation, on the text samplers' fixed val episodes
     out = learner.evaluate("val", 4)
-    assert set(out) == {"val/acc", "val/acc_ci95", "val/nll", "val/nll_ci95", "val/ece"}
+    assert set(out) == {
+        "val/acc",
+        "val/acc_ci95",
+        "val/nll",
+        "val/nll_ci95",
+        "val/ece",
+        "val/ece_low",
+        "val/ece_high",
+    }
     assert 0.0 <= out["val/acc"] <= 1.0 and out["val/nll"] > 0 and 0.0 <= out["val/ece"] <= 1.0
 
 
