@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import merge_results, parse_args, parser, record
-from metalab.data import omniglot
+from metalab.data import omniglot, omniglot_install
 from metalab.data.episodes import EpisodeSampler
 from metalab.data.root import data_root, safe_extract
 
@@ -36,7 +36,9 @@ class PngEpisodes(Dataset):
         for line in classes:  # "Alphabet/characterNN/rotDDD"
             alphabet, char, rot = line.split("/")
             base = next(
-                folder / s / alphabet / char for s in omniglot.SETS if (folder / s / alphabet / char).is_dir()
+                folder / s / alphabet / char
+                for s in omniglot_install.SETS
+                if (folder / s / alphabet / char).is_dir()
             )
             self.files.append((sorted(base.glob("*.png")), int(rot[3:])))
         self.n, self.k, self.q = n, k, q
@@ -83,8 +85,8 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for s in omniglot.SETS:  # the baseline reads extracted PNG files, as torchvision/Torchmeta do
-            safe_extract(omniglot.omniglot_dir(root) / f"{s}.zip", folder)
+        for s in omniglot_install.SETS:  # the baseline reads extracted PNG files, as torchvision/Torchmeta do
+            safe_extract(omniglot_install.omniglot_dir(root) / f"{s}.zip", folder)
         for name in args.only or CONFIGS:
             n, k, q = CONFIGS[name]
             task = f"omniglot-{n}w{k}s{q}q-mb{META_BATCH}"

@@ -483,7 +483,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from metalab.data import omniglot
+    from metalab.data import omniglot, omniglot_install
     from metalab.data.root import cache_root
 
     root = _data_root(args)
@@ -498,14 +498,14 @@ def _data(args: argparse.Namespace) -> int:
             "--no-verify goes with --from; downloads are always checked against the official md5"
         )
     if args.download:
-        done = omniglot.fetch(root)
+        done = omniglot_install.fetch(root)
     else:
-        done = omniglot.install(Path(args.source), root, verify=not args.no_verify)
+        done = omniglot_install.install(Path(args.source), root, verify=not args.no_verify)
     for s in done:
         what = "already installed, unchanged" if s.unchanged else "installed"
         flag = "verified" if s.verified else "UNVERIFIED"
         print(f"omniglot {s.name}: {what}, {s.characters} characters, {flag} ({s.verified_by})")
-    missing = [s for s in omniglot.status(root) if s.state in ("missing", "incomplete")]
+    missing = [s for s in omniglot_install.status(root) if s.state in ("missing", "incomplete")]
     if missing:
         print(
             f"omniglot {missing[0].name} is {missing[0].state}: install it too "
@@ -514,18 +514,18 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     data = omniglot.load(root)  # decodes once into the cache, so the first run does not
     print(
-        f"omniglot ready in {omniglot.omniglot_dir(root)}: {data.images.shape[0]} characters, "
+        f"omniglot ready in {omniglot_install.omniglot_dir(root)}: {data.images.shape[0]} characters, "
         f"{int(data.background.sum())} background / {int((~data.background).sum())} evaluation"
     )
     return 0
 
 
 def _info(root: Path, cache: Path) -> int:
-    from metalab.data import omniglot
+    from metalab.data import omniglot, omniglot_install
 
     print(f"data root:  {root}\ncache root: {cache}")
-    base = omniglot.omniglot_dir(root)
-    for s in omniglot.status(root):
+    base = omniglot_install.omniglot_dir(root)
+    for s in omniglot_install.status(root):
         if s.state == "missing":
             print(f"omniglot {s.name}: missing ({s.detail})")
         elif s.state == "incomplete":
@@ -535,7 +535,7 @@ def _info(root: Path, cache: Path) -> int:
             print(
                 f"omniglot {s.name}: {where}, complete, {'verified' if s.verified else 'UNVERIFIED'} ({s.detail})"
             )
-    lists = [p for p in omniglot.SPLIT_PARTS if (base / "splits" / "vinyals" / f"{p}.txt").is_file()]
+    lists = [p for p in omniglot_install.SPLIT_PARTS if (base / "splits" / "vinyals" / f"{p}.txt").is_file()]
     print(f"omniglot vinyals split lists: {', '.join(lists) or 'missing'}")
     folder = cache / "omniglot"
     caches = sorted(folder.glob("*.pt")) if folder.is_dir() else []

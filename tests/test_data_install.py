@@ -1,8 +1,8 @@
 """Omniglot installs that cannot go stale: verified, transactional, content-keyed caches, honest `data info`.
 
 Most tests use a tiny synthetic Omniglot (3 + 2 characters of 20 drawings, 8x8 PNGs) with
-:data:`omniglot.EXPECTED` and :data:`omniglot.CONTENT_DIGESTS` patched to fit it; one test installs the
-shared zips for real (one full decode).
+:data:`omniglot_install.EXPECTED` and :data:`omniglot_install.CONTENT_DIGESTS` patched to fit it; one test
+installs the shared zips for real (one full decode).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from conftest import OMNIGLOT
 from PIL import Image
 
 from metalab.cli import main
-from metalab.data import omniglot
+from metalab.data import omniglot, omniglot_install
+from metalab.data.root import md5sum, safe_extract
 from metalab.errors import ChecksumError, DataError
 
 TINY = {"images_background": {"Alpha": 2, "Beta": 1}, "images_evaluation": {"Gamma": 2}}
@@ -76,16 +77,16 @@ class Tiny:
 def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Tiny:
     """Tiny good and modified zips; EXPECTED and CONTENT_DIGESTS patched so the good ones are 'official'."""
     monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(
-        omniglot, "EXPECTED", {s: (len(a), sum(a.values())) for s, a in TINY.items()}, raising=True
-    )
+    expected = {s: (len(a), sum(a.values())) for s, a in TINY.items()}
+    for module in (omniglot_install, omniglot):  # the install checks, and the decoder's progress total
+        monkeypatch.setattr(module, "EXPECTED", expected, raising=True)
     src, modified = tmp_path / "src", tmp_path / "modified"
-    for set_name in omniglot.SETS:
+    for set_name in omniglot_install.SETS:
         _write_zip(src / f"{set_name}.zip", _members(set_name))
     _write_zip(modified / "images_background.zip", _members("images_background", modified=True))
     shutil.copyfile(src / "images_evaluation.zip", modified / "images_evaluation.zip")
-    digests = {s: omniglot.content_digest(src / f"{s}.zip", s) for s in omniglot.SETS}
-    monkeypatch.setattr(omniglot, "CONTENT_DIGESTS", digests)
+    digests = {s: omniglot_install.content_digest(src / f"{s}.zip", s) for s in omniglot_install.SETS}
+    monkeypatch.setattr(omniglot_install, "CONTENT_DIGESTS", digests)
     return Tiny(src, modified, tmp_path / "root")
 
 
@@ -121,7 +122,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def manifest(root: Path) -> dict:
-    return json.loads((root / "omniglot" / omniglot.MANIFEST).read_text())["sets"]
+    return json.loads((root / "omniglot" / omniglot_install.MANIFEST).read_text())["sets"]
 
 
 # --------------------------------------------------------------------------------- verified installs
@@ -157,7 +158,9 @@ def test_unverified_install_then_good_zips_serve_the_good_image(
     assert "images_evaluation: already installed, unchanged" in out
     sets = manifest(tiny.root)
     assert sets["images_background"]["verified"] is True
-    assert sets["images_background"]["content_sha256"] == omniglot.CONTENT_DIGESTS["images_background"]
+    assert (
+        sets["images_background"]["content_sha256"] == omniglot_install.CONTENT_DIGESTS["images_background"]
+    )
     assert omniglot.cache_path(tiny.root, SIZE) != stale_cache
     with caplog.at_level(logging.WARNING, logger="metalab.data.omniglot"):
         caplog.clear()
@@ -178,18 +181,18 @@ def test_tampered_zip_is_refused_and_the_root_is_unchanged(
     assert_one_line_error(rc, err, "not the official images_background", "--no-verify")
     assert tree(tiny.root) == before
     with pytest.raises(ChecksumError, match="content sha256"):
-        omniglot.install(tampered, tiny.root)
+        omniglot_install.install(tampered, tiny.root)
     assert tree(tiny.root) == before
 
 
 def test_official_zip_md5_alone_verifies(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """A zip with the official md5 is accepted even if the content digest constant did not match."""
     zip_path = tiny.zip("images_background")
-    url, _ = omniglot.OFFICIAL_ZIPS["images_background"]
-    md5 = omniglot.md5sum(zip_path)
-    monkeypatch.setitem(omniglot.OFFICIAL_ZIPS, "images_background", (url, md5))
-    monkeypatch.setitem(omniglot.CONTENT_DIGESTS, "images_background", "0" * 64)
-    (done,) = omniglot.install(zip_path, tiny.root)
+    url, _ = omniglot_install.OFFICIAL_ZIPS["images_background"]
+    md5 = md5sum(zip_path)
+    monkeypatch.setitem(omniglot_install.OFFICIAL_ZIPS, "images_background", (url, md5))
+    monkeypatch.setitem(omniglot_install.CONTENT_DIGESTS, "images_background", "0" * 64)
+    (done,) = omniglot_install.install(zip_path, tiny.root)
     assert done.verified and done.verified_by == "official zip md5"
     assert manifest(tiny.root)["images_background"]["zip_md5"] == md5
 
@@ -202,12 +205,16 @@ def test_content_digest_ignores_the_container(tmp_path: Path) -> None:
     with zipfile.ZipFile(b, "w", compression=zipfile.ZIP_STORED) as z:
         for name in reversed(list(members)):
             z.writestr(name, members[name])
-    assert omniglot.md5sum(a) != omniglot.md5sum(b)
-    assert omniglot.content_digest(a, "images_evaluation") == omniglot.content_digest(b, "images_evaluation")
+    assert md5sum(a) != md5sum(b)
+    assert omniglot_install.content_digest(a, "images_evaluation") == omniglot_install.content_digest(
+        b, "images_evaluation"
+    )
     first = next(iter(members))
     members[first] = _png(None)
     c = _write_zip(tmp_path / "c.zip", members)
-    assert omniglot.content_digest(c, "images_evaluation") != omniglot.content_digest(a, "images_evaluation")
+    assert omniglot_install.content_digest(c, "images_evaluation") != omniglot_install.content_digest(
+        a, "images_evaluation"
+    )
 
 
 def test_incomplete_zip_is_refused_even_without_verify(tiny: Tiny) -> None:
@@ -215,7 +222,7 @@ def test_incomplete_zip_is_refused_even_without_verify(tiny: Tiny) -> None:
     del members[next(iter(members))]  # 19 drawings for one character
     short = _write_zip(tiny.src / "short" / "images_background.zip", members)
     with pytest.raises(DataError, match=r"not a complete images_background.*19 drawings"):
-        omniglot.install(short, tiny.root, verify=False)
+        omniglot_install.install(short, tiny.root, verify=False)
     assert not (tiny.root / "omniglot" / "images_background").exists()
 
 
@@ -243,7 +250,7 @@ def test_partial_folder_is_incomplete_until_reinstalled(
 ) -> None:
     assert install_cli(capsys, tiny.root, tiny.src)[0] == 0
     shutil.rmtree(tiny.root / "omniglot" / "images_evaluation" / "Gamma" / "character02")
-    assert omniglot.set_status(tiny.root, "images_evaluation").state == "incomplete"
+    assert omniglot_install.set_status(tiny.root, "images_evaluation").state == "incomplete"
     rc, out, _ = cli(capsys, "--data-root", tiny.root, "data", "info")
     assert rc == 0
     assert "images_evaluation: INCOMPLETE, not installed" in out and "1 of 2 characters" in out
@@ -256,7 +263,7 @@ def test_partial_folder_is_incomplete_until_reinstalled(
 
     rc, out, _ = install_cli(capsys, tiny.root, tiny.src)
     assert rc == 0 and "images_evaluation: installed, 2 characters" in out
-    assert omniglot.set_status(tiny.root, "images_evaluation").state == "installed"
+    assert omniglot_install.set_status(tiny.root, "images_evaluation").state == "installed"
     assert len(omniglot.load(tiny.root, SIZE).names) == 5
 
 
@@ -264,8 +271,8 @@ def test_unrecorded_partial_folder_is_not_served_from_the_cache(tiny: Tiny) -> N
     """An extracted folder without install record (an older install) is keyed by its files, so a removed
     character changes the key and is reported, never served from the cache of the complete folder."""
     base = tiny.root / "omniglot"
-    for set_name in omniglot.SETS:
-        omniglot.safe_extract(tiny.zip(set_name), base)
+    for set_name in omniglot_install.SETS:
+        safe_extract(tiny.zip(set_name), base)
     assert len(omniglot.load(tiny.root, SIZE).names) == 5
     shutil.rmtree(base / "images_background" / "Beta")
     with pytest.raises(DataError, match="2 of 3 characters in 1 of 2 alphabets"):
@@ -290,7 +297,7 @@ def test_interrupted_install_leaves_the_previous_install(
 
     monkeypatch.setattr(zipfile.ZipFile, "extract", extract_then_die)
     with pytest.raises(KeyboardInterrupt):
-        omniglot.install(tiny.modified / "images_background.zip", tiny.root, verify=False)
+        omniglot_install.install(tiny.modified / "images_background.zip", tiny.root, verify=False)
     assert len(calls) == 7
     assert tree(tiny.root) == before  # the previous install, and no staging folder left behind
     assert not [p for p in (tiny.root / "omniglot").iterdir() if p.name.startswith(".")]
@@ -304,35 +311,35 @@ def test_interrupted_first_install_leaves_nothing(tiny: Tiny, monkeypatch: pytes
 
     monkeypatch.setattr(zipfile.ZipFile, "extract", die)
     with pytest.raises(KeyboardInterrupt):
-        omniglot.install(tiny.src, tiny.root)
+        omniglot_install.install(tiny.src, tiny.root)
     assert [p.name for p in (tiny.root / "omniglot").iterdir()] == []
-    assert omniglot.set_status(tiny.root, "images_background").state == "missing"
+    assert omniglot_install.set_status(tiny.root, "images_background").state == "missing"
 
 
 def test_killed_install_leftovers_are_removed(tiny: Tiny) -> None:
     """A staging folder left by a killed install (no finally ran) is cleaned by the next install."""
     leftover = tiny.root / "omniglot" / ".images_background.install-dead"
     (leftover / "images_background" / "Alpha").mkdir(parents=True)
-    omniglot.install(tiny.zip("images_background"), tiny.root)
+    omniglot_install.install(tiny.zip("images_background"), tiny.root)
     assert not leftover.exists()
 
 
 def test_crash_before_the_record_is_written_is_not_stale(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after the new folder took its place but before install.json was updated: the record no longer
     matches the files, so the cache is keyed by the files and the new images are decoded."""
-    omniglot.install(tiny.modified, tiny.root, verify=False)
+    omniglot_install.install(tiny.modified, tiny.root, verify=False)
     assert bool((changed_drawing(omniglot.load(tiny.root, SIZE)) == 255).all())
 
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(omniglot, "_record", crash)
+    monkeypatch.setattr(omniglot_install, "_record", crash)
     with pytest.raises(KeyboardInterrupt):
-        omniglot.install(tiny.zip("images_background"), tiny.root)
+        omniglot_install.install(tiny.zip("images_background"), tiny.root)
     assert manifest(tiny.root)["images_background"]["verified"] is False  # the old record
     data = omniglot.load(tiny.root, SIZE)
     assert int((changed_drawing(data) == 255).sum()) == 1  # but the new images
-    assert omniglot.set_status(tiny.root, "images_background").verified is True  # judged by content
+    assert omniglot_install.set_status(tiny.root, "images_background").verified is True  # judged by content
 
 
 # ----------------------------------------------------------------------------------------- data show
@@ -368,9 +375,9 @@ def test_real_install_partial_repair_and_shared_cache(
     assert out.count("verified (official content digest)") == 2
     assert "1623 characters, 964 background / 659 evaluation" in out
     sets = manifest(root)
-    assert [sets[s]["characters"] for s in omniglot.SETS] == [964, 659]
-    assert [sets[s]["alphabets"] for s in omniglot.SETS] == [30, 20]
-    assert all(sets[s]["verified"] for s in omniglot.SETS)
+    assert [sets[s]["characters"] for s in omniglot_install.SETS] == [964, 659]
+    assert [sets[s]["alphabets"] for s in omniglot_install.SETS] == [30, 20]
+    assert all(sets[s]["verified"] for s in omniglot_install.SETS)
 
     evaluation = root / "omniglot" / "images_evaluation"
     alphabet = sorted(p for p in evaluation.iterdir() if p.is_dir())[0]
@@ -448,14 +455,14 @@ def test_cache_is_written_once_and_keyed_by_content(
 
 def test_edited_extracted_file_changes_the_cache(tiny: Tiny, decodes: list[list[str]]) -> None:
     """A PNG rewritten in an installed folder no longer matches the install record: decoded again."""
-    omniglot.install(tiny.src, tiny.root)
+    omniglot_install.install(tiny.src, tiny.root)
     assert int((changed_drawing(omniglot.load(tiny.root, SIZE)) == 255).sum()) == 1
     set_name, char, drawing = CHANGED
     (png,) = (tiny.root / "omniglot" / set_name / char).glob(f"*_{drawing:02d}.png")
     png.write_bytes(_png(None) + b"\0" * 7)  # another size, so the change shows even within one mtime tick
     assert bool((changed_drawing(omniglot.load(tiny.root, SIZE)) == 255).all())
     assert len(decodes) == 2
-    assert omniglot.set_status(tiny.root, set_name).verified is False
+    assert omniglot_install.set_status(tiny.root, set_name).verified is False
 
 
 @pytest.mark.parametrize("damage", ["intact", "garbage", "truncated", "old_version", "other_key"])
@@ -473,7 +480,7 @@ def test_bad_cache_is_rebuilt(tiny: Tiny, decodes: list[list[str]], damage: str)
         blob = {
             "version": omniglot.CACHE_VERSION - (damage == "old_version"),
             "key": "0" * 64 if damage == "other_key" else key,
-            "verified": {s: True for s in omniglot.SETS},
+            "verified": {s: True for s in omniglot_install.SETS},
             "names": ["X/character01"],
             "images": torch.zeros(1, 20, SIZE, SIZE, dtype=torch.uint8),
             "background": torch.ones(1, dtype=torch.bool),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DATA
 
-from metalab.data import omniglot
+from metalab.data import omniglot, omniglot_install
 from metalab.data.root import cache_root, data_root, download, md5sum, open_zip, safe_extract
 from metalab.data.tasks import TaskConfig, make_sampler
 from metalab.errors import ChecksumError, ConfigError, DataError, UnsafeArchiveError
@@ -102,7 +102,7 @@ def test_lake_val_is_carved_from_background_alphabets_only(omniglot_data, omnigl
     background characters."""
     parts = {
         p: omniglot.split_classes(omniglot_data, omniglot_root, "lake", p).classes
-        for p in omniglot.SPLIT_PARTS
+        for p in omniglot_install.SPLIT_PARTS
     }
     alphabets = {p: {c.split("/")[0] for c in classes} for p, classes in parts.items()}
     background = {
@@ -215,9 +215,9 @@ def test_zip_slip_rejected_by_install(tmp_path: Path, member: str) -> None:
     )
     root = tmp_path / "root"
     with pytest.raises(UnsafeArchiveError):
-        omniglot.install(source, root)
+        omniglot_install.install(source, root)
     with pytest.raises(UnsafeArchiveError):
-        omniglot.install(source / "images_background.zip", root)
+        omniglot_install.install(source / "images_background.zip", root)
     assert not (tmp_path / "evil.png").exists() and not (root / "evil.png").exists()
     assert not (root / "omniglot" / "images_background.zip").exists()
 
@@ -261,18 +261,18 @@ def test_install_rejects_corrupt_or_foreign_zips(tmp_path: Path) -> None:
     not_zip = tmp_path / "images_background.zip"
     not_zip.write_bytes(b"this is not a zip file at all")
     with pytest.raises(DataError, match="not a readable zip"):
-        omniglot.install(not_zip, root)
+        omniglot_install.install(not_zip, root)
     with pytest.raises(DataError, match="CRC"):
-        omniglot.install(_corrupt_crc_zip(tmp_path / "crc.zip"), root)
+        omniglot_install.install(_corrupt_crc_zip(tmp_path / "crc.zip"), root)
     foreign = _zip(tmp_path / "foreign.zip", {"photos/cat.jpg": b"meow"})
     with pytest.raises(DataError, match="official Omniglot layout"):
-        omniglot.install(foreign, root)
+        omniglot_install.install(foreign, root)
     with pytest.raises(DataError, match="does not exist"):
-        omniglot.install(tmp_path / "missing", root)
+        omniglot_install.install(tmp_path / "missing", root)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="holds neither"):
-        omniglot.install(empty, root)
+        omniglot_install.install(empty, root)
     assert not (root / "omniglot" / "images_background.zip").exists()
 
 

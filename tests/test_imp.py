@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalab.data import omniglot, tasks
+from metalab.data import omniglot, omniglot_install, tasks
+from metalab.data.alphabet import AlphabetSampler, alphabet_classes
 from metalab.data.episodes import Episode, EpisodeSampler
-from metalab.data.omniglot import AlphabetSampler, ClassSplit, alphabet_classes
+from metalab.data.omniglot import ClassSplit
 from metalab.data.tasks import TaskConfig
 from metalab.errors import ConfigError
 from metalab.experiment import algorithm, run_config_from_dict
@@ -408,7 +409,7 @@ def test_task_config_errors_name_the_key(task: dict, key: str) -> None:
 
 def test_alphabet_level_allows_more_examples_than_drawings() -> None:
     cfg = TaskConfig(ways=5, shots=10, queries=15, label_level="alphabet")  # 25 characters > 20 drawings
-    assert cfg.shots + cfg.queries > omniglot.DRAWINGS
+    assert cfg.shots + cfg.queries > omniglot_install.DRAWINGS
 
 
 def test_alphabet_episodes_with_support_character_queries() -> None:

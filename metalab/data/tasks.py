@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from metalab.config import require, require_between
-from metalab.data import omniglot
+from metalab.data import alphabet, omniglot, omniglot_install
 from metalab.data.augment import AugmentedTasks
 from metalab.data.cactus import CactusConfig, CactusTasks, tasks_from_pool
 from metalab.data.episodes import ClassBatchSampler, EpisodeSampler, LabelAssignment, SupportSwapped
@@ -76,7 +76,7 @@ class TaskConfig:
     """What an Omniglot class is. ``character`` (the usual task): a character, its examples drawings of it.
     ``alphabet`` (the alphabet recognition task of Allen et al., ICML 2019): an alphabet, its K + Q examples one
     drawing each of K + Q distinct characters of it, so support and query share no character
-    (:class:`metalab.data.omniglot.AlphabetSampler`). The classes of a part are its characters grouped by
+    (:class:`metalab.data.alphabet.AlphabetSampler`). The classes of a part are its characters grouped by
     alphabet: in the Vinyals split an alphabet in one rotation (``Alphabet/rotDDD``: rotated characters are
     characters of their own, so their alphabet is one too; 33 alphabets, 132 classes in ``train``, 5 and 20 in
     ``val``, 13 and 52 in ``test``), in the Lake split an alphabet (25 / 5 / 20). Training draws from the
@@ -85,7 +85,7 @@ class TaskConfig:
     ``train`` (41) and ``test`` (4). Classes with fewer than ``shots + queries`` characters are left out (e.g.
     test Gurmukhi). Needs ``construction: labeled`` and ``label_assignment: shuffled``."""
 
-    alphabet_queries: omniglot.AlphabetQueries = "new_characters"
+    alphabet_queries: alphabet.AlphabetQueries = "new_characters"
     """Alphabet-level queries (``label_level: alphabet`` only). ``new_characters``: drawings of characters not in
     the support set (the alphabet must be recognised from characters never seen). ``support_characters``: other
     drawings of the support characters, as the official IMP code (k-r-allen/imp, ``next_episode`` with
@@ -140,13 +140,13 @@ class TaskConfig:
             require(self.label_level == "alphabet", "alphabet_queries", "needs label_level: alphabet")
         for key in ("queries", "train_queries"):
             queries = getattr(self, key) or self.queries
-            limit, per = omniglot.DRAWINGS, "drawings per character"
+            limit, per = omniglot_install.DRAWINGS, "drawings per character"
             if self.alphabet_queries == "support_characters":
-                require(self.shots <= omniglot.MOST_CHARACTERS, "shots", "must fit in the largest alphabet")
-                limit = self.shots * omniglot.DRAWINGS  # each query redraws a support character
+                require(self.shots <= alphabet.MOST_CHARACTERS, "shots", "must fit in the largest alphabet")
+                limit = self.shots * omniglot_install.DRAWINGS  # each query redraws a support character
                 per = "support characters' drawings"
             elif self.label_level == "alphabet":
-                limit, per = omniglot.MOST_CHARACTERS, "characters of the largest alphabet"
+                limit, per = alphabet.MOST_CHARACTERS, "characters of the largest alphabet"
             require(self.shots + queries <= limit, key, f"shots + {key} must be <= {limit} ({per})")
 
     @property
@@ -168,7 +168,7 @@ class TaskConfig:
 
 def make_sampler(
     cfg: TaskConfig, part: str, seed: int, root: Path
-) -> SinusoidTasks | EpisodeSampler | AugmentedTasks | CactusTasks | omniglot.AlphabetSampler:
+) -> SinusoidTasks | EpisodeSampler | AugmentedTasks | CactusTasks | alphabet.AlphabetSampler:
     """A sampler over ``part``: ``train`` (meaning ``cfg.train_part``) with the run's ``seed``, or ``val`` /
     ``test`` with the evaluation seed ``seed`` (each part then draws from its own :func:`part_seed`)."""
     if part in PARTS:
@@ -189,14 +189,14 @@ def make_sampler(
     queries = (cfg.train_queries or cfg.queries) if training else cfg.queries
     if cfg.label_level == "alphabet":  # classes are alphabets, examples distinct characters of each
         seen = cfg.alphabet_queries == "support_characters"
-        alphabets = omniglot.alphabet_classes(classes, min_characters=cfg.shots + (0 if seen else queries))
+        alphabets = alphabet.alphabet_classes(classes, min_characters=cfg.shots + (0 if seen else queries))
         if ways > len(alphabets.alphabets):
             raise ConfigError(
                 "task.ways",
                 f"{ways} ways but the {part} part has only {len(alphabets.alphabets)} alphabet classes of at "
                 f"least {cfg.shots if seen else cfg.shots + queries} characters",
             )
-        return omniglot.AlphabetSampler(alphabets, ways, cfg.shots, queries, seed, cfg.alphabet_queries)
+        return alphabet.AlphabetSampler(alphabets, ways, cfg.shots, queries, seed, cfg.alphabet_queries)
     if ways > classes.images.shape[0]:
         raise ConfigError(
             "task.ways", f"{ways} ways but the {part} part has only {classes.images.shape[0]} classes"
