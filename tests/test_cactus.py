@@ -1,7 +1,7 @@
-"""CACTUs (metalab.data.cactus): batched k-means against a loop written here, the random-scaling partitions,
-the cluster task sampler (distinct clusters, disjoint support and query, a function of seed and index, no
-label read), the on-disk caches, the embedding's training, and the ``task.construction: cactus`` config
-keys."""
+"""CACTUs (metalab.data.cactus) and its batched k-means (metalab.data.kmeans): the k-means against a loop
+written here, the random-scaling partitions, the cluster task sampler (distinct clusters, disjoint support and
+query, a function of seed and index, no label read), the on-disk caches, the embedding's training, and the
+``task.construction: cactus`` config keys."""
 
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from metalab.data.cactus import (
     cached_partitions,
     contrastive_loss,
     distinct_draws,
-    kmeans,
-    kmeans_plus_plus,
     make_partitions,
     tasks_from_pool,
     train_embedding,
 )
 from metalab.data.episodes import EpisodeSampler, SupportSwapped
+from metalab.data.kmeans import kmeans, kmeans_plus_plus
 from metalab.data.tasks import TaskConfig, eval_sampler, make_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import run_config_from_dict
@@ -52,7 +51,7 @@ def reference_kmeans(
 ) -> tuple[list[int], float, torch.Tensor, int]:
     """Plain Lloyd with Python loops over points and clusters, on points already scaled: assignments, inertia,
     centroids and iterations run. Empty clusters take, in order of index, the points farthest from their own
-    centroid (farthest first), as :func:`cactus.update_centroids` is documented to do."""
+    centroid (farthest first), as :func:`metalab.data.kmeans.update_centroids` is documented to do."""
     points, centres = x.tolist(), init.tolist()
 
     def sq(a: list[float], b: list[float]) -> float:
