@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import common, meta_rl
+from metalab.envs.config import make_env
 from metalab.experiment import RunConfig, load_run_config
 from metalab.train.logger import read_metrics
 
@@ -20,8 +21,8 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def small(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
         run = original(method, task, seed, steps, minutes)
-        sets = ["eval.episodes=3", "train.eval_episodes=2", f"{method}.hidden=8", f"{method}.learning_starts=4",
-                f"{method}.batch_size=4"]  # fmt: skip
+        sets = ["eval.episodes=3", "train.eval_episodes=2", f"{run.algo}.hidden=8", f"{run.algo}.learning_starts=4",
+                f"{run.algo}.batch_size=4"]  # fmt: skip
         return load_run_config(
             meta_rl.CONFIGS_DIR / f"{meta_rl.config_name(method, task)}.yaml",
             [*(f"{k}={v}" for k, v in flat(run)), *sets],
@@ -68,6 +69,18 @@ def test_tiny_meta_rl_records_resume_and_plot(tiny: None, tmp_path: Path) -> Non
     meta_rl.main(args[:2] + args[3:])  # rerun seed 0: the finished run is tested again, not retrained
     again = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
     assert again["return_s0"]["value"] == first and again["return_s0"]["steps"] == 40
+
+
+def test_the_papers_dream_runs_on_the_official_env(tiny: None, tmp_path: Path) -> None:
+    for task in ("5x5", "9x9"):  # the paper's configs, on the nine-action CityGrid with end_episode
+        env = make_env(meta_rl.run_config("dream_paper", task, 0, 10, None).env)
+        assert env.action_space.n == 9, task
+    meta_rl.main(["--only", "dream_paper-5x5-s0", "--steps-scale", "0.0002", "--runs-dir", str(tmp_path / "runs"),
+                  "--results-dir", str(tmp_path / "res")])  # fmt: skip
+    records = {r["metric"]: r for r in json.loads((tmp_path / "res" / "meta_rl.json").read_text())}
+    assert {r["method"] for r in records.values()} == {"dream_paper"}
+    assert records["return"]["target"] == 0.65 and "oracle_return_s0" in records  # DREAM's diagnostic too
+    assert records["return_s0"]["steps"] == 20
 
 
 def test_the_9x9_keeps_the_weights_selected_on_training_problems(tiny: None, tmp_path: Path) -> None:
