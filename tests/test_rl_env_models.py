@@ -1,7 +1,8 @@
 """The planning rewards and terminations of metalab.rl.env_models against the envs' own, on a few hundred
 transitions each (random actions, a little beyond the action bounds, from seeded resets), evaluated in one
-batched call on float32 observations as the planner sees them. Tolerances: InvertedPendulum's reward and
-termination exactly; the others to 1e-5 relative (float32 rounding of the observations; rewards are O(1-10))."""
+batched call on float32 observations as the planner sees them (the cart-pole swing-up's too: metalab's own env).
+Tolerances: InvertedPendulum's reward and termination exactly; the others to 1e-5 relative (float32 rounding of
+the observations; rewards are O(1-10))."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from metalab.envs import CARTPOLE_SWINGUP_ID
 from metalab.envs.config import EnvConfig
 from metalab.errors import ConfigError
 from metalab.rl import env_models as em
@@ -114,6 +116,15 @@ def test_reacher_reward_matches_the_env() -> None:
     assert em.env_model("Reacher-v5").done is None
 
 
+def test_cartpole_swingup_reward_matches_the_env() -> None:
+    env = em.env_model(CARTPOLE_SWINGUP_ID).make(EnvConfig(id=CARTPOLE_SWINGUP_ID))
+    data = transitions(env, TRANSITIONS)
+    assert data["next_obs"][:, 2].max() > -0.9  # random forces swing the pole: not all rewards ~exp(-4)
+    mine = em.cartpole_swingup_reward(data["obs"], data["action"], data["next_obs"])
+    assert torch.allclose(mine.double(), data["reward"], rtol=1e-5, atol=1e-5)
+    assert em.env_model(CARTPOLE_SWINGUP_ID) == em.EnvModel(em.cartpole_swingup_reward)  # no termination
+
+
 @pytest.mark.parametrize(
     ("fn", "obs_dim", "act_dim"),
     [
@@ -122,6 +133,7 @@ def test_reacher_reward_matches_the_env() -> None:
         (em.inverted_pendulum_done, 4, 1),
         (em.half_cheetah_reward, 18, 6),
         (em.reacher_reward, 10, 2),
+        (em.cartpole_swingup_reward, 5, 1),
     ],
 )
 def test_functions_broadcast_over_particles(fn: RewardFn, obs_dim: int, act_dim: int) -> None:

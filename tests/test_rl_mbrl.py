@@ -1,6 +1,7 @@
 """Model-based RL with MPC: the step schedule, a CLI smoke run of the shipped PETS config, exact resume, every
-planner and propagation in the loop, the loop on the MuJoCo envs (termination, a wrapped observation), and
-config errors. The env reward functions: tests/test_rl_env_models.py."""
+planner and propagation in the loop, the loop on the MuJoCo envs (termination, a wrapped observation) and on the
+cart-pole swing-up, the shipped configs of the benchmark, and config errors. The env reward functions:
+tests/test_rl_env_models.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import pytest
 import torch
 from conftest import REPO
 
+from benchmarks import mbrl as bench
 from metalab.cli import main
 from metalab.config import merge
+from metalab.envs import CARTPOLE_SWINGUP_ID
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig, load_run_config, run_config_from_dict
 from metalab.rl import mbrl
@@ -27,6 +30,7 @@ from metalab.train.loop import CHECKPOINT, Learner, fit
 from metalab.utils import seed_everything
 
 CONFIG = REPO / "configs" / "mbrl_pendulum.yaml"
+CARTPOLE_CONFIG = REPO / "configs" / "mbrl_cartpole_swingup.yaml"
 # 8-step Pendulum episodes; 10 random steps, then cycles of 4 model updates and 6 MPC steps: steps 10-13 fit,
 # 14-19 act, 20-23 fit, ...; a 2-member ensemble of 8 units, 2 particles, CEM of 2 rounds of 8 sequences of 3.
 TINY: dict[str, Any] = {
@@ -177,6 +181,31 @@ def test_the_loop_runs_on_the_mujoco_envs(env_id: str, obs_dim: int) -> None:
         assert 0 <= metrics["train/return"] <= 8
     out = learner.evaluate("val", 1)
     assert np.isfinite(out["val/return"])
+
+
+def test_the_loop_runs_on_the_cartpole_swingup() -> None:
+    learner = make(tiny(env={"id": CARTPOLE_SWINGUP_ID, "max_episode_steps": 8}))
+    for step in range(20):  # random steps, a fit, MPC steps
+        loss, metrics = learner.loss(step)
+        if loss is not None:
+            learner.model.zero_grad()
+            loss.backward()
+    assert learner.model.obs_dim == 5 and metrics["train/episodes"] == 2
+    assert 0 < metrics["train/return"] < 8  # at most 1 per step
+    out = learner.evaluate("val", 1)
+    assert 0 < out["val/return"] < 8
+
+
+def test_the_cartpole_swingup_config_is_pets_and_every_benchmark_setup_loads() -> None:
+    run = load_run_config(CARTPOLE_CONFIG)
+    cfg = run.params
+    assert run.env.id == CARTPOLE_SWINGUP_ID and cfg.planner.horizon == 25  # 15 never swings up (module docs)
+    assert (cfg.probabilistic, cfg.propagation, cfg.planner.method) == (True, "tsinf", "cem")
+    cycles, rest = divmod(run.train.steps - cfg.random_steps, cfg.fit_updates + cfg.refit_every)
+    assert rest == 0 and cycles == 15 and cfg.refit_every == 200  # 15 whole MPC episodes
+    for name in bench.SETUPS:
+        assert bench.run_config(name, 1, []).seed == 1, name
+    assert bench.SETUPS["pets-cartpole-swingup"].config == CARTPOLE_CONFIG.name
 
 
 def test_the_fit_refits_the_normaliser_to_all_data() -> None:

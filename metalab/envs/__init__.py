@@ -7,7 +7,8 @@
 ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot) and ``metalab/PointMassGoal-v0`` (a point mass
 to one of a family of goals, for multi-task model-based RL), ``metalab/Navigation2D-v0`` (MAML's 2D navigation), ``metalab/HalfCheetahDir-v0`` and
 ``metalab/HalfCheetahVel-v0`` (MAML's half-cheetah forward/backward and goal velocity; the ``mujoco`` extra),
-``metalab/HalfCheetahVelPEARL-v0`` (PEARL's half-cheetah goal velocity, the official code's tasks and split).
+``metalab/HalfCheetahVelPEARL-v0`` (PEARL's half-cheetah goal velocity, the official code's tasks and split),
+``metalab/CartPoleSwingUp-v0`` (PETS's continuous cart-pole swing-up, for model-based RL).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from metalab.envs.bitflip import BitFlip
+from metalab.envs.cartpole_swingup import CARTPOLE_SWINGUP_ID, CartPoleSwingUp
 from metalab.envs.citygrid import (
     CITYGRID5X5_ID,
     CITYGRID5X5_OFFICIAL_ID,
@@ -30,7 +32,8 @@ from metalab.envs.point_mass import POINT_MASS_ID, PointMassGoal
 from metalab.envs.point_robot import POINT_ROBOT_SPARSE_ID, PointRobotSparse
 
 # No registry step limits: every env truncates itself (BitFlip after n steps, CityGrid after 20 or 10,
-# the point robot after 20, the point mass after 50, the 2D navigation after 100, the half-cheetahs after 200), and importing twice (or reloading) must not re-register.
+# the point robot after 20, the point mass after 50, the 2D navigation after 100, the half-cheetahs and the cart-pole
+# swing-up after 200), and importing twice (or reloading) must not re-register.
 _IDS = {
     BITFLIP_ID: ("metalab.envs.bitflip:BitFlip", {"n": 10}),
     CITYGRID_ID: ("metalab.envs.citygrid:CityGrid", {"size": 9}),
@@ -44,6 +47,7 @@ _IDS = {
     HALF_CHEETAH_VEL_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "velocity"}),
     HALF_CHEETAH_VEL_PEARL_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "pearl_velocity"}),
     NAVIGATION_2D_ID: ("metalab.envs.navigation:Navigation2D", {}),
+    CARTPOLE_SWINGUP_ID: ("metalab.envs.cartpole_swingup:CartPoleSwingUp", {}),
 }
 for _id, (_entry_point, _kwargs) in _IDS.items():
     if _id not in gym.registry:
@@ -51,6 +55,7 @@ for _id, (_entry_point, _kwargs) in _IDS.items():
 
 __all__ = [
     "BITFLIP_ID",
+    "CARTPOLE_SWINGUP_ID",
     "CITYGRID5X5_ID",
     "CITYGRID5X5_OFFICIAL_ID",
     "CITYGRID5X5_PLAIN_ID",
@@ -63,6 +68,7 @@ __all__ = [
     "POINT_MASS_ID",
     "POINT_ROBOT_SPARSE_ID",
     "BitFlip",
+    "CartPoleSwingUp",
     "CityGrid",
     "EnvConfig",
     "Navigation2D",

@@ -22,6 +22,10 @@ any leading dimensions, so a planner scores every particle of every candidate se
   the fingertip's offset from the target in the plane (both bodies sit at the same height, so the planar
   distance is the distance); never terminates (the 50-step limit ends it). The target is part of the
   observation, so one model serves every goal.
+- ``metalab/CartPoleSwingUp-v0`` (PETS's cart-pole swing-up, :mod:`metalab.envs.cartpole_swingup`):
+  ``exp(-|tip - (0, L)|^2 / L^2) - 0.01 a^2`` after the step, the tip at ``(x + L sin theta, L cos theta)``
+  read from the observation ``[x, x', cos theta, sin theta, theta']`` and ``a`` the action clipped to
+  ``[-1, 1]``; never terminates (the 200-step limit ends it).
 
 The MuJoCo envs need the ``mujoco`` extra (``pip install -e ".[mujoco]"``, the ``mujoco`` wheel; CPU only).
 Rewards use the envs' default weights (``forward_reward_weight``, ``ctrl_cost_weight``, ...): the env config
@@ -39,6 +43,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
+from metalab.envs import cartpole_swingup
 from metalab.envs.config import EnvConfig, make_env
 from metalab.errors import ConfigError
 from metalab.rl.planners import DoneFn, RewardFn
@@ -128,6 +133,17 @@ def reacher_reward(obs: Tensor, action: Tensor, next_obs: Tensor) -> Tensor:
     return -torch.linalg.vector_norm(next_obs[..., REACHER_OFFSET], dim=-1) - (action**2).sum(-1)
 
 
+def cartpole_swingup_reward(obs: Tensor, action: Tensor, next_obs: Tensor) -> Tensor:
+    """The cart-pole swing-up's reward ``exp(-|tip - (0, L)|^2 / L^2) - 0.01 a^2`` from the observation after the
+    step (tip ``(x + L sin theta, L cos theta)``, entries 0, 2 and 3) and the action clipped to ``[-1, 1]``.
+    ``(..., 5)``, ``(..., 1)`` -> ``(...)``."""
+    length = cartpole_swingup.POLE_LENGTH
+    dx = next_obs[..., 0] + length * next_obs[..., 3]
+    dy = length * (next_obs[..., 2] - 1.0)
+    a = action[..., 0].clamp(-1.0, 1.0)
+    return torch.exp(-(dx**2 + dy**2) / length**2) - cartpole_swingup.ACTION_COST * a**2
+
+
 def _forward_velocity(env: gym.Env) -> gym.Env:
     return ForwardVelocity(env, HALF_CHEETAH_ROOT_VX)
 
@@ -137,6 +153,7 @@ ENV_MODELS: dict[str, EnvModel] = {
     "InvertedPendulum-v5": EnvModel(inverted_pendulum_reward, inverted_pendulum_done),
     "HalfCheetah-v5": EnvModel(half_cheetah_reward, wrapper=_forward_velocity),
     "Reacher-v5": EnvModel(reacher_reward),
+    cartpole_swingup.CARTPOLE_SWINGUP_ID: EnvModel(cartpole_swingup_reward),
 }
 """The reward and termination planning uses, per gymnasium env id."""
 

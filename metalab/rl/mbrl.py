@@ -17,8 +17,9 @@ probabilistic: false, particles: 1, planner: {method: random}``; ``planner.metho
 et al. 2017) and gradient-based planning.
 
 Planning needs the reward as a function of ``(obs, action, next_obs)``, and the termination where the env
-has one (:mod:`metalab.rl.env_models`, one per env id: Pendulum-v1 and the MuJoCo InvertedPendulum-v5,
-HalfCheetah-v5 and Reacher-v5); the model learns the dynamics only.
+has one (:mod:`metalab.rl.env_models`, one per env id: Pendulum-v1, metalab's cart-pole swing-up
+``metalab/CartPoleSwingUp-v0`` and the MuJoCo InvertedPendulum-v5, HalfCheetah-v5 and Reacher-v5); the model
+learns the dynamics only.
 
 Trainer steps: one trainer step is either one env step (random in phase 1, MPC in phase 3; ``loss`` returns
 None, no update) or one minibatch update of the model in phase 2 (``loss`` returns the model's loss, which the
