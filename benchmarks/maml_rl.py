@@ -11,6 +11,8 @@ model of the best val return after one step kept, then tested once on the test g
 
 - ``maml-navigation``: MAML-RL as configured (the paper's inner surrogate, second order);
 - ``promp-navigation``: the same with ProMP's low-variance curvature inner objective (``objective: promp``);
+- ``trpo-navigation``: the same with the paper's TRPO outer step (``configs/maml_rl_point_trpo.yaml``,
+  ``outer: trpo``: KL bound 0.01, conjugate gradient, line search) in place of one Adam step per meta-iteration;
 - ``pretrained-navigation``: the paper's *pretrained* baseline, one policy trained by the policy gradient on all
   training goals at once (``inner_steps: 0``), then adapted at test time by the same steps;
 - ``random-navigation``: the paper's *random* baseline, the initial policy of the seed, not trained, adapted by
@@ -94,6 +96,7 @@ class Setup(NamedTuple):
 SETUPS = {
     "maml-navigation": Setup("maml-rl"),
     "promp-navigation": Setup("maml-rl-promp", ("maml_rl.objective=promp",)),
+    "trpo-navigation": Setup("maml-rl-trpo", config="maml_rl_point_trpo.yaml"),
     "pretrained-navigation": Setup("pretrained", ("maml_rl.inner_steps=0",)),
     "random-navigation": Setup("random", trained=False),
     "maml-cheetah-dir": Setup(

@@ -179,11 +179,13 @@ def test_normalized_advantages_are_standardized_per_task_and_zero_on_padding() -
 # --- the meta-gradient through the inner step -------------------------------------------------------------------
 
 
-def meta_problem(seed: int = 0) -> tuple[maml_rl.GaussianPolicy, maml_rl.Batch, maml_rl.Batch]:
+def meta_problem(
+    seed: int = 0, hidden: tuple[int, ...] = (6,)
+) -> tuple[maml_rl.GaussianPolicy, maml_rl.Batch, maml_rl.Batch]:
     """A float64 policy and fixed pre- and post-update batches of 2 tasks (random data: the meta-gradient is a
     function of them alone)."""
     torch.manual_seed(seed)
-    policy = maml_rl.GaussianPolicy(obs_dim=2, hidden=(6,), act_dim=2, init_log_std=-0.2).double()
+    policy = maml_rl.GaussianPolicy(obs_dim=2, hidden=hidden, act_dim=2, init_log_std=-0.2).double()
     params = maml_rl.expand(dict(policy.named_parameters()), 2)
 
     def batch(p: dict[str, torch.Tensor]) -> maml_rl.Batch:

@@ -13,7 +13,8 @@ One meta-iteration (one trainer step), for ``train.meta_batch`` training tasks a
 3. Sample ``trajectories`` episodes per task with ``theta'_i``.
 4. Outer loss: the likelihood-ratio surrogate ``-mean_t pi_{theta'_i}(a_t | s_t) / pi_old(a_t | s_t) A_t`` of
    those episodes, averaged over tasks and differentiated through step 2 to ``theta`` (second order, unless
-   ``first_order``); the trainer takes one Adam step on it (``train.lr``).
+   ``first_order``); the trainer takes one Adam step on it (``train.lr``), or, with ``outer: trpo``, the
+   learner takes one TRPO step on it itself (:func:`trpo_update`).
 
 All tasks are adapted at once with ``torch.func.vmap`` over per-task parameters, using the shared
 :func:`metalab.meta.adapt.adapt`; training and evaluation take the same inner step.
@@ -36,9 +37,12 @@ Choices and their sources (the paper's code = github.com/cbfinn/maml_rl: ``maml_
 - Baseline: least squares with ridge ``1e-5`` on ``[o, o^2, t, t^2, t^3, 1]`` (``o`` clipped to +-10,
   ``t`` = step / 100), fitted per task on the batch it is used for. The paper's code predicts with the fit of
   the previously processed batch (one baseline shared by all tasks); ProMP's code fits on the batch itself.
-- Outer optimiser: one Adam step per meta-iteration on the likelihood-ratio surrogate (the paper: TRPO with a
-  KL bound of 0.01, conjugate gradient and a line search). Its gradient is the policy gradient at ``theta'``
-  chained through the inner step.
+- Outer optimiser (``outer``): ``adam``, one Adam step per meta-iteration on the likelihood-ratio surrogate,
+  whose gradient is the policy gradient at ``theta'`` chained through the inner step; or ``trpo``, the paper's
+  (``maml_npo.py``, rllab's ``ConjugateGradientOptimizer``; :func:`trpo_update`): the surrogate minimised
+  subject to ``mean KL(pi_{theta'_old} || pi_{theta'}) <= max_kl`` on the post-update steps, through the inner
+  step; conjugate gradient (rllab's 10 iterations, damping 1e-5) on exact Hessian-vector products of the KL
+  (the paper's code: finite differences), then a backtracking line search (0.8, 15 sizes), else no step.
 - Evaluation (:func:`evaluate`): per held-out task, ``eval_inner_steps`` inner steps, each on
   ``trajectories`` new episodes of the current parameters; the first with ``inner_lr``, later ones with
   ``inner_lr * later_lr_scale`` (the paper's A.2: 0.1, then halved). Metrics ``<part>/return_after{k}`` are
@@ -75,12 +79,14 @@ from metalab.models import MLP
 from metalab.models.mlp import mlp_forward
 from metalab.rl.pearl import to_box
 from metalab.rl.rollout import Act, derive_seed, dims, is_goal_env, run_episodes, run_vector_episodes
+from metalab.rl.trpo import diagonal_gaussian_kl, trpo_step
 from metalab.stats import mean_ci95
 from metalab.train.evaluate import PART_INDEX
 from metalab.train.loop import Learner
 from metalab.utils import Params
 
 OBJECTIVES = ("maml", "promp")
+OUTER = ("adam", "trpo")
 TIME_SCALE = 100.0
 """The baseline's time feature is ``step / TIME_SCALE`` (the paper's code: ``arange(l) / 100``)."""
 
@@ -89,7 +95,8 @@ TIME_SCALE = 100.0
 class Config:
     """MAML-RL hyperparameters (the ``maml_rl`` section of a config); defaults are the paper's for 2D navigation.
 
-    ``train.meta_batch`` is the number of tasks per meta-iteration (paper: 20), ``train.lr`` the outer Adam rate.
+    ``train.meta_batch`` is the number of tasks per meta-iteration (paper: 20), ``train.lr`` the outer Adam rate
+    (unused with ``outer: trpo``).
     """
 
     trajectories: int = 20
@@ -122,6 +129,19 @@ class Config:
     final_info: str | None = "distance"
     """An ``info`` key whose value at an episode's last step is reported like the return
     (``<part>/distance_after{k}``); null: none."""
+    outer: Literal["adam", "trpo"] = "adam"
+    """Outer optimiser: ``adam`` (the trainer's, at ``train.lr``) or ``trpo`` (the paper's KL-constrained step,
+    :func:`trpo_update`; logs ``train/kl``, ``train/surrogate_gain``, ``train/line_search_steps``)."""
+    max_kl: float = 0.01
+    """TRPO: the bound on the mean KL between the adapted policies before and after the step (paper: 0.01)."""
+    cg_iters: int = 10
+    """TRPO: conjugate-gradient iterations for the search direction (rllab: 10)."""
+    cg_damping: float = 1e-5
+    """TRPO: ``damping * I`` added to the KL's Hessian in the conjugate gradient (rllab's ``reg_coeff``: 1e-5)."""
+    line_search_steps: int = 15
+    """TRPO: step sizes the line search tries before it rejects the step (rllab's ``max_backtracks``: 15)."""
+    backtrack_ratio: float = 0.8
+    """TRPO: the factor between the line search's successive step sizes (rllab: 0.8)."""
 
     def __post_init__(self) -> None:
         require_between(self.trajectories, "trajectories", 1, MAX_EPISODES)
@@ -139,6 +159,14 @@ class Config:
         require(self.later_lr_scale > 0, "later_lr_scale", f"must be > 0, got {self.later_lr_scale}")
         require(
             self.final_info is None or bool(self.final_info), "final_info", "must name an info key or be null"
+        )
+        require(self.outer in OUTER, "outer", f"must be one of {', '.join(OUTER)}, got {self.outer!r}")
+        require(self.max_kl > 0, "max_kl", f"must be > 0, got {self.max_kl}")
+        require_between(self.cg_iters, "cg_iters", 1, MAX_INNER_STEPS)
+        require(self.cg_damping >= 0, "cg_damping", f"must be >= 0, got {self.cg_damping}")
+        require_between(self.line_search_steps, "line_search_steps", 1, MAX_INNER_STEPS)
+        require(
+            0 < self.backtrack_ratio < 1, "backtrack_ratio", f"must be in (0, 1), got {self.backtrack_ratio}"
         )
 
 
@@ -296,6 +324,18 @@ def outer_loss(adapted: Params, post: Batch) -> torch.Tensor:
     return vmap(partial(policy_surrogate, ratio=True))(adapted, *post).mean()
 
 
+def _task_kl(old: Params, new: Params, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    kl = diagonal_gaussian_kl(mlp_forward(mean_params(old), obs), old["log_std"],
+                              mlp_forward(mean_params(new), obs), new["log_std"])  # fmt: skip
+    return (kl * mask).sum() / mask.sum()
+
+
+def policy_kl(old: Params, new: Params, post: Batch) -> torch.Tensor:
+    """The TRPO constraint: ``KL(pi_old || pi_new)`` of per-task parameters ``(T, ...)``, averaged over each task's
+    post-update steps (``post.obs`` where ``post.mask`` is 1), then over tasks."""
+    return vmap(_task_kl)(old, new, post.obs, post.mask).mean()
+
+
 # --- episodes -------------------------------------------------------------------------------------------------
 
 
@@ -394,8 +434,9 @@ def _summary(rollouts: Rollouts, steps: int, final_info: str | None) -> dict[str
 # --- trainer hooks --------------------------------------------------------------------------------------------
 
 
-def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """One meta-iteration: sample, adapt (``inner_steps``), sample again, and return the outer loss."""
+def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """One meta-iteration: sample, adapt (``inner_steps``), sample again, and return the outer loss; with
+    ``outer: trpo``, take the TRPO step here (:func:`trpo_update`) and return None (no step of the trainer's)."""
     cfg, run = ml.cfg, ml.run
     train_tasks = ml.probe.unwrapped.tasks("train")
     rng = np.random.default_rng(derive_seed(run.seed, 1, step))
@@ -403,6 +444,7 @@ def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
     n_episodes = len(tasks) * cfg.trajectories
     adapted = expand(ml.params(), len(tasks))
     metrics: dict[str, float] = {}
+    pre: list[Batch] = []
     for s in range(cfg.inner_steps + 1):
         rollouts = collect(
             ml, adapted, tasks, [derive_seed(run.seed, 0, step, s, i) for i in range(n_episodes)]
@@ -410,6 +452,7 @@ def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = to_batch(ml, rollouts, adapted)
         metrics.update(_summary(rollouts, s, cfg.final_info))
         if s < cfg.inner_steps:
+            pre.append(batch)
             adapted = inner_steps(adapted, batch, cfg.inner_lr, cfg.objective, cfg.first_order)
     total = outer_loss(adapted, batch)
     metrics.update({
@@ -417,7 +460,39 @@ def loss(ml: MAMLRL, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         "train/log_std": ml.params()["log_std"].mean().item(),
         "train/env_steps": float(ml.counters["env_steps"]),
     })  # fmt: skip
+    if cfg.outer == "trpo":
+        metrics.update(trpo_update(ml, total, adapted, pre, batch))
+        return None, metrics
     return total, metrics
+
+
+def trpo_update(
+    ml: MAMLRL, total: torch.Tensor, adapted: Params, pre: list[Batch], post: Batch
+) -> dict[str, float]:
+    """The paper's outer step, in place on the policy: minimise the outer loss ``total`` (:func:`outer_loss` at
+    ``adapted``, with its graph to the policy's parameters) subject to ``policy_kl(adapted_old, adapted) <=
+    max_kl``, with the adapted parameters recomputed from candidate policy parameters by the same inner steps on
+    the same ``pre`` batches (:func:`metalab.rl.trpo.trpo_step`). Returns ``train/kl`` (the mean KL the step
+    ends with), ``train/surrogate_gain`` (the decrease of the outer loss), ``train/line_search_steps``
+    (backtracks before the accepted step; ``line_search_steps`` when it was rejected) and ``train/trpo_accepted``."""
+    cfg, names = ml.cfg, list(ml.params())
+    old = {n: p.detach() for n, p in adapted.items()}
+
+    def evaluate(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        candidate = expand(dict(zip(names, values, strict=True)), post.obs.shape[0])
+        for batch in pre:
+            candidate = inner_steps(candidate, batch, cfg.inner_lr, cfg.objective, cfg.first_order)
+        return outer_loss(candidate, post), policy_kl(old, candidate, post)
+
+    result = trpo_step(list(ml.params().values()), total, policy_kl(old, adapted, post), evaluate,
+                       max_kl=cfg.max_kl, cg_iters=cfg.cg_iters, damping=cfg.cg_damping,
+                       backtrack_ratio=cfg.backtrack_ratio, max_backtracks=cfg.line_search_steps)  # fmt: skip
+    return {
+        "train/kl": result.kl,
+        "train/surrogate_gain": result.loss_before - result.loss_after,
+        "train/line_search_steps": float(result.backtracks),
+        "train/trpo_accepted": float(result.accepted),
+    }
 
 
 def adaptation_curve(ml: MAMLRL, part: str, episodes: int) -> tuple[np.ndarray, np.ndarray | None]:
