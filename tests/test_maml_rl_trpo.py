@@ -20,6 +20,7 @@ from torch.distributions import Normal, kl_divergence
 from metalab.errors import ConfigError
 from metalab.experiment import load_run_config
 from metalab.rl import maml_rl, trpo
+from metalab.rl import policy_gradient as pg
 from metalab.train.checkpoint import load_checkpoint
 from metalab.train.logger import read_metrics
 from metalab.train.loop import fit
@@ -101,18 +102,18 @@ def test_fisher_vector_product_is_the_hessian_of_the_kl_through_the_inner_step(f
 
     def adapted(flat: torch.Tensor, first: bool) -> maml_rl.Params:
         p = dict(zip(names, trpo.unflatten(flat, values), strict=True))
-        return maml_rl.inner_steps(maml_rl.expand(p, 2), pre, 0.3, "maml", first)
+        return pg.inner_steps(pg.expand(p, 2), pre, 0.3, "maml", first)
 
     theta = trpo.flatten(values)
     old = {k: v.detach() for k, v in adapted(theta, False).items()}
 
     def kl(flat: torch.Tensor, first: bool) -> torch.Tensor:
-        return maml_rl.policy_kl(old, adapted(flat, first), post)
+        return pg.policy_kl(old, adapted(flat, first), post)
 
     hessian = torch.autograd.functional.hessian(lambda f: kl(f, first_order), theta)
     assert hessian.shape == (theta.numel(),) * 2 and hessian.abs().max() > 1e-2
-    live = maml_rl.inner_steps(maml_rl.expand(params, 2), pre, 0.3, "maml", first_order)
-    fvp = trpo.fisher_vector_product(maml_rl.policy_kl(old, live, post), list(params.values()), damping=0.1)
+    live = pg.inner_steps(pg.expand(params, 2), pre, 0.3, "maml", first_order)
+    fvp = trpo.fisher_vector_product(pg.policy_kl(old, live, post), list(params.values()), damping=0.1)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         v = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
@@ -132,7 +133,7 @@ def one_update(monkeypatch: pytest.MonkeyPatch, **cfg: Any) -> tuple[dict[str, A
     seen: dict[str, Any] = {}
     update = maml_rl.trpo_update
 
-    def spy(ml: maml_rl.MAMLRL, total: torch.Tensor, adapted: maml_rl.Params, pre: list, post: maml_rl.Batch):
+    def spy(ml: maml_rl.MAMLRL, total: torch.Tensor, adapted: maml_rl.Params, pre: list, post: pg.Batch):
         seen.update(ml=ml, pre=pre, post=post, before={k: v.detach().clone() for k, v in ml.params().items()},
                     old={k: v.detach() for k, v in adapted.items()})  # fmt: skip
         return update(ml, total, adapted, pre, post)
@@ -148,10 +149,10 @@ def measure(seen: dict[str, Any], params: maml_rl.Params) -> tuple[float, float]
     batches of the update."""
     ml, post = seen["ml"], seen["post"]
     with torch.no_grad():
-        adapted = maml_rl.expand(params, post.obs.shape[0])
+        adapted = pg.expand(params, post.obs.shape[0])
         for batch in seen["pre"]:
-            adapted = maml_rl.inner_steps(adapted, batch, ml.cfg.inner_lr, ml.cfg.objective)
-        return maml_rl.outer_loss(adapted, post).item(), maml_rl.policy_kl(seen["old"], adapted, post).item()
+            adapted = pg.inner_steps(adapted, batch, ml.cfg.inner_lr, ml.cfg.objective)
+        return pg.outer_loss(adapted, post).item(), pg.policy_kl(seen["old"], adapted, post).item()
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -194,10 +195,10 @@ def test_the_update_constrains_the_kl_through_the_inner_step(
 
     def product(first: bool) -> torch.Tensor:
         params = {k: v.clone().requires_grad_(True) for k, v in seen["before"].items()}
-        adapted = maml_rl.expand(params, seen["post"].obs.shape[0])
+        adapted = pg.expand(params, seen["post"].obs.shape[0])
         for batch in seen["pre"]:
-            adapted = maml_rl.inner_steps(adapted, batch, cfg.inner_lr, cfg.objective, first)
-        kl = maml_rl.policy_kl(seen["old"], adapted, seen["post"])
+            adapted = pg.inner_steps(adapted, batch, cfg.inner_lr, cfg.objective, first)
+        kl = pg.policy_kl(seen["old"], adapted, seen["post"])
         return trpo.fisher_vector_product(kl, list(params.values()), 0.0)(v)
 
     (got,) = products

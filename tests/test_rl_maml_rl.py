@@ -31,6 +31,8 @@ from metalab.errors import ConfigError
 from metalab.experiment import RunConfig, load_run_config, run_config_from_dict
 from metalab.meta.adapt import hvp
 from metalab.rl import maml_rl
+from metalab.rl import policy_gradient as pg
+from metalab.rl.sac import sub_params
 from metalab.train.logger import read_metrics
 from metalab.train.loop import Learner, fit
 from metalab.utils import seed_everything
@@ -91,16 +93,12 @@ def estimated_gradient(logits: torch.Tensor, actions: torch.Tensor, weights: tor
     states, rewards = tabular_paths(actions)
     k = len(actions)
     mask = torch.ones(1, k, STEPS, dtype=torch.float64)
-    rollouts = maml_rl.Rollouts(torch.nn.functional.one_hot(states, 2).double()[None], actions[None, ..., None],
-                                rewards[None], mask, np.zeros((1, k)), None)  # fmt: skip
-    adv = maml_rl.advantages(rollouts, gamma=1.0, reg=1e-5, normalize=False)[0] * (
-        k * weights[:, None]
-    )  # (K, H)
+    rollouts = pg.Rollouts(torch.nn.functional.one_hot(states, 2).double()[None], actions[None, ..., None],
+                           rewards[None], mask, np.zeros((1, k)), None)  # fmt: skip
+    adv = pg.advantages(rollouts, gamma=1.0, reg=1e-5, normalize=False)[0] * (k * weights[:, None])  # (K, H)
     params = logits.clone().requires_grad_(True)
     logp = tabular_log_prob(params, states, actions)
-    surrogate = maml_rl.pg_surrogate(
-        logp.flatten(), adv.flatten(), mask.flatten(), logp.detach().flatten(), False
-    )
+    surrogate = pg.pg_surrogate(logp.flatten(), adv.flatten(), mask.flatten(), logp.detach().flatten(), False)
     # the surrogate is a mean over K * H steps; times H, the mean over episodes of sum_t grad log pi_t A_t
     return -torch.autograd.grad(surrogate, params)[0] * STEPS
 
@@ -140,36 +138,36 @@ def test_inner_policy_gradient_estimate_from_sampled_episodes() -> None:
 
 def test_log_prob_is_the_diagonal_gaussian() -> None:
     torch.manual_seed(0)
-    policy = maml_rl.GaussianPolicy(obs_dim=2, hidden=(5,), act_dim=3, init_log_std=-0.3)
+    policy = pg.GaussianPolicy(obs_dim=2, hidden=(5,), act_dim=3, init_log_std=-0.3)
     params = dict(policy.named_parameters())
     obs, action = torch.randn(7, 2), torch.randn(7, 3)
     expected = Independent(Normal(policy.mean(obs), params["log_std"].exp()), 1).log_prob(action)
-    torch.testing.assert_close(maml_rl.log_prob(params, obs, action), expected)
+    torch.testing.assert_close(pg.log_prob(params, obs, action), expected)
 
 
 def test_discounted_returns_and_baseline_fit() -> None:
     reward = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
-    torch.testing.assert_close(maml_rl.discounted_returns(reward, 0.5),
+    torch.testing.assert_close(pg.discounted_returns(reward, 0.5),
                                torch.tensor([[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 0.0]]))  # fmt: skip
     obs = torch.randn(2, 4, 3)  # (K, H, obs_dim)
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
-    features = maml_rl.baseline_features(obs, mask)
+    features = pg.baseline_features(obs, mask)
     assert features.shape == (2, 4, 3 + 3 + 4) and (features[1, 2:] == 0).all()
     torch.testing.assert_close(
         features[0, 3, 6:], torch.tensor([0.03, 0.03**2, 0.03**3, 1.0])
     )  # t = step / 100
     x, y = torch.randn(50, 6, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     expected = np.linalg.solve(x.T.numpy() @ x.numpy() + 1e-5 * np.eye(6), x.T.numpy() @ y.numpy())
-    np.testing.assert_allclose(maml_rl.fit_linear_baseline(x, y, 1e-5).numpy(), expected, rtol=1e-8)
+    np.testing.assert_allclose(pg.fit_linear_baseline(x, y, 1e-5).numpy(), expected, rtol=1e-8)
 
 
 def test_normalized_advantages_are_standardized_per_task_and_zero_on_padding() -> None:
     torch.manual_seed(0)
     mask = torch.ones(2, 3, 5)
     mask[0, 1, 3:] = 0
-    rollouts = maml_rl.Rollouts(torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5) * mask, mask,
-                                np.zeros((2, 3)), None)  # fmt: skip
-    adv = maml_rl.advantages(rollouts, 0.99, 1e-5, normalize=True)
+    rollouts = pg.Rollouts(torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5) * mask, mask,
+                           np.zeros((2, 3)), None)  # fmt: skip
+    adv = pg.advantages(rollouts, 0.99, 1e-5, normalize=True)
     assert (adv[mask == 0] == 0).all()
     for t in range(2):
         valid = adv[t][mask[t] == 1]
@@ -181,31 +179,31 @@ def test_normalized_advantages_are_standardized_per_task_and_zero_on_padding() -
 
 def meta_problem(
     seed: int = 0, hidden: tuple[int, ...] = (6,)
-) -> tuple[maml_rl.GaussianPolicy, maml_rl.Batch, maml_rl.Batch]:
+) -> tuple[pg.GaussianPolicy, pg.Batch, pg.Batch]:
     """A float64 policy and fixed pre- and post-update batches of 2 tasks (random data: the meta-gradient is a
     function of them alone)."""
     torch.manual_seed(seed)
-    policy = maml_rl.GaussianPolicy(obs_dim=2, hidden=hidden, act_dim=2, init_log_std=-0.2).double()
-    params = maml_rl.expand(dict(policy.named_parameters()), 2)
+    policy = pg.GaussianPolicy(obs_dim=2, hidden=hidden, act_dim=2, init_log_std=-0.2).double()
+    params = pg.expand(dict(policy.named_parameters()), 2)
 
-    def batch(p: dict[str, torch.Tensor]) -> maml_rl.Batch:
+    def batch(p: dict[str, torch.Tensor]) -> pg.Batch:
         obs, action = torch.randn(2, 9, 2, dtype=torch.float64), torch.randn(2, 9, 2, dtype=torch.float64)
         mask = torch.ones(2, 9, dtype=torch.float64)
         mask[1, 7:] = 0
         with torch.no_grad():
-            old = vmap(maml_rl.log_prob)(p, obs, action)  # the parameters that "sampled" them
-        return maml_rl.Batch(obs, action, torch.randn(2, 9, dtype=torch.float64) * mask, mask, old)
+            old = vmap(pg.log_prob)(p, obs, action)  # the parameters that "sampled" them
+        return pg.Batch(obs, action, torch.randn(2, 9, dtype=torch.float64) * mask, mask, old)
 
     pre = batch(params)
     with torch.no_grad():
-        adapted = maml_rl.inner_steps(params, pre, 0.3, "maml")
+        adapted = pg.inner_steps(params, pre, 0.3, "maml")
     return policy, pre, batch(adapted)
 
 
-def meta_gradient(policy: torch.nn.Module, pre: maml_rl.Batch, post: maml_rl.Batch, **kw: Any) -> dict:
+def meta_gradient(policy: torch.nn.Module, pre: pg.Batch, post: pg.Batch, **kw: Any) -> dict:
     params = dict(policy.named_parameters())
-    adapted = maml_rl.inner_steps(maml_rl.expand(params, 2), pre, 0.3, **{"objective": "maml", **kw})
-    return dict(zip(params, torch.autograd.grad(maml_rl.outer_loss(adapted, post), list(params.values())),
+    adapted = pg.inner_steps(pg.expand(params, 2), pre, 0.3, **{"objective": "maml", **kw})
+    return dict(zip(params, torch.autograd.grad(pg.outer_loss(adapted, post), list(params.values())),
                     strict=True))  # fmt: skip
 
 
@@ -222,8 +220,8 @@ def test_meta_gradient_matches_finite_differences_and_holds_the_second_order_ter
     )
 
     def objective(p: dict[str, torch.Tensor]) -> float:
-        adapted = maml_rl.inner_steps(maml_rl.expand(p, 2), pre, 0.3, "maml")
-        return maml_rl.outer_loss(adapted, post).item()
+        adapted = pg.inner_steps(pg.expand(p, 2), pre, 0.3, "maml")
+        return pg.outer_loss(adapted, post).item()
 
     torch.manual_seed(1)
     for _ in range(3):  # directional derivatives along random directions, central differences in float64
@@ -236,8 +234,8 @@ def test_meta_gradient_matches_finite_differences_and_holds_the_second_order_ter
 
     # First order: exactly the outer gradient at the adapted parameters, summed over tasks.
     adapted = {k: v.detach().requires_grad_(True) for k, v in
-               maml_rl.inner_steps(maml_rl.expand(params, 2), pre, 0.3, "maml").items()}  # fmt: skip
-    at_adapted = torch.autograd.grad(maml_rl.outer_loss(adapted, post), list(adapted.values()))
+               pg.inner_steps(pg.expand(params, 2), pre, 0.3, "maml").items()}  # fmt: skip
+    at_adapted = torch.autograd.grad(pg.outer_loss(adapted, post), list(adapted.values()))
     torch.testing.assert_close(first, torch.cat([g.sum(0).flatten() for g in at_adapted]))
     # Second order: full = first - lr * sum_i H_i g_i, H_i the Hessian of task i's inner surrogate.
     second = torch.zeros_like(full)
@@ -246,7 +244,7 @@ def test_meta_gradient_matches_finite_differences_and_holds_the_second_order_ter
         task = [x[i] for x in pre]
 
         def inner(p: dict[str, torch.Tensor], *data: torch.Tensor) -> torch.Tensor:
-            return maml_rl.policy_surrogate(p, *data, ratio=False)
+            return pg.policy_surrogate(p, *data, ratio=False)
 
         second -= 0.3 * flat(hvp(inner, params, g, *task))
     assert second.abs().max() > 1e-3
@@ -258,20 +256,20 @@ def test_promp_adds_the_lvc_term_to_the_curvature_only() -> None:
     ``lr * sum_i mean_n A_n (grad log pi_n . g_i) grad log pi_n`` (the ratio's Hessian term)."""
     policy, pre, post = meta_problem(seed=2)
     params = {k: v.detach() for k, v in policy.named_parameters()}
-    expanded = maml_rl.expand(params, 2)
-    for k, v in maml_rl.inner_steps(expanded, pre, 0.3, "promp").items():
-        torch.testing.assert_close(v, maml_rl.inner_steps(expanded, pre, 0.3, "maml")[k])
+    expanded = pg.expand(params, 2)
+    for k, v in pg.inner_steps(expanded, pre, 0.3, "promp").items():
+        torch.testing.assert_close(v, pg.inner_steps(expanded, pre, 0.3, "maml")[k])
     maml, promp = (
         flat(meta_gradient(policy, pre, post)),
         flat(meta_gradient(policy, pre, post, objective="promp")),
     )
     adapted = {k: v.detach().requires_grad_(True)
-               for k, v in maml_rl.inner_steps(expanded, pre, 0.3, "maml").items()}  # fmt: skip
-    at_adapted = torch.autograd.grad(maml_rl.outer_loss(adapted, post), list(adapted.values()))
+               for k, v in pg.inner_steps(expanded, pre, 0.3, "maml").items()}  # fmt: skip
+    at_adapted = torch.autograd.grad(pg.outer_loss(adapted, post), list(adapted.values()))
     lvc = torch.zeros_like(maml)
     for i in range(2):
         g = torch.cat([v[i].flatten() for v in at_adapted])
-        jac = torch.func.jacrev(lambda p: maml_rl.log_prob(p, pre.obs[i], pre.action[i]))(params)  # noqa: B023
+        jac = torch.func.jacrev(lambda p: pg.log_prob(p, pre.obs[i], pre.action[i]))(params)  # noqa: B023
         jac = torch.cat([j.flatten(1) for j in jac.values()], 1)  # (N, P) grad log pi per step
         weights = pre.advantage[i] * pre.mask[i] / pre.mask[i].sum()
         lvc += 0.3 * jac.T @ (weights * (jac @ g))
@@ -389,12 +387,12 @@ def test_no_inner_step_is_the_pretrained_baseline_a_plain_policy_gradient() -> N
     train_tasks = Navigation2D.tasks("train")
     rng = np.random.default_rng(maml_rl.derive_seed(run.seed, 1, 0))
     tasks = [train_tasks[i] for i in rng.choice(len(train_tasks), 3, replace=False)]
-    params = maml_rl.expand(ml.params(), 3)
+    params = pg.expand(ml.params(), 3)
     rollouts = maml_rl.collect(
         ml, params, tasks, [maml_rl.derive_seed(run.seed, 0, 0, 0, i) for i in range(6)]
     )
     batch = maml_rl.to_batch(ml, rollouts, params)
-    reinforce = vmap(partial(maml_rl.policy_surrogate, ratio=False))(params, *batch).mean()
+    reinforce = vmap(partial(pg.policy_surrogate, ratio=False))(params, *batch).mean()
     expected = torch.autograd.grad(reinforce, list(learner.model.parameters()))
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -500,7 +498,7 @@ def test_learner_parameters_are_the_policy(tmp_path: Path) -> None:
     learner = make(tiny())
     names = [n for n, _ in learner.model.named_parameters()]
     assert names[0] == "log_std" and all(n.startswith("mean.") for n in names[1:])
-    out = functional_call(learner.model.mean, maml_rl.mean_params(dict(learner.model.named_parameters())),
+    out = functional_call(learner.model.mean, sub_params(dict(learner.model.named_parameters()), "mean"),
                           (torch.zeros(1, 2),))  # fmt: skip
     assert out.shape == (1, 2)
 
