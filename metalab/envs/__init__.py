@@ -5,7 +5,8 @@
 ``metalab/CityGridOfficial-v0`` and ``metalab/CityGrid5x5Official-v0`` (the official nine actions with
 ``end_episode``, exploration ending at a hidden goal),
 ``metalab/PointRobotSparse-v0`` (PEARL's sparse point robot) and ``metalab/PointMassGoal-v0`` (a point mass
-to one of a family of goals, for multi-task model-based RL), ``metalab/Navigation2D-v0`` (MAML's 2D navigation), ``metalab/HalfCheetahDir-v0`` and
+to one of a family of goals, for multi-task model-based RL), ``metalab/Navigation2D-v0`` (MAML's 2D navigation),
+``metalab/Navigation2DDiscrete-v0`` (the same with 9 discrete moves, for RL²), ``metalab/HalfCheetahDir-v0`` and
 ``metalab/HalfCheetahVel-v0`` (MAML's half-cheetah forward/backward and goal velocity; the ``mujoco`` extra),
 ``metalab/HalfCheetahVelPEARL-v0`` (PEARL's half-cheetah goal velocity, the official code's tasks and split),
 ``metalab/CartPoleSwingUp-v0`` (PETS's continuous cart-pole swing-up, for model-based RL).
@@ -27,7 +28,12 @@ from metalab.envs.citygrid import (
 )
 from metalab.envs.config import BITFLIP_ID, EnvConfig, make_env
 from metalab.envs.half_cheetah import HALF_CHEETAH_DIR_ID, HALF_CHEETAH_VEL_ID, HALF_CHEETAH_VEL_PEARL_ID
-from metalab.envs.navigation import NAVIGATION_2D_ID, Navigation2D
+from metalab.envs.navigation import (
+    NAVIGATION_2D_DISCRETE_ID,
+    NAVIGATION_2D_ID,
+    Navigation2D,
+    Navigation2DDiscrete,
+)
 from metalab.envs.point_mass import POINT_MASS_ID, PointMassGoal
 from metalab.envs.point_robot import POINT_ROBOT_SPARSE_ID, PointRobotSparse
 
@@ -47,6 +53,7 @@ _IDS = {
     HALF_CHEETAH_VEL_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "velocity"}),
     HALF_CHEETAH_VEL_PEARL_ID: ("metalab.envs.half_cheetah:HalfCheetahTasks", {"family": "pearl_velocity"}),
     NAVIGATION_2D_ID: ("metalab.envs.navigation:Navigation2D", {}),
+    NAVIGATION_2D_DISCRETE_ID: ("metalab.envs.navigation:Navigation2DDiscrete", {}),
     CARTPOLE_SWINGUP_ID: ("metalab.envs.cartpole_swingup:CartPoleSwingUp", {}),
 }
 for _id, (_entry_point, _kwargs) in _IDS.items():
@@ -64,6 +71,7 @@ __all__ = [
     "HALF_CHEETAH_DIR_ID",
     "HALF_CHEETAH_VEL_ID",
     "HALF_CHEETAH_VEL_PEARL_ID",
+    "NAVIGATION_2D_DISCRETE_ID",
     "NAVIGATION_2D_ID",
     "POINT_MASS_ID",
     "POINT_ROBOT_SPARSE_ID",
@@ -72,6 +80,7 @@ __all__ = [
     "CityGrid",
     "EnvConfig",
     "Navigation2D",
+    "Navigation2DDiscrete",
     "PointMassGoal",
     "PointRobotSparse",
     "make_env",

@@ -20,6 +20,15 @@ Choices and their sources (the paper's code = github.com/cbfinn/maml_rl, ``maml_
 - Observations: the position ``(2,)`` float32 (the paper's ``observation_space``), in a Box of the reachable
   positions, ``max_steps * 0.1 + 0.01`` either way (the paper: unbounded; the gymnasium checker warns on
   infinite bounds). ``info`` holds ``task`` and ``distance`` (after the move).
+
+:class:`Navigation2DDiscrete` (``metalab/Navigation2DDiscrete-v0``, metalab's, not the paper's) is the same task
+family with 9 discrete actions, for Q-learners such as RL²: stay, or move ``MAX_ACTION`` along either axis or both
+(:data:`DISCRETE_MOVES`: the 8 compass directions at the largest move the continuous env allows, the diagonals
+``(+-0.1, +-0.1)``, and ``(0, 0)``), the corners, edge midpoints and centre of the continuous action box. The
+point then moves on a 0.1 lattice: it can end within 0.05 of a goal on either axis, but within 0.01 on both (and
+so terminate early) only for the about 4% of goals that close to a lattice point; the best return on the test goals
+is about -4.4 (the continuous env's: -0.50). It also answers to RL²'s names: ``problems(split)`` is
+``tasks(split)`` and ``reset(options={"problem": i})`` is ``{"task": i}``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from gymnasium import spaces
 from metalab.envs.tasks import check_action, check_options, choose_task
 
 NAVIGATION_2D_ID = "metalab/Navigation2D-v0"
+NAVIGATION_2D_DISCRETE_ID = "metalab/Navigation2DDiscrete-v0"
 
 Split = Literal["train", "val", "test"]
 
@@ -124,3 +134,43 @@ class Navigation2D(gym.Env):
         terminated = bool(np.all(np.abs(gap) < DONE_TOLERANCE))
         info = {"task": self.task, "distance": distance}
         return self._pos.astype(np.float32), -distance, terminated, self._steps >= self.max_steps, info
+
+
+DISCRETE_MOVES = MAX_ACTION * np.array(
+    [[0, 0], [0, 1], [1, 1], [1, 0], [1, -1], [0, -1], [-1, -1], [-1, 0], [-1, 1]], dtype=np.float64
+)
+"""``(9, 2)`` the move of each discrete action: stay, then N, NE, E, SE, S, SW, W, NW (``+y`` is north)."""
+
+
+class Navigation2DDiscrete(Navigation2D):
+    """:class:`Navigation2D` with 9 discrete actions (:data:`DISCRETE_MOVES`): the same goals, splits, start,
+    reward, termination and horizon.
+
+    ``reset(options=...)`` keys: ``task`` or its alias ``problem`` (RL²'s name), and ``split``.
+    """
+
+    _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task", "problem", "split"})
+
+    def __init__(self, max_steps: int = HORIZON):
+        super().__init__(max_steps)
+        self.action_space = spaces.Discrete(len(DISCRETE_MOVES))
+
+    @staticmethod
+    def problems(split: Split) -> list[int]:
+        """Problem ids of ``split`` for RL²: the task ids, :func:`tasks`."""
+        return tasks(split)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        options = check_options(options, self._OPTIONS)
+        if "problem" in options:
+            if "task" in options:
+                raise ValueError("give the task as 'task' or as 'problem', not both")
+            options["task"] = options.pop("problem")
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be an int in [0, {len(DISCRETE_MOVES)}), got {action!r}")
+        return super().step(DISCRETE_MOVES[int(action)])

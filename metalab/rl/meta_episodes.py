@@ -6,6 +6,11 @@ An agent plays a meta-episode through two policies, each a stateful callable
 ``prev_action`` is -1 and ``prev_reward`` 0). RL² passes one recurrent policy for both phases, so its memory
 runs across the boundary; DREAM builds its exploitation policy from the exploration episode
 (``exploit(explore_steps)``). Everything here is NumPy and the env; the networks stay in the algorithms.
+
+A *trial* (:func:`play_trial`, RL²'s ``trial_episodes``) is the other protocol, Duan et al.'s: several episodes
+on one problem, every one rewarded, one policy for all of them; it needs no exploration mode of the env
+(``reset(options={"problem": p})`` only), so it runs on :class:`metalab.envs.navigation.Navigation2DDiscrete`.
+:func:`evaluate_trials` reports the return of the episode after ``k`` earlier ones of a trial.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from metalab.train.evaluate import PART_INDEX
 
 MAX_META_EPISODES = 1_000_000
 """Largest replay buffer of the recurrent Q-learners, in meta-episodes."""
+MAX_TRIAL_EPISODES = 100
+"""Most episodes of one trial (:func:`play_trial`)."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,51 @@ def play_meta_episode(
     policy = exploit(explore_steps)
     exploit_steps, success = play_episode(env, derive_seed(seed, 1), {"problem": problem}, policy)
     return MetaEpisode(problem, explore_steps, exploit_steps, success)
+
+
+class Trial(NamedTuple):
+    """Episodes played one after the other on one problem (:func:`play_trial`)."""
+
+    problem: int
+    episodes: list[list[Step]]
+    successes: list[bool]
+
+    def returns(self) -> list[float]:
+        """The undiscounted return of each episode."""
+        return [float(sum(s.reward for s in episode)) for episode in self.episodes]
+
+    def as_meta_episode(self) -> MetaEpisode:
+        """The trial as a :class:`MetaEpisode` for :class:`Progress`: its earlier episodes as the exploration, its
+        last as the exploitation (so ``train/return`` is the last episode's)."""
+        earlier = [s for episode in self.episodes[:-1] for s in episode]
+        return MetaEpisode(self.problem, earlier, self.episodes[-1], self.successes[-1])
+
+
+def play_trial(env: gym.Env, problem: int, seed: int, policy: Policy, episodes: int) -> Trial:
+    """``episodes`` rewarded episodes of ``problem`` (``reset(options={"problem": problem})``, episode ``e`` from
+    ``derive_seed(seed, e)``), all driven by ``policy``: RL²'s recurrent policy keeps its memory across them."""
+    played = [play_episode(env, derive_seed(seed, e), {"problem": problem}, policy) for e in range(episodes)]
+    return Trial(problem, [steps for steps, _ in played], [success for _, success in played])
+
+
+def evaluate_trials(
+    env: gym.Env, part: str, trials: int, eval_seed: int, policy: Callable[[], Policy], episodes: int
+) -> dict[str, float]:
+    """``trials`` trials of ``episodes`` episodes cycling through the problems of ``part``, trial ``i`` from
+    ``derive_seed(eval_seed, PART_INDEX[part], i)`` with a fresh ``policy()`` (memory reset between trials).
+
+    ``<part>/return_after{k}``: the mean return of the episode after ``k`` earlier ones of the trial, for
+    ``k < episodes``, with ``_ci95`` over trials; ``<part>/return``: that of the last episode."""
+    problems = env.unwrapped.problems(part)
+    keys = (eval_seed, PART_INDEX[part])
+    returns = np.array([play_trial(env, problems[i % len(problems)], derive_seed(*keys, i), policy(),
+                                   episodes).returns() for i in range(trials)])  # fmt: skip
+    metrics: dict[str, float] = {}
+    for k in range(episodes):
+        est = mean_ci95(returns[:, k].tolist())
+        metrics[f"{part}/return_after{k}"], metrics[f"{part}/return_after{k}_ci95"] = est.mean, est.ci95
+    metrics[f"{part}/return"], metrics[f"{part}/return_ci95"] = est.mean, est.ci95
+    return metrics
 
 
 def history_input(
