@@ -30,11 +30,13 @@ The test (``eval.episodes`` = 100 trials, one per test goal) records per method 
 Student-t CI): the undiscounted return on the goal after ``k`` units of adaptation, where the unit differs and
 each record says which (``adaptation``, ``episodes_seen``): for MAML-RL ``k`` policy-gradient steps, each on 20
 episodes of the goal (so ``k`` = 1 has seen 20 episodes; the return is the mean over the 20 episodes sampled
-after the step); for PEARL and RL² ``k`` earlier episodes of the same trial. The per-seed records keep their
+after the step, actions drawn from its Gaussian policy as in the paper); for PEARL and RL² ``k`` earlier episodes
+of the same trial, acting greedily (PEARL's mean action, RL²'s best Q). The per-seed records keep their
 periodic val evaluations (``curve``: ``[trainer step, env steps, val/return_after{k}]``), from which
 ``nav_side_by_side.png`` is drawn: val return after 0, 1 and 2 vs env steps, one line per method (mean over seeds,
-band from min to max). ``nav_side_by_side.md`` is the table. Reference lines: staying at the origin (-37.6 on the
-test goals) and walking straight to the goal (-0.50 on the test goals, continuous actions).
+band from min to max). ``nav_side_by_side.md`` is the table. Reference returns (:func:`reference_returns`): staying
+at the origin (-37.6 on the test goals), the best continuous agent (-0.50) and the best on the discrete lattice
+(-4.4).
 
 ``--set KEY=VALUE`` overrides a config key of every selected method, ``--set METHOD:KEY=VALUE`` of one. Each run
 trains in ``<runs-dir>/<method>-s<seed>``, resuming when rerun. Provenance flags (``--allow-dirty``,
