@@ -33,6 +33,7 @@ from metalab.meta.adapt import hvp
 from metalab.rl import maml_rl
 from metalab.rl import policy_gradient as pg
 from metalab.rl.sac import sub_params
+from metalab.train.checkpoint import load_checkpoint
 from metalab.train.logger import read_metrics
 from metalab.train.loop import Learner, fit
 from metalab.utils import seed_everything
@@ -425,10 +426,12 @@ def test_trains_the_same_with_a_vector_env(tmp_path: Path) -> None:
         assert torch.equal(v, weights["sync"][k]), k
 
 
-def test_resume_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outer", ["adam", "trpo"])
+def test_resume_is_exact(outer: str, tmp_path: Path) -> None:
     """Ctrl-C after step 4 (mid-run, after an evaluation), resume in a fresh learner: the same policy, env-step
-    count and logged metrics as a run that never stopped."""
-    run = tiny()
+    count and logged metrics as a run that never stopped. With ``outer: trpo`` the learner steps itself: every
+    logged KL is within the bound and the trainer's Adam never stepped."""
+    run = tiny(maml_rl={"outer": outer})
     reference = make(run)
     fit(reference, run.train, tmp_path / "ref")
 
@@ -450,12 +453,18 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert (out.step, out.interrupted) == (6, False)
     for k, v in reference.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert not torch.equal(reference.model.state_dict()["log_std"], make(run).model.state_dict()["log_std"])
     assert reference.state() == resumed.state()
 
     def logged(run_dir: Path) -> list[tuple[int, str, float]]:
         return [r for r in read_metrics(run_dir / "metrics.csv") if not r[1].startswith("time/")]
 
     assert logged(tmp_path / "run") == logged(tmp_path / "ref")
+    if outer == "trpo":
+        kls = [value for _, name, value in logged(tmp_path / "ref") if name == "train/kl"]
+        assert len(kls) == 6 and all(0 <= kl <= 0.01 for kl in kls) and max(kls) > 0
+        ckpt = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+        assert ckpt["optimizer"]["state"] == {} and ckpt["scheduler"]["last_epoch"] == 0
 
 
 def test_config_errors() -> None:
