@@ -83,6 +83,15 @@ def test_the_papers_dream_runs_on_the_official_env(tiny: None, tmp_path: Path) -
     assert records["return_s0"]["steps"] == 20
 
 
+def test_the_variant_runs_on_the_paper_runs_grid_and_is_selected_like_it() -> None:
+    for task in ("5x5", "9x9"):  # dream_xfit and dream_paper differ in the algorithm, not the env or the selection
+        xfit, paper = (meta_rl.run_config(m, task, 0, 10, None) for m in ("dream_xfit", "dream_paper"))
+        assert xfit.env.id == paper.env.id and "Official" in xfit.env.id, task
+        assert xfit.train.keep_best == paper.train.keep_best == "val/return", task
+        assert xfit.params.reward_folds == 3 and paper.params.reward_folds == 0, task
+    assert meta_rl.target_of("dream_xfit", "9x9", "return") == 0.75
+
+
 def test_the_9x9_keeps_the_weights_selected_on_training_problems(tiny: None, tmp_path: Path) -> None:
     meta_rl.main(["--only", "rl2-9x9-s0", "--steps-scale", "0.0004", "--runs-dir", str(tmp_path / "runs"),
                   "--results-dir", str(tmp_path / "res")])  # fmt: skip
