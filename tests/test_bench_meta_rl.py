@@ -84,7 +84,8 @@ def test_the_papers_dream_runs_on_the_official_env(tiny: None, tmp_path: Path) -
 
 
 def test_the_variant_runs_on_the_paper_runs_grid_and_is_selected_like_it() -> None:
-    for task in ("5x5", "9x9"):  # dream_xfit and dream_paper differ in the algorithm, not the env or the selection
+    # dream_xfit and dream_paper differ in the algorithm, not in the env or the selection
+    for task in ("5x5", "9x9"):
         xfit, paper = (meta_rl.run_config(m, task, 0, 10, None) for m in ("dream_xfit", "dream_paper"))
         assert xfit.env.id == paper.env.id and "Official" in xfit.env.id, task
         assert xfit.train.keep_best == paper.train.keep_best == "val/return", task
