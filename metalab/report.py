@@ -91,7 +91,11 @@ HEADLINES: list[tuple[str, Pick, Pick | None]] = [
         Pick("bitflip", "bitflip-n15", "sb3-dqn-her-future", "success"),
     ),
     ("RL", Pick("reinforce", "CartPole-v1", "metalab-reinforce", "return_greedy"), None),
-    ("meta-RL", Pick("meta_rl", "citygrid", "dream", "return"), Pick("meta_rl", "citygrid", "rl2", "return")),
+    (  # the paper's DREAM beside metalab's cross-fitted variant, both on the official nine-action grid
+        "meta-RL",
+        Pick("meta_rl", "citygrid5x5", "dream_paper", "return"),
+        Pick("meta_rl", "citygrid5x5", "dream_xfit", "return"),
+    ),
     (
         "gradient meta-RL",
         Pick("maml_rl", "navigation-2d", "maml-rl", "test_return_after1"),
