@@ -9,6 +9,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from metalab.envs import HALF_CHEETAH_DIR_ID, HALF_CHEETAH_VEL_ID, HALF_CHEETAH_VEL_PEARL_ID
+from metalab.envs.config import EnvConfig, make_env, mujoco_warning
 from metalab.envs.half_cheetah import (
     CTRL_COST,
     GOAL_VELOCITIES,
@@ -118,3 +119,13 @@ def test_pearl_velocity_env_passes_the_checker_with_the_official_observation_and
     )
     assert not terminated and not truncated and obs.shape == (20,)
     assert HalfCheetahTasks("velocity").observation_space.shape == (17,)  # MAML's keeps gymnasium's
+
+
+def test_mujocos_deprecation_of_gymnasiums_own_model_is_silenced_and_other_warnings_printed(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    HalfCheetahTasks("direction")  # MuJoCo 4 warns about HalfCheetah-v5's XML (settotalmass) at each compile
+    make_env(EnvConfig(id="HalfCheetah-v5"))
+    assert "settotalmass" not in capfd.readouterr().err
+    mujoco_warning("a warning of the user's own model")
+    assert "WARNING: a warning of the user's own model" in capfd.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,9 +76,34 @@ def make_env(cfg: EnvConfig) -> gym.Env:
             raise ConfigError(
                 "env.n", f"only applies to {BITFLIP_ID}, not {cfg.id}; remove it or set it to null"
             )
+        if "mujoco" in str(spec.entry_point):
+            quiet_mujoco()
         return gym.make(spec, **kwargs)
     except gym.error.Error as e:  # unknown id / namespace / version, or a missing optional dependency
         raise ConfigError("env.id", f"cannot make {cfg.id!r}: {e}") from None
+
+
+SILENCED_MUJOCO_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+"""MuJoCo warnings about gymnasium's own model files, not the user's: MuJoCo 4 deprecates ``settotalmass``,
+which HalfCheetah-v5's XML uses, and prints the warning each time a model compiles (40 lines for 40 envs)."""
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning handler while metalab makes MuJoCo envs: :data:`SILENCED_MUJOCO_WARNINGS` are dropped,
+    every other warning is printed as MuJoCo prints it."""
+    if not message.startswith(SILENCED_MUJOCO_WARNINGS):
+        print(f"WARNING: {message}", file=sys.stderr)
+
+
+def quiet_mujoco() -> None:
+    """Install :func:`mujoco_warning` as MuJoCo's warning handler, unless the user installed their own (or MuJoCo
+    is not installed: the error then comes from ``gym.make``)."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(mujoco_warning)
 
 
 class PerEnvOptions(gym.Wrapper):

@@ -40,6 +40,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from metalab.envs.config import quiet_mujoco
 from metalab.envs.tasks import check_action, check_options, choose_task
 
 HALF_CHEETAH_DIR_ID = "metalab/HalfCheetahDir-v0"
@@ -121,6 +122,7 @@ class HalfCheetahTasks(gym.Env):
         if max_steps < 1:
             raise ValueError(f"HalfCheetahTasks needs max_steps >= 1, got {max_steps}")
         self.family, self.max_steps = family, max_steps
+        quiet_mujoco()
         self._env = gym.make("HalfCheetah-v5").unwrapped  # our own time limit; MuJoCo is imported here
         extra = 3 if family == "pearl_velocity" else 0  # the torso's centre of mass (the official PEARL code)
         shape = (self._env.observation_space.shape[0] + extra,)
