@@ -1,4 +1,4 @@
-"""Model-based RL: multi-task planning on held-out goals (known vs learned reward), and PETS on four tasks.
+"""Model-based RL: multi-task planning on held-out goals (known vs learned reward), and PETS on five tasks.
 
     python -m benchmarks.mbrl                                      # both configurations, seeds 0 1 2
     python -m benchmarks.mbrl --only multitask-point-mass --seeds 0
@@ -16,7 +16,10 @@ PETS's cartpole task, :mod:`metalab.envs.cartpole_swingup`; ``configs/mbrl_cartp
 and 15 MPC episodes, 3,200 env steps; the best return is about 180, hanging still about 3.5);
 ``pets-inverted-pendulum`` and ``pets-half-cheetah`` train PETS on the MuJoCo
 ``InvertedPendulum-v5`` (1,000 steps per episode at most; 1,000 is the best return) and ``HalfCheetah-v5`` at
-a CPU-sized budget (``configs/mbrl_half_cheetah.yaml``: 10,000 env steps), both need the ``mujoco`` extra;
+a CPU-sized budget (``configs/mbrl_half_cheetah.yaml``: 10,000 env steps), and ``pets-reacher`` on the MuJoCo
+``Reacher-v5`` goal family (``configs/mbrl_reacher.yaml``: 50-step episodes, each reset drawing a new target,
+which is in the observation; 5 random and 20 MPC episodes, 1,250 env steps; tested on 20 episodes, so 20
+targets; random actions score about -43, a good controller -4 to -6), all three need the ``mujoco`` extra;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
 many episodes (the sample-efficiency comparison); ``mbrl-lib-pets-pendulum`` is the peer of ``pets-pendulum``:
 mbrl-lib's PETS (:mod:`benchmarks.mbrl_lib_pets`) at the same env steps, tested on the same test episodes
@@ -117,6 +120,9 @@ SETUPS = {
         "metalab-pets",
         {"test_return": "test/return"},
         {"return": "return"},
+    ),
+    "pets-reacher": Setup(
+        "mbrl_reacher.yaml", "reacher", "metalab-pets", {"test_return": "test/return"}, {"return": "return"}
     ),
     # Our SAC at PETS's env steps (200 random + 10 MPC episodes = 2,200), tested on as many episodes.
     "sac-pendulum-2200": Setup(

@@ -1,6 +1,7 @@
-"""MPC planners: planning speed against a Python loop over candidates, and a planner ablation on Pendulum.
+"""MPC planners: planning speed against a Python loop over candidates, and a planner ablation on Pendulum and on
+Reacher goals.
 
-    python -m benchmarks.planning                          # both configurations
+    python -m benchmarks.planning                          # all three configurations
     python -m benchmarks.planning --only speed             # about 2 minutes on one core
     python -m benchmarks.planning --only ablation-pendulum --runs-dir runs/bench/mbrl
 
@@ -13,13 +14,25 @@ batched pass per time step. ``python-loop`` is the same CEM, the same ensemble c
 per candidate sequence (what a user writes who loops over candidates). Records: calls per second of each, and
 their ratio, measured in the same process.
 
-``ablation-pendulum``: one trained PETS model (``benchmarks.mbrl``'s ``pets-pendulum`` seed 0 run, trained or
-reloaded from ``<runs-dir>/pets-pendulum-s0``), tested once on the same 10 test episodes with each planner at
-about the same compute per env step, counted in predicted sequences (each of 10 particles and 25 steps):
-random shooting of 1,000 sequences, CEM 5 x 200 (the config's), MPPI 5 x 200 (temperature 1, the default: not
-tuned), and gradient planning: 20 Adam steps from CEM's plan (5 x 200 + 20 forward-backward passes of one
-sequence, about 1,060 sequences' worth). Records: test return with its 95% CI over the episodes, and the
-seconds per env step of planning. Nothing here was chosen on the test episodes.
+The ablations (:func:`ablation`, one per row of :data:`ABLATIONS`): one trained PETS model, the seed-0 run of a
+:mod:`benchmarks.mbrl` configuration (trained, or reloaded, in ``<runs-dir>/<configuration>-s0``), tested once
+on the same test episodes (reset seeds) with each planner at about the same compute per env step, counted in
+predicted sequences of the config's horizon and particles: random shooting of 1,000 sequences, CEM 5 x 200 (the
+config's), MPPI 5 x 200 (temperature 1, the default: not tuned), and gradient planning: 20 Adam steps (step
+size 0.05, the default) from CEM's plan (5 x 200 + 20 forward-backward passes of one sequence, about 1,060
+sequences' worth). Everything else is the config's (model, particles, horizon, the warm start).
+
+- ``ablation-pendulum``: ``pets-pendulum`` (``configs/mbrl_pendulum.yaml``: sequences of 25 actions, 10
+  particles), 10 test episodes of 200 steps.
+- ``ablation-reacher``: ``pets-reacher`` (``configs/mbrl_reacher.yaml``, MuJoCo ``Reacher-v5``: sequences of 15
+  actions, 10 particles), 20 test episodes of 50 steps, each reset drawing a new target (the goal family: the
+  target is in the observation, so one model and the known reward plan for every goal). Needs the ``mujoco``
+  extra.
+
+Records (task ``<env>-pets-model``): test return with its 95% CI over the episodes, and the seconds per env
+step (the test episodes' wall-clock time over their env steps; neither task terminates, so every episode runs
+to its time limit; the episodes run ``eval.batch`` at a time, so a step's planning is shared by that many start
+states). Nothing here was chosen on the test episodes.
 
 Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 """
@@ -29,34 +42,51 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from benchmarks.common import merge_results, parse_args, parser, record
+from benchmarks import mbrl as mbrl_bench
+from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
 from benchmarks.mbrl import RUNS
-from benchmarks.mbrl import run_config as mbrl_run_config
 from benchmarks.rl_common import train
-from metalab.experiment import algorithm, load_run_config
+from metalab.envs.config import make_env
+from metalab.experiment import algorithm
 from metalab.rl.dynamics import Ensemble, trajectory_sampling
+from metalab.rl.env_models import env_model
 from metalab.rl.planners import Bounds, PlannerConfig, RolloutFn, cem
 
 BENCH = "planning"
-CONFIGS = ["speed", "ablation-pendulum"]
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # PETS's HalfCheetah planning problem (Chua et al. 2018, appendix): model, particles, CEM.
 OBS_DIM, ACT_DIM, HIDDEN, MEMBERS, PARTICLES = 17, 6, (200, 200, 200, 200), 5, 20
 SPEED_PLANNER = PlannerConfig(method="cem", horizon=30, candidates=500, iterations=5, elites=50)
 
-ABLATION = {  # planner overrides of configs/mbrl_pendulum.yaml, about 1,000 predicted sequences per env step
-    "random": ["mbrl.planner.method=random", "mbrl.planner.candidates=1000"],
-    "cem": [],
-    "mppi": ["mbrl.planner.method=mppi"],
-    "gradient": ["mbrl.planner.method=gradient", "mbrl.planner.grad_init=cem", "mbrl.planner.grad_steps=20"],
+
+class Ablation(NamedTuple):
+    """One planner ablation: which trained model, which test episodes, which planners."""
+
+    setup: str
+    """The :mod:`benchmarks.mbrl` configuration whose seed-0 model every planner plans with."""
+    task: str
+    """The records' task."""
+    episodes: int
+    """Test episodes, the same for every planner."""
+    planners: dict[str, tuple[str, ...]]
+    """Planner -> overrides of the configuration's config, about 1,000 predicted sequences per env step each."""
+
+
+PLANNERS = {  # overrides of a config whose planner is CEM 5 x 200
+    "random": ("mbrl.planner.method=random", "mbrl.planner.candidates=1000"),
+    "cem": (),
+    "mppi": ("mbrl.planner.method=mppi",),
+    "gradient": ("mbrl.planner.method=gradient", "mbrl.planner.grad_init=cem", "mbrl.planner.grad_steps=20"),
 }
-ABLATION_EPISODES = 10
-ENV_STEPS = 200  # per Pendulum episode
+ABLATIONS = {
+    "ablation-pendulum": Ablation("pets-pendulum", "pendulum-pets-model", 10, PLANNERS),
+    "ablation-reacher": Ablation("pets-reacher", "reacher-pets-model", 20, PLANNERS),
+}
+CONFIGS = ["speed", *ABLATIONS]
 
 
 def per_candidate(rollout: RolloutFn) -> RolloutFn:
@@ -134,27 +164,36 @@ def speed() -> list[dict[str, Any]]:
     return out
 
 
-def ablation(runs: Path) -> list[dict[str, Any]]:
-    base = mbrl_run_config("pets-pendulum", 0, [])
-    trained, fitted = train(base, runs / "pets-pendulum-s0")
+def ablation(name: str, runs: Path) -> list[dict[str, Any]]:
+    """Ablation ``name`` (:data:`ABLATIONS`): train or reload its model, test it with every planner; the records."""
+    setup = ABLATIONS[name]
+    run_dir = runs / f"{setup.setup}-s0"
+    trained, fitted = train(mbrl_bench.run_config(setup.setup, 0, []), run_dir)
     out = []
-    for method, overrides in ABLATION.items():
-        run = load_run_config(CONFIGS_DIR / "mbrl_pendulum.yaml", ["seed=0", "train.device=cpu", *overrides])
+    for method, overrides in setup.planners.items():
+        run = mbrl_bench.run_config(setup.setup, 0, list(overrides))
+        known = env_model(run.env.id)
+        assert known.done is None, f"{run.env.id} terminates: count the env steps instead"
+        env = make_env(run.env)
+        env_steps = setup.episodes * env.spec.max_episode_steps  # every episode runs to the limit
+        env.close()
         learner = algorithm(run.algo).build(run, Path("unused"), torch.device("cpu"))
         learner.model.load_state_dict(trained.model.state_dict())
         learner.model.eval()
         start = time.perf_counter()
-        test = learner.evaluate("test", ABLATION_EPISODES)
+        test = learner.evaluate("test", setup.episodes)
         seconds = time.perf_counter() - start
-        per_step = seconds / (ABLATION_EPISODES * ENV_STEPS)
-        print(f"ablation {method}: test return {test['test/return']:.1f} +- {test['test/return_ci95']:.1f}, "
+        per_step = seconds / env_steps
+        print(f"{name} {method}: test return {test['test/return']:.2f} +- {test['test/return_ci95']:.2f}, "
               f"{per_step:.3f} s per env step")  # fmt: skip
-        common = {"model": str(runs / "pets-pendulum-s0"), "model_steps": fitted.step, "overrides": overrides,
-                  "test_episodes": ABLATION_EPISODES, "threads": torch.get_num_threads()}  # fmt: skip
+        common = {"model": str(run_dir), "model_steps": fitted.step, "model_seconds": fitted.seconds,
+                  "config": f"configs/{mbrl_bench.SETUPS[setup.setup].config}", "env": run.env.id,
+                  "overrides": list(overrides), "test_episodes": setup.episodes, "env_steps": env_steps,
+                  "threads": torch.get_num_threads()}  # fmt: skip
         out += [
-            record(BENCH, "pendulum-pets-model", method, "test_return", test["test/return"],
+            record(BENCH, setup.task, method, "test_return", test["test/return"],
                    ci95=test["test/return_ci95"], unit="return", seconds=seconds, **common),
-            record(BENCH, "pendulum-pets-model", method, "seconds_per_env_step", per_step, unit="s", **common),
+            record(BENCH, setup.task, method, "seconds_per_env_step", per_step, unit="s", **common),
         ]  # fmt: skip
     return out
 
@@ -162,10 +201,12 @@ def ablation(runs: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], CONFIGS)
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where the PETS runs are (default {RUNS})")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help=f"where {BENCH}.json goes")
     p.set_defaults(threads=1)
     args = parse_args(p, argv)
     for name in args.only or CONFIGS:
-        path = merge_results(BENCH, speed() if name == "speed" else ablation(args.runs_dir))
+        records = speed() if name == "speed" else ablation(name, args.runs_dir)
+        path = merge_results(BENCH, records, args.results_dir)
     print(path)
 
 

@@ -31,6 +31,7 @@ from metalab.utils import seed_everything
 
 CONFIG = REPO / "configs" / "mbrl_pendulum.yaml"
 CARTPOLE_CONFIG = REPO / "configs" / "mbrl_cartpole_swingup.yaml"
+REACHER_CONFIG = REPO / "configs" / "mbrl_reacher.yaml"
 # 8-step Pendulum episodes; 10 random steps, then cycles of 4 model updates and 6 MPC steps: steps 10-13 fit,
 # 14-19 act, 20-23 fit, ...; a 2-member ensemble of 8 units, 2 particles, CEM of 2 rounds of 8 sequences of 3.
 TINY: dict[str, Any] = {
@@ -206,6 +207,19 @@ def test_the_cartpole_swingup_config_is_pets_and_every_benchmark_setup_loads() -
     for name in bench.SETUPS:
         assert bench.run_config(name, 1, []).seed == 1, name
     assert bench.SETUPS["pets-cartpole-swingup"].config == CARTPOLE_CONFIG.name
+
+
+def test_the_reacher_config_is_pets_sized_for_a_cpu() -> None:
+    run = load_run_config(REACHER_CONFIG)
+    cfg = run.params
+    assert run.env.id == "Reacher-v5" and bench.SETUPS["pets-reacher"].config == REACHER_CONFIG.name
+    assert (cfg.probabilistic, cfg.propagation, cfg.planner.method) == (True, "tsinf", "cem")
+    assert cfg.random_steps == 5 * 50 and cfg.refit_every == 50  # whole 50-step episodes: 5 random, 1 per fit
+    cycles, rest = divmod(run.train.steps - cfg.random_steps, cfg.fit_updates + cfg.refit_every)
+    assert rest == 0 and cycles == 20  # 20 whole MPC episodes
+    assert run.train.eval_every < run.train.steps  # a val evaluation midway, and one at the end
+    cheetah = load_run_config(REPO / "configs" / "mbrl_half_cheetah.yaml").params
+    assert sum(cfg.hidden) * cfg.members < sum(cheetah.hidden) * cheetah.members  # a smaller ensemble
 
 
 def test_the_fit_refits_the_normaliser_to_all_data() -> None:
