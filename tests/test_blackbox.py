@@ -55,12 +55,26 @@ def test_instance_numbers_by_hand() -> None:
     assert mann.instance_numbers(y, 3).tolist() == [[1, 1, 2, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("memory", [False, True])
-def test_mann_is_causal(memory: bool) -> None:
+MEMORY_VARIANTS = {
+    "lstm": {},
+    "memory": {"memory": True},
+    "fed_back": {"memory": True, "feed_reads": True},
+    "per_head_sharpened": {
+        "memory": True,
+        "feed_reads": True,
+        "least_used": "per_head",
+        "key_strength": 10.0,
+    },
+    "read_before_write": {"memory": True, "key_strength": 10.0, "read_before_write": True},
+}
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_mann_is_causal(variant: str) -> None:
     torch.manual_seed(0)
+    extra = MEMORY_VARIANTS[variant]
     model = mann.MANN(
-        mann.Config(hidden=16, encoder="conv4", memory=memory, memory_slots=8, memory_width=4, read_heads=2),
-        3,
+        mann.Config(hidden=16, encoder="conv4", memory_slots=8, memory_width=4, read_heads=2, **extra), 3
     )
     x, shown = torch.rand(2, 7, 1, 28, 28), torch.rand(2, 7, 3)
     out = model(x, shown)
@@ -89,6 +103,116 @@ def test_mann_fused_lstm_equals_a_loop_of_lstm_cells_and_loads_their_checkpoints
         h, c = cell(inputs[:, t], (h, c))
         steps.append(h)
     torch.testing.assert_close(model(x, shown), model.head(torch.stack(steps, dim=1)))
+
+
+def test_mann_fed_back_reads_reach_the_controller_and_only_from_earlier_steps() -> None:
+    """With ``feed_reads`` step t's controller input holds the reads of step t-1: cutting that input (zero weights)
+    leaves step 0 unchanged (its reads input is zero), changes every later step, and leaves an LSTM over the
+    image and label inputs alone, i.e. the stepped cell computes what ``nn.LSTM`` computes."""
+    torch.manual_seed(0)
+    cfg = mann.Config(hidden=6, encoder="pixels", memory=True, memory_slots=8, memory_width=3, read_heads=2,
+                      feed_reads=True)  # fmt: skip
+    model = mann.MANN(cfg, 3, image_size=16).double()
+    x, shown = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+    given = 16 * 16 + 3
+    assert model.lstm.input_size == given + 2 * 3
+    out = model(x, shown)
+    inputs = torch.cat([x.flatten(2), shown], dim=-1)
+    with torch.no_grad():
+        model.lstm.weight_ih_l0[:, given:] = 0
+    cut = model(x, shown)
+    torch.testing.assert_close(out[:, 0], cut[:, 0])
+    assert (out[:, 1:] - cut[:, 1:]).abs().amax(-1).min() > 1e-6  # every later step depended on its reads
+    ref = torch.nn.LSTM(given, 6, batch_first=True).double()
+    ref.load_state_dict(
+        {k: v[:, :given] if k == "weight_ih_l0" else v for k, v in model.lstm.state_dict().items()}
+    )
+    torch.testing.assert_close(model._with_reads_fed_back(inputs)[..., :6], ref(inputs)[0])
+
+
+@pytest.mark.parametrize("least_used", ["one", "per_head"])
+def test_lru_memory_clears_and_writes_the_least_used_slots(least_used: str) -> None:
+    """All write weight on the least-used side (gate closed): ``one`` clears the least-used row and sums every
+    head's key into it; ``per_head`` clears the ``heads`` least-used rows and writes head i's key into the i-th."""
+    torch.manual_seed(0)
+    mem = mann.LRUMemory(5, slots=6, width=3, heads=2, decay=0.9, least_used=least_used).double()
+    with torch.no_grad():
+        mem.gate.weight.zero_()
+        mem.gate.bias.fill_(-50.0)  # sigma(alpha) ~ 0: no weight on the last-read slots
+    h = torch.randn(1, 5, dtype=torch.float64)
+    memory = torch.randn(1, 6, 3, dtype=torch.float64)
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.05, 0.7, 0.3]], dtype=torch.float64)  # least used: 3, then 1
+    last_read = torch.softmax(torch.randn(1, 2, 6, dtype=torch.float64), -1)
+    _, (new, new_usage, read) = mem.step(h, (memory, usage, last_read))
+    keys = mem.keys(h).view(2, 3)
+    written = [3] if least_used == "one" else [3, 1]
+    if least_used == "one":
+        torch.testing.assert_close(new[0, 3], keys.sum(0))
+    else:
+        torch.testing.assert_close(new[0, 3], keys[0])
+        torch.testing.assert_close(new[0, 1], keys[1])
+    kept = [i for i in range(6) if i not in written]
+    torch.testing.assert_close(new[0, kept], memory[0, kept])
+    write = torch.zeros(6, dtype=torch.float64)
+    write[written] = 2.0 / len(written)
+    torch.testing.assert_close(new_usage[0], 0.9 * usage[0] + read[0].sum(0) + write, atol=1e-12, rtol=0)
+
+
+def test_lru_memory_read_before_write_reads_the_old_memory_and_writes_the_same() -> None:
+    """Reading after the write (the default), head i's best match is the slot it just wrote (cosine 1); with
+    ``read_before_write`` the reads are those of the memory before the write, and the write is unchanged."""
+    torch.manual_seed(0)
+    after = mann.LRUMemory(5, slots=6, width=3, heads=2, decay=0.9, least_used="per_head").double()
+    before = mann.LRUMemory(
+        5, slots=6, width=3, heads=2, decay=0.9, least_used="per_head", read_before_write=True
+    )
+    before.double().load_state_dict(after.state_dict())
+    with torch.no_grad():
+        for mem in (after, before):
+            mem.gate.weight.zero_()
+            mem.gate.bias.fill_(-50.0)
+    h = torch.randn(1, 5, dtype=torch.float64)
+    memory = torch.randn(1, 6, 3, dtype=torch.float64)
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.05, 0.7, 0.3]], dtype=torch.float64)  # least used: 3, then 1
+    state = (memory, usage, torch.softmax(torch.randn(1, 2, 6, dtype=torch.float64), -1))
+    r_after, (m_after, _, w_after) = after.step(h, state)
+    r_before, (m_before, _, w_before) = before.step(h, state)
+    assert w_after.argmax(-1).tolist() == [[3, 1]]
+    torch.testing.assert_close(m_before, m_after)
+    keys = before.keys(h).view(1, 2, 3)
+    expected = torch.softmax(F.cosine_similarity(keys[:, :, None], memory[:, None], dim=-1), -1)
+    torch.testing.assert_close(w_before, expected)
+    torch.testing.assert_close(r_before, (expected @ memory).flatten(1))
+    assert not torch.allclose(r_before, r_after)
+
+
+def test_lru_memory_key_strength_starts_where_set_and_sharpens_reads() -> None:
+    """Plain cosine reads keep every slot within e^2 of another's weight; a key strength starting at 500 puts
+    nearly all of a head's read weight on its best-matching slot."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 5)
+    state = (torch.randn(4, 8, 3), torch.rand(4, 8), torch.softmax(torch.randn(4, 2, 8), -1))
+    plain = mann.LRUMemory(5, slots=8, width=3, heads=2, decay=0.9)
+    read = plain.step(h, state)[1][2]
+    assert (read.amax(-1) / read.amin(-1)).max() <= torch.e**2 + 1e-4
+    for start in (1.5, 10.0, 500.0):
+        sharp = mann.LRUMemory(5, slots=8, width=3, heads=2, decay=0.9, key_strength=start)
+        torch.testing.assert_close(1 + F.softplus(sharp.strength.bias), torch.full((2,), start))
+    sharp.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        sharp.strength.weight.zero_()
+    sharpened = sharp.step(h, state)[1][2]
+    assert sharpened.amax(-1).min() > 0.99
+    torch.testing.assert_close(sharpened.argmax(-1), read.argmax(-1))
+
+
+@pytest.mark.parametrize("key", ["feed_reads", "key_strength", "least_used", "read_before_write"])
+def test_mann_memory_options_need_memory(key: str) -> None:
+    value = {"least_used": "per_head", "key_strength": 10.0}.get(key, True)
+    with pytest.raises(ConfigError) as err:
+        mann.Config(**{key: value})
+    assert err.value.key == key
+    mann.Config(memory=True, **{key: value})
 
 
 def test_snail_is_causal_and_shapes() -> None:

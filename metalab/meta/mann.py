@@ -11,11 +11,16 @@ class-to-label assignments change every episode, so it must bind them in context
 
 ``memory: true`` adds the paper's external memory with least-recently-used access: read keys from the
 controller, cosine-softmax read weights, writes interpolated (learned gate) between the last read location
-and the least-used slot, which is cleared before writing.
+and the least-used slot, which is cleared before writing. Options bring it closer to the paper or past it:
+``feed_reads`` (the controller's input holds the previous step's reads, as in the paper), ``least_used:
+per_head`` (one least-used slot per head, as the paper marks n least-used slots for n reads),
+``key_strength`` (a learned sharpening of the read softmax, which the paper does not have) and
+``read_before_write`` (reads see the memory before this step's write, which otherwise always matches best).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,22 +63,68 @@ class Config:
     """Read heads of the external memory."""
     usage_decay: float = 0.95
     """Decay gamma of slot usage."""
+    feed_reads: bool = False
+    """(``memory: true`` only) Give the controller the previous step's reads as input, as the paper's
+    controller has them (its ``r_{t-1}``), so it can form its keys from what it read; false: the LSTM runs
+    over the images and labels alone and the reads only reach the output layer (faster: one fused LSTM call)."""
+    least_used: Literal["one", "per_head"] = "one"
+    """(``memory: true`` only) Least-used slots written per step. ``one``: the single least-used slot, cleared,
+    takes every head's key (each by its gate's share), so the heads' keys are summed into one row.
+    ``per_head``: head ``i`` writes the ``i``-th least-used slot, all ``read_heads`` of them cleared first (the
+    paper marks the n least-used slots, n = the number of reads)."""
+    key_strength: float | None = None
+    """(``memory: true`` only) Null: reads are a softmax of plain cosines, as in the paper (in [-1, 1], so over
+    128 slots no slot gets more than e^2 times another's weight). A number s > 1: each head's cosines are
+    multiplied by a learned strength ``1 + softplus(.)`` of the controller state (the Neural Turing Machine's key
+    strength), starting at about s. Sharp reads match the slot just written unless ``read_before_write``."""
+    read_before_write: bool = False
+    """(``memory: true`` only) Read with step t's keys from the memory as step t-1 left it, then write. False
+    (as the paper's equations read it: from ``M_t``, after step t's write): the slot just written with the same
+    keys is the best match (cosine 1 for a cleared slot), so a sharp read lands on it rather than on an earlier
+    step's slot."""
 
     def __post_init__(self) -> None:
         for key, high in (("hidden", MAX_UNITS), ("memory_slots", 65_536), ("memory_width", MAX_UNITS),
                           ("read_heads", 64)):  # fmt: skip
             require_between(getattr(self, key), key, 1, high)
         require(0 < self.usage_decay < 1, "usage_decay", "must be in (0, 1)")
+        for key in ("feed_reads", "key_strength", "read_before_write"):
+            require(self.memory or not getattr(self, key), key, "needs memory: true")
+        if self.key_strength is not None:
+            require_between(self.key_strength, "key_strength", 1.001, 1000.0, " (or null)")
+        require(self.memory or self.least_used == "one", "least_used", "needs memory: true")
+        require(
+            self.least_used == "one" or self.read_heads <= self.memory_slots,
+            "least_used",
+            "per_head needs read_heads <= memory_slots",
+        )
 
 
 class LRUMemory(nn.Module):
-    """External memory written to the least-used or the last-read slot; one step per call of :meth:`step`."""
+    """External memory written to the least-used or the last-read slots; one step per call of :meth:`step`."""
 
-    def __init__(self, controller: int, slots: int, width: int, heads: int, decay: float):
+    def __init__(
+        self,
+        controller: int,
+        slots: int,
+        width: int,
+        heads: int,
+        decay: float,
+        least_used: str = "one",
+        key_strength: float | None = None,
+        read_before_write: bool = False,
+    ):
         super().__init__()
         self.slots, self.width, self.heads, self.decay = slots, width, heads, decay
+        self.least_used, self.read_before_write = least_used, read_before_write
         self.keys = nn.Linear(controller, heads * width)
         self.gate = nn.Linear(controller, heads)
+        self.strength = None
+        if key_strength is not None:  # 1 + softplus(bias) = key_strength at zero input
+            self.strength = nn.Linear(controller, heads)
+            with torch.no_grad():
+                excess = key_strength - 1  # the inverse of softplus, log(e^x - 1), without overflow
+                self.strength.bias.fill_(excess + math.log(-math.expm1(-excess)))
 
     def initial(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         memory = torch.full((batch, self.slots, self.width), 1e-6, device=device)
@@ -88,15 +139,21 @@ class LRUMemory(nn.Module):
         b = h.shape[0]
         keys = self.keys(h).view(b, self.heads, self.width)  # (B, H, W)
         alpha = torch.sigmoid(self.gate(h))[..., None]  # (B, H, 1)
-        # the least-used slot (one per batch element) is cleared, then written by every head's gate share
-        least = F.one_hot(usage.argmin(-1), self.slots).to(h.dtype)  # (B, S)
-        write = alpha * last_read + (1 - alpha) * least[:, None]  # (B, H, S)
-        memory = memory * (1 - least)[..., None] + write.transpose(1, 2) @ keys  # (B, S, W)
-        read = torch.softmax(
-            F.cosine_similarity(keys[:, :, None], memory[:, None], dim=-1), dim=-1
-        )  # (B, H, S)
+        if self.least_used == "per_head":  # head i: the i-th least-used slot (distinct slots)
+            least = F.one_hot(usage.topk(self.heads, -1, largest=False).indices, self.slots).to(h.dtype)
+            cleared = least.sum(1)  # (B, S)
+        else:  # the least-used slot (one per batch element), written by every head's gate share
+            cleared = F.one_hot(usage.argmin(-1), self.slots).to(h.dtype)  # (B, S)
+            least = cleared[:, None]
+        write = alpha * last_read + (1 - alpha) * least  # (B, H, S)
+        written = memory * (1 - cleared)[..., None] + write.transpose(1, 2) @ keys  # (B, S, W)
+        source = memory if self.read_before_write else written
+        similarity = F.cosine_similarity(keys[:, :, None], source[:, None], dim=-1)  # (B, H, S)
+        if self.strength is not None:
+            similarity = similarity * (1 + F.softplus(self.strength(h)))[..., None]
+        read = torch.softmax(similarity, dim=-1)  # (B, H, S)
         usage = self.decay * usage + read.sum(1) + write.sum(1)
-        return (read @ memory).flatten(1), (memory, usage, read)  # (B, H*W)
+        return (read @ source).flatten(1), (written, usage, read)  # (B, H*W)
 
 
 class MANN(nn.Module):
@@ -109,23 +166,37 @@ class MANN(nn.Module):
             self.encoder = nn.Flatten()
             features = image_size * image_size
         self.n_way = n_way
-        # The controller's input does not depend on memory reads, so one fused LSTM call runs the whole
-        # sequence (1.75x faster forward and backward than a loop of LSTMCell steps at B=16, L=50, H=200).
-        self.lstm = nn.LSTM(features + n_way, cfg.hidden, batch_first=True)
+        read = cfg.read_heads * cfg.memory_width if cfg.memory else 0
+        self.feed_reads = cfg.feed_reads
+        # Without feed_reads the controller's input does not depend on memory reads, so one fused LSTM call runs
+        # the whole sequence (1.75x faster forward and backward than a loop of LSTMCell steps at B=16, L=50,
+        # H=200). With it, the same LSTM's weights (inputs: image, label, then the previous reads) are stepped.
+        self.lstm = nn.LSTM(features + n_way + (read if cfg.feed_reads else 0), cfg.hidden, batch_first=True)
         self.register_load_state_dict_pre_hook(_rename_lstm_cell_keys)  # checkpoints of the LSTMCell version
         self.memory = (
-            LRUMemory(cfg.hidden, cfg.memory_slots, cfg.memory_width, cfg.read_heads, cfg.usage_decay)
+            LRUMemory(
+                cfg.hidden,
+                cfg.memory_slots,
+                cfg.memory_width,
+                cfg.read_heads,
+                cfg.usage_decay,
+                cfg.least_used,
+                cfg.key_strength,
+                cfg.read_before_write,
+            )
             if cfg.memory
             else None
         )
-        read = cfg.read_heads * cfg.memory_width if cfg.memory else 0
         self.head = nn.Linear(cfg.hidden + read, n_way)
 
     def forward(self, x: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, L, N)`` for images ``x`` ``(B, L, C, H, W)`` shown with label one-hots ``(B, L, N)``."""
         b, length = x.shape[:2]
         z = self.encoder(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)).view(b, length, -1)
-        hs = self.lstm(torch.cat([z, shown], dim=-1))[0]  # (B, L, H); causal: step t sees inputs 0..t only
+        inputs = torch.cat([z, shown], dim=-1)
+        if self.memory is not None and self.feed_reads:
+            return self.head(self._with_reads_fed_back(inputs))
+        hs = self.lstm(inputs)[0]  # (B, L, H); causal: step t sees inputs 0..t only
         if self.memory is not None:
             state, reads = self.memory.initial(b, x.device), []
             for t in range(length):
@@ -133,6 +204,27 @@ class MANN(nn.Module):
                 reads.append(read)
             hs = torch.cat([hs, torch.stack(reads, dim=1)], dim=-1)
         return self.head(hs)
+
+    def _with_reads_fed_back(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(B, L, H + reads)``: the controller stepped with input ``[x_t, label_{t-1}, r_{t-1}]`` (``r_{-1} = 0``),
+        each step's hidden state concatenated with that step's reads."""
+        assert self.memory is not None
+        b, length, given = inputs.shape
+        w_ih, w_hh = self.lstm.weight_ih_l0, self.lstm.weight_hh_l0
+        # the image and label part of every step's gates in one matmul; reads and the hidden state step by step
+        pre = F.linear(inputs, w_ih[:, :given], self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)  # (B, L, 4H)
+        w_read = w_ih[:, given:]
+        h = c = inputs.new_zeros(b, self.lstm.hidden_size)
+        read = inputs.new_zeros(b, w_read.shape[1])
+        state, outs = self.memory.initial(b, inputs.device), []
+        for t in range(length):
+            gates = pre[:, t] + F.linear(read, w_read) + F.linear(h, w_hh)
+            i, f, g, o = gates.chunk(4, dim=-1)  # nn.LSTM's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            read, state = self.memory.step(h, state)
+            outs.append(torch.cat([h, read], dim=-1))
+        return torch.stack(outs, dim=1)
 
 
 def _rename_lstm_cell_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
