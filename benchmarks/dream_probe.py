@@ -1,11 +1,12 @@
 """Where a trained DREAM agent's exploration goes on CityGrid, and whether its decoder reads it right.
 
     python -m benchmarks.dream_probe RUN_DIR                      # the run's latest checkpoint
-    python -m benchmarks.dream_probe RUN_DIR --problems 300       # more held-out problems
+    python -m benchmarks.dream_probe RUN_DIR --problems 50        # fewer val problems
 
-For the 53 training problems and ``--problems`` held-out ones (drawn with a fixed seed), one greedy meta-episode
-each: the exploration episode's bus rides from a useful stop and from a distracting stop, the distinct useful
-stops ridden, whether the decoded ``z`` is nearest to the ``F(mu)`` of a training problem with the same useful
+For the 53 training problems and ``--problems`` val ones (drawn with a fixed seed from the 100 val problems:
+held out from training, never the test ones), one greedy meta-episode each: the exploration episode's length in
+steps and whether the explorer ended it itself (``end_episode``, official action set only), its bus rides from a
+useful stop and from a distracting stop, the distinct useful stops ridden, whether the decoded ``z`` is nearest to the ``F(mu)`` of a training problem with the same useful
 buses ("right": all the executor needs), and the exploitation return. Also how ``F(mu)`` clusters: the mean
 distance between training problems with the same useful buses and with different ones. Prints a table and writes
 ``RUN_DIR/probe.json``.
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metalab.envs.citygrid import CityLayout, decode_problem
+from metalab.envs.citygrid import END_EPISODE, RIDE, CityLayout, decode_problem
 from metalab.errors import CheckpointError, MetalabError
 from metalab.experiment import CONFIG_NAME, load_run_config
 from metalab.rl import dream
@@ -41,8 +42,6 @@ from metalab.rl.meta_episodes import (
 from metalab.train.checkpoint import load_checkpoint
 from metalab.train.loop import BEST, CHECKPOINT, weights_file
 from metalab.utils import atomic_path
-
-RIDE = 5  # CityGrid's ride action
 
 
 def rides(steps: Sequence[Step], layout: CityLayout) -> tuple[int, int, int]:
@@ -92,7 +91,7 @@ def decoding_executor(
     return exploit
 
 
-def probe(run_dir: Path, n_test: int = 150, checkpoint: str | None = None, seed: int = 0) -> dict[str, Any]:
+def probe(run_dir: Path, n_val: int = 100, checkpoint: str | None = None, seed: int = 0) -> dict[str, Any]:
     """The probe's numbers for the DREAM run in ``run_dir`` (see the module docstring), with the weights in
     ``checkpoint``: by default those the run selected (``best.pt``, with ``train.keep_best``), else its last."""
     if not (run_dir / CONFIG_NAME).is_file():
@@ -113,11 +112,12 @@ def probe(run_dir: Path, n_test: int = 150, checkpoint: str | None = None, seed:
     layout = env.unwrapped.layout
     encodings = model.embedding.weight.detach()
     rng = np.random.default_rng(seed)
-    held_out = [int(p) for p in rng.choice(env.unwrapped.problems("test"), n_test, replace=False)]
+    val = env.unwrapped.problems("val")
+    held_out = [int(p) for p in rng.choice(val, min(n_val, len(val)), replace=False)]
     same, different = clusters(encodings, train_problems)
     out: dict[str, Any] = {"step": int(state["step"]), "weights": checkpoint, "encoding_distance_same_useful": same,
                            "encoding_distance_different_useful": different}  # fmt: skip
-    for split, pool in (("train", train_problems), ("test", held_out)):
+    for split, pool in (("train", train_problems), ("val", held_out)):
         rows = []
         for i, problem in enumerate(pool):
             decoded: list[torch.Tensor] = []  # the decoded z, filled in by exploit()
@@ -127,12 +127,18 @@ def probe(run_dir: Path, n_test: int = 150, checkpoint: str | None = None, seed:
             nearest = train_problems[int(torch.cdist(decoded[0][None], encodings)[0].argmin())]
             useful, distracting, distinct = rides(episode.explore, layout)
             right = same_useful_buses(nearest, problem)
-            rows.append((useful, distracting, distinct, right, episode.exploit_return))
-        useful, distracting, distinct, right, ret = (
+            stopped = any(step.action == END_EPISODE for step in episode.explore)
+            rows.append(
+                (useful, distracting, distinct, right, episode.exploit_return, len(episode.explore), stopped)
+            )
+        useful, distracting, distinct, right, ret, length, stopped = (
             np.array(c, dtype=float) for c in zip(*rows, strict=True)
         )
         out[split] = {
             "problems": len(pool),
+            "ids": [int(q) for q in pool],
+            "explore_steps": float(length.mean()),
+            "explore_ended_by_agent": float(stopped.mean()),
             "useful_rides": float(useful.mean()),
             "distracting_rides": float(distracting.mean()),
             "distinct_useful_stops": float(distinct.mean()),
@@ -155,9 +161,10 @@ def report(out: dict[str, Any]) -> str:
         f"step {out['step']}: F(mu) distance, same useful buses {out['encoding_distance_same_useful']:.3f}, "
         f"different {out['encoding_distance_different_useful']:.3f}"
     ]
-    for split in ("train", "test"):
+    for split in ("train", "val"):
         s = out[split]
-        lines.append(f"{split:5s} {s['problems']:4d} problems: useful rides {s['useful_rides']:.2f}, distracting "
+        lines.append(f"{split:5s} {s['problems']:4d} problems: exploration {s['explore_steps']:.1f} steps (ended by "
+                     f"the agent {s['explore_ended_by_agent']:.2f}), useful rides {s['useful_rides']:.2f}, distracting "
                      f"{s['distracting_rides']:.2f}, distinct useful stops {s['distinct_useful_stops']:.2f}, "
                      f"right {s['right']:.2f}, return {s['return']:.3f}")  # fmt: skip
         for k, row in s["by_distinct_useful_stops"].items():
@@ -169,7 +176,9 @@ def report(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a DREAM run directory (config.yaml and a checkpoint)")
-    p.add_argument("--problems", type=int, default=150, help="held-out problems to play (default 150)")
+    p.add_argument(
+        "--problems", type=int, default=100, help="val problems to play (at most 100, the default)"
+    )
     p.add_argument(
         "--checkpoint",
         help=f"weights file in RUN_DIR (default: {BEST} when the run selected weights, else {CHECKPOINT})",

@@ -12,6 +12,7 @@ import torch
 from benchmarks import dream_probe
 from benchmarks.rl_common import train
 from metalab.envs import CITYGRID_ID, EnvConfig, make_env
+from metalab.envs.citygrid import problems
 from metalab.experiment import load_run_config
 from metalab.rl.meta_episodes import play_episode
 
@@ -45,8 +46,13 @@ def test_probe_script_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixtur
     train(run, tmp_path / "run")
     dream_probe.main([str(tmp_path / "run"), "--problems", "4"])
     out = json.loads((tmp_path / "run" / "probe.json").read_text())
-    assert out["step"] == 4 and out["train"]["problems"] == 53 and out["test"]["problems"] == 4
-    for split in ("train", "test"):
+    assert out["step"] == 4 and out["train"]["problems"] == 53 and out["val"]["problems"] == 4
+    assert set(out["val"]["ids"]) <= set(problems("val"))  # diagnostics read val problems, never test ones
+    assert all(
+        out[split]["explore_ended_by_agent"] == 0.0 for split in ("train", "val")
+    )  # six actions: no stop
+    assert all(0 < out[split]["explore_steps"] <= 20 for split in ("train", "val"))  # at most the horizon
+    for split in ("train", "val"):
         s = out[split]
         assert 0.0 <= s["right"] <= 1.0 and s["useful_rides"] >= s["distinct_useful_stops"] >= 0.0
         assert sum(row["fraction"] for row in s["by_distinct_useful_stops"].values()) == pytest.approx(1.0)
