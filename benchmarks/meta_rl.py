@@ -419,7 +419,8 @@ def reference_records() -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=[*GROUPS, *CONFIGS], metavar="CONFIG",
-                   help="configurations (dream|rl2-{5x5,9x9,5x5plain}-s{0,1,2}, pearl-{point,cheetah-vel}-s{0,1,2}) "
+                   help="configurations (dream|rl2-{5x5,9x9,5x5plain}-s{0,1,2}, dream_paper|dream_xfit-{5x5,9x9}-s{0,1,2}, "
+                   "pearl-{point,cheetah-vel}-s{0,1,2}) "
                    "or groups of seeds (dream-5x5); default: all")  # fmt: skip
     p.add_argument(
         "--steps-scale", type=float, default=1.0, help=f"multiply the trainer-step budgets {BUDGETS}"
