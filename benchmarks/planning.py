@@ -168,15 +168,15 @@ def ablation(name: str, runs: Path) -> list[dict[str, Any]]:
     """Ablation ``name`` (:data:`ABLATIONS`): train or reload its model, test it with every planner; the records."""
     setup = ABLATIONS[name]
     run_dir = runs / f"{setup.setup}-s0"
-    trained, fitted = train(mbrl_bench.run_config(setup.setup, 0, []), run_dir)
+    base = mbrl_bench.run_config(setup.setup, 0, [])
+    trained, fitted = train(base, run_dir)
+    assert env_model(base.env.id).done is None, f"{base.env.id} terminates: count the env steps instead"
+    env = make_env(base.env)
+    env_steps = setup.episodes * env.spec.max_episode_steps  # every episode runs to the limit
+    env.close()
     out = []
     for method, overrides in setup.planners.items():
         run = mbrl_bench.run_config(setup.setup, 0, list(overrides))
-        known = env_model(run.env.id)
-        assert known.done is None, f"{run.env.id} terminates: count the env steps instead"
-        env = make_env(run.env)
-        env_steps = setup.episodes * env.spec.max_episode_steps  # every episode runs to the limit
-        env.close()
         learner = algorithm(run.algo).build(run, Path("unused"), torch.device("cpu"))
         learner.model.load_state_dict(trained.model.state_dict())
         learner.model.eval()
