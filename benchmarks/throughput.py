@@ -43,7 +43,7 @@ method ``sampler`` (``seconds_per_step``: one meta-batch). The plain loop gets t
 
 Candidate fast paths (``--candidates``, comma-separated, default all; ``none``), each measured against the
 default step on the ProtoNet and MAML configurations (method ``metalab+<candidate>``, ``speedup_vs_metalab``;
-Relation and SNAIL take none), not adopted by the library. A candidate whose first step raises is recorded as
+Relation and SNAIL take ``bf16`` only). A candidate whose first step raises is recorded as
 ``runs`` 0 with the error:
 
 * ``compile``: ``torch.compile`` of ProtoNet's embedding, and of MAML's per-task loss (inner step included:
@@ -53,9 +53,12 @@ Relation and SNAIL take none), not adopted by the library. A candidate whose fir
   time, compilation included, is ``first_step_s`` of ``seconds_per_step``.
 * ``layout``: the other memory format (contiguous for ProtoNet, which trains channels-last; channels-last for
   MAML, which trains contiguous).
-* ``bf16``: MAML's step under ``torch.autocast("cpu", torch.bfloat16)``; ProtoNet's embedding only (whole-step
-  autocast fails there: ``torch.cdist`` has no bfloat16 kernel). Records whether the CPU has native bf16
-  (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo). Its fraction is against the float32 peak.
+* ``bf16``: for ProtoNet, Relation and SNAIL, the learner rebuilt with the other ``train.autocast`` setting
+  (method ``metalab+autocast-none`` where the shipped config trains under bfloat16 autocast, as theirs do
+  since this benchmark measured it, ``metalab+autocast-bf16`` otherwise), on the same episodes; for MAML and
+  FOMAML (no ``train.autocast``), the whole step under ``torch.autocast("cpu", torch.bfloat16)``. Records
+  whether the CPU has native bf16 (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo). Fractions are against
+  the float32 peak.
 * ``threads``: the default step and the plain loop again at the other of 1 and 2 intra-op threads
   (``torch.set_num_threads``), interleaved with the rest; their records go under that thread count's task.
   Inter-op threads can only be set once per process: ``--interop-threads`` (recorded in every record).
@@ -70,6 +73,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import statistics
@@ -96,13 +100,12 @@ from metalab.experiment import RunConfig, algorithm, load_run_config
 from metalab.meta import episodic, gbml, maml, protonet, snail
 from metalab.meta.relation import RelationNet
 from metalab.train.loop import Learner
-from metalab.utils import seed_everything
+from metalab.utils import cpu_bf16_flags, seed_everything
 
 BENCH = "throughput"
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = "plain-loop"
 CANDIDATES = ("compile", "layout", "bf16", "threads")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PEAK_CHANNELS = 64
 PEAK_SIDES = (28, 14)
 FORMATS = {"channels-last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -191,16 +194,9 @@ def peak_gflops(threads: int, args: argparse.Namespace) -> float:
 
 
 def bf16_native() -> dict[str, Any]:
-    """Whether the CPU computes bfloat16 natively: the /proc/cpuinfo flags among :data:`BF16_FLAGS`."""
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return {"bf16_native": None, "bf16_flags": []}
-    flags = [f for f in BF16_FLAGS if f in words]
-    return {"bf16_native": bool(flags), "bf16_flags": flags}
-
-
-# ---------------------------------------------------------------------------------------------- data
+    """Whether the CPU computes bfloat16 natively (:func:`metalab.utils.cpu_bf16_flags`), for the records."""
+    flags = cpu_bf16_flags()
+    return {"bf16_native": None if flags is None else bool(flags), "bf16_flags": flags or []}
 
 
 class Replay:
@@ -240,6 +236,11 @@ def replayed_samplers() -> Iterator[list[tuple[str, Replay]]]:
         for module in (episodic, gbml, snail):
             stack.enter_context(mock.patch.object(module, "make_sampler", make))
         yield made
+
+
+def with_autocast(run: RunConfig, setting: str) -> RunConfig:
+    """``run`` with ``train.autocast`` set to ``setting``."""
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, autocast=setting))
 
 
 def build_learner(run: RunConfig, root: Path, name: str) -> tuple[Learner, Replay]:
@@ -332,26 +333,11 @@ class Formatted(nn.Module):
         return self.module(x.contiguous(memory_format=self.memory_format))
 
 
-class Bfloat16(nn.Module):
-    """``module`` under CPU bfloat16 autocast, its output back in float32."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.module(x).float()
-
-
 def protonet_variant(run: RunConfig, model: nn.Module, candidate: str) -> Callable[[Episode], torch.Tensor]:
     """ProtoNet's training loss (``build_episodic``'s: cross-entropy of :func:`protonet.episode_logits`) on
-    ``model`` (a fresh copy) with the embedding compiled, under bfloat16 autocast (the embedding only:
-    ``torch.cdist`` has no bfloat16 kernel), or contiguous instead of channels-last."""
+    ``model`` (a fresh copy) with the embedding compiled, or contiguous instead of channels-last."""
     if candidate == "compile":
         encoder: nn.Module = torch.compile(model)
-    elif candidate == "bf16":
-        encoder = Bfloat16(model)
     else:  # layout: embed_tasks hands channels-last images; the wrapper makes them contiguous again
         encoder = Formatted(model.to(memory_format=torch.contiguous_format), torch.contiguous_format)
     return lambda ep: episodic.cross_entropy(protonet.episode_logits(encoder, ep), ep)
@@ -379,8 +365,8 @@ class Setup:
     config: str
     plain: Callable[[RunConfig], PlainStep]
     variant: Callable[[RunConfig, nn.Module, str], Callable[[Episode], torch.Tensor]] | None = None
-    """(run, model copy, candidate) -> loss of a batched episode, for ``compile``, ``layout`` (and ProtoNet's
-    ``bf16``); None: the configuration takes no candidates."""
+    """(run, model copy, candidate) -> loss of a batched episode, for ``compile`` and ``layout``; None: the
+    configuration takes ``bf16`` only."""
 
 
 SETUPS = {
@@ -539,7 +525,7 @@ def make_methods(
     name: str, run: RunConfig, learner: Learner, replay: Replay, args: argparse.Namespace
 ) -> list[Method]:
     """metalab's default step and the plain loop at ``args.threads``, and the candidates that apply."""
-    setup, lr, mb, algo = SETUPS[name], run.train.lr, run.train.meta_batch, run.algo
+    setup, lr, mb = SETUPS[name], run.train.lr, run.train.meta_batch
     base = torch.get_num_threads()
     init = copy.deepcopy(learner.model.state_dict())
 
@@ -555,7 +541,8 @@ def make_methods(
         Method("metalab", optimised(learner.model, default, lr), learner.model, base, init),
         plain(base),
     ]
-    candidates = args.candidates if setup.variant is not None else ()
+    # Relation and SNAIL: their train.autocast setting only (no variant to compile or re-lay out)
+    candidates = args.candidates if setup.variant is not None else [c for c in args.candidates if c == "bf16"]
     for c in candidates:
         if c == "threads":
             for t in (1, 2):
@@ -564,7 +551,14 @@ def make_methods(
                         Method("metalab", optimised(learner.model, default, lr), learner.model, t, init)
                     )
                     methods.append(plain(t))
-        elif c == "bf16" and algo != "protonet":  # ProtoNet's: the embedding only (protonet_variant)
+        elif c == "bf16" and learner.autocast:  # the learner's other train.autocast setting, rebuilt
+            other = "none" if run.train.autocast == "bf16" else "bf16"
+            alt, alt_replay = build_learner(with_autocast(run, other), args.data_root, name)
+            alt_replay.fill(len(replay.pool), mb)  # the same episodes (the samplers are seeded alike)
+            step = optimised(alt.model, lambda i, alt=alt: alt.loss(i)[0], lr)
+            extra = {"candidate": c, "autocast": other} | bf16_native()
+            methods.append(Method(f"metalab+autocast-{other}", step, alt.model, base, init, extra))
+        elif c == "bf16":  # the whole step under CPU bfloat16 autocast (MAML: no train.autocast)
             step = optimised(learner.model, default, lr, autocast=True)
             methods.append(Method("metalab+bf16", step, learner.model, base, init, bf16_native()))
         else:  # compile, layout: the loss rebuilt from the library's functions on a copy of the model

@@ -155,7 +155,8 @@ def test_episodic_evaluation_reports_ece_and_nll_of_its_logits(monkeypatch: pyte
     monkeypatch.setattr(episodic, "make_sampler", lambda *args: sampler)
     monkeypatch.setattr(episodic, "EvalSamplers", lambda *args: {"val": sampler, "test": sampler})
     run = load_run_config(
-        REPO / "configs" / "protonet_omniglot_5w1s.yaml", ["eval.batch=3", "train.device=cpu"]
+        REPO / "configs" / "protonet_omniglot_5w1s.yaml",
+        ["eval.batch=3", "train.device=cpu", "train.autocast=none"],
     )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))

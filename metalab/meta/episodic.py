@@ -24,7 +24,7 @@ from metalab.models import set_batchnorm_mode
 from metalab.models.text import SentenceEncoder
 from metalab.train.distributed import shard
 from metalab.train.evaluate import PARTS, evaluate_episode_columns
-from metalab.train.loop import Learner
+from metalab.train.loop import Learner, autocast
 
 ScoreFn = Callable[[Episode], torch.Tensor]
 """Batched episode -> ``(T, N*Q, N)`` class scores of each query (higher means more likely)."""
@@ -77,6 +77,14 @@ def embed_tasks(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([encoder(x.contiguous(memory_format=torch.channels_last)) for x in images])
 
 
+def squared_distances(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``||x_i - mu_c||^2``: ``(S, D), (C, D) -> (S, C)``, in float32 whatever ``train.autocast`` says (distances
+    of nearby embeddings lose their differences in bfloat16, and ``torch.cdist`` has no bfloat16 kernel)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, means.dtype), torch.float32)  # float64 stays
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.cdist(x.to(dtype), means.to(dtype)).pow(2)
+
+
 def accuracy(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
     """Per-task query accuracy ``(T,)``."""
     return (scores.argmax(-1) == ep.query_y).float().mean(-1)
@@ -114,22 +122,24 @@ def build_episodic(
 
     def train_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ep = shard(train.sample(step, run.train.meta_batch)).to(device)
-        if loss is None:
-            s = scores(ep)
-            value = cross_entropy(s, ep)
-        else:
-            value, s = loss(ep)
-        return value, {"train/acc": accuracy(s, ep).mean().item()}
+        with autocast(run.train, device):  # train.autocast: bf16 convolutions and products, or a no-op
+            if loss is None:
+                s = scores(ep)
+                value = cross_entropy(s.float(), ep)
+            else:
+                value, s = loss(ep)
+        return value.float(), {"train/acc": accuracy(s, ep).mean().item()}
 
     def evaluate(part: str, n: int) -> dict[str, float]:
         pooled = PooledQueries()
 
         def per_task(ep: Episode) -> torch.Tensor:
-            with torch.no_grad():
-                return pooled.columns(scores(ep), ep.query_y)  # scores: (T, N*Q, N)
+            with torch.no_grad(), autocast(run.train, device):
+                s = scores(ep).float()  # (T, N*Q, N)
+            return pooled.columns(s, ep.query_y)
 
         return pooled.metrics(
             part, *evaluate_episode_columns(per_task, evals[part], n, run.eval.batch, device)
         )
 
-    return Learner(model, train_loss, evaluate)
+    return Learner(model, train_loss, evaluate, autocast=True)

@@ -58,7 +58,7 @@ from torch import nn
 from metalab.config import MAX_FILTERS, MAX_INNER_STEPS, require, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import build_episodic, embed_tasks
+from metalab.meta.episodic import build_episodic, embed_tasks, squared_distances
 from metalab.meta.protonet import class_means
 from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
@@ -118,11 +118,6 @@ def threshold(prototypes: torch.Tensor, sigma: float, alpha: float) -> float:
     rho = prototypes.detach().var(0, correction=0).mean().item()
     d = prototypes.shape[-1]
     return -2.0 * sigma * math.log(alpha) + d * sigma * math.log1p(rho / sigma)
-
-
-def squared_distances(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """``||x_i - mu_c||^2``: ``(S, D), (C, D) -> (S, C)`` (as ProtoNet computes them)."""
-    return torch.cdist(x, means).pow(2)
 
 
 def open_clusters(

@@ -30,7 +30,14 @@ from torch.func import vmap
 from metalab.config import MAX_FILTERS, MAX_UNITS, require, require_between
 from metalab.data.episodes import Episode
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import build_episodic, cross_entropy, embed_sentences, embed_tasks, text_parts
+from metalab.meta.episodic import (
+    build_episodic,
+    cross_entropy,
+    embed_sentences,
+    embed_tasks,
+    squared_distances,
+    text_parts,
+)
 from metalab.meta.metareg import Bottleneck, GaussianBottleneck
 from metalab.models import BatchNormMode, Conv4
 from metalab.train.loop import Learner
@@ -71,7 +78,9 @@ def prototype_logits(
 
     ``support`` (S, D), ``support_y`` (S,) in ``0..n_way-1``, ``query`` (Q, D) -> (Q, n_way).
     """
-    return -torch.cdist(query, class_means(support, support_y, n_way)).pow(2)
+    with torch.autocast(query.device.type, enabled=False):  # float32 prototypes under train.autocast
+        means = class_means(support.to(torch.promote_types(support.dtype, torch.float32)), support_y, n_way)
+        return -squared_distances(query, means)
 
 
 def episode_logits(encoder: nn.Module, ep: Episode) -> torch.Tensor:

@@ -31,7 +31,7 @@ from metalab.experiment import RunConfig
 from metalab.models import Conv4
 from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episodes
-from metalab.train.loop import Learner
+from metalab.train.loop import Learner, autocast
 
 
 @dataclass(frozen=True)
@@ -254,15 +254,18 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         if ep.n_way < n:  # fewer train ways: their labels spread over all n label slots, anew every task
             ep = spread_labels(ep, n, generator_for(run.seed + 2, step))
         ep = ep.to(device)
-        logits = query_logits(model, ep)
+        with autocast(run.train, device):  # train.autocast: bf16 convolutions and products, or a no-op
+            logits = query_logits(model, ep).float()
         acc = (logits.argmax(-1) == ep.query_y).float().mean().item()
         return F.cross_entropy(logits.flatten(0, 1), ep.query_y.flatten()), {"train/acc": acc}
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
         def per_task(ep: Episode) -> torch.Tensor:
-            return (query_logits(model, ep).argmax(-1) == ep.query_y).float().mean(-1)
+            with autocast(run.train, device):
+                logits = query_logits(model, ep)
+            return (logits.argmax(-1) == ep.query_y).float().mean(-1)
 
         est = evaluate_episodes(per_task, evals[part], episodes, run.eval.batch, device)
         return {f"{part}/acc": est.mean, f"{part}/acc_ci95": est.ci95}
 
-    return Learner(model, loss, evaluate)
+    return Learner(model, loss, evaluate, autocast=True)

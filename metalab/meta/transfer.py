@@ -60,11 +60,11 @@ from metalab.data.episodes import Episode, LabeledBatch
 from metalab.data.tasks import EvalSamplers, make_batch_sampler
 from metalab.errors import ConfigError
 from metalab.experiment import RunConfig
-from metalab.meta.episodic import Samplers, build_episodic, embed_tasks
+from metalab.meta.episodic import Samplers, build_episodic, embed_tasks, squared_distances
 from metalab.meta.protonet import class_means
 from metalab.models import BatchNormMode, Conv4
 from metalab.train import distributed
-from metalab.train.loop import Learner
+from metalab.train.loop import Learner, autocast
 
 TrainHead = Literal["linear", "cosine"]
 """The pretraining head over every training class: ``linear`` (Baseline) or ``cosine`` (Baseline++)."""
@@ -150,7 +150,7 @@ def prototype_logits(
     class mean ``c_k`` of the support. ``(S, D), (S,), (Q, D) -> (Q, n_way)``."""
     means = class_means(support, support_y, n_way)  # (N, D)
     if cfg.metric == "euclidean":
-        return -torch.cdist(query, means).pow(2)
+        return -squared_distances(query, means)
     return cosine_logits(query, means, scale)
 
 
@@ -333,10 +333,11 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = shard_batch(batches.sample(step, cfg.batch_size)).to(device)
-        value, logits = pretrain_loss(model, batch)
+        with autocast(run.train, device):  # train.autocast, as the episodic evaluation applies it
+            value, logits = pretrain_loss(model, batch)
         metrics = {"train/acc": (logits.argmax(-1) == batch.y).float().mean().item()}
         if isinstance(model.head, CosineHead):
             metrics["train/scale"] = model.head.scale.item()
-        return value, metrics
+        return value.float(), metrics
 
     return dataclasses.replace(learner, loss=loss)
