@@ -8,10 +8,12 @@ Run it on an otherwise idle machine: ratios are taken within one run, but a busy
 
 ``peak``: the machine's measured convolution peak. One Conv-4-like layer (64 -> 64 filters, 3x3, padding 1) on a
 large batch of 28x28 maps (``--peak-batch`` images, default 256) and of 14x14 maps (4x as many, the same work),
-channels-last and contiguous, forward and backward (the input requires grad, so both the input and the weight
-gradients are computed), at 1 and 2 threads. FLOPs are analytic: ``2 * C_in * C_out * k * k * H_out * W_out``
-per image forward (a multiply-add counts 2), backward twice that, so a step is 3x the forward. The peak at a
-thread count is the best of those four layouts (GFLOP/s; records per layout).
+channels-last and contiguous in float32, and channels-last under bfloat16 autocast, forward and backward (the
+input requires grad, so both the input and the weight gradients are computed), at 1 and 2 threads. FLOPs are
+analytic: ``2 * C_in * C_out * k * k * H_out * W_out`` per image forward (a multiply-add counts 2), backward
+twice that, so a step is 3x the forward. The float32 peak at a thread count (``conv-peak-<n>thread``) is the
+best of its four float32 layouts, the bfloat16 peak (``conv-peak-bf16-<n>thread``) the better of its two
+(GFLOP/s; records per layout).
 
 Training steps, each the shipped config's (``configs/*.yaml``) learner as ``algorithm(run.algo).build`` makes
 it: ``learner.loss(step)``, backward, an Adam step.
@@ -31,7 +33,8 @@ Records per method: ``seconds_per_step`` (median of ``--steps`` steps after ``--
 step by step so that a change of machine load hits them alike), ``images_per_s``, ``episodes_per_s`` (tasks/s),
 ``init_loss_rel_diff`` (first-step loss against metalab's, same episode and initial weights); metalab's
 ``speedup_vs_plain-loop`` and ``fraction_of_conv_peak``: conv FLOPs of one step / median time / the peak at
-that thread count measured in the same run. A step's conv FLOPs are counted once by
+that thread count measured in the same run, of the precision the step computes in (``conv_peak_dtype``: the
+bfloat16 peak for a step under bfloat16 autocast). A step's conv FLOPs are counted once by
 ``torch.utils.flop_counter.FlopCounterMode`` on the aten convolution ops the step actually runs (forward,
 backward, MAML's double backward; a backward counts only the gradients it computes, so no input gradient for
 the first layer); other ops (linear layers, attention, pooling) are not counted, so the fraction is a lower
@@ -43,7 +46,8 @@ method ``sampler`` (``seconds_per_step``: one meta-batch). The plain loop gets t
 
 Candidate fast paths (``--candidates``, comma-separated, default all; ``none``), each measured against the
 default step on the ProtoNet and MAML configurations (method ``metalab+<candidate>``, ``speedup_vs_metalab``;
-Relation and SNAIL take ``bf16`` only). A candidate whose first step raises is recorded as
+Relation and SNAIL take ``bf16`` only); ``compile`` and ``layout`` run under the default step's autocast, so
+that only the candidate differs. A candidate whose first step raises is recorded as
 ``runs`` 0 with the error:
 
 * ``compile``: ``torch.compile`` of ProtoNet's embedding, and of MAML's per-task loss (inner step included:
@@ -57,8 +61,7 @@ Relation and SNAIL take ``bf16`` only). A candidate whose first step raises is r
   (method ``metalab+autocast-none`` where the shipped config trains under bfloat16 autocast, as theirs do
   since this benchmark measured it, ``metalab+autocast-bf16`` otherwise), on the same episodes; for MAML and
   FOMAML (no ``train.autocast``), the whole step under ``torch.autocast("cpu", torch.bfloat16)``. Records
-  whether the CPU has native bf16 (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo). Fractions are against
-  the float32 peak.
+  whether the CPU has native bf16 (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo).
 * ``threads``: the default step and the plain loop again at the other of 1 and 2 intra-op threads
   (``torch.set_num_threads``), interleaved with the rest; their records go under that thread count's task.
   Inter-op threads can only be set once per process: ``--interop-threads`` (recorded in every record).
@@ -109,6 +112,8 @@ CANDIDATES = ("compile", "layout", "bf16", "threads")
 PEAK_CHANNELS = 64
 PEAK_SIDES = (28, 14)
 FORMATS = {"channels-last": torch.channels_last, "contiguous": torch.contiguous_format}
+PEAK_LAYOUTS = (*FORMATS, "bf16-channels-last")
+"""The peak's layouts: float32 in either memory format, and channels-last under bfloat16 autocast."""
 DATA_NOTE = "excluded: episodes drawn before timing and replayed (method 'sampler' times drawing them)"
 
 PlainStep = Callable[[nn.Module, torch.optim.Optimizer, Episode], torch.Tensor | None]
@@ -154,9 +159,10 @@ class Peak:
         return self.flops / statistics.median(self.seconds) / 1e9
 
 
-def measure_peak(side: int, batch: int, fmt: str, threads: int, repeats: tuple[int, int]) -> Peak:
-    """Time forward and backward of a 64 -> 64 3x3 conv on ``batch`` maps of ``side`` x ``side``;
-    ``repeats`` = (warmup, timed) steps."""
+def measure_peak(side: int, batch: int, layout: str, threads: int, repeats: tuple[int, int]) -> Peak:
+    """Time forward and backward of a 64 -> 64 3x3 conv on ``batch`` maps of ``side`` x ``side`` in ``layout``
+    (:data:`PEAK_LAYOUTS`); ``repeats`` = (warmup, timed) steps."""
+    fmt, bf16 = layout.removeprefix("bf16-"), layout.startswith("bf16-")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     conv = nn.Conv2d(PEAK_CHANNELS, PEAK_CHANNELS, 3, padding=1).to(memory_format=FORMATS[fmt])
@@ -167,11 +173,12 @@ def measure_peak(side: int, batch: int, fmt: str, threads: int, repeats: tuple[i
         conv.zero_grad(set_to_none=True)
         x.grad = None
         start = time.perf_counter()
-        out = conv(x)  # (B, 64, side, side)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = conv(x)  # (B, 64, side, side)
         out.backward(torch.ones_like(out))
         if r >= repeats[0]:
             seconds.append(time.perf_counter() - start)
-    return Peak(side, fmt, batch, threads, seconds)
+    return Peak(side, layout, batch, threads, seconds)
 
 
 PEAKS: dict[int, list[Peak]] = {}
@@ -184,13 +191,15 @@ def peaks_at(threads: int, args: argparse.Namespace) -> list[Peak]:
         PEAKS[threads] = [
             measure_peak(side, args.peak_batch * (28 // side) ** 2, fmt, threads, (args.warmup, args.steps))
             for side in PEAK_SIDES
-            for fmt in FORMATS
+            for fmt in PEAK_LAYOUTS
         ]
     return PEAKS[threads]
 
 
-def peak_gflops(threads: int, args: argparse.Namespace) -> float:
-    return max(p.gflops for p in peaks_at(threads, args))
+def best_peak(threads: int, args: argparse.Namespace, bf16: bool = False) -> Peak:
+    """The fastest float32 (or, with ``bf16``, bfloat16-autocast) peak layout at ``threads``."""
+    return max((p for p in peaks_at(threads, args) if p.memory_format.startswith("bf16") == bf16),
+               key=lambda p: p.gflops)  # fmt: skip
 
 
 def bf16_native() -> dict[str, Any]:
@@ -398,6 +407,8 @@ class Method:
     """The initial weights (a state dict), loaded into ``model`` before the first step."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields for its records (e.g. the memory format)."""
+    bf16: bool = False
+    """Whether its convolutions run in bfloat16 (its conv-peak fraction is then against the bfloat16 peak)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -537,8 +548,9 @@ def make_methods(
         opt, step = torch.optim.Adam(model.parameters(), lr=lr), setup.plain(run)
         return Method(PLAIN, lambda i: step(model, opt, replay.sample(i, mb)), model, threads, init)
 
+    bf16 = learner.autocast and run.train.autocast == "bf16"
     methods = [
-        Method("metalab", optimised(learner.model, default, lr), learner.model, base, init),
+        Method("metalab", optimised(learner.model, default, lr), learner.model, base, init, bf16=bf16),
         plain(base),
     ]
     # Relation and SNAIL: their train.autocast setting only (no variant to compile or re-lay out)
@@ -548,7 +560,14 @@ def make_methods(
             for t in (1, 2):
                 if t != base:
                     methods.append(
-                        Method("metalab", optimised(learner.model, default, lr), learner.model, t, init)
+                        Method(
+                            "metalab",
+                            optimised(learner.model, default, lr),
+                            learner.model,
+                            t,
+                            init,
+                            bf16=bf16,
+                        )
                     )
                     methods.append(plain(t))
         elif c == "bf16" and learner.autocast:  # the learner's other train.autocast setting, rebuilt
@@ -557,19 +576,21 @@ def make_methods(
             alt_replay.fill(len(replay.pool), mb)  # the same episodes (the samplers are seeded alike)
             step = optimised(alt.model, lambda i, alt=alt: alt.loss(i)[0], lr)
             extra = {"candidate": c, "autocast": other} | bf16_native()
-            methods.append(Method(f"metalab+autocast-{other}", step, alt.model, base, init, extra))
+            methods.append(
+                Method(f"metalab+autocast-{other}", step, alt.model, base, init, extra, other == "bf16")
+            )
         elif c == "bf16":  # the whole step under CPU bfloat16 autocast (MAML: no train.autocast)
             step = optimised(learner.model, default, lr, autocast=True)
-            methods.append(Method("metalab+bf16", step, learner.model, base, init, bf16_native()))
+            methods.append(Method("metalab+bf16", step, learner.model, base, init, bf16_native(), bf16=True))
         else:  # compile, layout: the loss rebuilt from the library's functions on a copy of the model
             model = copy.deepcopy(learner.model)
             loss = setup.variant(run, model, c)
-            step = optimised(model, lambda i, loss=loss: loss(replay.sample(i, mb)), lr)
+            # under the default step's autocast, so that only the candidate differs
+            step = optimised(model, lambda i, loss=loss: loss(replay.sample(i, mb)), lr, autocast=bf16)
             label = c
             if c == "layout":
                 label = "contiguous" if name.startswith("protonet") else "channels-last"
-            extra = {"candidate": c} | (bf16_native() if c == "bf16" else {})
-            methods.append(Method(f"metalab+{label}", step, model, base, init, extra))
+            methods.append(Method(f"metalab+{label}", step, model, base, init, {"candidate": c}, bf16))
     return methods
 
 
@@ -655,9 +676,10 @@ def method_records(
         out.append(
             rec("compiles", float(m.extra["compiled_graphs"] > 0 and not m.extra["eager_fallback"]), "bool")
         )
-    peak = peak_gflops(m.threads, args)
+    peak = best_peak(m.threads, args, m.bf16).gflops  # the peak of the precision the step computes in
     out.append(rec("fraction_of_conv_peak", flops / median / (peak * 1e9), "ratio", conv_gflop_per_step=flops / 1e9,
-                   conv_peak_gflops=peak, flops="torch.utils.flop_counter, aten convolution ops of one step"))  # fmt: skip
+                   conv_peak_gflops=peak, conv_peak_dtype="bfloat16" if m.bf16 else "float32",
+                   flops="torch.utils.flop_counter, aten convolution ops of one step"))  # fmt: skip
     against = PLAIN if m.name == "metalab" else "metalab"
     if (against, m.threads) in times:
         ratio = statistics.median(times[against, m.threads]) / median
@@ -679,12 +701,13 @@ def bench_peak(args: argparse.Namespace) -> list[dict]:
                        flops_per_step=p.flops, flops="analytic: 2*Cin*Cout*k*k*Hout*Wout per image forward, "
                        "backward 2x forward (input and weight gradients)")
             )  # fmt: skip
-        best = max(peaks_at(threads, args), key=lambda p: p.gflops)
-        records.append(
-            record(BENCH, f"conv-peak-{threads}thread{'s' * (threads > 1)}", "best-layout", "gflops", best.gflops,
-                   unit="GFLOP/s", device=cpu(threads), threads=threads, side=best.side,
-                   memory_format=best.memory_format, batch=best.batch)
-        )  # fmt: skip
+        for bf16 in (False, True):
+            best = best_peak(threads, args, bf16)
+            records.append(
+                record(BENCH, f"conv-peak-{'bf16-' * bf16}{threads}thread{'s' * (threads > 1)}", "best-layout",
+                       "gflops", best.gflops, unit="GFLOP/s", device=cpu(threads), threads=threads, side=best.side,
+                       memory_format=best.memory_format, batch=best.batch, **(bf16_native() if bf16 else {}))
+            )  # fmt: skip
     return records
 
 

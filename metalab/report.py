@@ -23,7 +23,7 @@ from metalab.errors import MetalabError
 
 Record = dict[str, Any]
 START, END = "<!-- results:start (metalab report) -->", "<!-- results:end -->"
-NO_TEST_SPLIT = frozenset({"maml_speed", "sampler", "device_smoke", "distributed"})
+NO_TEST_SPLIT = frozenset({"maml_speed", "sampler", "device_smoke", "distributed", "throughput"})
 """Benchmarks that measure speed or that code runs: no test data, so no protocol to predate."""
 SHOWN = {
     "omniglot_metric": {"test_accuracy", "speedup_vs_plain-loop"},
@@ -52,6 +52,13 @@ SHOWN = {
     "bayesian": {"test_mse_k5", "test_nll_k5", "test_coverage90_k2", "test_coverage90_k5"},
     "sac": {"test_return", "seconds_ratio"},
     "distributed": {"speedup_vs_1x1"},
+    "throughput": {
+        "images_per_s",
+        "speedup_vs_plain-loop",
+        "speedup_vs_metalab",
+        "fraction_of_conv_peak",
+        "gflops",
+    },
     "mbrl": {"test_return", "test_success_known", "test_success_learned", "test_reward_rmse"},
     "planning": {"test_return", "seconds_per_env_step", "planning_calls_per_s", "speedup_vs_python_loop"},
     "maml_rl": {

@@ -73,6 +73,13 @@ def test_every_configuration_writes_records(bench: ModuleType, omniglot_root: Pa
             assert ("bf16_native" in timed) == ("bf16" in method or "autocast" in method)
     peak = by_key["conv-peak-1thread", "best-layout", "gflops"]
     assert peak["unit"] == "GFLOP/s" and ("conv-peak-2threads", "best-layout", "gflops") in by_key
+    assert by_key["conv-peak-bf16-1thread", "best-layout", "gflops"]["memory_format"] == "bf16-channels-last"
+    # a step's fraction is against the peak of its own precision: ProtoNet trains under bf16, MAML in float32
+    fraction = by_key["omniglot-protonet-3w5s1q-mb1-train-1thread", "metalab", "fraction_of_conv_peak"]
+    assert fraction["conv_peak_dtype"] == "bfloat16"
+    assert fraction["conv_peak_gflops"] == by_key["conv-peak-bf16-1thread", "best-layout", "gflops"]["value"]
+    maml_fraction = by_key["omniglot-maml-3w1s1q-mb2-train-1thread", "metalab", "fraction_of_conv_peak"]
+    assert maml_fraction["conv_peak_dtype"] == "float32"
 
 
 def test_conv_flops_by_hand(bench: ModuleType) -> None:
