@@ -89,12 +89,12 @@ class TrainConfig:
     """Whether ``keep_best`` is better higher (accuracy, return) or lower (a loss)."""
     autocast: Literal["none", "bf16"] = "none"
     """``bf16``: the learner's forward passes (the training loss and every evaluation, val and test alike) run
-    under ``torch.autocast`` with bfloat16: convolutions and matrix products in bfloat16, losses, distances
-    and normalisations in float32, weights and optimizer state in float32. Only the episodic metric learners
-    (:func:`metalab.meta.episodic.build_episodic`) and SNAIL take it; :func:`fit` refuses it for the others. It pays on
-    a CPU with native bfloat16 (``avx512_bf16`` / ``amx_bf16`` flags) or a recent GPU: ProtoNet's 60-way
-    Conv-4 step measured 2.2x faster on this project's CPU (``benchmarks.throughput``); elsewhere it can be
-    slower."""
+    under ``torch.autocast`` with bfloat16: convolutions, matrix products and the activations between them in
+    bfloat16; losses, prototypes and squared distances in float32; weights, BatchNorm's running statistics,
+    gradients and optimizer state in float32. Only the episodic metric learners
+    (:func:`metalab.meta.episodic.build_episodic`) and SNAIL take it; :func:`fit` refuses it for the others.
+    It pays on a CPU with native bfloat16 (``avx512_bf16`` / ``amx_bf16`` flags) or a recent GPU (1.5-2.4x a
+    training step on this project's CPU, ``benchmarks.throughput``); elsewhere it can be slower."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
