@@ -16,22 +16,34 @@ PETS's cartpole task, :mod:`metalab.envs.cartpole_swingup`; ``configs/mbrl_cartp
 and 15 MPC episodes, 3,200 env steps; the best return is about 180, hanging still about 3.5);
 ``pets-inverted-pendulum`` and ``pets-half-cheetah`` train PETS on the MuJoCo
 ``InvertedPendulum-v5`` (1,000 steps per episode at most; 1,000 is the best return) and ``HalfCheetah-v5`` at
-a CPU-sized budget (``configs/mbrl_half_cheetah.yaml``: 10,000 env steps), and ``pets-reacher`` on the MuJoCo
+a CPU-sized budget (``configs/mbrl_half_cheetah.yaml``: 1,000-step episodes, 1 random and 6 MPC episodes,
+7,000 env steps, a smaller planner than PETS's; about an hour per seed on one thread, its measured sizing in
+the config), and ``pets-reacher`` on the MuJoCo
 ``Reacher-v5`` goal family (``configs/mbrl_reacher.yaml``: 50-step episodes, each reset drawing a new target,
 which is in the observation; 5 random and 20 MPC episodes, 1,250 env steps; tested on 20 episodes, so 20
 targets; random actions score about -43, a good controller -4 to -6), all three need the ``mujoco`` extra;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
-many episodes (the sample-efficiency comparison); ``mbrl-lib-pets-pendulum`` is the peer of ``pets-pendulum``:
-mbrl-lib's PETS (:mod:`benchmarks.mbrl_lib_pets`) at the same env steps, tested on the same test episodes
-(reset seeds). mbrl-lib does not install beside metalab: ``mbrl`` 0.2.0 pins ``hydra-core==1.0.3``, whose
-dataclasses fail to import on Python 3.11 ("mutable default ... for field override_dirname is not allowed"),
-``omegaconf<2.1`` and ``gymnasium==0.26.3`` (metalab needs gymnasium 1.x), which needs ``numpy<2`` (it uses
-``np.bool8``). It runs in its own environment, with hydra-core and omegaconf raised past the pins (mbrl-lib's
-code runs unchanged with them)::
+many episodes (the sample-efficiency comparison); ``sac-half-cheetah-7000`` likewise trains
+``configs/sac_half_cheetah.yaml`` for ``pets-half-cheetah``'s 7,000 env steps (val every 1,000: the return
+against env steps; about 2 minutes a seed), tested on its 2 episodes, and ``sac-half-cheetah-100000`` for the
+config's own 100,000 env steps (val every 5,000: how many env steps SAC needs to reach PETS's return; about
+25 minutes a seed), tested on the same 2 episodes. ``mbrl-lib-pets-pendulum`` and
+``mbrl-lib-pets-half-cheetah`` are the peers of ``pets-pendulum`` and ``pets-half-cheetah``: mbrl-lib's PETS
+(:mod:`benchmarks.mbrl_lib_pets`, its ``--task``) at the same env steps and, where both libraries have the knob,
+the same sizes, tested on the same test episodes (reset seeds); the half-cheetah peer takes about as long per
+seed as ``pets-half-cheetah`` (its planning call costs about the same). mbrl-lib does not install beside
+metalab: ``mbrl`` 0.2.0 pins ``hydra-core==1.0.3``, whose dataclasses fail to import on Python 3.11 ("mutable
+default ... for field override_dirname is not allowed"), ``omegaconf<2.1`` and ``gymnasium==0.26.3``
+(metalab needs gymnasium 1.x; 0.26.3 has no ``HalfCheetah-v5`` and uses ``np.bool8``, gone in NumPy 2). It runs
+in its own environment, with hydra-core, omegaconf and gymnasium raised past the pins (mbrl-lib's code that
+these scripts use runs unchanged with them; gymnasium is metalab's version, so both libraries step the same
+envs; the pendulum peer's first records, bd045cd, ran gymnasium 0.26.3) and NumPy below 2. pip refuses the raised pins in the same command as ``mbrl``, so they go second::
 
     python3 -m venv .venv-mbrl
-    .venv-mbrl/bin/pip install torch==2.13.0 mbrl==0.2.0 hydra-core==1.3.2 omegaconf==2.3.0 "numpy<2"
-    python -m benchmarks.mbrl --only mbrl-lib-pets-pendulum --mbrl-python .venv-mbrl/bin/python
+    .venv-mbrl/bin/pip install torch==2.13.0 mbrl==0.2.0 "numpy<2"
+    .venv-mbrl/bin/pip install hydra-core==1.3.2 omegaconf==2.3.0 "gymnasium[mujoco]==1.4.0" "numpy<2"
+    python -m benchmarks.mbrl --only mbrl-lib-pets-pendulum mbrl-lib-pets-half-cheetah --mbrl-python .venv-mbrl/bin/python
+
 Each run trains in ``<runs-dir>/<config>-s<seed>``, resuming it when rerun (a changed config is refused);
 ``--set KEY=VALUE`` overrides a key of every selected configuration (pair it with ``--only``).
 
@@ -139,9 +151,50 @@ SETUPS = {
             "eval.batch=10",
         ),
     ),
+    # Our SAC at PETS's env steps (1,000 random + 6 MPC episodes = 7,000), tested on as many episodes; val
+    # every 1,000 env steps (the return against env steps).
+    "sac-half-cheetah-7000": Setup(
+        "sac_half_cheetah.yaml",
+        "half-cheetah",
+        "metalab-sac-7000",
+        {"test_return": "test/return"},
+        {"return": "return"},
+        (
+            "train.steps=7000",
+            "train.eval_every=1000",
+            "train.checkpoint_every=1000",
+            "eval.episodes=2",
+            "eval.batch=2",
+        ),
+    ),
+    # Our SAC at its own config's 100,000 env steps (val every 5,000: how many env steps SAC needs to reach
+    # PETS's return), tested on PETS's number of episodes.
+    "sac-half-cheetah-100000": Setup(
+        "sac_half_cheetah.yaml",
+        "half-cheetah",
+        "metalab-sac-100000",
+        {"test_return": "test/return"},
+        {"return": "return"},
+        ("eval.episodes=2", "eval.batch=2"),
+    ),
 }
-PEER = "mbrl-lib-pets-pendulum"
-CONFIGS = [*SETUPS, PEER]
+
+
+class Peer(NamedTuple):
+    """mbrl-lib's PETS on the task of one of metalab's PETS setups (:mod:`benchmarks.mbrl_lib_pets`)."""
+
+    setup: str
+    """The metalab setup whose test episodes (reset seeds) the peer is tested on."""
+    task: str
+    """The script's ``--task``."""
+
+
+PEERS = {
+    "mbrl-lib-pets-pendulum": Peer("pets-pendulum", "pendulum"),
+    "mbrl-lib-pets-half-cheetah": Peer("pets-half-cheetah", "half-cheetah"),
+}
+PEER_METHOD, PEER_PACKAGE = "mbrl-lib-pets", "mbrl==0.2.0"
+CONFIGS = [*SETUPS, *PEERS]
 
 
 def unit(setup: Setup, metric: str) -> str:
@@ -186,35 +239,37 @@ def over_seeds(name: str, path: Path, run: RunConfig) -> list[dict[str, Any]]:
     return [r for r in found if r is not None]
 
 
-def peer(seed: int, python: Path) -> list[dict[str, Any]]:
-    """mbrl-lib's PETS on Pendulum (:mod:`benchmarks.mbrl_lib_pets`, run by ``python``) tested on the episodes
-    ``pets-pendulum`` is tested on; its records."""
-    run = run_config("pets-pendulum", seed, [])
+def peer_command(name: str, seed: int, python: Path) -> list[str]:
+    """The command that runs peer ``name`` for ``seed``: the script with its task and the reset seeds of the test
+    episodes of the metalab setup it is the peer of."""
+    mine = PEERS[name]
+    run = run_config(mine.setup, seed, [])
     seeds = [derive_seed(run.eval.seed, PART_INDEX["test"], i) for i in range(run.eval.episodes)]
-    command = [
-        str(python),
-        "-m",
-        "benchmarks.mbrl_lib_pets",
-        "--seed",
-        str(seed),
-        "--test-seeds",
-        *map(str, seeds),
-    ]
+    return [str(python), "-m", "benchmarks.mbrl_lib_pets", "--task", mine.task, "--seed", str(seed),
+            "--test-seeds", *map(str, seeds)]  # fmt: skip
+
+
+def peer(name: str, seed: int, python: Path) -> list[dict[str, Any]]:
+    """mbrl-lib's PETS (:mod:`benchmarks.mbrl_lib_pets`, run by ``python``) on peer ``name``'s task, tested on
+    the episodes its metalab setup is tested on; its records."""
+    mine = PEERS[name]
+    run = run_config(mine.setup, seed, [])
+    command = peer_command(name, seed, python)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
     )
     if done.returncode != 0:
-        raise SystemExit(f"{PEER} seed {seed} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     test = mean_ci95(out["test_returns"])
     print(
-        f"{PEER}-s{seed} ({out['env_steps']} env steps, {out['seconds']:.0f} s): test_return {test.mean:.3f}"
+        f"{name}-s{seed} ({out['env_steps']} env steps, {out['seconds']:.0f} s): test_return {test.mean:.3f}"
     )
-    return [record(BENCH, "pendulum", "mbrl-lib-pets", seed_metric("test_return", seed), test.mean,
+    return [record(BENCH, SETUPS[mine.setup].task, PEER_METHOD, seed_metric("test_return", seed), test.mean,
                    ci95=test.ci95, unit="return", steps=out["env_steps"], seconds=out["seconds"], seed=seed,
-                   env=run.env.id, test_episodes=len(seeds), train_returns=out["train_returns"],
-                   package="mbrl==0.2.0", metric_key="test/return")]  # fmt: skip
+                   env=run.env.id, test_episodes=len(out["test_returns"]), train_returns=out["train_returns"],
+                   package=PEER_PACKAGE, metric_key="test/return")]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,16 +280,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where mbrl.json goes")
     p.add_argument("--mbrl-python", type=Path, default=Path(".venv-mbrl/bin/python"),
-                   help=f"the Python of an environment with mbrl-lib, for {PEER} (see above)")  # fmt: skip
+                   help=f"the Python of an environment with mbrl-lib, for {' and '.join(PEERS)} (see above)")  # fmt: skip
     p.set_defaults(threads=1)  # small networks, one env at a time: one thread is fastest
     args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     for name in args.only or CONFIGS:
         for seed in args.seeds:
-            if name == PEER:
-                path = merge_results(BENCH, peer(seed, args.mbrl_python), args.results_dir)
+            if name in PEERS:
+                path = merge_results(BENCH, peer(name, seed, args.mbrl_python), args.results_dir)
                 records = json.loads(path.read_text())
-                found = aggregate(records, BENCH, "pendulum", "mbrl-lib-pets", "test_return", "return",
-                                  env="Pendulum-v1", package="mbrl==0.2.0")  # fmt: skip
+                mine = PEERS[name].setup
+                found = aggregate(records, BENCH, SETUPS[mine].task, PEER_METHOD, "test_return", "return",
+                                  env=run_config(mine, seed, []).env.id, package=PEER_PACKAGE)  # fmt: skip
                 merge_results(BENCH, [found] if found else [], args.results_dir)
                 continue
             path = merge_results(
