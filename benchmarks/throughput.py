@@ -103,7 +103,8 @@ from metalab.experiment import RunConfig, algorithm, load_run_config
 from metalab.meta import episodic, gbml, maml, protonet, snail
 from metalab.meta.relation import RelationNet
 from metalab.train.loop import Learner
-from metalab.utils import cpu_bf16_flags, seed_everything
+from metalab.train.precision import cpu_bf16_flags
+from metalab.utils import seed_everything
 
 BENCH = "throughput"
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +204,7 @@ def best_peak(threads: int, args: argparse.Namespace, bf16: bool = False) -> Pea
 
 
 def bf16_native() -> dict[str, Any]:
-    """Whether the CPU computes bfloat16 natively (:func:`metalab.utils.cpu_bf16_flags`), for the records."""
+    """Whether the CPU computes bfloat16 natively (:func:`~metalab.train.precision.cpu_bf16_flags`): for records."""
     flags = cpu_bf16_flags()
     return {"bf16_native": None if flags is None else bool(flags), "bf16_flags": flags or []}
 

@@ -31,20 +31,6 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-"""/proc/cpuinfo flags of a CPU that computes bfloat16 natively (AVX-512 BF16, AMX)."""
-
-
-def cpu_bf16_flags() -> list[str] | None:
-    """The flags among :data:`BF16_FLAGS` this CPU has (empty: bfloat16 is emulated, slow), or None where
-    /proc/cpuinfo cannot be read (not Linux)."""
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
-    return [f for f in BF16_FLAGS if f in words]
-
-
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest`` to write to; it takes ``dest``'s name only if the block succeeds.

@@ -13,7 +13,7 @@ import torch
 
 from metalab.errors import ConfigError
 from metalab.experiment import algorithm, load_run_config
-from metalab.train import loop
+from metalab.train import loop, precision
 from metalab.train.loop import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_fit_refuses_autocast_for_a_learner_without_it(tmp_path: Path) -> None:
 def test_emulated_bf16_cpu_warns(
     flags: list[str] | None, warned: bool, omniglot_root: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
-    monkeypatch.setattr(loop, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
     overrides = [
         *SHAPES["protonet_omniglot_5w1s"],
         "train.steps=1",

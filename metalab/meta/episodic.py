@@ -24,7 +24,8 @@ from metalab.models import set_batchnorm_mode
 from metalab.models.text import SentenceEncoder
 from metalab.train.distributed import shard
 from metalab.train.evaluate import PARTS, evaluate_episode_columns
-from metalab.train.loop import Learner, autocast
+from metalab.train.loop import Learner
+from metalab.train.precision import autocast
 
 ScoreFn = Callable[[Episode], torch.Tensor]
 """Batched episode -> ``(T, N*Q, N)`` class scores of each query (higher means more likely)."""
@@ -122,7 +123,9 @@ def build_episodic(
 
     def train_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ep = shard(train.sample(step, run.train.meta_batch)).to(device)
-        with autocast(run.train, device):  # train.autocast: bf16 convolutions and products, or a no-op
+        with autocast(
+            run.train.autocast, device
+        ):  # train.autocast: bf16 convolutions and products, or a no-op
             if loss is None:
                 s = scores(ep)
                 value = cross_entropy(s.float(), ep)
@@ -134,7 +137,7 @@ def build_episodic(
         pooled = PooledQueries()
 
         def per_task(ep: Episode) -> torch.Tensor:
-            with torch.no_grad(), autocast(run.train, device):
+            with torch.no_grad(), autocast(run.train.autocast, device):
                 s = scores(ep).float()  # (T, N*Q, N)
             return pooled.columns(s, ep.query_y)
 

@@ -31,7 +31,8 @@ from metalab.experiment import RunConfig
 from metalab.models import Conv4
 from metalab.train.distributed import shard
 from metalab.train.evaluate import evaluate_episodes
-from metalab.train.loop import Learner, autocast
+from metalab.train.loop import Learner
+from metalab.train.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -254,14 +255,16 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
         if ep.n_way < n:  # fewer train ways: their labels spread over all n label slots, anew every task
             ep = spread_labels(ep, n, generator_for(run.seed + 2, step))
         ep = ep.to(device)
-        with autocast(run.train, device):  # train.autocast: bf16 convolutions and products, or a no-op
+        with autocast(
+            run.train.autocast, device
+        ):  # train.autocast: bf16 convolutions and products, or a no-op
             logits = query_logits(model, ep).float()
         acc = (logits.argmax(-1) == ep.query_y).float().mean().item()
         return F.cross_entropy(logits.flatten(0, 1), ep.query_y.flatten()), {"train/acc": acc}
 
     def evaluate(part: str, episodes: int) -> dict[str, float]:
         def per_task(ep: Episode) -> torch.Tensor:
-            with autocast(run.train, device):
+            with autocast(run.train.autocast, device):
                 logits = query_logits(model, ep)
             return (logits.argmax(-1) == ep.query_y).float().mean(-1)
 

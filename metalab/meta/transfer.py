@@ -64,7 +64,8 @@ from metalab.meta.episodic import Samplers, build_episodic, embed_tasks, squared
 from metalab.meta.protonet import class_means
 from metalab.models import BatchNormMode, Conv4
 from metalab.train import distributed
-from metalab.train.loop import Learner, autocast
+from metalab.train.loop import Learner
+from metalab.train.precision import autocast
 
 TrainHead = Literal["linear", "cosine"]
 """The pretraining head over every training class: ``linear`` (Baseline) or ``cosine`` (Baseline++)."""
@@ -333,7 +334,7 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = shard_batch(batches.sample(step, cfg.batch_size)).to(device)
-        with autocast(run.train, device):  # train.autocast, as the episodic evaluation applies it
+        with autocast(run.train.autocast, device):  # train.autocast, as the episodic evaluation applies it
             value, logits = pretrain_loss(model, batch)
         metrics = {"train/acc": (logits.argmax(-1) == batch.y).float().mean().item()}
         if isinstance(model.head, CosineHead):

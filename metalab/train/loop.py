@@ -36,7 +36,7 @@ from metalab.train.checkpoint import (
     state_mismatch,
 )
 from metalab.train.logger import MetricLogger
-from metalab.utils import BF16_FLAGS, cpu_bf16_flags
+from metalab.train.precision import emulated_bf16
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,6 @@ class TrainConfig:
         )
 
 
-def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    """The context ``train.autocast`` asks a learner's forward passes to run in (disabled when ``none``)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
-
-
 @dataclass
 class Learner:
     """What an algorithm gives the trainer.
@@ -150,8 +145,8 @@ class Learner:
     after_update: Callable[[int], None] | None = None
     """Called with the step index right after each optimizer step (e.g. to move a DQN target network)."""
     autocast: bool = False
-    """Whether ``loss`` and ``evaluate`` apply ``train.autocast`` (see :func:`autocast`); :func:`fit` refuses a
-    ``train.autocast`` other than ``none`` for a learner that does not."""
+    """Whether ``loss`` and ``evaluate`` apply ``train.autocast`` (:func:`metalab.train.precision.autocast`);
+    :func:`fit` refuses a ``train.autocast`` other than ``none`` for a learner that does not."""
 
 
 @dataclass
@@ -564,20 +559,6 @@ def _finish(learner: Learner, cfg: TrainConfig, run: _Session, metrics: dict[str
     return FitResult(run.step, False, metrics, run.seconds(), best_step=best[0], best_value=best[1])
 
 
-def _warn_emulated_bf16(learner: Learner) -> None:
-    """A warning where ``train.autocast=bf16`` will be emulated: a CPU without the flags, an older GPU."""
-    device = next(learner.model.parameters()).device
-    if device.type == "cpu" and cpu_bf16_flags() == []:
-        why = f"a CPU without native bfloat16 (no {' or '.join(BF16_FLAGS)} in /proc/cpuinfo)"
-    elif device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        why = f"a GPU without native bfloat16 ({torch.cuda.get_device_name(device)})"
-    else:
-        return
-    log.warning(
-        "train.autocast=bf16 on %s: likely slower than float32; train.autocast=none turns it off", why
-    )
-
-
 def fit(
     learner: Learner,
     cfg: TrainConfig,
@@ -598,8 +579,11 @@ def fit(
             "train.autocast",
             f"{cfg.autocast!r} is taken by the episodic metric learners and SNAIL only; use 'none'",
         )
-    if cfg.autocast == "bf16":
-        _warn_emulated_bf16(learner)
+    why = emulated_bf16(next(learner.model.parameters()).device) if cfg.autocast == "bf16" else None
+    if why:
+        log.warning(
+            "train.autocast=bf16 on %s: likely slower than float32; train.autocast=none turns it off", why
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     main = distributed.world().main  # with several ranks (metalab.train.distributed), rank 0 logs and writes
     distributed.check_meta_batch(cfg.meta_batch)
