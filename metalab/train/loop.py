@@ -93,7 +93,7 @@ class TrainConfig:
     bfloat16; losses, prototypes and squared distances in float32; weights, BatchNorm's running statistics,
     gradients and optimizer state in float32. Only the episodic metric learners
     (:func:`metalab.meta.episodic.build_episodic`) and SNAIL take it; :func:`fit` refuses it for the others.
-    It pays on a CPU with native bfloat16 (``avx512_bf16`` / ``amx_bf16`` flags) or a recent GPU (1.5-2.4x a
+    It pays on a CPU with native bfloat16 (``avx512_bf16`` / ``amx_bf16`` flags) or a recent GPU (1.9-2.1x a
     training step on this project's CPU, ``benchmarks.throughput``); elsewhere it can be slower."""
 
     def __post_init__(self) -> None:
