@@ -550,27 +550,20 @@ def make_methods(
         return Method(PLAIN, lambda i: step(model, opt, replay.sample(i, mb)), model, threads, init)
 
     bf16 = learner.autocast and run.train.autocast == "bf16"
-    methods = [
-        Method("metalab", optimised(learner.model, default, lr), learner.model, base, init, bf16=bf16),
-        plain(base),
-    ]
+
+    def mine(threads: int) -> Method:
+        return Method(
+            "metalab", optimised(learner.model, default, lr), learner.model, threads, init, bf16=bf16
+        )
+
+    methods = [mine(base), plain(base)]
     # Relation and SNAIL: their train.autocast setting only (no variant to compile or re-lay out)
     candidates = args.candidates if setup.variant is not None else [c for c in args.candidates if c == "bf16"]
     for c in candidates:
         if c == "threads":
             for t in (1, 2):
                 if t != base:
-                    methods.append(
-                        Method(
-                            "metalab",
-                            optimised(learner.model, default, lr),
-                            learner.model,
-                            t,
-                            init,
-                            bf16=bf16,
-                        )
-                    )
-                    methods.append(plain(t))
+                    methods += [mine(t), plain(t)]
         elif c == "bf16" and learner.autocast:  # the learner's other train.autocast setting, rebuilt
             other = "none" if run.train.autocast == "bf16" else "bf16"
             alt, alt_replay = build_learner(with_autocast(run, other), args.data_root, name)
