@@ -141,6 +141,22 @@ def test_dream_bottleneck_loses_its_cap_from_the_anneal_step() -> None:
     assert all(0.0 < m["loss/bottleneck"] < 5.0 for m in metrics[7:])
 
 
+def test_dream_exploration_steps_are_free_before_step_cost_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    costs: list[float] = []
+    real = dream.information_gain_rewards
+
+    def recording(predictions: torch.Tensor, z: torch.Tensor, step_cost: float) -> torch.Tensor:
+        costs.append(step_cost)
+        return real(predictions, z, step_cost)
+
+    monkeypatch.setattr(dream, "information_gain_rewards", recording)
+    learner = make(tiny("dream", "train.steps=10", "dream.step_cost_from=7", "dream.step_cost=0.25"))
+    metrics = [learner.loss(s)[1] for s in range(9)]
+    updates = [m for m in metrics if "train/step_cost" in m]  # updates start after learning_starts episodes
+    assert len(updates) >= 3 and costs == [m["train/step_cost"] for m in updates]
+    assert [m["train/step_cost"] for m in metrics[5:]] == [0.0, 0.0, 0.25, 0.25]
+
+
 @pytest.mark.parametrize(
     "variant",
     [

@@ -81,6 +81,11 @@ class Config(QLearningConfig):
     """Every this many training meta-episodes, execute on the decoder's ``z`` instead of ``F(mu)`` (0: never)."""
     step_cost: float = 0.1
     """``c``: subtracted from every exploration reward (prefer short, informative exploration)."""
+    step_cost_from: int = 0
+    """Exploration steps are free before this trainer step and cost ``step_cost`` from it on. Where the explorer
+    can end its episode (the official ``end_episode``), a cost from the start teaches it to stop before any
+    decoder has learned what a ride is worth; with the cross-fitted reward, whose decoders learn only from the
+    rides other explorations made, that is permanent (see docs/notes/dream.md). 0: from the start (paper)."""
     exec_batch_size: int = 128
     """Execution transitions per update (their buffer holds ``buffer_size`` times the horizon)."""
     ib_anneal_step: int = 0
@@ -118,6 +123,7 @@ class Config(QLearningConfig):
             "ib_anneal_step",
             "ib_late_weight",
             "step_cost",
+            "step_cost_from",
             "decoded_every",
             "exec_decoded_every",
             "reward_folds",
@@ -352,8 +358,9 @@ def execution_losses(dream: Dream, step: int) -> tuple[torch.Tensor, dict[str, f
     return exec_loss + ib_weight * ib, metrics
 
 
-def exploration_losses(dream: Dream) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """The decoder and the explorer on the same exploration sequences: their losses and metrics."""
+def exploration_losses(dream: Dream, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The decoder and the explorer on the same exploration sequences (trainer step ``step``): their losses and
+    metrics."""
     cfg, model, device = dream.cfg, dream.model, dream.device
     seq = dream.explore_buffer.sample_rows(cfg.batch_size, dream.rng)
     batch = to_tensors(seq, device)
@@ -368,12 +375,14 @@ def exploration_losses(dream: Dream) -> tuple[torch.Tensor, torch.Tensor, dict[s
         decoder_loss = decoder_loss + fold_loss
     else:
         decoded_predictions = predictions.detach()
-    reward = information_gain_rewards(decoded_predictions, z, cfg.step_cost) * mask
+    step_cost = cfg.step_cost if step >= cfg.step_cost_from else 0.0
+    reward = information_gain_rewards(decoded_predictions, z, step_cost) * mask
     explore_loss, q_explore = sequence_td_loss(model.explorer, params(model.explorer), dream.targets["explorer"],
                                                batch._replace(reward=reward), cfg.gamma, cfg.double)  # fmt: skip
     metrics = {"loss/decoder": decoder_loss.item(), "loss/explore": explore_loss.item(),
                "train/q_explore": q_explore.item(), "train/decoder_error_final": errors[:, -1].mean().item(),
-               "train/explore_reward": (reward.sum(1)).mean().item()}  # fmt: skip
+               "train/explore_reward": (reward.sum(1)).mean().item(),
+               "train/step_cost": step_cost}  # fmt: skip
     return decoder_loss, explore_loss, metrics
 
 
@@ -387,7 +396,7 @@ def loss(dream: Dream, step: int) -> tuple[torch.Tensor | None, dict[str, float]
     if dream.progress.episodes < max(cfg.learning_starts, 1):
         return None, metrics
     execution, exec_metrics = execution_losses(dream, step)
-    decoder_loss, explore_loss, explore_metrics = exploration_losses(dream)
+    decoder_loss, explore_loss, explore_metrics = exploration_losses(dream, step)
     return execution + decoder_loss + explore_loss, {**metrics, **exec_metrics, **explore_metrics}
 
 
