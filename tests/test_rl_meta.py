@@ -17,6 +17,7 @@ from PIL import Image
 from metalab.cli import main
 from metalab.envs import CITYGRID5X5_OFFICIAL_ID
 from metalab.envs.citygrid import END_EPISODE
+from metalab.errors import ConfigError
 from metalab.experiment import RunConfig, load_run_config
 from metalab.rl import dream, rl2
 from metalab.rl import meta_episodes as meta
@@ -406,11 +407,11 @@ def test_evaluate_meta_cycles_the_problems_of_each_part(monkeypatch: pytest.Monk
     assert [p for p, _ in played] == [1, 2, 3, 0, 11, 22]  # all held-out ids in order, val ids among them
     assert np.isclose(test["test/heldout_return"], -3.0) and np.isclose(test["test/return"], -3.0)
     assert {s for _, s in played}.isdisjoint(s for _, s in val_played)  # the test never reuses a val seed
+    with pytest.raises(ConfigError, match=r"eval\.episodes.*at least 2"):  # id 1 is a val id: no test id
+        meta.evaluate_meta(env, "test", 1, 0, agent)
 
 
 def test_meta_rl_refuses_an_env_without_problems() -> None:
-    from metalab.errors import ConfigError
-
     run = load_run_config(REPO / "configs" / "rl2_citygrid5x5.yaml", ["env.id=CartPole-v1"])
     with pytest.raises(ConfigError, match=r"env\.id"):
         make(run)
@@ -440,3 +441,9 @@ def test_learns_to_reach_the_goal_on_the_5x5_grid_without_distractors(
     after = result.metrics["val/return"]
     print(f"measured: {algo} 5x5 no distractors val return {before:.3f} -> {after:.3f}")
     assert before < 0.0 and after >= 0.09, (before, after)
+
+
+@pytest.mark.parametrize("algo", ["rl2", "dream"])
+def test_meta_rl_refuses_a_test_that_reaches_no_test_problem_before_training(algo: str) -> None:
+    with pytest.raises(ConfigError, match=r"eval\.episodes.*at least 2"):
+        make(tiny(algo, "eval.episodes=1"))

@@ -473,7 +473,7 @@ def load_state(dream: Dream, saved: dict[str, Any]) -> None:
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """DREAM's networks, replay buffers and trainer hooks (``data_root`` unused)."""
     cfg: Config = run.params
-    env, eval_env, n_actions, _, horizon, train_problems = make_problems(run.env, "DREAM")
+    env, eval_env, n_actions, _, horizon, train_problems = make_problems(run.env, "DREAM", run.eval.episodes)
     model = DREAM(len(train_problems), env.observation_space, n_actions, cfg, derive_seed(run.seed, 3))
     model = model.to(device)
     dream = Dream(

@@ -165,9 +165,11 @@ class Problems(NamedTuple):
     """Problem ids of meta-training (the held-out ones are ``env.unwrapped.problems("test")``)."""
 
 
-def make_problems(cfg: EnvConfig, algo: str) -> Problems:
-    """Two envs of ``cfg`` checked to be a discrete-action problem family, and their dimensions."""
+def make_problems(cfg: EnvConfig, algo: str, test_episodes: int) -> Problems:
+    """Two envs of ``cfg`` checked to be a discrete-action problem family whose test (``test_episodes``
+    meta-episodes) reaches a test problem, and their dimensions."""
     env, eval_env = problem_env(make_env(cfg)), problem_env(make_env(cfg))
+    check_test_episodes(env, test_episodes)
     if not isinstance(env.action_space, spaces.Discrete):
         raise ConfigError(
             "env.id", f"{algo} (Q-learning) needs discrete actions; {cfg.id} has {env.action_space}"
@@ -182,6 +184,18 @@ def problem_env(env: gym.Env) -> gym.Env:
         raise ConfigError("env.id", f"{env.spec.id if env.spec else env} has no hidden problems (meta-RL needs "
                           "an env such as metalab/CityGrid-v0)")  # fmt: skip
     return env
+
+
+def check_test_episodes(env: gym.Env, episodes: int) -> None:
+    """Refuse a test of ``episodes`` meta-episodes that ends before the first test id: the held-out problems
+    are played in order and the val ids are among them (:func:`evaluate_meta`)."""
+    val_ids = set(env.unwrapped.problems("val"))
+    first_test = next(i for i, p in enumerate(env.unwrapped.problems("heldout")) if p not in val_ids)
+    if episodes <= first_test:
+        raise ConfigError(
+            "eval.episodes",
+            f"{episodes} test meta-episodes reach no test problem; use at least {first_test + 1}",
+        )
 
 
 def play_episode(env: gym.Env, seed: int, options: dict, policy: Policy) -> tuple[list[Step], bool]:
@@ -385,6 +399,7 @@ def evaluate_meta(env: gym.Env, part: str, episodes: int, eval_seed: int, agent:
             "val/", play_problems(env, env.unwrapped.problems("val"), episodes, keys, agent), walking
         )
     else:
+        check_test_episodes(env, episodes)
         results = play_problems(env, env.unwrapped.problems("heldout"), episodes, keys, agent)
         val_ids = set(env.unwrapped.problems("val"))
         metrics = summarize("test/", [r for r in results if r.problem not in val_ids], walking)

@@ -71,7 +71,9 @@ class Config(QLearningConfig):
 def build(run: RunConfig, data_root: Path, device: torch.device) -> Learner:
     """Recurrent Q-network, meta-episode replay and the trainer hooks of an RL² run (``data_root`` unused)."""
     cfg: Config = run.params
-    env, eval_env, n_actions, obs_dim, horizon, train_problems = make_problems(run.env, "RL²")
+    env, eval_env, n_actions, obs_dim, horizon, train_problems = make_problems(
+        run.env, "RL²", run.eval.episodes
+    )
     net = RecurrentNet(history_dim(obs_dim, n_actions), n_actions, cfg.hidden).to(device)
     target: Params = {k: v.detach().clone() for k, v in net.named_parameters()}
     buffer: ReplayBuffer[Sequences] = ReplayBuffer(cfg.buffer_size, Sequences)
