@@ -104,7 +104,7 @@ def probe(run_dir: Path, n_val: int = 100, checkpoint: str | None = None, seed: 
     if run.algo != "dream":
         raise CheckpointError(f"{run_dir} is a {run.algo} run; the probe reads DREAM runs")
     device = torch.device("cpu")
-    env, _, n_actions, _, horizon, train_problems = make_problems(run.env, "DREAM")
+    env, _, n_actions, _, horizon, train_problems = make_problems(run.env, "DREAM", run.eval.episodes)
     model = dream.DREAM(len(train_problems), env.observation_space, n_actions, run.params, 0)
     state = load_checkpoint(run_dir / checkpoint)
     model.load_state_dict(state["model"])
