@@ -8,6 +8,7 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from gbml_helpers import (
     D,
@@ -25,6 +26,7 @@ from torch import nn
 from torch.autograd.functional import hessian
 
 from metalab.data.sinusoid import SinusoidTasks
+from metalab.errors import ConfigError
 from metalab.meta import gbml, imaml, metasgd, reptile
 from metalab.meta.adapt import Params, adapt, hvp
 from metalab.models import MLP
@@ -95,6 +97,17 @@ def test_imaml_implicit_gradient_is_the_exact_closed_form() -> None:
     sur = imaml.surrogate(leaves, one_task_batch(g), loss[None])
     torch.testing.assert_close(float(sur.detach()), float(loss))
     torch.testing.assert_close(flat(grads_of(sur, leaves)), flat(g), rtol=1e-12, atol=1e-14)
+    # Damped: ((1 + d) I + A / lam) g = grad_query, at the same adapted weights.
+    damped, _, _ = imaml.implicit_gradient(replace(inner, cg_damping=0.5), params, xs, ys, xq, yq)
+    torch.testing.assert_close(
+        flat(damped), torch.linalg.solve(1.5 * eye + A / lam, grad_query), rtol=1e-6, atol=1e-8
+    )
+    assert (flat(damped) - flat(g)).norm() > 0.1 * flat(g).norm()
+
+
+def test_imaml_damping_is_validated() -> None:
+    with pytest.raises(ConfigError, match="cg_damping"):
+        imaml.Config(cg_damping=-0.1)
 
 
 def test_conjugate_gradient_solves_and_stops_at_negative_curvature() -> None:

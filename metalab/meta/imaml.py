@@ -46,10 +46,16 @@ class Config(gbml.InnerLoopConfig):
     well below 2, or the proximal pull alone overshoots)."""
     cg_steps: int = 5
     """Conjugate-gradient iterations for the implicit meta-gradient."""
+    cg_damping: float = 0.0
+    """Solve ``((1 + cg_damping) I + H / lambda) g = grad`` instead of the exact system (0: the paper's). Where the
+    support-loss Hessian has a direction of curvature near ``-lambda``, the exact system is near-singular and
+    its solution explodes along it; damping bounds the gain ``|g| / |grad|`` by ``1 / cg_damping`` whenever the
+    curvature is above ``-lambda``. The authors' code (imaml_dev) damps by 1 (and adds 10 to lambda there)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lam > 0, "lam", "must be > 0")
+        require(self.cg_damping >= 0, "cg_damping", "must be >= 0")
         require_between(self.cg_steps, "cg_steps", 1, MAX_INNER_STEPS)
 
 
@@ -62,6 +68,8 @@ class Proximal(Inner):
     """Proximal strength lambda (``Config.lam``)."""
     cg_steps: int
     """Conjugate-gradient iterations (``Config.cg_steps``)."""
+    cg_damping: float = 0.0
+    """Added to the identity of the CG system (``Config.cg_damping``)."""
 
 
 def proximal_loss(
@@ -98,6 +106,10 @@ def inner_solve(inner: Proximal, theta: Params, support_x: torch.Tensor, support
 
 def _dot(a: Params, b: Params) -> torch.Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
+
+
+def _scale(alpha: float, x: Params) -> Params:
+    return x if alpha == 1.0 else {k: alpha * v for k, v in x.items()}
 
 
 def _axpy(alpha: torch.Tensor | float, x: Params, y: Params) -> Params:
@@ -147,8 +159,10 @@ def implicit_gradient(
     phi = inner_solve(inner, theta, support_x, support_y)
     v = grad(inner.loss)(phi, query_x, query_y)
 
-    def matvec(u: Params) -> Params:  # (I + H/lambda) u, H: the support loss's Hessian at phi
-        return _axpy(1.0 / inner.lam, hvp(inner.loss, phi, u, support_x, support_y), u)
+    def matvec(u: Params) -> Params:  # ((1 + damping) I + H/lambda) u, H: the support loss's Hessian at phi
+        return _axpy(
+            1.0 / inner.lam, hvp(inner.loss, phi, u, support_x, support_y), _scale(1.0 + inner.cg_damping, u)
+        )
 
     g = conjugate_gradient(matvec, v, inner.cg_steps)
     out = functional_call(inner.model, phi, (query_x,))
@@ -178,7 +192,15 @@ def build(run: RunConfig, root: Path, device: torch.device) -> Learner:
     model = gbml.network(run, cfg).to(device)
     # The Hessian-vector products differentiate twice: torch's own BatchNorm is refused under vmap (task_batching).
     batching = gbml.task_batching(run.algo, cfg, model, second_order=True)
-    inner = Proximal(model, regression, cfg.inner_lr, cfg.inner_steps, lam=cfg.lam, cg_steps=cfg.cg_steps)
+    inner = Proximal(
+        model,
+        regression,
+        cfg.inner_lr,
+        cfg.inner_steps,
+        lam=cfg.lam,
+        cg_steps=cfg.cg_steps,
+        cg_damping=cfg.cg_damping,
+    )
     per_task = functools.partial(implicit_gradient, inner)
     score = "mse" if regression else "acc"
 
