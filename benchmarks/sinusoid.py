@@ -11,7 +11,8 @@ spread over sittings; ``metalab eval`` works on it too). ``pretrained`` is the p
 regressed on the points of all tasks, fine-tuned per task with step 0.01 (K=5) or 0.02 (K=10) as in the paper.
 Every model is then tested on the same 600 held-out tasks (100 query points each) after 1, 5 and 10 steps of
 its own inner loop, with a 95% CI; records go to ``results/sinusoid.json``, and ``results/sinusoid_k<K>.png``
-stacks each method's fits (true curve, K points, predictions before and after adaptation) on 4 test tasks.
+stacks each method's panel from ``results/sinusoid_fits/``: its fits (true curve, K points, predictions before
+and after adaptation) on 4 test tasks.
 Periodic evaluations during training use val tasks (``val/mse``; a seed of their own, never the test tasks').
 Provenance flags (``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
 """
@@ -25,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, current_label, merge_results, parse_args, parser, record
@@ -121,20 +123,27 @@ def train_and_test(
 
 
 def plot(k: int) -> Path | None:
-    """Stack the fit figures of every K-shot run so far into ``results/sinusoid_k<K>.png``."""
-    images = [(m, RUNS / f"{m}-k{k}" / "sinusoid_fits.png") for m in METHODS]
-    images = [(m, p) for m, p in images if p.is_file()]
-    if not images:
-        return None
-    fig, axes = plt.subplots(len(images), 1, figsize=(14, 3.1 * len(images)), squeeze=False)
-    for ax, (method, path) in zip(axes[:, 0], images, strict=True):
-        ax.imshow(plt.imread(path))
+    """Render each K-shot run's fit figure as a titled panel in ``results/sinusoid_fits/<configuration>.png``
+    (a panel stays when later runs cover other methods) and stack every method's panel, in :data:`METHODS`
+    order, into ``results/sinusoid_k<K>.png``."""
+    panels = RESULTS / "sinusoid_fits"
+    panels.mkdir(parents=True, exist_ok=True)
+    for method in METHODS:
+        fits = RUNS / f"{method}-k{k}" / "sinusoid_fits.png"
+        if not fits.is_file():
+            continue
+        fig, ax = plt.subplots(figsize=(14, 3.1))
+        ax.imshow(plt.imread(fits))
         ax.set_title(f"{method}-k{k}", fontsize=9, loc="left")
         ax.axis("off")
-    fig.tight_layout()
+        fig.tight_layout()
+        fig.savefig(panels / f"{method}-k{k}.png", dpi=100)
+        plt.close(fig)
+    images = [plt.imread(f) for m in METHODS if (f := panels / f"{m}-k{k}.png").is_file()]
+    if not images:
+        return None
     out = RESULTS / f"sinusoid_k{k}.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    plt.imsave(out, np.concatenate(images))
     return out
 
 
