@@ -27,8 +27,9 @@ many episodes (the sample-efficiency comparison); ``sac-half-cheetah-7000`` like
 ``configs/sac_half_cheetah.yaml`` for ``pets-half-cheetah``'s 7,000 env steps (val every 1,000: the return
 against env steps; about 2 minutes a seed), tested on its 2 episodes, and ``sac-half-cheetah-100000`` for the
 config's own 100,000 env steps (val every 5,000: how many env steps SAC needs to reach PETS's return; about
-25 minutes a seed), tested on the same 2 episodes. ``mbrl-lib-pets-pendulum`` and
-``mbrl-lib-pets-half-cheetah`` are the peers of ``pets-pendulum`` and ``pets-half-cheetah``: mbrl-lib's PETS
+25 minutes a seed), tested on the same 2 episodes. ``mbrl-lib-pets-pendulum``,
+``mbrl-lib-pets-cartpole-swingup`` and ``mbrl-lib-pets-half-cheetah`` are the peers of ``pets-pendulum``,
+``pets-cartpole-swingup`` and ``pets-half-cheetah``: mbrl-lib's PETS
 (:mod:`benchmarks.mbrl_lib_pets`, its ``--task``) at the same env steps and, where both libraries have the knob,
 the same sizes, tested on the same test episodes (reset seeds); the half-cheetah peer takes about as long per
 seed as ``pets-half-cheetah`` (its planning call costs about the same). mbrl-lib does not install beside
@@ -191,6 +192,7 @@ class Peer(NamedTuple):
 
 PEERS = {
     "mbrl-lib-pets-pendulum": Peer("pets-pendulum", "pendulum"),
+    "mbrl-lib-pets-cartpole-swingup": Peer("pets-cartpole-swingup", "cartpole-swingup"),
     "mbrl-lib-pets-half-cheetah": Peer("pets-half-cheetah", "half-cheetah"),
 }
 PEER_METHOD, PEER_PACKAGE = "mbrl-lib-pets", "mbrl==0.2.0"

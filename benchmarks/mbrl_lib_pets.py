@@ -1,7 +1,8 @@
-"""The peers of ``benchmarks.mbrl``'s ``pets-pendulum`` and ``pets-half-cheetah``: mbrl-lib's PETS (Pineda et al.
-2021, package ``mbrl``) on Pendulum-v1 or HalfCheetah-v5 (``--task``) at the same budget. Runs inside a separate
-environment that has mbrl-lib (it does not install beside metalab: see ``benchmarks.mbrl``), imports nothing
-from metalab, and prints one JSON line of results. mbrl-lib is imported inside :func:`main` only, so metalab's
+"""The peers of ``benchmarks.mbrl``'s ``pets-pendulum``, ``pets-cartpole-swingup`` and ``pets-half-cheetah``:
+mbrl-lib's PETS (Pineda et al. 2021, package ``mbrl``) on Pendulum-v1, metalab's cart-pole swing-up or
+HalfCheetah-v5 (``--task``) at the same budget. Runs inside a separate environment that has mbrl-lib (it does
+not install beside metalab: see ``benchmarks.mbrl``), imports from metalab only the cart-pole swing-up env and
+its reward (mbrl-lib's PETS cart-pole is a MuJoCo model of other sizes), and prints one JSON line of results. mbrl-lib is imported inside :func:`main` only, so metalab's
 tests can check the settings here against metalab's configs.
 
     .venv-mbrl/bin/python -m benchmarks.mbrl_lib_pets --task half-cheetah --seed 0 --test-seeds 11 12
@@ -22,6 +23,12 @@ knob and mbrl-lib's own PETS override of a similar task for model training:
   stopping with patience 50, at most 31 epochs per fit. The reward sees the next observation (mbrl-lib's
   signature is ``reward(action, next_obs)``): Pendulum's cost on the next state's angle and velocity, where
   metalab's uses the state before the step.
+- ``cartpole-swingup``: ``configs/mbrl_cartpole_swingup.yaml``: 5 members of 3 x 64 SiLU units, 10 particles,
+  CEM of 5 rounds of 200 sequences of 25 actions with 20 elites, 16 episodes of 200 steps (3,200 env steps).
+  Model training from ``pets_cartpole_paper_version`` (mbrl-lib's settings for PETS's own swing-up task; its
+  ``pets_cartpole`` is the balancing task): Adam at 1e-4, weight decay 3e-5, minibatches of 256, no held-out
+  data, 25 epochs per fit (patience 25). The reward is metalab's
+  (:func:`metalab.rl.env_models.cartpole_swingup_reward`), a function of the next observation and the action.
 - ``half-cheetah``: ``configs/mbrl_half_cheetah.yaml``: 5 members of 3 x 200 SiLU units, 10 particles, CEM of 5
   rounds of 100 sequences of 30 actions with 10 elites, 7 episodes of 1,000 steps (7,000 env steps). Model
   training from ``pets_halfcheetah``: Adam at 2.8e-4, weight decay 1e-4, minibatches of 32, no held-out data,
@@ -56,6 +63,13 @@ def pendulum_reward(action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tenso
     theta = torch.atan2(next_obs[:, 1], next_obs[:, 0])
     torque = action[:, 0].clamp(-2.0, 2.0)
     return -(theta**2 + 0.1 * next_obs[:, 2] ** 2 + 0.001 * torque**2)[:, None]
+
+
+def cartpole_swingup_reward(action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    """metalab's cart-pole swing-up reward in mbrl-lib's signature: ``(N, 1)``."""
+    from metalab.rl.env_models import cartpole_swingup_reward as reward
+
+    return reward(None, action, next_obs)[:, None]
 
 
 HALF_CHEETAH_FORWARD = 17
@@ -120,6 +134,12 @@ TASKS = {
                      horizon=25, population=200, iterations=5, elites=20, momentum=0.1,
                      training={"model_lr": 0.00143, "model_wd": 0.000033, "model_batch_size": 256,
                                "validation_ratio": 0.2, "patience": 50, "num_epochs_train_model": 31}),
+    # metalab's configs/mbrl_cartpole_swingup.yaml, mbrl-lib's pets_cartpole_paper_version model training.
+    "cartpole-swingup": Task("metalab/CartPoleSwingUp-v0", 200, 16, cartpole_swingup_reward, layers=3, hidden=64,
+                             members=5, particles=10, horizon=25, population=200, iterations=5, elites=20,
+                             momentum=0.1,
+                             training={"model_lr": 0.0001, "model_wd": 0.00003, "model_batch_size": 256,
+                                       "validation_ratio": 0.0, "patience": 25, "num_epochs_train_model": 25}),
     # metalab's configs/mbrl_half_cheetah.yaml, mbrl-lib's pets_halfcheetah model training.
     "half-cheetah": Task("HalfCheetah-v5", 1000, 7, half_cheetah_reward, layers=3, hidden=200, members=5,
                          particles=10, horizon=30, population=100, iterations=5, elites=10, momentum=0.1,
@@ -131,6 +151,9 @@ TASKS = {
 
 def make_env(task: Task, episode_steps: int | None = None) -> gym.Env:
     """The task's env, its episodes cut to ``episode_steps`` when given (smoke runs)."""
+    if task.env_id.startswith("metalab/"):
+        import metalab.envs  # noqa: F401  (registers metalab's env ids)
+
     env = gym.make(task.env_id, max_episode_steps=episode_steps)
     return task.wrap(env) if task.wrap else env
 

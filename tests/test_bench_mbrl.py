@@ -76,13 +76,23 @@ def test_sac_half_cheetah_config_and_its_long_run() -> None:
     assert cfg.learning_starts < short.train.steps
 
 
+def _episode_length(env: gym.Env) -> int:
+    """Steps until an episode of zero actions ends (the registry's limit or the env's own)."""
+    env.reset(seed=0)
+    steps, done = 0, False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(np.zeros(env.action_space.shape, env.action_space.dtype))
+        steps, done = steps + 1, terminated or truncated
+    return steps
+
+
 @pytest.mark.parametrize("name", sorted(bench.PEERS))
 def test_mbrl_lib_peer_has_metalab_sizes(name: str) -> None:
     peer = bench.PEERS[name]
     task = mbrl_lib_pets.TASKS[peer.task]
     run = bench.run_config(peer.setup, 0, [])
     cfg, planner = run.params, run.params.planner
-    assert task.env_id == run.env.id and task.episode == gym.spec(run.env.id).max_episode_steps
+    assert task.env_id == run.env.id and task.episode == _episode_length(mbrl_lib_pets.make_env(task))
     assert task.episode == cfg.random_steps == cfg.refit_every  # one random episode, a refit per episode
     assert task.episode * task.episodes == env_steps(run)
     assert set(cfg.hidden) == {task.hidden}
@@ -123,6 +133,22 @@ def test_mbrl_lib_half_cheetah_env_is_metalabs_wrapped_env() -> None:
         planned = mbrl_lib_pets.half_cheetah_reward(torch.from_numpy(action[None]), torch.from_numpy(a[None]))
         assert planned.item() == pytest.approx(reward, abs=1e-5)
     assert truncated  # cut at 5 steps
+
+
+def test_mbrl_lib_cartpole_reward_is_the_envs() -> None:
+    """The cart-pole peer's planning reward, in mbrl-lib's ``(action, next_obs)`` signature, recomputes the
+    reward the env pays, out-of-range actions included (the env clips them)."""
+    env = mbrl_lib_pets.make_env(mbrl_lib_pets.TASKS["cartpole-swingup"], 30)
+    env.reset(seed=4)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        action = rng.uniform(-1.5, 1.5, 1).astype(np.float32)
+        obs, reward, _, truncated, _ = env.step(action)
+        planned = mbrl_lib_pets.cartpole_swingup_reward(
+            torch.from_numpy(action[None]), torch.from_numpy(obs[None])
+        )
+        assert planned.shape == (1, 1) and planned.item() == pytest.approx(reward, abs=1e-5)
+    assert truncated
 
 
 def test_mbrl_lib_script_arguments() -> None:
