@@ -258,11 +258,12 @@ def peer(name: str, seed: int, python: Path) -> list[dict[str, Any]]:
     run = run_config(mine.setup, seed, [])
     command = peer_command(name, seed, python)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # stdout carries the result; stderr (its progress lines, or a traceback) passes through to ours.
     done = subprocess.run(
-        command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+        command, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, text=True
     )
     if done.returncode != 0:
-        raise SystemExit(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{name} seed {seed} failed with exit code {done.returncode} (its stderr is above)")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     test = mean_ci95(out["test_returns"])
     print(

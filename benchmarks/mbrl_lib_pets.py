@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -229,6 +230,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def progress(line: str, start: float) -> None:
+    """One progress line on stderr (stdout carries the JSON result only)."""
+    print(
+        f"{time.strftime('%H:%M:%S')} {line} ({time.perf_counter() - start:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     import mbrl.env.termination_fns
     import mbrl.models
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    action_type=np.double, reward_type=np.double)  # fmt: skip
     mbrl.util.common.rollout_agent_trajectories(env, args.episode_steps, mbrl.planning.RandomAgent(env), {},
                                                 replay_buffer=buffer)  # fmt: skip
+    progress(f"episode 1/{args.episodes} (random actions)", start)
     model_env = mbrl.models.ModelEnv(env, model, mbrl.env.termination_fns.no_termination, task.reward,
                                      generator=generator)  # fmt: skip
     trainer = mbrl.models.ModelTrainer(
@@ -281,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 total += reward
                 done = terminated or truncated
             train_returns.append(total)
+            progress(f"episode {len(train_returns) + 1}/{args.episodes} return {total:.1f}", start)
     train_seconds = time.perf_counter() - start
     test_returns = []
     for seed in args.test_seeds:
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             total += reward
             done = terminated or truncated
         test_returns.append(float(total))
+        progress(f"test episode {len(test_returns)}/{len(args.test_seeds)} return {total:.1f}", start)
     print(json.dumps({"task": args.task, "env": task.env_id, "train_returns": [float(r) for r in train_returns],
                       "test_returns": test_returns, "seconds": train_seconds,
                       "env_steps": args.episode_steps * args.episodes}))  # fmt: skip

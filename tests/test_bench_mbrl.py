@@ -171,6 +171,10 @@ def test_mbrl_lib_half_cheetah_peer_runs_the_script_and_records_it(
 
     def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
         calls.append(command)
+        # The result comes on stdout; stderr (the script's progress, an hour a seed) is not held back.
+        assert (
+            kwargs["stdout"] == subprocess.PIPE and "stderr" not in kwargs and "capture_output" not in kwargs
+        )
         returns = [100.0, 300.0] if "1" == command[command.index("--seed") + 1] else [200.0, 200.0]
         out = {"train_returns": [-50.0, 1.0], "test_returns": returns, "seconds": 9.0, "env_steps": 7000}
         return subprocess.CompletedProcess(command, 0, "mbrl-lib noise\n" + json.dumps(out) + "\n", "")
@@ -189,3 +193,15 @@ def test_mbrl_lib_half_cheetah_peer_runs_the_script_and_records_it(
     assert records["test_return_s1"]["value"] == 200.0 and records["test_return_s1"]["test_episodes"] == 2
     assert records["test_return_s0"]["train_returns"] == [-50.0, 1.0]
     assert records["test_return"]["per_seed"] == [200.0, 200.0] and records["test_return"]["n"] == 2
+
+
+def test_a_failed_peer_run_stops_the_benchmark_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(common, "commit", lambda: "abc1234")
+    monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
+    monkeypatch.setattr(bench.subprocess, "run", lambda c, **k: subprocess.CompletedProcess(c, 1, "", None))
+    with pytest.raises(SystemExit, match=r"mbrl-lib-pets-half-cheetah seed 3 failed with exit code 1"):
+        bench.main(["--only", "mbrl-lib-pets-half-cheetah", "--seeds", "3", "--results-dir", str(tmp_path),
+                    "--mbrl-python", "/somewhere/python"])  # fmt: skip
+    assert not (tmp_path / "mbrl.json").exists()
