@@ -23,7 +23,9 @@ the config), and ``pets-reacher`` on the MuJoCo
 which is in the observation; 5 random and 20 MPC episodes, 1,250 env steps; tested on 20 episodes, so 20
 targets; random actions score about -43, a good controller -4 to -6), all three need the ``mujoco`` extra;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
-many episodes (the sample-efficiency comparison); ``sac-half-cheetah-7000`` likewise trains
+many episodes (the sample-efficiency comparison); ``sac-cartpole-swingup-3200`` and ``-20000`` train ``configs/sac_cartpole_swingup.yaml`` for
+``pets-cartpole-swingup``'s 3,200 env steps and for 20,000 (val every 1,000; about 6 minutes a seed), tested
+on its 10 episodes; ``sac-half-cheetah-7000`` likewise trains
 ``configs/sac_half_cheetah.yaml`` for ``pets-half-cheetah``'s 7,000 env steps (val every 1,000: the return
 against env steps; about 2 minutes a seed), tested on its 2 episodes, and ``sac-half-cheetah-100000`` for the
 config's own 100,000 env steps (val every 5,000: how many env steps SAC needs to reach PETS's return; about
@@ -167,6 +169,23 @@ SETUPS = {
             "eval.episodes=2",
             "eval.batch=2",
         ),
+    ),
+    # Our SAC at PETS's env steps on the swing-up (200 random + 15 MPC episodes = 3,200), tested on as many
+    # episodes, and at its config's 20,000 (val every 1,000: how many env steps SAC needs to reach PETS's return).
+    "sac-cartpole-swingup-3200": Setup(
+        "sac_cartpole_swingup.yaml",
+        "cartpole-swingup",
+        "metalab-sac-3200",
+        {"test_return": "test/return"},
+        {"return": "return"},
+        ("train.steps=3200", "train.checkpoint_every=800", "train.eval_every=800"),
+    ),
+    "sac-cartpole-swingup-20000": Setup(
+        "sac_cartpole_swingup.yaml",
+        "cartpole-swingup",
+        "metalab-sac-20000",
+        {"test_return": "test/return"},
+        {"return": "return"},
     ),
     # Our SAC at its own config's 100,000 env steps (val every 5,000: how many env steps SAC needs to reach
     # PETS's return), tested on PETS's number of episodes.

@@ -4,6 +4,7 @@ mbrl-lib), and the peer's command and records (the script's run faked)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -50,7 +51,11 @@ def test_half_cheetah_pets_is_pets_sized_for_an_hour_on_one_thread() -> None:
 
 @pytest.mark.parametrize(
     ("sac", "pets", "steps"),
-    [("sac-pendulum-2200", "pets-pendulum", 2200), ("sac-half-cheetah-7000", "pets-half-cheetah", 7000)],
+    [
+        ("sac-pendulum-2200", "pets-pendulum", 2200),
+        ("sac-cartpole-swingup-3200", "pets-cartpole-swingup", 3200),
+        ("sac-half-cheetah-7000", "pets-half-cheetah", 7000),
+    ],
 )
 def test_sac_peer_trains_for_pets_env_steps_and_tests_on_as_many_episodes(
     sac: str, pets: str, steps: int
@@ -74,6 +79,23 @@ def test_sac_half_cheetah_config_and_its_long_run() -> None:
     assert (cfg.hidden, cfg.batch_size, cfg.tau, cfg.gamma, run.train.lr) == standard
     assert cfg.auto_alpha and cfg.learning_starts == 1000  # one random episode, as PETS's
     assert cfg.learning_starts < short.train.steps
+
+
+def test_sac_cartpole_swingup_config_and_its_long_run() -> None:
+    run = bench.run_config("sac-cartpole-swingup-20000", 0, [])
+    pets = bench.run_config("pets-cartpole-swingup", 0, [])
+    assert run.env.id == pets.env.id and run.train.steps == 20_000 and run.eval.episodes == pets.eval.episodes
+    assert run.train.steps % run.train.eval_every == 0 and run.train.eval_every == 1000  # a val curve
+    short = bench.run_config("sac-cartpole-swingup-3200", 0, [])
+    assert (
+        short.train.steps % short.train.eval_every == 0
+        and short.train.steps % short.train.checkpoint_every == 0
+    )
+    # One random episode first, as PETS's; otherwise the pendulum config's (SB3's defaults).
+    assert run.params.learning_starts == pets.params.random_steps == 200
+    assert run.params == dataclasses.replace(
+        bench.run_config("sac-pendulum-2200", 0, []).params, learning_starts=200
+    )
 
 
 def _episode_length(env: gym.Env) -> int:
