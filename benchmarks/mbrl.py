@@ -31,7 +31,8 @@ against env steps; about 2 minutes a seed), tested on its 2 episodes, and ``sac-
 config's own 100,000 env steps (val every 5,000: how many env steps SAC needs to reach PETS's return; about
 25 minutes a seed), tested on the same 2 episodes. ``mbrl-lib-pets-pendulum``,
 ``mbrl-lib-pets-cartpole-swingup`` and ``mbrl-lib-pets-half-cheetah`` are the peers of ``pets-pendulum``,
-``pets-cartpole-swingup`` and ``pets-half-cheetah``: mbrl-lib's PETS
+``pets-cartpole-swingup`` and ``pets-half-cheetah`` (and ``mbrl-lib-pets-cartpole-swingup-metalab-fit``, method
+``mbrl-lib-pets-metalab-fit``, the swing-up peer with metalab's model training): mbrl-lib's PETS
 (:mod:`benchmarks.mbrl_lib_pets`, its ``--task``) at the same env steps and, where both libraries have the knob,
 the same sizes, tested on the same test episodes (reset seeds); the half-cheetah peer takes about as long per
 seed as ``pets-half-cheetah`` (its planning call costs about the same). mbrl-lib does not install beside
@@ -200,6 +201,9 @@ SETUPS = {
 }
 
 
+PEER_METHOD, PEER_PACKAGE = "mbrl-lib-pets", "mbrl==0.2.0"
+
+
 class Peer(NamedTuple):
     """mbrl-lib's PETS on the task of one of metalab's PETS setups (:mod:`benchmarks.mbrl_lib_pets`)."""
 
@@ -207,14 +211,18 @@ class Peer(NamedTuple):
     """The metalab setup whose test episodes (reset seeds) the peer is tested on."""
     task: str
     """The script's ``--task``."""
+    method: str = PEER_METHOD
+    """The records' method (a variant of the peer has its own)."""
 
 
 PEERS = {
     "mbrl-lib-pets-pendulum": Peer("pets-pendulum", "pendulum"),
     "mbrl-lib-pets-cartpole-swingup": Peer("pets-cartpole-swingup", "cartpole-swingup"),
+    "mbrl-lib-pets-cartpole-swingup-metalab-fit": Peer(
+        "pets-cartpole-swingup", "cartpole-swingup-metalab-fit", "mbrl-lib-pets-metalab-fit"
+    ),
     "mbrl-lib-pets-half-cheetah": Peer("pets-half-cheetah", "half-cheetah"),
 }
-PEER_METHOD, PEER_PACKAGE = "mbrl-lib-pets", "mbrl==0.2.0"
 CONFIGS = [*SETUPS, *PEERS]
 
 
@@ -288,7 +296,7 @@ def peer(name: str, seed: int, python: Path) -> list[dict[str, Any]]:
     print(
         f"{name}-s{seed} ({out['env_steps']} env steps, {out['seconds']:.0f} s): test_return {test.mean:.3f}"
     )
-    return [record(BENCH, SETUPS[mine.setup].task, PEER_METHOD, seed_metric("test_return", seed), test.mean,
+    return [record(BENCH, SETUPS[mine.setup].task, mine.method, seed_metric("test_return", seed), test.mean,
                    ci95=test.ci95, unit="return", steps=out["env_steps"], seconds=out["seconds"], seed=seed,
                    env=run.env.id, test_episodes=len(out["test_returns"]), train_returns=out["train_returns"],
                    package=PEER_PACKAGE, metric_key="test/return")]  # fmt: skip
@@ -310,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             if name in PEERS:
                 path = merge_results(BENCH, peer(name, seed, args.mbrl_python), args.results_dir)
                 records = json.loads(path.read_text())
-                mine = PEERS[name].setup
-                found = aggregate(records, BENCH, SETUPS[mine].task, PEER_METHOD, "test_return", "return",
+                mine, method = PEERS[name].setup, PEERS[name].method
+                found = aggregate(records, BENCH, SETUPS[mine].task, method, "test_return", "return",
                                   env=run_config(mine, seed, []).env.id, package=PEER_PACKAGE)  # fmt: skip
                 merge_results(BENCH, [found] if found else [], args.results_dir)
                 continue

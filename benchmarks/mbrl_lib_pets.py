@@ -29,6 +29,9 @@ knob and mbrl-lib's own PETS override of a similar task for model training:
   ``pets_cartpole`` is the balancing task): Adam at 1e-4, weight decay 3e-5, minibatches of 256, no held-out
   data, 25 epochs per fit (patience 25). The reward is metalab's
   (:func:`metalab.rl.env_models.cartpole_swingup_reward`), a function of the next observation and the action.
+- ``cartpole-swingup-metalab-fit``: the same, with metalab's model training (Adam at 1e-3, no weight decay,
+  minibatches of 32, and as many epochs over the ``n`` transitions at each fit as make metalab's 1,000
+  updates), a labelled peer that tells PETS apart from the training settings.
 - ``half-cheetah``: ``configs/mbrl_half_cheetah.yaml``: 5 members of 3 x 200 SiLU units, 10 particles, CEM of 5
   rounds of 100 sequences of 30 actions with 10 elites, 7 episodes of 1,000 steps (7,000 env steps). Model
   training from ``pets_halfcheetah``: Adam at 2.8e-4, weight decay 1e-4, minibatches of 32, no held-out data,
@@ -126,6 +129,9 @@ class Task(NamedTuple):
     training: dict[str, Any]
     """mbrl-lib's model-training settings (its ``overrides`` keys)."""
     wrap: Callable[[gym.Env], gym.Env] | None = None
+    fit_updates: int | None = None
+    """When set, each fit runs as many epochs over the transitions so far as make ``fit_updates`` minibatch
+    updates (metalab's fixed number per fit, :func:`epochs_per_fit`) in place of ``training``'s fixed epochs."""
 
 
 TASKS = {
@@ -141,6 +147,14 @@ TASKS = {
                              momentum=0.1,
                              training={"model_lr": 0.0001, "model_wd": 0.00003, "model_batch_size": 256,
                                        "validation_ratio": 0.0, "patience": 25, "num_epochs_train_model": 25}),
+    # The same, with metalab's model training (configs/mbrl_cartpole_swingup.yaml: Adam at 1e-3, no weight decay,
+    # minibatches of 32, 1,000 updates per fit), a labelled peer: is the gap PETS or the training settings?
+    "cartpole-swingup-metalab-fit": Task("metalab/CartPoleSwingUp-v0", 200, 16, cartpole_swingup_reward, layers=3,
+                                         hidden=64, members=5, particles=10, horizon=25, population=200,
+                                         iterations=5, elites=20, momentum=0.1,
+                                         training={"model_lr": 0.001, "model_wd": 0.0, "model_batch_size": 32,
+                                                   "validation_ratio": 0.0},
+                                         fit_updates=1000),
     # metalab's configs/mbrl_half_cheetah.yaml, mbrl-lib's pets_halfcheetah model training.
     "half-cheetah": Task("HalfCheetah-v5", 1000, 7, half_cheetah_reward, layers=3, hidden=200, members=5,
                          particles=10, horizon=30, population=100, iterations=5, elites=10, momentum=0.1,
@@ -164,6 +178,13 @@ def elite_ratio(task: Task) -> float:
     ratio = task.elites / task.population
     assert math.ceil(task.population * ratio) == task.elites, task
     return ratio
+
+
+def epochs_per_fit(task: Task, transitions: int) -> int:
+    """The fewest epochs of a fit on ``transitions`` that make ``task.fit_updates`` minibatch updates (an
+    epoch of mbrl-lib's iterator ends with a short minibatch: ``ceil(transitions / batch)`` updates)."""
+    assert task.fit_updates, task
+    return math.ceil(task.fit_updates / math.ceil(transitions / task.training["model_batch_size"]))
 
 
 def config(task: Task, seed: int, dataset_size: int) -> Any:
@@ -279,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(
             args.episodes - 1
         ):  # refit, then one MPC episode (PETS: freq_train_model = trial length)
+            if task.fit_updates:  # no early stop: patience as long as the fit
+                epochs = epochs_per_fit(task, len(buffer))
+                cfg.overrides.num_epochs_train_model = cfg.overrides.patience = epochs
             mbrl.util.common.train_model_and_save_model_and_data(
                 model, trainer, cfg.overrides, buffer, work_dir
             )

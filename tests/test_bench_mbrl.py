@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def test_mbrl_lib_peer_has_metalab_sizes(name: str) -> None:
         planner.horizon, planner.candidates, planner.iterations, planner.elites, planner.momentum)  # fmt: skip
     assert round(task.population * mbrl_lib_pets.elite_ratio(task)) == planner.elites
     assert (task.population * task.particles) % task.members == 0  # mbrl-lib's fixed_model needs it
+    if task.fit_updates:  # the labelled variant trains its models as metalab does
+        assert bench.PEERS[name].method != bench.PEER_METHOD
+        assert (task.training["model_lr"], task.training["model_wd"], task.training["model_batch_size"]) == (
+            run.train.lr, run.train.weight_decay, cfg.batch_size)  # fmt: skip
+        assert task.fit_updates == cfg.fit_updates and task.training["validation_ratio"] == 0
+        for n, epochs in (
+            (200, 143),
+            (3000, 11),
+        ):  # the first and the last fit: 7 and 94 minibatches an epoch
+            assert mbrl_lib_pets.epochs_per_fit(task, n) == epochs
+            assert (
+                epochs * math.ceil(n / cfg.batch_size) >= cfg.fit_updates > (epochs - 1) * math.ceil(n / 32)
+            )
 
 
 def test_half_cheetah_reward_for_mbrl_lib_is_metalabs() -> None:
