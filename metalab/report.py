@@ -103,6 +103,11 @@ HEADLINES: list[tuple[str, Pick, Pick | None]] = [
         Pick("meta_rl", "citygrid5x5", "dream_paper", "return"),
         Pick("meta_rl", "citygrid5x5", "dream_xfit", "return"),
     ),
+    (  # oyster's own logged quantity (AverageReturn_all_test_tasks) on the paper's half-cheetah velocity tasks
+        "meta-RL (PEARL)",
+        Pick("meta_rl", "half_cheetah_vel", "pearl", "oyster_return"),
+        None,
+    ),
     (
         "gradient meta-RL",
         Pick("maml_rl", "navigation-2d", "maml-rl", "test_return_after1"),
