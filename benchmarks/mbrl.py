@@ -24,7 +24,7 @@ which is in the observation; 5 random and 20 MPC episodes, 1,250 env steps; test
 targets; random actions score about -43, a good controller -4 to -6), all three need the ``mujoco`` extra;
 ``sac-pendulum-2200`` trains ``configs/sac_pendulum.yaml`` (SAC) for PETS's 2,200 env steps and tests it on as
 many episodes (the sample-efficiency comparison); ``sac-cartpole-swingup-3200`` and ``-20000`` train ``configs/sac_cartpole_swingup.yaml`` for
-``pets-cartpole-swingup``'s 3,200 env steps and for 20,000 (val every 1,000; about 6 minutes a seed), tested
+``pets-cartpole-swingup``'s 3,200 env steps and for 20,000 (val every 1,000; about 4 minutes a seed), tested
 on its 10 episodes; ``sac-half-cheetah-7000`` likewise trains
 ``configs/sac_half_cheetah.yaml`` for ``pets-half-cheetah``'s 7,000 env steps (val every 1,000: the return
 against env steps; about 2 minutes a seed), tested on its 2 episodes, and ``sac-half-cheetah-100000`` for the

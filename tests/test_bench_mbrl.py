@@ -131,14 +131,11 @@ def test_mbrl_lib_peer_has_metalab_sizes(name: str) -> None:
         assert (task.training["model_lr"], task.training["model_wd"], task.training["model_batch_size"]) == (
             run.train.lr, run.train.weight_decay, cfg.batch_size)  # fmt: skip
         assert task.fit_updates == cfg.fit_updates and task.training["validation_ratio"] == 0
-        for n, epochs in (
-            (200, 143),
-            (3000, 11),
-        ):  # the first and the last fit: 7 and 94 minibatches an epoch
+        # The first and the last fit: 7 and 94 minibatches an epoch.
+        for n, epochs in ((200, 143), (3000, 11)):
             assert mbrl_lib_pets.epochs_per_fit(task, n) == epochs
-            assert (
-                epochs * math.ceil(n / cfg.batch_size) >= cfg.fit_updates > (epochs - 1) * math.ceil(n / 32)
-            )
+            per_epoch = math.ceil(n / cfg.batch_size)
+            assert epochs * per_epoch >= cfg.fit_updates > (epochs - 1) * per_epoch
 
 
 def test_half_cheetah_reward_for_mbrl_lib_is_metalabs() -> None:
