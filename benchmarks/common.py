@@ -94,6 +94,19 @@ def add_provenance_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): config overrides of every configuration."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every selected configuration, e.g. --set train.eval_episodes=50 "
+        "(repeatable)",
+    )
+
+
 def check_provenance(args: argparse.Namespace) -> None:
     """Refuse a dirty tree (one line, before any training) unless ``--allow-dirty``; remember the label.
 

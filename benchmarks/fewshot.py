@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from benchmarks.common import RESULTS, device_name, note_no_curve, record
+from benchmarks.common import RESULTS, add_set_arg, device_name, note_no_curve, record
 from metalab.data.root import data_root
 from metalab.experiment import RunConfig, algorithm, load_run_config, write_run_config
 from metalab.train.logger import read_metrics
@@ -236,19 +236,6 @@ def add_budget_args(p: argparse.ArgumentParser, test_episodes: int, minutes: flo
     p.add_argument("--steps", type=int, help="training steps per configuration (default: the config's)")
     p.add_argument(
         "--test-episodes", type=int, default=test_episodes, help="test episodes for the final estimate"
-    )
-
-
-def add_set_arg(p: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): config overrides of every configuration."""
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key of every selected configuration, e.g. --set train.eval_episodes=50 "
-        "(repeatable)",
     )
 
 

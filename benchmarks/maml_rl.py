@@ -47,7 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.common import RESULTS, add_set_arg, merge_results, parse_args, parser, record
 from benchmarks.rl_common import aggregate, save_figure, seed_metric, train
 from metalab.experiment import RunConfig, algorithm, load_run_config
 from metalab.utils import seed_everything
@@ -172,8 +172,7 @@ def plot(path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], list(SETUPS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds of each configuration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key of every selected configuration (repeatable)")  # fmt: skip
+    add_set_arg(p)
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where maml_rl.json goes")
     p.set_defaults(threads=1)  # a small policy, episodes stepped in NumPy: one thread is fastest

@@ -75,7 +75,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from benchmarks.common import RESULTS, merge_results, parse_args, parser, record
+from benchmarks.common import RESULTS, add_set_arg, merge_results, parse_args, parser, record
 from benchmarks.rl_common import aggregate, seed_metric, train
 from metalab.experiment import RunConfig, load_run_config
 from metalab.rl.rollout import derive_seed
@@ -305,8 +305,7 @@ def peer(name: str, seed: int, python: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0], CONFIGS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds of each configuration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key of every selected configuration (repeatable)")  # fmt: skip
+    add_set_arg(p)
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where mbrl.json goes")
     p.add_argument("--mbrl-python", type=Path, default=Path(".venv-mbrl/bin/python"),

@@ -5,6 +5,8 @@
     python -m benchmarks.meta_rl --only dream_paper-5x5-s0        # the paper's DREAM, official actions
     python -m benchmarks.meta_rl --only rl2-9x9-s0 --minutes 60   # one configuration, capped at 60 minutes
     python -m benchmarks.meta_rl --only pearl-cheetah-vel-s0      # PEARL's half-cheetah velocity (mujoco extra)
+    python -m benchmarks.meta_rl --only dream_xfit-5x5-s0 --set dream.step_cost_from=75000 --label free-steps-75k
+                                                                  # a variant: --set needs --label
 
 A configuration ``<method>-<task>-s<seed>`` trains ``configs/<method>_<env>.yaml`` with ``seed`` for ``BUDGETS``
 trainer steps (``--steps-scale`` scales them; for DREAM and RL² a trainer step is one meta-episode, for PEARL one
@@ -49,7 +51,9 @@ CI over meta-episodes) and the aggregate over the seeds recorded so far (mean wi
 directory: the periodic val evaluation (``curve_metric``) vs environment steps (mean over seeds, band from min to
 max). Records made before this protocol (no ``protocol`` field; their ``return`` was on all 523 held-out problems,
 their ``success`` the fraction reaching the goal) are never mixed into a new aggregate. Provenance flags
-(``--allow-dirty``, ``--label``): :mod:`benchmarks.common`.
+(``--allow-dirty``, ``--label``): :mod:`benchmarks.common`. ``--set KEY=VALUE`` overrides a config key of every
+selected configuration and is refused without ``--label``: the records of a changed config carry the label and
+their ``overrides``, and sit beside the main records instead of replacing them.
 
 Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus
 information 0.1 / 0.3); RL² with the same budget reported. PEARL (issue #26, replacing an unsourced success >= 0.8):
@@ -76,6 +80,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -86,7 +91,15 @@ import numpy as np
 import torch
 
 from benchmarks import rl_common
-from benchmarks.common import RESULTS, add_provenance_args, current_label, merge_results, parse_args, record
+from benchmarks.common import (
+    RESULTS,
+    add_provenance_args,
+    add_set_arg,
+    current_label,
+    merge_results,
+    parse_args,
+    record,
+)
 from benchmarks.rl_common import aggregate, expand, plot_seeds, save_figure, seed_metric, train
 from metalab.envs import CITYGRID5X5_OFFICIAL_ID, CITYGRID5X5_PLAIN_ID, CITYGRID_OFFICIAL_ID
 from metalab.envs.point_robot import posterior_sampling_success
@@ -178,16 +191,19 @@ def parse(name: str) -> tuple[str, str, int]:
     return method, task, int(seed)
 
 
-def run_config(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
+def run_config(
+    method: str, task: str, seed: int, steps: int, minutes: float | None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Configuration ``method``-``task``'s config for ``seed`` and ``steps``, ``overrides`` (``--set``) last."""
     log_every = max(steps // 200, 1)  # every evaluation step is also a logging step (env steps on the x axis)
-    overrides = [f"seed={seed}", f"train.steps={steps}", "train.device=cpu", f"train.log_every={log_every}",
-                 f"train.eval_every={10 * log_every}", f"train.checkpoint_every={10 * log_every}"]  # fmt: skip
+    sets = [f"seed={seed}", f"train.steps={steps}", "train.device=cpu", f"train.log_every={log_every}",
+            f"train.eval_every={10 * log_every}", f"train.checkpoint_every={10 * log_every}"]  # fmt: skip
     if minutes is not None:
-        overrides.append(f"train.max_minutes={minutes}")
+        sets.append(f"train.max_minutes={minutes}")
     if task in ENV_IDS:
-        overrides.append(f"env.id={ENV_IDS[task]}")
-    overrides += OVERRIDES.get((method, task), [])
-    return load_run_config(CONFIGS_DIR / f"{config_name(method, task)}.yaml", overrides)
+        sets.append(f"env.id={ENV_IDS[task]}")
+    sets += OVERRIDES.get((method, task), [])
+    return load_run_config(CONFIGS_DIR / f"{config_name(method, task)}.yaml", [*sets, *overrides])
 
 
 def config_name(method: str, task: str) -> str:
@@ -299,11 +315,13 @@ def ceiling_records(test: dict[str, float], seed: int, fields: dict) -> list[dic
     return out
 
 
-def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results: Path) -> list[dict]:
+def benchmark(
+    name: str, steps: int, minutes: float | None, runs: Path, results: Path, overrides: Sequence[str] = ()
+) -> list[dict]:
     """Train (or resume) configuration ``name``, test it, and return its per-seed records. Seed 0 of DREAM and
     RL² also leaves ``<results>/meta_rl_<method>-<task>.png``: one held-out meta-episode, frame by frame."""
     method, task, seed = parse(name)
-    run = run_config(method, task, seed, steps, minutes)
+    run = run_config(method, task, seed, steps, minutes, overrides)
     learner, fitted = train(run, runs / name)
     test = learner.evaluate("test", run.eval.episodes)
     if seed == 0 and learner.figures is not None:
@@ -315,7 +333,7 @@ def benchmark(name: str, steps: int, minutes: float | None, runs: Path, results:
               "walking": walking, "threads": torch.get_num_threads(), "published": PUBLISHED.get(method),
               "config": f"configs/{config_name(method, task)}.yaml", "env_id": run.env.id,
               "env_steps": last_env_steps(runs / name), "selected_step": fitted.best_step,
-              "steps": fitted.step, "seconds": fitted.seconds}  # fmt: skip
+              "steps": fitted.step, "seconds": fitted.seconds, "overrides": list(overrides)}  # fmt: skip
     label, bench_task = method, f"{TASKS[task][0]}"
     values, env_steps = curve(runs / name, curve_key(method, task))
     rows = [[step, env_steps[step], value] for step, value in sorted(values.items())]  # kept for the figure
@@ -426,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         "--steps-scale", type=float, default=1.0, help=f"multiply the trainer-step budgets {BUDGETS}"
     )
     p.add_argument("--minutes", type=float, default=None, help="cap each configuration's training time")
+    add_set_arg(p)  # a variant: needs --label, so that its records sit beside the main ones
     p.add_argument("--threads", type=int, default=1, help="torch threads (small networks: 1 is fastest)")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help=f"where run directories go (default {RUNS})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where meta_rl.json/.png go")
@@ -434,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     add_provenance_args(p)
     args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     drawn = current_label() is None  # the figure shows the main records only
+    if args.overrides and drawn:
+        raise SystemExit(f"--set {' '.join(args.overrides)} makes a variant of the configurations: name it with "
+                         "--label NAME, so that its records never replace the main ones")  # fmt: skip
     if args.reference:
         print(merge_results(BENCH, reference_records(), args.results_dir))
         if drawn:
@@ -442,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in expand(args.only, GROUPS, CONFIGS):
         method, task, _ = parse(name)
         steps = max(round(BUDGETS[method, task] * args.steps_scale), 1)
-        records = benchmark(name, steps, args.minutes, args.runs_dir, args.results_dir)
+        records = benchmark(name, steps, args.minutes, args.runs_dir, args.results_dir, args.overrides)
         path = merge_results(BENCH, records, args.results_dir)
         merge_results(BENCH, aggregates(path, name), args.results_dir)
         print(path)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     RESULTS,
+    add_set_arg,
     current_label,
     device_name,
     merge_results,
@@ -44,7 +45,6 @@ from benchmarks.fewshot import (
     Curve,
     accuracy_record,
     add_budget_args,
-    add_set_arg,
     budget_overrides,
     build,
     config_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,15 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
     original = meta_rl.run_config
 
-    def small(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
+    def small(
+        method: str, task: str, seed: int, steps: int, minutes: float | None, overrides: Sequence[str] = ()
+    ) -> RunConfig:
         run = original(method, task, seed, steps, minutes)
         sets = ["eval.episodes=3", "train.eval_episodes=2", f"{run.algo}.hidden=8", f"{run.algo}.learning_starts=4",
                 f"{run.algo}.batch_size=4"]  # fmt: skip
         return load_run_config(
             meta_rl.CONFIGS_DIR / f"{meta_rl.config_name(method, task)}.yaml",
-            [*(f"{k}={v}" for k, v in flat(run)), *sets],
+            [*(f"{k}={v}" for k, v in flat(run)), *sets, *overrides],
         )
 
     monkeypatch.setattr(meta_rl, "run_config", small)
@@ -115,3 +118,22 @@ def test_the_distractor_free_5x5_runs_the_5x5_config_on_its_own_env(tiny: None, 
     assert not any(r["metric"].startswith("oracle") for r in records)  # RL² has no task encoding
     saved = (tmp_path / "runs" / "rl2-5x5plain-s0" / "config.yaml").read_text()
     assert "CityGrid5x5NoDistractors-v0" in saved
+
+
+def test_a_set_override_needs_a_label_and_reaches_the_config_and_records(tiny: None, tmp_path: Path) -> None:
+    base = ["--only", "dream_xfit-5x5-s0", "--steps-scale", "0.0002", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "res"), "--set", "dream.step_cost_from=7"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--label"):  # unlabelled, it would replace the main records
+        meta_rl.main(base)
+    assert not (tmp_path / "runs").exists()  # refused before any training
+    assert (
+        meta_rl.run_config("dream_xfit", "5x5", 0, 10, None, ["dream.step_cost_from=7"]).params.step_cost_from
+        == 7
+    )
+    meta_rl.main([*base, "--label", "free-steps"])
+    records = json.loads((tmp_path / "res" / "meta_rl.json").read_text())
+    assert {r.get("label") for r in records} == {"free-steps"}
+    seed0 = next(r for r in records if r["metric"] == "return_s0")
+    assert seed0["overrides"] == ["dream.step_cost_from=7"]
+    saved = (tmp_path / "runs" / "free-steps" / "dream_xfit-5x5-s0" / "config.yaml").read_text()
+    assert "step_cost_from: 7" in saved
