@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import conv_peak
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"benchmark", "task", "method", "metric", "value", "ci95", "unit", "steps", "seconds", "device", "torch",
         "commit", "protocol"}  # fmt: skip
@@ -30,7 +32,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     monkeypatch.setattr(common, "commit", lambda: "abc1234")  # a clean tree: benchmarks refuse dirty ones
     monkeypatch.setattr(common, "PROVENANCE", common.Provenance())
     module = importlib.import_module("benchmarks.throughput")
-    monkeypatch.setattr(module, "PEAKS", {})
+    monkeypatch.setattr(conv_peak, "PEAKS", {})  # each test measures its own peak
     yield module
     torch.set_num_threads(1)  # the benchmark sets threads per method; leave the suite's setting
 
@@ -84,12 +86,12 @@ def test_every_configuration_writes_records(bench: ModuleType, omniglot_root: Pa
 
 def test_conv_flops_by_hand(bench: ModuleType) -> None:
     # 64 -> 64 filters, 3x3, on a 14x14 map with padding 1: 14x14 outputs, each 64*9 multiply-adds per filter
-    assert bench.conv_forward_flops(64, 64, 3, 14, 14) == 2 * 64 * 9 * 64 * 14 * 14 == 14_450_688
+    assert conv_peak.conv_forward_flops(64, 64, 3, 14, 14) == 2 * 64 * 9 * 64 * 14 * 14 == 14_450_688
     conv, x = nn.Conv2d(64, 64, 3, padding=1), torch.randn(2, 64, 14, 14, requires_grad=True)
-    assert bench.counted_conv_flops(lambda: conv(x)) == 2 * 14_450_688
+    assert conv_peak.counted_conv_flops(lambda: conv(x)) == 2 * 14_450_688
     # backward computes the input and the weight gradients: twice the forward, as the peak assumes
-    assert bench.counted_conv_flops(lambda: conv(x).sum().backward()) == 3 * 2 * 14_450_688
-    assert bench.Peak(14, "contiguous", 2, 1, [1.0]).flops == 3 * 2 * 14_450_688
+    assert conv_peak.counted_conv_flops(lambda: conv(x).sum().backward()) == 3 * 2 * 14_450_688
+    assert conv_peak.Peak(14, "contiguous", 2, 1, [1.0]).flops == 3 * 2 * 14_450_688
 
 
 def test_plain_protonet_loss_is_metalabs(bench: ModuleType, omniglot_root: Path) -> None:
