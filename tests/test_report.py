@@ -90,6 +90,16 @@ def test_headlines_take_current_records_and_peers() -> None:
     assert any("pending rerun (maml)" in line for line in lines)
 
 
+def test_a_headline_can_put_a_second_metric_of_the_same_method_beside_the_first() -> None:
+    pearl = {"benchmark": "meta_rl", "task": "point_robot", "method": "pearl", "published": None}
+    lines = report.render_headlines([
+        _rec(**pearl, metric="success_after9_of_ceiling", value=0.6, ci95=0.05, unit="fraction"),
+        _rec(**pearl, metric="oyster_return", value=5.5, ci95=0.5, unit="return"),
+    ]).splitlines()  # fmt: skip
+    row = next(line for line in lines if "point_robot, success_after9_of_ceiling" in line)
+    assert "| pearl: 0.6 ± 0.05 |" in row and "| pearl oyster_return: 5.5 ± 0.5 |" in row
+
+
 def test_cli_writes_then_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "x.json").write_text(json.dumps([_rec()]))
