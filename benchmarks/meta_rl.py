@@ -324,7 +324,8 @@ def benchmark(
     run = run_config(method, task, seed, steps, minutes, overrides)
     learner, fitted = train(run, runs / name)
     test = learner.evaluate("test", run.eval.episodes)
-    if seed == 0 and learner.figures is not None:
+    # a variant (--label) leaves the figures of the main records alone
+    if seed == 0 and learner.figures is not None and current_label() is None:
         results.mkdir(parents=True, exist_ok=True)
         for path in learner.figures(runs / name):
             shutil.copyfile(path, results / f"{BENCH}_{method}-{task}.png")

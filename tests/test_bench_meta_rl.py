@@ -137,3 +137,4 @@ def test_a_set_override_needs_a_label_and_reaches_the_config_and_records(tiny: N
     assert seed0["overrides"] == ["dream.step_cost_from=7"]
     saved = (tmp_path / "runs" / "free-steps" / "dream_xfit-5x5-s0" / "config.yaml").read_text()
     assert "step_cost_from: 7" in saved
+    assert not list((tmp_path / "res").glob("*.png"))  # the main records' figures are not redrawn or replaced
