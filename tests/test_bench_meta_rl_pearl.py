@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -65,15 +66,19 @@ def test_tiny_pearl_point_run_records_oyster_and_ceiling_fractions(
 ) -> None:
     original = meta_rl.run_config
 
-    def small(method: str, task: str, seed: int, steps: int, minutes: float | None) -> RunConfig:
-        run = original(method, task, seed, steps, minutes)
+    def small(
+        method: str, task: str, seed: int, steps: int, minutes: float | None, overrides: Sequence[str] = ()
+    ) -> RunConfig:
+        run = original(method, task, seed, steps, minutes, overrides)
         sets = ["eval.episodes=2", "train.eval_episodes=2", "train.meta_batch=2", "pearl.encoder_hidden=[8]",
                 "pearl.sac.hidden=[8]", "pearl.initial_steps=20", "pearl.context_batch=8", "pearl.batch_size=8",
                 "pearl.tasks_per_collect=1", "pearl.prior_steps=20", "pearl.posterior_steps=20",
                 "pearl.oyster_steps_per_eval=60", "pearl.oyster_exp_traj=2"]  # fmt: skip
         kept = [f"seed={run.seed}", f"train.steps={run.train.steps}", f"train.log_every={run.train.log_every}",
                 f"train.eval_every={run.train.eval_every}", "train.device=cpu"]  # fmt: skip
-        return load_run_config(meta_rl.CONFIGS_DIR / f"{meta_rl.config_name(method, task)}.yaml", kept + sets)
+        return load_run_config(
+            meta_rl.CONFIGS_DIR / f"{meta_rl.config_name(method, task)}.yaml", [*kept, *sets, *overrides]
+        )
 
     monkeypatch.setattr(meta_rl, "run_config", small)
     meta_rl.main(["--only", "pearl-point-s0", "--steps-scale", "0.0001", "--runs-dir", str(tmp_path / "runs"),
