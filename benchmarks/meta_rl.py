@@ -319,12 +319,12 @@ def benchmark(
     name: str, steps: int, minutes: float | None, runs: Path, results: Path, overrides: Sequence[str] = ()
 ) -> list[dict]:
     """Train (or resume) configuration ``name``, test it, and return its per-seed records. Seed 0 of DREAM and
-    RL² also leaves ``<results>/meta_rl_<method>-<task>.png``: one held-out meta-episode, frame by frame."""
+    RL² also leaves ``<results>/meta_rl_<method>-<task>.png`` (main records only, not a ``--label`` variant): one
+    held-out meta-episode, frame by frame."""
     method, task, seed = parse(name)
     run = run_config(method, task, seed, steps, minutes, overrides)
     learner, fitted = train(run, runs / name)
     test = learner.evaluate("test", run.eval.episodes)
-    # a variant (--label) leaves the figures of the main records alone
     if seed == 0 and learner.figures is not None and current_label() is None:
         results.mkdir(parents=True, exist_ok=True)
         for path in learner.figures(runs / name):
