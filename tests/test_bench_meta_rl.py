@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,32 @@ def test_a_set_override_needs_a_label_and_reaches_the_config_and_records(tiny: N
     saved = (tmp_path / "runs" / "free-steps" / "dream_xfit-5x5-s0" / "config.yaml").read_text()
     assert "step_cost_from: 7" in saved
     assert not list((tmp_path / "res").glob("*.png"))  # the main records' figures are not redrawn or replaced
+
+
+def test_reference_records_the_official_5x5_optimum_and_the_figure_draws_it(
+    tiny: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    searched = []
+
+    def optimum(size: int, actions: str, distractors: bool) -> Fraction:  # the real search: minutes
+        searched.append((size, actions, distractors))
+        return Fraction(41, 80)
+
+    monkeypatch.setattr(meta_rl, "bayes_optimal_return", optimum)
+    monkeypatch.setattr(meta_rl, "CEILING_TRIALS", 200)
+    meta_rl.main(
+        ["--reference", "--results-dir", str(tmp_path / "res"), "--runs-dir", str(tmp_path / "runs")]
+    )
+    assert searched == [(5, "official", True)]  # the env of dream_paper and dream_xfit on 5x5
+    records = json.loads((tmp_path / "res" / "meta_rl.json").read_text())
+    optimal = [r for r in records if r["method"] == meta_rl.BAYES_OPTIMAL]
+    assert [(r["task"], r["metric"], r["value"], r["env_id"]) for r in optimal] == [
+        ("citygrid5x5", "return", 0.5125, "metalab/CityGrid5x5Official-v0")
+    ]
+    assert {r["metric"] for r in records if r["method"] == meta_rl.REFERENCE} == {
+        "success_after1", "success_after2", "success_after9"
+    }  # fmt: skip
+    drawn: list[tuple[float, str]] = []
+    monkeypatch.setattr(meta_rl.plt.Axes, "axhline", lambda ax, y, **kw: drawn.append((y, kw["label"])))
+    meta_rl.plot(tmp_path / "runs", tmp_path / "res")
+    assert (0.5125, "optimal, official actions (0.51)") in drawn and (0.7, "optimal") in drawn
