@@ -7,7 +7,9 @@ For the 53 training problems and ``--problems`` val ones (drawn with a fixed see
 held out from training, never the test ones), one greedy meta-episode each: the exploration episode's length in
 steps and whether the explorer ended it itself (``end_episode``, official action set only), its bus rides from a
 useful stop and from a distracting stop, the distinct useful stops ridden, whether the decoded ``z`` is nearest to the ``F(mu)`` of a training problem with the same useful
-buses ("right": all the executor needs), and the exploitation return. Also how ``F(mu)`` clusters: the mean
+buses ("right"), next to the best any decoder can do from those rides on a problem it has not memorised
+(``right_bound``: two distinct useful rides leave two permutations possible, one ride six), and the exploitation
+return. Also how ``F(mu)`` clusters: the mean
 distance between training problems with the same useful buses and with different ones. Prints a table and writes
 ``RUN_DIR/probe.json``.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,13 @@ def rides(steps: Sequence[Step], layout: CityLayout) -> tuple[int, int, int]:
         elif here in layout.distractor_stops:
             distracting += 1
     return useful, distracting, len(seen)
+
+
+def right_bound(distinct: int) -> float:
+    """The best chance of naming the whole useful permutation after rides from ``distinct`` useful stops, for a
+    problem whose distracting buses say nothing: 1 over the permutations still possible (two rides leave two,
+    one ride six). A decoder can beat it only on problems it memorised (the training ones)."""
+    return 1.0 / math.factorial(4 - min(distinct, 4))
 
 
 def same_useful_buses(a: int, b: int) -> bool:
@@ -143,11 +153,13 @@ def probe(run_dir: Path, n_val: int = 100, checkpoint: str | None = None, seed: 
             "distracting_rides": float(distracting.mean()),
             "distinct_useful_stops": float(distinct.mean()),
             "right": float(right.mean()),
+            "right_bound": float(np.mean([right_bound(int(k)) for k in distinct])),
             "return": float(ret.mean()),
             "by_distinct_useful_stops": {
                 int(k): {
                     "fraction": float((distinct == k).mean()),
                     "right": float(right[distinct == k].mean()),
+                    "right_bound": right_bound(int(k)),
                     "return": float(ret[distinct == k].mean()),
                 }
                 for k in sorted(set(distinct.astype(int).tolist()))
@@ -166,10 +178,10 @@ def report(out: dict[str, Any]) -> str:
         lines.append(f"{split:5s} {s['problems']:4d} problems: exploration {s['explore_steps']:.1f} steps (ended by "
                      f"the agent {s['explore_ended_by_agent']:.2f}), useful rides {s['useful_rides']:.2f}, distracting "
                      f"{s['distracting_rides']:.2f}, distinct useful stops {s['distinct_useful_stops']:.2f}, "
-                     f"right {s['right']:.2f}, return {s['return']:.3f}")  # fmt: skip
+                     f"right {s['right']:.2f} (bound {s['right_bound']:.2f}), return {s['return']:.3f}")  # fmt: skip
         for k, row in s["by_distinct_useful_stops"].items():
-            lines.append(f"      {k} distinct useful stops: {row['fraction']:.2f} of episodes, right {row['right']:.2f}, "
-                         f"return {row['return']:.3f}")  # fmt: skip
+            lines.append(f"      {k} distinct useful stops: {row['fraction']:.2f} of episodes, right {row['right']:.2f} "
+                         f"(bound {row['right_bound']:.2f}), return {row['return']:.3f}")  # fmt: skip
     return "\n".join(lines)
 
 

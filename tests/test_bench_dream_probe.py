@@ -30,6 +30,14 @@ def test_rides_count_trips_from_useful_and_distracting_stops() -> None:
     assert dream_probe.rides(steps, env.unwrapped.layout) == (2, 1, 1)
 
 
+def test_right_bound_counts_the_useful_permutations_still_possible() -> None:
+    assert [dream_probe.right_bound(k) for k in range(5)] == pytest.approx([1 / 24, 1 / 6, 1 / 2, 1.0, 1.0])
+    # by brute force: after rides from stops 0 and 1, the permutations that agree with problem 5's
+    seen = dream_probe.decode_problem(5)[0][:2]
+    possible = [p for p in range(24) if dream_probe.decode_problem(p)[0][:2] == seen]
+    assert len(possible) == 2 and dream_probe.right_bound(2) == 1 / len(possible)
+
+
 def test_clusters_by_useful_buses() -> None:
     # problems 0 and 24 share the useful permutation (p % 24), problem 1 has another one
     encodings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 4.0]])
@@ -56,6 +64,10 @@ def test_probe_script_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixtur
         s = out[split]
         assert 0.0 <= s["right"] <= 1.0 and s["useful_rides"] >= s["distinct_useful_stops"] >= 0.0
         assert sum(row["fraction"] for row in s["by_distinct_useful_stops"].values()) == pytest.approx(1.0)
+        rows = s["by_distinct_useful_stops"]
+        assert s["right_bound"] == pytest.approx(
+            sum(row["fraction"] * dream_probe.right_bound(int(k)) for k, row in rows.items())
+        )
     assert "distinct useful stops" in capsys.readouterr().out
     assert out["weights"] == "checkpoint.pt"  # the run selects nothing
     with pytest.raises(SystemExit, match="not a DREAM run directory"):
