@@ -3,15 +3,14 @@
     python -m benchmarks.dream_probe RUN_DIR                      # the run's latest checkpoint
     python -m benchmarks.dream_probe RUN_DIR --problems 50        # fewer val problems
 
-For the 53 training problems and ``--problems`` val ones (drawn with a fixed seed from the 100 val problems:
-held out from training, never the test ones), one greedy meta-episode each: the exploration episode's length in
-steps and whether the explorer ended it itself (``end_episode``, official action set only), its bus rides from a
-useful stop and from a distracting stop, the distinct useful stops ridden, whether the decoded ``z`` is nearest to the ``F(mu)`` of a training problem with the same useful
-buses ("right"), next to the best any decoder can do from those rides on a problem it has not memorised
-(``right_bound``: two distinct useful rides leave two permutations possible, one ride six), and the exploitation
-return. Also how ``F(mu)`` clusters: the mean
-distance between training problems with the same useful buses and with different ones. Prints a table and writes
-``RUN_DIR/probe.json``.
+For the 53 training problems and ``--problems`` val ones (drawn with a fixed seed from the 100 val problems: held
+out from training, never the test ones), one greedy meta-episode each: the exploration episode's length in steps and
+whether the explorer ended it itself (``end_episode``, official action set only), its bus rides from a useful stop
+and from a distracting stop, the distinct useful stops ridden, whether the decoded ``z`` is nearest to the ``F(mu)``
+of a training problem with the same useful buses ("right"), next to the best any decoder can do from those rides on
+a problem it has not memorised (``right_bound``: two distinct useful rides leave two permutations possible, one ride
+six), and the exploitation return. Also how ``F(mu)`` clusters: the mean distance between training problems with the
+same useful buses and with different ones. Prints a table and writes ``RUN_DIR/probe.json``.
 
 This is the measurement behind docs/notes/dream.md's account of DREAM on the distracting buses: with the paper's reward the
 explorer adds distracting rides whose pairing with useful ones it memorised on the training problems, so held-out

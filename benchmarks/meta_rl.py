@@ -55,14 +55,14 @@ their ``success`` the fraction reaching the goal) are never mixed into a new agg
 selected configuration and is refused without ``--label``: the records of a changed config carry the label and
 their ``overrides``, and sit beside the main records instead of replacing them.
 
-Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus
-information 0.1 / 0.3); RL² with the same budget reported. Those optima are the six-action grids'. On the official
-5x5 (``dream_paper``, ``dream_xfit``) a useful ride lands on a corner, which ends the exploration when it is the
-hidden goal, and the best any agent can expect is 41/80 = 0.5125 (``--reference``), so the 0.65 target set for the
-six-action 5x5 is out of reach there; the official 9x9's optimum stays 0.8. PEARL (issue #26, replacing an unsourced success >= 0.8):
-success after 1 and 2 episodes at least 0.9 of the ideal posterior-sampling ceiling, after 9 at least 0.85 of it
-(the ``_of_ceiling`` records' targets; ``success_after{k}`` records carry that fraction times the ceiling,
-about 0.21 / 0.31 / 0.80). The half-cheetah has no target.
+Targets (issue #8): DREAM >= 0.65 on 5x5 and >= 0.75 on 9x9 (optimal 0.7 / 0.8, walking without the bus information
+0.1 / 0.3); RL² with the same budget reported. Those optima are the six-action grids'. On the official 5x5
+(``dream_paper``, ``dream_xfit``) a useful ride lands on a corner, which ends the exploration when it is the hidden
+goal, and the best any agent can expect is 41/80 = 0.5125 (``--reference``), so the 0.65 target set for the
+six-action 5x5 is out of reach there; the official 9x9's optimum stays 0.8. PEARL (issue #26, replacing an unsourced
+success >= 0.8): success after 1 and 2 episodes at least 0.9 of the ideal posterior-sampling ceiling, after 9 at
+least 0.85 of it (the ``_of_ceiling`` records' targets; ``success_after{k}`` records carry that fraction times the
+ceiling, about 0.21 / 0.31 / 0.80). The half-cheetah has no target.
 ``5x5plain`` (no target) runs the 5x5 configs on ``metalab/CityGrid5x5NoDistractors-v0``, the CS224R grid: a
 check of the algorithms' pieces without the distracting buses, whose held-out problems are all seen in training.
 ``--reference`` records the official 5x5's Bayes-optimal return (method ``bayes-optimal``, metric ``return``:
