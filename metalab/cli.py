@@ -319,7 +319,7 @@ def _train(args: argparse.Namespace) -> int:
 def _end_rank(code: int) -> NoReturn:
     """End a torchrun worker whose run is complete (results written, process group left) without the
     interpreter's teardown. In that teardown, after the last line of Python, gloo's transport threads made about
-    one two-rank run in twelve abort with ``terminate called without an active exception`` (SIGABRT; Python's
+    one two-rank run in ten abort with ``terminate called without an active exception`` (SIGABRT; Python's
     faulthandler shows no Python frame), which torchrun reports as a failed job although every result was
     written. Nothing is left for the teardown to do: the logger closed its files and the ranks left the group."""
     import os

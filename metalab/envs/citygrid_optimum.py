@@ -68,6 +68,7 @@ class _Search:
         self.lines = _lines(layout, distractors)
         self.corners = frozenset(layout.goals)
         self.steps = layout.max_steps
+        self.penalty = Fraction(layout.step_penalty).limit_denominator(1000)  # 0.3 -> 3/10, exactly
         # memo tables, one per search (the recursions below call these cached versions)
         self.exploit = functools.cache(self._exploit)
         self.value = functools.cache(self._value)
@@ -102,11 +103,10 @@ class _Search:
         """The best expected return of the rest of an exploitation episode."""
         if t == self.steps:
             return Fraction(0)
-        penalty = Fraction(self.layout.step_penalty).limit_denominator(1000)
         best = None
         for outcomes in self.outcomes(cell, known):
             value = sum(
-                p * (1 if to == goal else -penalty + self.exploit(to, k, goal, t + 1))
+                p * (1 if to == goal else -self.penalty + self.exploit(to, k, goal, t + 1))
                 for p, to, k in outcomes
             )
             best = value if best is None else max(best, value)
