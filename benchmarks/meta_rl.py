@@ -82,6 +82,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import shutil
 import time
@@ -455,6 +456,38 @@ def reference_records() -> list[dict]:
                          target=round(CEILING_TARGETS[k] * float(mean[k]), 4)) for k in PEARL_AFTER]  # fmt: skip
 
 
+REACH_METHODS = ("dream_paper", "dream_xfit")  # issue #26: the variant stays default if it gets there sooner
+
+
+def reach_records(results: Path) -> list[dict]:
+    """Per seed of ``dream_paper`` and ``dream_xfit`` on both grids: the env steps at which its recorded val
+    curve first reaches walking's return and the level halfway from walking to the optimum (the official 5x5's
+    calculated one), null when it never does within its budget. Only evaluations at trainer steps on every
+    curve's grid of that task count (:func:`rl_common.env_steps_to`)."""
+    records = [r for r in json.loads((results / f"{BENCH}.json").read_text()) if r.get("label") is None]
+    bayes_optimal = {r["task"]: r["value"] for r in records if r["method"] == BAYES_OPTIMAL}
+    out = []
+    for task in ("5x5", "9x9"):
+        env_name, optimal, walking = TASKS[task]
+        kept = [r for r in records if r["task"] == env_name and r["method"] in REACH_METHODS
+                and r.get("curve_metric") == "val/return" and r.get("curve")]  # fmt: skip
+        if not kept:
+            continue
+        every = math.lcm(*(int(r["curve"][0][0]) for r in kept))  # a curve's first evaluation: its spacing
+        halfway = round((walking + bayes_optimal.get(env_name, optimal)) / 2, 4)
+        for level in (walking, halfway):
+            for r in sorted(kept, key=lambda r: (r["method"], r["seed"])):
+                value = rl_common.env_steps_to(r["curve"], level, every)
+                out.append(record(BENCH, env_name, r["method"], seed_metric(f"val_env_steps_to_{level:g}", r["seed"]),
+                                  value, unit="env steps", steps=r["steps"], seed=r["seed"], level=level,
+                                  level_metric="val/return", every_steps=every, budget_env_steps=r["env_steps"],
+                                  curve_commit=r["commit"]))  # fmt: skip
+                reached = "never" if value is None else f"first at {value:,.0f} env steps"
+                print(f"{env_name} {r['method']} s{r['seed']}: val return {level:g} reached {reached} (of "
+                      f"{r['env_steps']:,.0f}; evaluations every {every} meta-episodes)")  # fmt: skip
+    return out
+
+
 def citygrid_optimum_record() -> dict:
     """The Bayes-optimal exploitation return on ``metalab/CityGrid5x5Official-v0`` (exact; a few minutes)."""
     start = time.perf_counter()
@@ -482,12 +515,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where meta_rl.json/.png go")
     p.add_argument("--reference", action="store_true",
                    help="record the calculated references (the official 5x5's optimum, PEARL's ceiling; minutes) and stop")  # fmt: skip
+    p.add_argument("--reach", action="store_true",
+                   help=f"record the env steps at which the recorded val curves of {' and '.join(REACH_METHODS)} "
+                   "first reach walking's return and halfway to the optimum, and stop")  # fmt: skip
     add_provenance_args(p)
     args = parse_args(p, argv)  # a dirty tree is refused here, before any training
     drawn = current_label() is None  # the figure shows the main records only
     if args.overrides and drawn:
         raise SystemExit(f"--set {' '.join(args.overrides)} makes a variant of the configurations: name it with "
                          "--label NAME, so that its records never replace the main ones")  # fmt: skip
+    if args.reach:
+        print(merge_results(BENCH, reach_records(args.results_dir), args.results_dir))
+        return
     if args.reference:
         print(merge_results(BENCH, reference_records(), args.results_dir))
         if drawn:

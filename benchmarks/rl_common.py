@@ -178,6 +178,20 @@ def recorded_curves(
     return {(r["task"], r["method"], r["seed"]): r["curve"] for r in kept}
 
 
+def env_steps_to(curve: list[list[float]], level: float, every: float | None = None) -> float | None:
+    """Env steps at the first evaluation of a recorded ``[trainer step, env steps, value]`` curve whose value
+    reaches ``level`` (None if none does). With ``every``, only evaluations at trainer steps that are multiples of
+    it count: curves evaluated on different grids then compare at the same evaluations, and the one evaluated
+    more often gets no more chances to cross the level by evaluation noise. A value within 1e-9 below ``level``
+    reaches it (a mean of returns that sum to exactly ``level`` may round below it)."""
+    hits = (
+        e
+        for step, e, value in sorted(curve)
+        if value >= level - 1e-9 and (every is None or step % every == 0)
+    )
+    return next(hits, None)
+
+
 def plot_seeds(
     ax: Any,
     curves: list[dict[float, float]],

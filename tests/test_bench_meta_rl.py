@@ -168,3 +168,36 @@ def test_reference_records_the_official_5x5_optimum_and_the_figure_draws_it(
     monkeypatch.setattr(meta_rl.plt.Axes, "axhline", lambda ax, y, **kw: drawn.append((y, kw["label"])))
     meta_rl.plot(tmp_path / "runs", tmp_path / "res")
     assert (0.5125, "optimal, official actions (0.51)") in drawn and (0.7, "optimal") in drawn
+
+
+def test_reach_counts_only_the_shared_evaluation_grid_and_the_official_optimum(
+    tiny: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def seed_record(method: str, task: str, seed: int, curve: list[list[float]]) -> dict:
+        return common.record(meta_rl.BENCH, task, method, f"return_s{seed}", 0.0, unit="return", steps=curve[-1][0],
+                             seed=seed, curve=curve, curve_metric="val/return", env_steps=curve[-1][1])  # fmt: skip
+
+    # the paper's curve is evaluated every 6k meta-episodes, the variant's every 3k: its 0.9 at 3k is off the
+    # shared grid and must not count; 0.1 - 1e-12 (a mean of returns summing to 0.1) reaches walking on the 5x5
+    records = [
+        seed_record("dream_paper", "citygrid", 0, [[6000, 100.0, 0.31], [12000, 200.0, 0.6]]),
+        seed_record("dream_xfit", "citygrid", 0, [[3000, 40.0, 0.9], [6000, 80.0, 0.2], [9000, 120.0, 0.3]]),
+        seed_record("dream_xfit", "citygrid5x5", 1, [[5000, 50.0, 0.1 - 1e-12], [10000, 90.0, 0.31]]),
+        common.record(meta_rl.BENCH, "citygrid5x5", meta_rl.BAYES_OPTIMAL, "return", 0.5125, unit="return"),
+    ]
+    (tmp_path / "meta_rl.json").write_text(json.dumps(records))
+    meta_rl.main(["--reach", "--results-dir", str(tmp_path)])
+    got = {(r["task"], r["method"], r["metric"]): (r["value"], r["every_steps"])
+           for r in json.loads((tmp_path / "meta_rl.json").read_text()) if "level" in r}  # fmt: skip
+    assert got == {
+        ("citygrid", "dream_paper", "val_env_steps_to_0.3_s0"): (100.0, 6000),
+        ("citygrid", "dream_paper", "val_env_steps_to_0.55_s0"): (200.0, 6000),
+        ("citygrid", "dream_xfit", "val_env_steps_to_0.3_s0"): (None, 6000),  # 0.3 at 9k: off the grid
+        ("citygrid", "dream_xfit", "val_env_steps_to_0.55_s0"): (None, 6000),
+        ("citygrid5x5", "dream_xfit", "val_env_steps_to_0.1_s1"): (50.0, 5000),
+        ("citygrid5x5", "dream_xfit", "val_env_steps_to_0.3062_s1"): (
+            90.0,
+            5000,
+        ),  # halfway to 0.5125, not 0.7
+    }
+    assert "reached never" in capsys.readouterr().out
