@@ -7,6 +7,7 @@
     python -m benchmarks.meta_rl --only pearl-cheetah-vel-s0      # PEARL's half-cheetah velocity (mujoco extra)
     python -m benchmarks.meta_rl --only dream_xfit-5x5-s0 --set dream.step_cost_from=75000 --label free-steps-75k
                                                                   # a variant: --set needs --label
+    python -m benchmarks.meta_rl --reach                          # env steps to given val returns, from records
 
 A configuration ``<method>-<task>-s<seed>`` trains ``configs/<method>_<env>.yaml`` with ``seed`` for ``BUDGETS``
 trainer steps (``--steps-scale`` scales them; for DREAM and RL² a trainer step is one meta-episode, for PEARL one
@@ -73,8 +74,12 @@ that samples each episode's goal from the exact posterior over the arc, rules ou
 0.2 of, and knows the goal after any reward. Its success after 1 / 2 / 9 episodes is 0.24 / 0.35 / 0.94, so
 an absolute success >= 0.8 after 1 or 2 exploration episodes would be out of reach of posterior sampling (it needs
 episodes that search along the arc, as DREAM's explorer would); hence targets relative to it. PEARL with a
-dense-reward critic
-stops short of the arc under the prior (see ``configs/pearl_point_robot_small.yaml``).
+dense-reward critic stops short of the arc under the prior (see ``configs/pearl_point_robot_small.yaml``).
+``--reach`` records, from the recorded val curves of ``dream_paper`` and ``dream_xfit`` (issue #26: the variant
+keeps its place as the default only if it beats the paper's DREAM in env steps to a given return), the env steps
+at which each seed first reaches walking's return and the level halfway from walking to the optimum
+(``val_env_steps_to_<level>_s<seed>``, null if never), counting only the evaluations on the grid every curve of
+the task shares (:func:`reach_records`).
 """
 
 from __future__ import annotations
