@@ -469,7 +469,10 @@ def reach_records(results: Path) -> list[dict]:
     curve first reaches walking's return and the level halfway from walking to the optimum (the official 5x5's
     calculated one), null when it never does within its budget. Only evaluations at trainer steps on every
     curve's grid of that task count (:func:`rl_common.env_steps_to`)."""
-    records = [r for r in json.loads((results / f"{BENCH}.json").read_text()) if r.get("label") is None]
+    path = results / f"{BENCH}.json"
+    if not path.is_file():
+        raise SystemExit(f"--reach reads recorded curves, and {path} does not exist")
+    records = [r for r in json.loads(path.read_text()) if r.get("label") is None]
     bayes_optimal = {r["task"]: r["value"] for r in records if r["method"] == BAYES_OPTIMAL}
     out = []
     for task in ("5x5", "9x9"):

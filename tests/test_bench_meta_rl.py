@@ -201,3 +201,5 @@ def test_reach_counts_only_the_shared_evaluation_grid_and_the_official_optimum(
         ),  # halfway to 0.5125, not 0.7
     }
     assert "reached never" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not exist"):
+        meta_rl.main(["--reach", "--results-dir", str(tmp_path / "none")])
